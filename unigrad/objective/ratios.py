@@ -1,0 +1,89 @@
+"""Ratio level: the reference denominator 1/pi_ref of the unified estimator.
+
+Every function takes log-probabilities that are already zero at masked positions (see
+`loss.py`), so sums over a row never touch a NaN, and returns a (B, T) tensor `r` whose value
+multiplies the advantage and whose gradient is the likelihood-gradient part:
+
+- token           r_t = exp(logp_t - old_t)                       (PPO, GRPO)
+- sequence        s_i = exp(sum_t m*(logp-old) / sum_t m)          (GSPO, arXiv 2507.18071, eq. 7)
+- sequence_token  exp(logp_t - sg(logp_t) + sg(log s_i))           (GSPO-token, eq. 13): value s_i,
+                  gradient s_i * grad(logp_t), so per-token advantages are allowed
+- self            exp(logp_t - sg(logp_t)): value 1, gradient grad(logp_t)  (SFT, pi_ref = pi_theta)
+- none            f(exp(logp_t)) with pi_ref = 1; f(p) = p/(p+gamma) is LUFFY's policy shaping
+                  (arXiv 2504.14945, eq. 8); f(p) = p when no shaping is set
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked tokens of each row; rows with no token give 0.  (B, T) -> (B, 1)"""
+    total = torch.where(mask, x, torch.zeros_like(x)).sum(dim=-1, keepdim=True)
+    count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return total / count
+
+
+def _clamped(log_ratio: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    return log_ratio if clamp is None else log_ratio.clamp(-clamp, clamp)
+
+
+def token_ratio(logp: torch.Tensor, old: torch.Tensor, clamp: float | None = 20.0) -> torch.Tensor:
+    """r_t = pi_theta / pi_old per token.  (B, T)"""
+    return torch.exp(_clamped(logp - old, clamp))
+
+
+def sequence_log_ratio(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log s_i, the length-normalised (geometric-mean) sequence log-ratio.  (B, 1)"""
+    return masked_row_mean(logp - old, mask)
+
+
+def sequence_ratio(
+    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, clamp: float | None = 20.0
+) -> torch.Tensor:
+    """GSPO's s_i broadcast over the sequence; its gradient is s_i * mean_t grad(logp_t).  (B, T)"""
+    log_s = _clamped(sequence_log_ratio(logp, old, mask), clamp)  # (B, 1)
+    return torch.exp(log_s).expand_as(logp)
+
+
+def sequence_token_ratio(
+    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, clamp: float | None = 20.0
+) -> torch.Tensor:
+    """GSPO-token: value s_i at every token, gradient s_i * grad(logp_t) per token.  (B, T)"""
+    log_s = _clamped(sequence_log_ratio(logp, old, mask), clamp).detach()  # (B, 1)
+    return torch.exp(logp - logp.detach() + log_s)
+
+
+def self_ratio(logp: torch.Tensor) -> torch.Tensor:
+    """SFT's pi_theta / sg(pi_theta): value 1, gradient grad(logp).  (B, T)"""
+    return torch.exp(logp - logp.detach())
+
+
+def shaped_probability(logp: torch.Tensor, shaping: float | None) -> torch.Tensor:
+    """pi_ref = 1 form: f(p) with p = exp(logp); f(p) = p / (p + gamma), or p.  (B, T)"""
+    p = torch.exp(logp)
+    return p if shaping is None else p / (p + shaping)
+
+
+def compute_ratio(
+    level: str,
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shaping: float | None = None,
+    clamp: float | None = 20.0,
+) -> torch.Tensor:
+    """Dispatch on the ratio level name.  (B, T)"""
+    if level == "token":
+        return token_ratio(logp, old, clamp)
+    if level == "sequence":
+        return sequence_ratio(logp, old, mask, clamp)
+    if level == "sequence_token":
+        return sequence_token_ratio(logp, old, mask, clamp)
+    if level == "self":
+        return self_ratio(logp)
+    if level == "none":
+        return shaped_probability(logp, shaping)
+    raise ValueError(f"unknown ratio level {level!r}")

@@ -1,0 +1,174 @@
+"""`Objective`: one post-training objective, composed from named parts.
+
+The unified policy-gradient estimator (UPGE, arXiv 2509.04419, eq. 3) is
+
+    grad = 1_stable * (1 / pi_ref) * A_hat * grad(pi_theta)
+
+An `Objective` names one choice for each part plus the behaviour correction (TIS / IcePop),
+the advantage estimator, the aggregation and the regularisers. It is a frozen, validated
+value: presets are instances of it, and `compute_policy_loss` accepts a preset name, an
+`Objective`, or a plain dict of fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RatioLevel = Literal["token", "sequence", "sequence_token", "self", "none"]
+Stabiliser = Literal["none", "clip", "dual_clip", "soft_gate", "cispo"]
+Correction = Literal["none", "tis", "icepop", "seq_tis", "seq_mask"]
+SequenceRatioForm = Literal["geometric", "product"]
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo", "batch_std", "whiten", "reinforce", "sft"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+NormaliserScope = Literal["global", "local"]
+KLEstimator = Literal["k1", "k2", "k3"]
+OffPolicyRatio = Literal["none", "self"]
+
+
+class Objective(BaseModel):
+    """A policy-gradient objective as a composition of parts (see docs/objectives.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- reference denominator: which ratio multiplies the advantage --------------------------
+    ratio: RatioLevel = Field(
+        "token",
+        description="token: r_t = pi/pi_old per token; sequence: GSPO geometric-mean ratio shared by a "
+        "sequence; sequence_token: GSPO-token form (value of the sequence ratio, gradient per token); "
+        "self: pi_ref = sg(pi_theta), the SFT form; none: pi_ref = 1, the term is f(pi_theta).",
+    )
+    shaping: float | None = Field(
+        None,
+        gt=0,
+        description="gamma of the shaping f(p) = p / (p + gamma) used where pi_ref = 1 (ratio 'none' and "
+        "LUFFY's off-policy tokens); None means f(p) = p.",
+    )
+    off_policy_ratio: OffPolicyRatio | None = Field(
+        None,
+        description="how tokens flagged by `off_policy_mask` (e.g. demonstrations) enter the loss: "
+        "'none' (pi_ref = 1, shaped, LUFFY) or 'self' (SFT form); None: no off-policy tokens expected.",
+    )
+
+    # -- stabilisation mask -------------------------------------------------------------------
+    stabiliser: Stabiliser = Field("clip", description="none | clip | dual_clip | soft_gate | cispo")
+    epsilon: float = Field(0.2, ge=0, description="lower clip range: ratio floor is 1 - epsilon")
+    epsilon_high: float | None = Field(
+        None, ge=0, description="upper clip range (DAPO clip-higher); None means equal to epsilon"
+    )
+    dual_clip_c: float = Field(3.0, gt=1, description="dual-clip cap for negative advantages (loss <= c*|A|)")
+    tau_pos: float = Field(1.0, gt=0, description="SAPO gate temperature for A > 0")
+    tau_neg: float = Field(1.05, gt=0, description="SAPO gate temperature for A <= 0")
+    cispo_max: float = Field(5.0, gt=0, description="CISPO truncation of the (detached) ratio: min(r, cispo_max)")
+    log_ratio_clamp: float | None = Field(
+        20.0, gt=0, description="clamp log-ratios to +-this before exp, as verl does; None disables"
+    )
+
+    # -- behaviour correction (rollout engine vs trainer) ----------------------------------------
+    correction: Correction = Field(
+        "none",
+        description="none | tis (truncate rho) | icepop (keep rho inside [icepop_low, icepop_high], zero "
+        "outside) | seq_tis | seq_mask (the same on a sequence-level rho)",
+    )
+    correction_form: SequenceRatioForm = Field(
+        "geometric",
+        description="sequence-level rho for seq_tis / seq_mask: geometric mean of token rhos (length-"
+        "normalised) or their product (TRL's sequence_* modes)",
+    )
+    tis_cap: float = Field(2.0, gt=0, description="TIS truncation C: w = min(rho, C)")
+    tis_floor: float | None = Field(None, ge=0, description="optional lower truncation for tis / seq_tis")
+    icepop_low: float = Field(0.5, ge=0, description="IcePop alpha: tokens with rho < alpha get weight 0")
+    icepop_high: float = Field(5.0, gt=0, description="IcePop beta: tokens with rho > beta get weight 0")
+    masked_tokens_in_denominator: bool = Field(
+        True,
+        description="whether tokens zeroed by icepop / seq_mask still count in the token normalisers",
+    )
+
+    # -- advantage ----------------------------------------------------------------------------
+    advantage: AdvantageEstimator = Field("grpo", description="advantage estimator used by the trainer")
+    advantage_eps: float = Field(1e-6, gt=0, description="added to the std in std-normalised advantages")
+    per_task_advantage: bool = Field(
+        False, description="also standardise advantages within each task (after the group step)"
+    )
+
+    # -- aggregation ----------------------------------------------------------------------------
+    aggregation: Aggregation = Field("seq_mean_token_mean", description="how per-token losses become a scalar")
+    normaliser_scope: NormaliserScope = Field(
+        "global",
+        description="global: normalisers passed in for the whole optimizer batch; local: token_mean over "
+        "this call's tokens only (TRL's bnpo); not invariant to micro-batching by design",
+    )
+
+    # -- regularisers ---------------------------------------------------------------------------
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (seed 003 suggests 0.001)")
+    kl_estimator: KLEstimator = Field("k3", description="k1 | k2 | k3 (Schulman's estimators)")
+    kl_clamp: float | None = Field(10.0, gt=0, description="clamp the per-token KL to +-this; None disables")
+    kl_ratio_weighted: bool = Field(
+        False,
+        description="multiply the per-token KL by the policy ratio (TRL's use_bias_correction_kl, its default)",
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= entropy_coef * mean entropy")
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def uses_old_logprobs(self) -> bool:
+        """Whether the ratio depends on pi_old (otherwise old log-probs are irrelevant)."""
+        return self.ratio in ("token", "sequence", "sequence_token")
+
+    @property
+    def needs_infer_logprobs(self) -> bool:
+        return self.correction != "none"
+
+    @property
+    def needs_ref_logprobs(self) -> bool:
+        return self.beta > 0
+
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> Objective:
+        if self.ratio in ("self", "none") and self.stabiliser != "none":
+            raise ValueError(
+                f"ratio={self.ratio!r} has no pi_old to stabilise against; use stabiliser='none' "
+                f"(got {self.stabiliser!r})"
+            )
+        if self.stabiliser in ("clip", "dual_clip") and self.epsilon >= 1:
+            raise ValueError(f"epsilon must be < 1 for clipping (got {self.epsilon})")
+        if self.tis_floor is not None and self.tis_floor > self.tis_cap:
+            raise ValueError(f"tis_floor ({self.tis_floor}) must not exceed tis_cap ({self.tis_cap})")
+        if self.icepop_low >= self.icepop_high:
+            raise ValueError(f"icepop_low ({self.icepop_low}) must be < icepop_high ({self.icepop_high})")
+        if self.normaliser_scope == "local" and self.aggregation != "token_mean":
+            raise ValueError("normaliser_scope='local' only applies to aggregation='token_mean'")
+        return self
+
+    def parts(self) -> dict[str, str]:
+        """The part choices with their active parameters, for tables and logs."""
+        ratio = self.ratio
+        if self.ratio == "none" and self.shaping is not None:
+            ratio = f"none, f(p)=p/(p+{self.shaping:g})"
+        stab = {
+            "none": "none",
+            "clip": f"clip [{1 - self.epsilon:g}, {1 + self.epsilon_upper:g}]",
+            "dual_clip": f"dual_clip [{1 - self.epsilon:g}, {1 + self.epsilon_upper:g}], c={self.dual_clip_c:g}",
+            "soft_gate": f"soft_gate tau+={self.tau_pos:g} tau-={self.tau_neg:g}",
+            "cispo": f"cispo min(r, {self.cispo_max:g})",
+        }[self.stabiliser]
+        corr = {
+            "none": "none",
+            "tis": f"tis C={self.tis_cap:g}",
+            "icepop": f"icepop [{self.icepop_low:g}, {self.icepop_high:g}]",
+            "seq_tis": f"seq_tis ({self.correction_form}) C={self.tis_cap:g}",
+            "seq_mask": f"seq_mask ({self.correction_form}) [{self.icepop_low:g}, {self.icepop_high:g}]",
+        }[self.correction]
+        agg = self.aggregation + (" (local)" if self.normaliser_scope == "local" else "")
+        out = {"ratio": ratio, "stabiliser": stab, "correction": corr, "advantage": self.advantage,
+               "aggregation": agg}
+        if self.off_policy_ratio is not None:
+            shaped = f", f(p)=p/(p+{self.shaping:g})" if self.shaping is not None else ""
+            out["off_policy"] = f"{self.off_policy_ratio}{shaped}"
+        if self.beta > 0:
+            out["kl"] = f"{self.kl_estimator} beta={self.beta:g}"
+        return out
