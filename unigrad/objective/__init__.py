@@ -8,7 +8,7 @@
 from unigrad.objective.advantages import ESTIMATORS, compute_advantages
 from unigrad.objective.aggregation import AGGREGATIONS, Normalisers, aggregate, count_normalisers
 from unigrad.objective.corrections import BehaviourWeights, behaviour_weights
-from unigrad.objective.loss import METRICS, LossOutputs, compute_policy_loss
+from unigrad.objective.loss import METRICS, LossOutputs, batch_normalisers, compute_policy_loss
 from unigrad.objective.presets import PRESETS, ObjectiveError, Preset, get_preset, resolve_objective
 from unigrad.objective.regularisers import entropy_from_logits, kl_penalty
 from unigrad.objective.spec import Objective
@@ -16,6 +16,6 @@ from unigrad.objective.spec import Objective
 __all__ = [
     "AGGREGATIONS", "ESTIMATORS", "METRICS", "PRESETS",
     "BehaviourWeights", "LossOutputs", "Normalisers", "Objective", "ObjectiveError", "Preset",
-    "aggregate", "behaviour_weights", "compute_advantages", "compute_policy_loss", "count_normalisers",
-    "entropy_from_logits", "get_preset", "kl_penalty", "resolve_objective",
+    "aggregate", "batch_normalisers", "behaviour_weights", "compute_advantages", "compute_policy_loss",
+    "count_normalisers", "entropy_from_logits", "get_preset", "kl_penalty", "resolve_objective",
 ]

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from unigrad.objective.aggregation import aggregate, masked_mean
+from unigrad.objective.aggregation import Normalisers, aggregate, count_normalisers, masked_mean
 from unigrad.objective.corrections import behaviour_weights
 from unigrad.objective.presets import ObjectiveError, resolve_objective
-from unigrad.objective.ratios import compute_ratio, self_ratio, shaped_probability
+from unigrad.objective.ratios import compute_ratio, shaped_probability
 from unigrad.objective.regularisers import kl_penalty
 from unigrad.objective.spec import Objective
 from unigrad.objective.stabilisers import stabilise
@@ -179,8 +179,10 @@ def compute_policy_loss(
         epsilon=obj.epsilon, epsilon_high=obj.epsilon_upper, dual_clip_c=obj.dual_clip_c,
         tau_pos=obj.tau_pos, tau_neg=obj.tau_neg, cispo_max=obj.cispo_max,
     )  # (B, T)
+    if obj.ratio == "self":
+        policy = -adv * logp  # same gradient as -A*pi/sg(pi); its value is the NLL, which is what users log
     if off is not None:
-        off_term = shaped_probability(logp, obj.shaping) if obj.off_policy_ratio == "none" else self_ratio(logp)
+        off_term = shaped_probability(logp, obj.shaping) if obj.off_policy_ratio == "none" else logp
         policy = torch.where(off, -off_term * adv, policy)
         stats["off_policy_fraction"] = masked_mean(off.float(), mask)
 
@@ -248,7 +250,34 @@ def compute_policy_loss(
         stats["tokens"] = mask.sum()
         names = list(stats)
         values = torch.stack([torch.as_tensor(stats[n], dtype=torch.float32) for n in names]).tolist()
-    return LossOutputs(loss=loss, metrics=dict(zip(names, values)), objective=obj)
+    return LossOutputs(loss=loss, metrics=dict(zip(names, values, strict=True)), objective=obj)
+
+
+def batch_normalisers(
+    mask: torch.Tensor,
+    objective: str | Objective | dict[str, Any] = "grpo",
+    old_logprobs: torch.Tensor | None = None,
+    infer_logprobs: torch.Tensor | None = None,
+    **overrides: Any,
+) -> Normalisers:
+    """`count_normalisers` for one piece of the optimizer batch, as `objective` counts tokens.
+
+    Only differs from `count_normalisers(mask)` when the objective drops tokens zeroed by its
+    behaviour correction from the denominator (`masked_tokens_in_denominator=False`); then it
+    needs `old_logprobs` (the trainer's log-probs of the sampled tokens; on-policy, the current
+    ones) and `infer_logprobs`. Sum the results over micro-batches and processes.
+    """
+    obj = resolve_objective(objective, **overrides)
+    mask = _as_bool_mask(mask, mask.shape)
+    if obj.masked_tokens_in_denominator or obj.correction in ("none", "tis", "seq_tis"):
+        return count_normalisers(mask)
+    if old_logprobs is None or infer_logprobs is None:
+        raise ObjectiveError("masked_tokens_in_denominator=False needs old_logprobs and infer_logprobs to count")
+    bw = behaviour_weights(
+        obj.correction, _zero_masked(old_logprobs.detach(), mask), _zero_masked(infer_logprobs.detach(), mask),
+        mask, form=obj.correction_form, icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
+    )
+    return count_normalisers(mask & ~bw.zeroed)
 
 
 def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:

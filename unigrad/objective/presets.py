@@ -111,8 +111,11 @@ class ObjectiveError(ValueError):
 def _describe_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "objective"
-        lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        if e["loc"]:
+            where = ".".join(str(p) for p in e["loc"])
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        else:  # a rule across fields: the message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
     return "; ".join(lines)
 
 
