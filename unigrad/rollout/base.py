@@ -1,0 +1,46 @@
+"""The rollout-engine protocol (DESIGN.md section 5) and the `Rollout` it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 32
+    seed: int | None = None  # seeds the engine's sampler for this call
+
+
+@dataclass
+class Rollout:
+    """n completions for each of P prompts; rows p*n .. p*n+n-1 belong to prompt p."""
+
+    prompt_ids: torch.Tensor  # (N, P_len) long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # (N, P_len) bool
+    completion_ids: torch.Tensor  # (N, T) long, right-padded with the pad id
+    completion_mask: torch.Tensor  # (N, T) bool, generated tokens including the EOS that ended them
+    infer_logprobs: torch.Tensor  # (N, T) float32, log-prob of each sampled token under the sampling
+    #                               distribution actually used (temperature, top-k, top-p); 0 where masked
+    group_ids: torch.Tensor  # (N,) long, index of the prompt in the call
+    truncated: torch.Tensor  # (N,) bool, stopped by max_new_tokens rather than EOS
+
+    @property
+    def num_sequences(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        """Sample `n` completions for each tokenised prompt (chat template already applied)."""
+        ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Take the learner's current weights (called after each optimizer step)."""
+        ...
