@@ -34,7 +34,7 @@ def test_documented_defaults():
 def test_overrides_and_composition():
     o = resolve_objective("grpo", epsilon_high=0.28, beta=0.001)
     assert o.epsilon_upper == 0.28 and o.beta == 0.001
-    assert resolve_objective("grpo") .epsilon_high is None  # the preset itself is untouched
+    assert resolve_objective("grpo").epsilon_high is None  # the preset itself is untouched
     custom = resolve_objective({"ratio": "sequence", "stabiliser": "soft_gate"})
     assert isinstance(custom, Objective) and custom.ratio == "sequence"
 
@@ -73,6 +73,8 @@ def test_missing_inputs_are_clear_errors():
         compute_policy_loss(lp, m, a, "grpo", old_logprobs=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="advantages"):
         compute_policy_loss(lp, m, torch.zeros(3), "grpo")
+    with pytest.raises(ValueError, match="needs max_length"):
+        compute_policy_loss(lp, m, a, "dr_grpo")
     with pytest.raises(ValueError, match="only 0 and 1"):
         compute_policy_loss(lp, torch.full((2, 3), 2), a, "grpo")
 

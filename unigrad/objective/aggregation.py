@@ -58,7 +58,9 @@ def aggregate(
         return masked.sum() / max(num_sequences, 1.0)
     if mode == "seq_mean_token_sum_norm":
         if max_length is None:
-            raise ValueError("seq_mean_token_sum_norm needs max_length (the generation budget L_max)")
+            raise ValueError(
+                "seq_mean_token_sum_norm (Dr. GRPO) needs max_length: the generation budget L_max, not the padded width"
+            )
         return masked.sum() / (max(num_sequences, 1.0) * max_length)
     raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
 

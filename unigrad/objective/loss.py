@@ -137,7 +137,7 @@ def compute_policy_loss(
         old_logprobs: (B, T) log pi_old, detached; None means on-policy (old = sg(logprobs)).
         infer_logprobs: (B, T) the rollout engine's log-probs; needed by tis / icepop / seq_*.
         ref_logprobs: (B, T) reference-model log-probs; needed when beta > 0.
-        max_length: L_max for seq_mean_token_sum_norm (the generation budget); default T.
+        max_length: L_max for seq_mean_token_sum_norm (the generation budget); required there.
         num_tokens, num_sequences: normalisers of the whole optimizer batch (see
             `aggregation.count_normalisers`); default: this call's counts.
         entropy: (B, T) per-token entropy with grad; needed when entropy_coef > 0.
@@ -219,8 +219,9 @@ def compute_policy_loss(
         num_tokens = float(agg_mask.sum().item())
     if num_sequences is None:
         num_sequences = float(shape[0])
-    norm = dict(num_tokens=num_tokens, num_sequences=num_sequences,
-                max_length=shape[1] if max_length is None else max_length)
+    # No default for L_max: the padded width T of one batch is not the generation budget, and
+    # silently using it would rescale Dr. GRPO's loss from batch to batch.
+    norm = dict(num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length)
     loss = aggregate(per_token, agg_mask, obj.aggregation, **norm)
 
     entropy_term = None
