@@ -31,6 +31,67 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from unigrad.config import ConfigError, load_config
+    from unigrad.train.run import train
+
+    config_path, overrides = None, []
+    for item in args.items:
+        if "=" not in item and config_path is None and not overrides:
+            config_path = item
+        else:
+            overrides.append(item)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"unigrad train: {err}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
+    try:
+        train(cfg, output_dir, resume=args.resume)
+    except FileExistsError as err:
+        print(f"unigrad train: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from unigrad.config import load_config
+    from unigrad.eval import evaluate
+    from unigrad.models.loading import load_model_and_tokenizer
+    from unigrad.tasks import DEFAULT_MIXTURE, get_task
+
+    target = Path(args.model)
+    tasks = args.tasks
+    model_path, max_new_tokens = args.model, args.max_new_tokens
+    if (target / "config.yaml").is_file() and (target / "final").is_dir():  # a run directory
+        cfg = load_config(target / "config.yaml")
+        model_path = str(target / "final")
+        tasks = tasks or cfg.tasks
+        max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
+    model, tokenizer = load_model_and_tokenizer(model_path)
+    res = evaluate(model, tokenizer, [get_task(t) for t in (tasks or DEFAULT_MIXTURE)], args.prompts,
+                   pass_k=args.k, max_new_tokens=max_new_tokens or 32, seed=args.seed)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list(res["mean"])
+    table = Table(title=f"held-out evaluation of {args.model}")
+    table.add_column("task")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, row in res.items():
+        table.add_row(name, *[f"{100 * row[k]:.1f}" for k in keys])
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-docs", metavar="FILE", help="rewrite the generated table inside FILE")
     p.add_argument("--width", type=int, default=160, help="table width in characters")
     p.set_defaults(func=_presets)
+
+    t = sub.add_parser("train", help="post-train a model (default: the embedded unigrad-tiny)")
+    t.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
+                   help="an optional YAML config, then dotted overrides such as objective=dapo rollout.temperature=0.8")
+    t.add_argument("--output-dir", help="run directory (default: runs/<objective>-seed<seed>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task")
+    e.add_argument("model", help="'unigrad-tiny', a model directory, or a run directory (uses its final/)")
+    e.add_argument("--tasks", nargs="+", help="task specs (default: the run's tasks or the default mixture)")
+    e.add_argument("--prompts", type=int, default=200, help="held-out prompts per task")
+    e.add_argument("--k", type=int, default=0, help="also report pass@k with k samples at temperature 1")
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
+    e.set_defaults(func=_eval)
     return parser
 
 

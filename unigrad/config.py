@@ -1,0 +1,190 @@
+"""The run configuration: one typed, validated object, from YAML plus dotted overrides.
+
+    unigrad train examples/default.yaml objective=dapo rollout.temperature=0.8 max_steps=50
+
+Unknown keys and out-of-range values are errors that name the key. The resolved config is
+printed at the start of a run and saved as `config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from unigrad.objective.presets import OBJECTIVE_FIELDS, PRESETS, ObjectiveError, resolve_objective
+
+HYBRID_OBJECTIVES = ("hpt",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field("unigrad-tiny", description="'unigrad-tiny' (built locally), an HF model id or a local path")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="learner dtype")
+    lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 trains all weights")
+    lora_alpha: float = Field(16.0, gt=0)
+
+
+class RolloutSection(_Section):
+    num_generations: int = Field(8, ge=1, description="G: completions per prompt")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(32, ge=1, description="L_max, also Dr. GRPO's normaliser")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="rollout-engine dtype; None = the learner's (bfloat16 creates a real mismatch)"
+    )
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (the main risk for tiny models)")
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="clip the global grad norm to this")
+    warmup_steps: int = Field(0, ge=0)
+
+
+class HybridSection(_Section):
+    """HPT (arXiv 2509.04419): per prompt, SFT on its demonstration if P <= gamma, else RL."""
+
+    gamma: float = Field(0.0, ge=0, le=1, description="switch threshold on the prompt's mean reward P")
+    rl_objective: str = Field("dr_grpo", description="objective for prompts on RL (the paper uses Dr. GRPO)")
+    sft_coef: float = Field(1.0, ge=0, description="beta: weight of the SFT loss")
+    rl_coef: float = Field(1.0, ge=0, description="alpha: weight of the RL loss")
+
+    @field_validator("rl_objective")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; valid: {', '.join(PRESETS)}")
+        return v
+
+
+class EvalSection(_Section):
+    prompts_per_task: int = Field(200, ge=1, description="held-out prompts per task (greedy pass@1)")
+    before_after: bool = Field(True, description="evaluate before and after training and print a table")
+    every: int = Field(0, ge=0, description="also evaluate every N steps (0 = off)")
+    pass_k: int = Field(0, ge=0, description="also report pass@k with k samples at temperature 1 (0 = off)")
+
+
+class TrainConfig(_Section):
+    objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="overrides of objective fields")
+    model: ModelSection = Field(default_factory=ModelSection)
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arithmetic", "countdown", "word_problems", "code", "table_qa"],
+        description="task specs: built-in names, math:PATH, jsonl:PATH, parquet:PATH",
+    )
+    train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
+    max_steps: int = Field(100, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward pass")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (GRPO's mu)")
+    seed: int = 0
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    samples_per_step: int = Field(4, ge=0, description="completions logged to samples.jsonl per step")
+    threads: int = Field(0, ge=0, description="torch threads (0 = leave torch's default)")
+    tensorboard: bool = True
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    hybrid: HybridSection = Field(default_factory=HybridSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        if v not in PRESETS and v not in HYBRID_OBJECTIVES:
+            raise ValueError(f"unknown objective {v!r}; valid: {', '.join([*PRESETS, *HYBRID_OBJECTIVES])}")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one task is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _objective_args_valid(self) -> TrainConfig:
+        unknown = sorted(set(self.objective_args) - set(OBJECTIVE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown objective_args {unknown}; valid: {', '.join(OBJECTIVE_FIELDS)}")
+        try:
+            self.resolved_objective()
+        except ObjectiveError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.objective in HYBRID_OBJECTIVES
+
+    def resolved_objective(self):
+        """The RL objective (for 'hpt': the hybrid's RL part, unclipped as in the official code)."""
+        if self.is_hybrid:
+            return resolve_objective(self.hybrid.rl_objective, **{"stabiliser": "none", **self.objective_args})
+        return resolve_objective(self.objective, **self.objective_args)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Config from an optional YAML file plus `key.sub=value` overrides (YAML-typed values)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_dotted(data, keys, value)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{key}: {msg}")
+        raise ConfigError("invalid config: " + "; ".join(problems)) from None
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

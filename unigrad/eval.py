@@ -1,0 +1,67 @@
+"""Held-out evaluation: greedy pass@1 and sampled pass@k per task.
+
+pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374) with n = k samples
+per prompt at temperature 1, i.e. the fraction of prompts with at least one correct sample.
+A completion counts as correct when its reward is >= 1 (full marks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unigrad.rollout.base import SamplingParams
+from unigrad.tasks.base import Task
+from unigrad.train.batching import encode_prompt
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[Task],
+    prompts_per_task: int = 200,
+    *,
+    pass_k: int = 0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split."""
+    from unigrad.rollout.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    for task in tasks:
+        examples = task.examples("test", prompts_per_task, seed=seed)
+        prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+        greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
+                          SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size)
+        row: dict[str, float] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples))}
+        if pass_k > 0:
+            sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
+                               SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
+                               batch_size)
+            row[f"pass@{pass_k}"] = sampled.view(len(examples), pass_k).any(dim=1).float().mean().item()
+        results[task.name] = row
+    keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
+    results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
+    model.train(was_training)
+    return results
+
+
+def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size) -> torch.Tensor:
+    """Bool (len(examples) * n,): completion j of prompt i at row i * n + j scored full marks."""
+    out = []
+    per_call = max(1, batch_size // n)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        ro = engine.generate(chunk, n, sampling)
+        texts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                 for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+        exs = [examples[start + g] for g in ro.group_ids.tolist()]
+        rewards = task.verify(texts, exs)
+        out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
+    return torch.tensor(out, dtype=torch.bool)

@@ -1,0 +1,62 @@
+"""Token batches: prompts through the chat template, demonstrations as completions, micro-batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The user message through the tokenizer's chat template, ending with the assistant header."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers may return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    """A demonstration as completion tokens, ended by EOS like a sampled completion."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) + [tokenizer.eos_token_id]
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt/completion pairs laid out as the learner consumes them."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P) bool
+    completion_ids: torch.Tensor  # (N, T) right-padded
+    completion_mask: torch.Tensor  # (N, T) bool
+
+    def rows(self, index: torch.Tensor) -> SequenceBatch:
+        return SequenceBatch(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                             self.completion_mask[index])
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SequenceBatch:
+    """Left-pad prompts and right-pad completions into a `SequenceBatch`."""
+    n = len(prompts)
+    p_len = max(len(p) for p in prompts)
+    t_len = max(1, max(len(c) for c in completions))
+    prompt_ids = torch.full((n, p_len), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
+    completion_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, t_len), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        prompt_ids[i, p_len - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, p_len - len(p):] = True
+        if c:
+            completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            completion_mask[i, : len(c)] = True
+    return SequenceBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def micro_batches(n: int, size: int) -> list[torch.Tensor]:
+    """Row indices of consecutive micro-batches of at most `size` rows."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]

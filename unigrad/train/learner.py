@@ -1,0 +1,62 @@
+"""The learner: the trained model, its optimizer, the frozen reference, and log-prob passes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from unigrad.config import OptimSection
+from unigrad.rollout.logprobs import sequence_logprobs
+from unigrad.train.batching import SequenceBatch
+
+
+class Learner:
+    def __init__(self, model: torch.nn.Module, optim: OptimSection, *, keep_reference: bool = False):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.max_grad_norm = optim.max_grad_norm
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                           weight_decay=optim.weight_decay)
+        warmup = optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        # The KL reference is the starting policy, frozen (only built when beta > 0).
+        self.reference = None
+        if keep_reference:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+
+    def logprobs(self, batch: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy), both (B, T) with grad, under the sampling temperature."""
+        self.model.train()
+        return sequence_logprobs(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                 batch.completion_mask, temperature=temperature, return_entropy=True)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+        logp, _ = sequence_logprobs(self.reference, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                    batch.completion_mask, temperature=temperature, return_entropy=True)
+        return logp
+
+    def clip_and_step(self) -> tuple[float, bool]:
+        """Clip the global grad norm, then step; a non-finite gradient skips the step.
+
+        Returns (pre-clip grad norm, whether the optimizer stepped).
+        """
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        stepped = math.isfinite(norm)
+        if stepped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]

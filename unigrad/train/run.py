@@ -1,0 +1,188 @@
+"""A training run: build everything from the config, loop over steps, log, checkpoint, resume.
+
+The step itself is `unigrad.train.step.train_step`; this file is the plumbing around it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unigrad.config import TrainConfig, config_to_yaml
+from unigrad.data.samplers import TaskSampler
+from unigrad.rollout.base import SamplingParams
+from unigrad.tasks.base import Example, Task
+from unigrad.train.batching import encode_prompt
+from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from unigrad.train.learner import Learner
+from unigrad.train.logger import RunLogger, truncate_jsonl
+from unigrad.train.step import StepContext, train_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_step: int
+    eval_before: dict[str, Any] | None
+    eval_after: dict[str, Any] | None
+
+
+def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: int | None):
+    """Training examples per task with their prompt ids; over-long prompts are dropped and counted."""
+    pools, pool_ids, dropped = [], [], {}
+    for k, task in enumerate(tasks):
+        examples = task.examples("train", cfg.train_pool_size, seed=cfg.seed + k)
+        kept: list[Example] = []
+        ids: list[list[int]] = []
+        for ex in examples:
+            p = encode_prompt(tokenizer, ex.prompt)
+            if context_length is not None and len(p) + cfg.rollout.max_new_tokens > context_length:
+                dropped[task.name] = dropped.get(task.name, 0) + 1
+                continue
+            kept.append(ex)
+            ids.append(p)
+        if not kept:
+            raise ValueError(f"task {task.name!r}: every training prompt is longer than the context "
+                             f"({context_length} tokens including max_new_tokens={cfg.rollout.max_new_tokens})")
+        pools.append(kept)
+        pool_ids.append(ids)
+    for name, n in dropped.items():
+        warnings.warn(f"task {name!r}: dropped {n} training prompts longer than the context window", stacklevel=2)
+    return pools, pool_ids, dropped
+
+
+def _context_length(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def prepare_output_dir(output_dir: Path, resume: bool) -> None:
+    if output_dir.exists() and (output_dir / "metrics.jsonl").exists() and not resume:
+        raise FileExistsError(f"{output_dir} already holds a run; pass --resume to continue it or choose another "
+                              "--output-dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
+    from unigrad.eval import evaluate
+    from unigrad.models.loading import LoraSettings, load_model_and_tokenizer, save_model
+    from unigrad.rollout.transformers_engine import TransformersEngine
+    from unigrad.tasks import get_task
+
+    output_dir = Path(output_dir)
+    prepare_output_dir(output_dir, resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg))
+
+    lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
+    tasks = [get_task(spec) for spec in cfg.tasks]
+    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
+    objective = cfg.resolved_objective()
+    rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
+    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
+    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
+    sampler = TaskSampler([len(p) for p in pools], seed=cfg.seed)
+    ctx = StepContext(
+        tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
+        sampler=sampler, objective=objective,
+        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
+        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
+        micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
+        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
+        sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
+    )
+
+    start = 0
+    if resume and list_checkpoints(output_dir):
+        start = load_latest_checkpoint(output_dir, learner, sampler)
+        engine.load_weights(model.state_dict())
+        _print(console, f"resumed from step {start}")
+    truncate_jsonl(output_dir / "metrics.jsonl", start)
+    truncate_jsonl(output_dir / "samples.jsonl", start)
+
+    def run_eval(name: str) -> dict[str, Any]:
+        res = evaluate(model, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
+                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+        (output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
+        return res
+
+    before = None
+    if cfg.eval.before_after:
+        path = output_dir / "eval_before.json"
+        before = json.loads(path.read_text()) if path.exists() else run_eval("eval_before")
+
+    logger = RunLogger(output_dir, tensorboard=cfg.tensorboard)
+    try:
+        _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped)
+    finally:
+        logger.close()
+
+    save_checkpoint(output_dir, cfg.max_steps, learner, sampler, keep=cfg.keep_checkpoints)
+    save_model(model, tokenizer, output_dir / "final")
+    after = run_eval("eval_after") if cfg.eval.before_after else None
+    if before is not None and after is not None:
+        _print(console, before_after_table(before, after))
+    return RunResult(output_dir, cfg.max_steps, before, after)
+
+
+def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console, transient=False, disable=console is False) as progress:
+        bar = progress.add_task("train", total=cfg.max_steps, completed=start, status="")
+        for step in range(start + 1, cfg.max_steps + 1):
+            metrics, samples = train_step(ctx, step)
+            if step == 1:
+                metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
+                res = run_eval(f"eval_step_{step:06d}")
+                metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "n"})
+            logger.log(step, metrics, samples)
+            progress.update(bar, advance=1, status=f"reward {metrics['reward/mean']:.3f} "
+                                                   f"acc {metrics['accuracy/mean']:.3f} loss {metrics['loss']:+.4f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints)
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any]):
+    from rich.table import Table
+
+    keys = [k for k in before["mean"]]
+    table = Table(title="held-out accuracy (greedy pass@1" + (", sampled pass@k" if len(keys) > 1 else "") + ")")
+    table.add_column("task")
+    for k in keys:
+        table.add_column(f"{k} before", justify="right")
+        table.add_column(f"{k} after", justify="right")
+        table.add_column("change", justify="right")
+    for task in before:
+        row = [task]
+        for k in keys:
+            b, a = before[task][k], after[task][k]
+            row += [f"{100 * b:.1f}", f"{100 * a:.1f}", f"{100 * (a - b):+.1f}"]
+        table.add_row(*row)
+    return table
+
+
+def _print(console, message) -> None:
+    if console is False:
+        return
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    console.print(message)

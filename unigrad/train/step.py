@@ -1,0 +1,220 @@
+"""One training step, top to bottom.
+
+    task sampler -> G rollouts per prompt -> verifiers -> advantages -> hybrid switch (HPT)
+    -> learner log-probs -> reference log-probs (beta > 0 only) -> compute_policy_loss
+    -> grad clip -> optimizer step -> weights to the rollout engine
+
+Departures from the textbook loop, and why:
+- On-policy (num_iterations = 1) the "old" log-probs are the learner's own, detached: no
+  second forward pass. With num_iterations > 1 they are the detached log-probs of the first
+  iteration, which ran before any update (still no extra pass).
+- The behaviour correction (TIS / IcePop) uses the rollout engine's log-probs, which differ
+  from the learner's when the engine runs in another dtype.
+- Normalisers (tokens, sequences, L_max) are computed once over the whole step's batch and
+  passed to every micro-batch, so micro-batching never changes the gradient; HPT's SFT and RL
+  parts each have their own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unigrad.objective import Objective, batch_normalisers, compute_advantages, compute_policy_loss
+from unigrad.objective.hybrid import hpt_switch
+from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams
+from unigrad.tasks.base import Example, Task
+from unigrad.train.batching import SequenceBatch, encode_completion, micro_batches, pad_pairs
+from unigrad.train.learner import Learner
+from unigrad.train.metrics import merge_loss_metrics
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs; built once by `unigrad.train.run`."""
+
+    tokenizer: Any
+    learner: Learner
+    engine: RolloutEngine
+    tasks: list[Task]
+    pools: list[list[Example]]  # training examples per task
+    pool_prompt_ids: list[list[list[int]]]  # their chat-templated token ids
+    sampler: Any  # TaskSampler
+    objective: Objective
+    sampling: SamplingParams
+    prompts_per_step: int
+    num_generations: int
+    micro_batch_size: int
+    num_iterations: int = 1
+    hybrid_gamma: float | None = None  # None: no HPT switch
+    rl_coef: float = 1.0
+    sft_coef: float = 1.0
+    seed: int = 0
+    samples_per_step: int = 0
+    timers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Run one step; returns (metrics for metrics.jsonl, sample records for samples.jsonl)."""
+    t_start = time.perf_counter()
+    names = [t.name for t in ctx.tasks]
+
+    # 1. Prompts: the sampler picks (task, example) pairs.
+    picks = ctx.sampler.sample(ctx.prompts_per_step)
+    examples = [ctx.pools[t][i] for t, i in picks]
+    prompt_task = torch.tensor([t for t, _ in picks])  # (P,)
+
+    # 2. Rollouts: G completions per prompt, with the engine's own log-probs.
+    t0 = time.perf_counter()
+    sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": ctx.seed * 1_000_003 + step})
+    ro: Rollout = ctx.engine.generate([ctx.pool_prompt_ids[t][i] for t, i in picks], ctx.num_generations, sampling)
+    t_rollout = time.perf_counter() - t0
+
+    # 3. Rewards from the verifiers (NaN = unscorable; counted, advantage 0).
+    t0 = time.perf_counter()
+    texts = decode_completions(ctx.tokenizer, ro)
+    row_task = prompt_task[ro.group_ids]  # (N,)
+    rewards = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task)
+    t_reward = time.perf_counter() - t0
+
+    # 4. Advantages.
+    obj = ctx.objective
+    adv = compute_advantages(rewards, ro.group_ids, obj.advantage, task_ids=row_task,
+                             per_task=obj.per_task_advantage, eps=obj.advantage_eps)  # (N,)
+
+    # 5. Hybrid switch (HPT): prompts the model fails go to SFT on their demonstration.
+    num_prompts = len(examples)
+    if ctx.hybrid_gamma is not None:
+        sft_prompt = hpt_switch(rewards, ro.group_ids, num_prompts, ctx.hybrid_gamma)  # (P,)
+        missing = [examples[p].task for p in range(num_prompts) if sft_prompt[p] and not examples[p].demonstration]
+        if missing:
+            raise ValueError(f"HPT needs demonstrations; task(s) {sorted(set(missing))} have none")
+    else:
+        sft_prompt = torch.zeros(num_prompts, dtype=torch.bool)
+    rl_rows = torch.nonzero(~sft_prompt[ro.group_ids]).flatten()  # rows trained by RL
+    rl = SequenceBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask).rows(rl_rows)
+    rl_adv, rl_infer = adv[rl_rows], ro.infer_logprobs[rl_rows]
+    sft_prompts = torch.nonzero(sft_prompt).flatten().tolist()
+    sft = demonstration_batch(ctx, [picks[p] for p in sft_prompts]) if sft_prompts else None
+
+    # 6-9. Learner passes, loss, backward, clip, optimizer step (num_iterations times).
+    t0 = time.perf_counter()
+    temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
+    rl_norm = batch_normalisers(rl.completion_mask, obj) if len(rl) else None
+    sft_norm = batch_normalisers(sft.completion_mask, "sft") if sft is not None else None
+    rl_chunks = micro_batches(len(rl), ctx.micro_batch_size)
+    sft_chunks = micro_batches(len(sft), ctx.micro_batch_size) if sft is not None else []
+    old = [None] * len(rl_chunks)  # filled from the first iteration when num_iterations > 1
+    ref = [None] * len(rl_chunks)
+    loss_metrics, grad_norms, skipped, t_optim = [], [], 0, 0.0
+    for iteration in range(ctx.num_iterations):
+        for c, rows in enumerate(rl_chunks):
+            mb = rl.rows(rows)
+            logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T) each
+            if obj.beta > 0 and ref[c] is None:
+                ref[c] = ctx.learner.reference_logprobs(mb, temperature)
+            out = compute_policy_loss(
+                logp, mb.completion_mask, rl_adv[rows], obj, old_logprobs=old[c],
+                infer_logprobs=rl_infer[rows] if obj.needs_infer_logprobs else None, ref_logprobs=ref[c],
+                max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
+                num_sequences=rl_norm.num_sequences, entropy=entropy,
+            )
+            (ctx.rl_coef * out.loss).backward()
+            if iteration == 0 and ctx.num_iterations > 1:
+                old[c] = logp.detach()
+            loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
+        for rows in sft_chunks:
+            mb = sft.rows(rows)
+            logp, entropy = ctx.learner.logprobs(mb, temperature)
+            out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
+                                      num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
+            (ctx.sft_coef * out.loss).backward()
+            loss_metrics.append({f"sft/{k}": v for k, v in out.metrics.items()})
+        t1 = time.perf_counter()
+        norm, stepped = ctx.learner.clip_and_step()
+        grad_norms.append(norm)
+        skipped += not stepped
+        t_optim += time.perf_counter() - t1
+    t_learner = time.perf_counter() - t0 - t_optim
+
+    # 10. The rollout engine takes the new weights.
+    t0 = time.perf_counter()
+    ctx.engine.load_weights(ctx.learner.model.state_dict())
+    t_sync = time.perf_counter() - t0
+
+    metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task)
+    metrics.update(merge_loss_metrics(loss_metrics, ctx.num_iterations))
+    metrics.update({
+        "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms), "nonfinite_skipped": float(skipped),
+        "lr": ctx.learner.lr, "time/rollout": t_rollout, "time/reward": t_reward, "time/learner": t_learner,
+        "time/optimizer": t_optim, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start,
+    })
+    samples = [
+        {"step": step, "task": examples[g].task, "prompt": examples[g].prompt, "completion": texts[r],
+         "reward": None if math.isnan(rewards[r].item()) else rewards[r].item(), "answer": examples[g].answer}
+        for r, g in list(enumerate(ro.group_ids.tolist()))[:: max(1, ctx.num_generations)][: ctx.samples_per_step]
+    ]
+    return metrics, samples
+
+
+def decode_completions(tokenizer, ro: Rollout) -> list[str]:
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+
+
+def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor) -> torch.Tensor:
+    """Rewards (N,) float32; a verifier that raises makes its task's rewards NaN (counted, skipped)."""
+    rewards = torch.full((len(texts),), float("nan"))
+    for k, task in enumerate(tasks):
+        rows = torch.nonzero(row_task == k).flatten().tolist()
+        if not rows:
+            continue
+        try:
+            values = task.verify([texts[r] for r in rows], [examples[r] for r in rows])
+        except Exception as err:  # noqa: BLE001 - a user verifier must not kill the run
+            import warnings
+
+            warnings.warn(f"verifier of task {task.name!r} raised {err!r}; its rewards this step are NaN",
+                          stacklevel=2)
+            continue
+        if len(values) != len(rows):
+            raise ValueError(
+                f"verifier of task {task.name!r} returned {len(values)} rewards for {len(rows)} completions"
+            )
+        rewards[rows] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+    return rewards
+
+
+def demonstration_batch(ctx: StepContext, picks: list[tuple[int, int]]) -> SequenceBatch:
+    prompts = [ctx.pool_prompt_ids[t][i] for t, i in picks]
+    completions = [encode_completion(ctx.tokenizer, ctx.pools[t][i].demonstration) for t, i in picks]
+    return pad_pairs(prompts, completions, ctx.tokenizer.pad_token_id)
+
+
+def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task) -> dict[str, float]:
+    """Reward, accuracy, lengths and HPT fractions, overall and per task."""
+    m: dict[str, float] = {}
+    valid = torch.isfinite(rewards)
+    lengths = ro.completion_mask.sum(-1).float()
+    m["reward/mean"] = rewards[valid].mean().item() if valid.any() else float("nan")
+    m["accuracy/mean"] = (rewards[valid] >= 1.0).float().mean().item() if valid.any() else float("nan")
+    m["rewards/nan_count"] = float((~valid).sum())
+    m["response_length/mean"] = lengths.mean().item()
+    m["completions/truncated_fraction"] = ro.truncated.float().mean().item()
+    m["completions/empty_fraction"] = (lengths <= 1).float().mean().item()  # nothing but EOS
+    m["hpt/sft_fraction"] = sft_prompt.float().mean().item()
+    for k, name in enumerate(names):
+        rows = (row_task == k) & valid
+        if rows.any():
+            m[f"reward/{name}"] = rewards[rows].mean().item()
+            m[f"accuracy/{name}"] = (rewards[rows] >= 1.0).float().mean().item()
+            m[f"response_length/{name}"] = lengths[row_task == k].mean().item()
+        prompts = prompt_task == k
+        if prompts.any():
+            m[f"hpt/sft_fraction/{name}"] = sft_prompt[prompts].float().mean().item()
+    return m
