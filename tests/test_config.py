@@ -1,0 +1,56 @@
+"""The typed config: YAML + dotted overrides, errors that name the key."""
+
+import pytest
+
+from unigrad.config import ConfigError, config_to_yaml, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: dapo\nrollout:\n  temperature: 0.8\n")
+    cfg = load_config(path, ["max_steps=7", "rollout.num_generations=4", "objective_args.beta=0.001",
+                             "tasks=[arithmetic]"])
+    assert cfg.objective == "dapo" and cfg.max_steps == 7
+    assert cfg.rollout.temperature == 0.8 and cfg.rollout.num_generations == 4
+    assert cfg.resolved_objective().beta == 0.001 and cfg.resolved_objective().epsilon_upper == 0.28
+    assert cfg.tasks == ["arithmetic"]
+    again = tmp_path / "again.yaml"
+    again.write_text(config_to_yaml(cfg))
+    assert load_config(again) == cfg  # the saved config reproduces the run
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("max_stepz=3", "max_stepz: unknown key"),
+        ("rollout.temprature=1", "rollout.temprature: unknown key"),
+        ("rollout.temperature=-1", "rollout.temperature: Input should be greater than or equal to 0"),
+        ("max_steps=0", "max_steps: Input should be greater than or equal to 1"),
+        ("objective=grpoo", "objective: unknown objective 'grpoo'"),
+        ("objective_args.epsilonn=0.1", "unknown objective_args ['epsilonn']"),
+        ("objective_args.epsilon=-1", "epsilon: Input should be greater than or equal to 0"),
+        ("hybrid.gamma=2", "hybrid.gamma: Input should be less than or equal to 1"),
+        ("tasks=[]", "tasks: at least one task is needed"),
+        ("maxsteps", "is not of the form key=value"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_hpt_uses_unclipped_rl_part():
+    cfg = load_config(None, ["objective=hpt"])
+    assert cfg.is_hybrid
+    assert cfg.resolved_objective().stabiliser == "none"
+    assert cfg.resolved_objective().aggregation == "seq_mean_token_sum_norm"
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
