@@ -149,6 +149,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
 
     metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task)
     metrics.update(merge_loss_metrics(loss_metrics, ctx.num_iterations))
+    metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms), "nonfinite_skipped": float(skipped),
         "lr": ctx.learner.lr, "time/rollout": t_rollout, "time/reward": t_reward, "time/learner": t_learner,

@@ -1,0 +1,208 @@
+"""A `RolloutEngine` on a plain transformers causal LM: shared-prefix KV-cache sampling, CPU or GPU.
+
+Per call, each distinct prompt is prefilled once (prompts left-padded to a common length, position ids counting only
+real tokens); the cache's batch dimension is then expanded so every prompt's n samples share its prefill, and
+decoding proceeds one token per step with the `DynamicCache`, the 2-D attention mask growing by one column per step.
+Finished rows are fed the pad token until every row has stopped or `max_new_tokens` is reached.
+
+The engine may run its own copy of the model in another dtype (e.g. bfloat16 rollouts for a float32 learner); that
+is a genuine train-inference mismatch, visible as `Rollout.infer_logprobs` != the learner's log-probs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .base import Rollout, SamplingParams
+from .logprobs import position_ids_from_mask
+from .sampling import select_next_tokens
+
+
+def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and persistent buffers to `dtype` in place of `module.to(dtype)`.
+
+    Non-persistent floating buffers (e.g. rotary `inv_freq`) stay as they are: transformers builds them in float32
+    even for half-precision checkpoints, and rounding them to bfloat16 would add an error real engines don't have.
+    """
+    for sub in module.modules():
+        for param in sub.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = buf.to(dtype)
+
+
+class TransformersEngine:
+    """Sample completions with a transformers causal LM (`AutoModelForCausalLM`), implementing `RolloutEngine`.
+
+    If `dtype` (default: the model's) and `device` match the model's, the engine shares the learner's module and
+    `load_weights` with the learner's own state dict is a no-op; otherwise it holds a deep copy cast to `dtype` on
+    `device`. `eos_token_id` may be one id, several, or None (never stop early). Rollout tensors live on `device`.
+
+    `infer_logprobs` are float32 log-probs under the distribution sampled from (temperature, then top-k, then top-p,
+    renormalised); for greedy decoding (temperature 0) they are the log-probs under the unfiltered temperature-1
+    softmax. `sequence_logprobs` never filters, so with top-k / top-p the two differ by design.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int] | None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        learner_param = next(model.parameters())
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else learner_param.dtype
+        same_device = learner_param.device.type == self.device.type and (
+            self.device.index is None or learner_param.device.index == self.device.index
+        )
+        self.shares_learner_module = self.dtype == learner_param.dtype and same_device
+        if self.shares_learner_module:
+            self.model = model
+        else:
+            self.model = copy.deepcopy(model).to(self.device)
+            _cast_parameters(self.model, self.dtype)
+            if getattr(self.model, "config", None) is not None:
+                self.model.config.dtype = self.dtype
+            self.model.requires_grad_(False)
+            self.model.eval()
+        self.pad_token_id = int(pad_token_id)
+        if eos_token_id is None:
+            eos_ids: list[int] = []
+        elif isinstance(eos_token_id, int):
+            eos_ids = [eos_token_id]
+        else:
+            eos_ids = [int(i) for i in eos_token_id]
+        self.eos_token_ids = eos_ids
+
+    # ------------------------------------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy the learner's weights into the engine's tensors in place (casting dtype / device, no reallocation).
+
+        Keys must match the engine model's state dict, except that of a group of tied tensors one key suffices.
+        """
+        own = self.model.state_dict()
+        unexpected = sorted(set(state_dict) - set(own))
+        if unexpected:
+            raise KeyError(f"load_weights: unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        by_storage: dict[object, list[str]] = {}  # tied tensors (same storage) form one group
+        for key, tensor in own.items():
+            storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else key
+            by_storage.setdefault(storage, []).append(key)
+        missing = [keys[0] for keys in by_storage.values() if not any(k in state_dict for k in keys)]
+        if missing:
+            raise KeyError(f"load_weights: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for keys in by_storage.values():
+            dst = own[keys[0]]
+            src = state_dict[next(k for k in keys if k in state_dict)]
+            if src.shape != dst.shape:
+                raise ValueError(f"load_weights: {keys[0]} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            if src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and src.device == dst.device:
+                continue  # the very same tensor (engine shares the learner's module)
+            dst.copy_(src)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        """Sample `n` completions per prompt; rows p*n .. p*n+n-1 belong to prompt p (see `Rollout`)."""
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+        if sampling.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                fields = self._generate(prompts, n, sampling)
+        finally:
+            self.model.train(was_training)
+        # Tensors made under inference_mode cannot be saved for backward (e.g. as embedding indices in the learner's
+        # forward); cloning outside of it gives ordinary tensors.
+        return Rollout(**{name: t.clone() for name, t in fields.items()})
+
+    def _generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> dict[str, torch.Tensor]:
+        dev, pad = self.device, self.pad_token_id
+        # Distinct prompts, each prefilled once.
+        index_of: dict[tuple[int, ...], int] = {}
+        which = [index_of.setdefault(tuple(p), len(index_of)) for p in prompts]
+        distinct = list(index_of)
+        prompt_len = max(len(p) for p in distinct)
+        ids = torch.full((len(distinct), prompt_len), pad, dtype=torch.long)
+        mask = torch.zeros(len(distinct), prompt_len, dtype=torch.bool)
+        for i, p in enumerate(distinct):
+            ids[i, prompt_len - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, prompt_len - len(p) :] = True
+        ids, mask = ids.to(dev), mask.to(dev)
+        row_src = torch.tensor(which, dtype=torch.long, device=dev).repeat_interleave(n)  # (N,) distinct prompt of row
+        rows, max_new = row_src.shape[0], max(0, sampling.max_new_tokens)
+
+        completion = torch.full((rows, max_new), pad, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=dev)
+        completion_mask = torch.zeros(rows, max_new, dtype=torch.bool, device=dev)
+        finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        steps = 0
+        if max_new > 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator(device=dev).manual_seed(seed)
+            eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
+
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                position_ids=position_ids_from_mask(mask),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1][row_src]
+            if len(distinct) == len(prompts):
+                cache.batch_repeat_interleave(n)  # row_src is 0,0,..,1,1,..: plain expansion
+            else:
+                cache.batch_select_indices(row_src)  # repeated prompts share one prefill too
+            attention = torch.ones(rows, prompt_len + max_new, dtype=torch.long, device=dev)
+            attention[:, :prompt_len] = mask[row_src]
+            next_position = mask.sum(-1)[row_src]  # position of the first generated token
+
+            for t in range(max_new):
+                tokens, token_logprobs = select_next_tokens(logits, sampling, generator)
+                active = ~finished
+                completion[:, t] = torch.where(active, tokens, pad)
+                logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
+                completion_mask[:, t] = active
+                finished |= active & torch.isin(tokens, eos)
+                steps = t + 1
+                if steps == max_new or bool(finished.all()):
+                    break
+                out = self.model(
+                    input_ids=completion[:, t : t + 1],
+                    attention_mask=attention[:, : prompt_len + t + 1],
+                    position_ids=(next_position + t).unsqueeze(-1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = out.past_key_values
+                logits = out.logits[:, -1]
+
+        return {
+            "prompt_ids": ids[row_src],
+            "prompt_mask": mask[row_src],
+            "completion_ids": completion[:, :steps],
+            "completion_mask": completion_mask[:, :steps],
+            "infer_logprobs": logprobs[:, :steps],
+            "group_ids": torch.arange(len(prompts), device=dev).repeat_interleave(n),
+            "truncated": ~finished,
+        }
