@@ -56,9 +56,13 @@ def test_cli_train_then_eval(small_model, tmp_path, objective):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for key in ("reward/mean", "reward/arithmetic", "accuracy/countdown", "loss", "grad_norm", "rl/clip/region_fraction",
-                "rl/entropy", "response_length/mean", "hpt/sft_fraction", "time/rollout", "time/learner"):
+    for key in ("reward/mean", "reward/arithmetic", "accuracy/countdown", "loss", "grad_norm", "response_length/mean",
+                "hpt/sft_fraction", "hpt/sft_fraction/arithmetic", "time/rollout", "time/learner"):
         assert key in metrics[0], key
+    if objective == "hpt":  # a random model fails every prompt: all of them go to SFT on demonstrations
+        assert metrics[0]["hpt/sft_fraction"] == 1.0 and metrics[0]["sft/loss"] > 0
+    else:
+        assert "rl/clip/region_fraction" in metrics[0] and "rl/entropy" in metrics[0]
     assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
     assert list(out.glob("events.*")), "TensorBoard events missing"
     assert (out / "final" / "config.json").is_file() and (out / "eval_after.json").is_file()
