@@ -62,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
     from unigrad.config import load_config
     from unigrad.eval import evaluate
     from unigrad.models.loading import load_model_and_tokenizer
-    from unigrad.tasks import DEFAULT_MIXTURE, get_task
+    from unigrad.tasks import DEFAULT_MIXTURE, get_tasks
 
     target = Path(args.model)
     tasks = args.tasks
@@ -73,8 +73,9 @@ def _eval(args: argparse.Namespace) -> int:
         tasks = tasks or cfg.tasks
         max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     model, tokenizer = load_model_and_tokenizer(model_path)
-    res = evaluate(model, tokenizer, [get_task(t) for t in (tasks or DEFAULT_MIXTURE)], args.prompts,
-                   pass_k=args.k, max_new_tokens=max_new_tokens or 32, seed=args.seed)
+    task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec)]
+    res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k,
+                   max_new_tokens=max_new_tokens or 32, seed=args.seed)
     if args.json:
         print(json.dumps(res))
         return 0

@@ -87,6 +87,7 @@ class TrainConfig(_Section):
     )
     train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
     max_steps: int = Field(100, ge=1)
+    max_minutes: float = Field(0.0, ge=0, description="also stop after this much training time (0 = off)")
     prompts_per_step: int = Field(16, ge=1)
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward pass")
     num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (GRPO's mu)")

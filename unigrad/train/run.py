@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     from unigrad.eval import evaluate
     from unigrad.models.loading import LoraSettings, load_model_and_tokenizer, save_model
     from unigrad.rollout.transformers_engine import TransformersEngine
-    from unigrad.tasks import get_task
+    from unigrad.tasks import get_tasks
 
     output_dir = Path(output_dir)
     prepare_output_dir(output_dir, resume)
@@ -87,7 +88,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
 
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
-    tasks = [get_task(spec) for spec in cfg.tasks]
+    tasks = [task for spec in cfg.tasks for task in get_tasks(spec)]  # a file may hold several tasks
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
@@ -126,26 +127,31 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
 
     logger = RunLogger(output_dir, tensorboard=cfg.tensorboard)
     try:
-        _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped)
+        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped)
     finally:
         logger.close()
 
-    save_checkpoint(output_dir, cfg.max_steps, learner, sampler, keep=cfg.keep_checkpoints)
+    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints)
     save_model(model, tokenizer, output_dir / "final")
     after = run_eval("eval_after") if cfg.eval.before_after else None
     if before is not None and after is not None:
         _print(console, before_after_table(before, after))
-    return RunResult(output_dir, cfg.max_steps, before, after)
+    return RunResult(output_dir, last, before, after)
 
 
-def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> None:
+def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> int:
+    """Train from step `start` + 1; returns the last step done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}")]
+    started = time.monotonic()
     with Progress(*columns, console=console, transient=False, disable=console is False) as progress:
         bar = progress.add_task("train", total=cfg.max_steps, completed=start, status="")
         for step in range(start + 1, cfg.max_steps + 1):
+            if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
+                _print(console, f"time budget of {cfg.max_minutes} min reached after step {step - 1}")
+                return step - 1
             metrics, samples = train_step(ctx, step)
             if step == 1:
                 metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
@@ -157,6 +163,7 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> No
                                                    f"acc {metrics['accuracy/mean']:.3f} loss {metrics['loss']:+.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints)
+    return cfg.max_steps
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]):
