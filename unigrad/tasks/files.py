@@ -1,0 +1,137 @@
+"""User tasks from a JSONL or parquet file: one row per prompt, one Task per value of `task`.
+
+Columns: `prompt` and `answer` (required), `demonstration` (optional, for SFT / HPT), `task`
+(optional: the task name, so one file can hold several tasks; default: the file's stem), `split`
+(optional: "train" or "test"; rows without it are split by `splits.seeded_split` over prompts).
+Any other column is kept in `Example.meta` (a reward function receives it as a keyword).
+
+Bad input fails loudly at load time, never mid-training: a malformed row or a missing column
+raises ValueError naming the file and the row (1-based; for JSONL the row is the line number).
+
+Verifier (`verifier=`): "exact" compares the normalised text after the last "Answer:" (else the
+last non-empty line) with the normalised answer; "math" uses math-verify; "auto" (default) gives
+1 if the exact check passes, or if the answer looks mathematical and math-verify agrees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from unigrad.tasks.base import Example, Split
+from unigrad.tasks.extract import answer_text, normalise
+from unigrad.tasks.mathcheck import looks_like_math, math_equal
+from unigrad.tasks.splits import draw, seeded_split
+
+VERIFIERS = ("auto", "exact", "math")
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, row) pairs of a .jsonl / .json / .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects")
+        return list(enumerate(rows, start=1))
+    if suffix != ".jsonl":
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def _cell(row: dict[str, Any], column: str, where: str, required: bool) -> str | None:
+    """A cell as text; numbers are accepted (a JSON 42 means "42")."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if not required:
+            return None
+        if column not in row:
+            raise ValueError(f"{where}: missing column {column!r} (row has: {', '.join(map(str, row)) or 'nothing'})")
+        raise ValueError(f"{where}: column {column!r} is empty")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: column {column!r} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+class FileTask:
+    """One named task over rows of a file; see the module docstring."""
+
+    def __init__(self, name: str, examples: list[Example], splits: list[Split | None], verifier: str = "auto",
+                 test_fraction: float = 0.1, split_seed: int = 0):
+        if verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+        self.name, self.verifier = name, verifier
+        unassigned = [e.prompt for e, s in zip(examples, splits, strict=True) if s is None]
+        held_out = seeded_split(unassigned, test_fraction, split_seed)
+        self.pools: dict[str, list[Example]] = {"train": [], "test": []}
+        for example, split in zip(examples, splits, strict=True):
+            self.pools[split or ("test" if example.prompt in held_out else "train")].append(example)
+
+    def __repr__(self) -> str:
+        return f"FileTask({self.name!r}, train={len(self.pools['train'])}, test={len(self.pools['test'])})"
+
+    def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
+        return draw(self.pools[split], n, seed, f"task {self.name!r}, split {split!r}")
+
+    def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
+        if len(completions) != len(examples):
+            raise ValueError(f"{self.name}: {len(completions)} completions for {len(examples)} examples")
+        return [
+            float(self._correct(c, e.answer)) if isinstance(c, str) else 0.0
+            for c, e in zip(completions, examples, strict=True)
+        ]
+
+    def _correct(self, completion: str, answer: str) -> bool:
+        if self.verifier != "math":
+            tail = answer_text(completion)
+            lines = [line for line in completion.splitlines() if line.strip()]
+            candidate = tail if tail is not None else (lines[-1] if lines else "")
+            if candidate.strip() and normalise(candidate) == normalise(answer):
+                return True
+            if self.verifier == "exact" or not looks_like_math(answer):
+                return False
+        return math_equal(answer, completion)
+
+
+def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: float = 0.1,
+                    split_seed: int = 0) -> list[FileTask]:
+    """One FileTask per distinct `task` value in the file (in order of first appearance)."""
+    path = Path(path)
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    grouped: dict[str, tuple[list[Example], list[Split | None]]] = defaultdict(lambda: ([], []))
+    for number, row in rows:
+        where = f"{path}: row {number}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        prompt = _cell(row, "prompt", where, required=True)
+        answer = _cell(row, "answer", where, required=True)
+        demonstration = _cell(row, "demonstration", where, required=False)
+        name = _cell(row, "task", where, required=False) or path.stem
+        split = row.get("split")
+        if split not in (None, "train", "test"):
+            raise ValueError(f"{where}: column 'split' must be 'train' or 'test', got {split!r}")
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "demonstration", "task", "split")}
+        examples, splits = grouped[name]
+        examples.append(Example(prompt, answer, demonstration, name, meta))
+        splits.append(split)
+    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed) for name, (ex, sp) in grouped.items()]

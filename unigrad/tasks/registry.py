@@ -1,0 +1,89 @@
+"""Task specs, as a user types them, to Task objects.
+
+    arithmetic | countdown | word_problems | code | table_qa    built-in synthetic tasks
+    arithmetic:difficulty=3                                      ... with constructor options
+    math:PATH                                                    a math dataset (math_task.py)
+    jsonl:PATH | parquet:PATH | PATH.jsonl | PATH.parquet        user tasks (files.py), one per `task`
+    ...#NAME                                                     one task of a multi-task file
+
+`reward=` ("module:function", "file.py:function" or a callable) replaces the verifier with a
+TRL-style reward function (reward_fn.py). Keyword options go to the task's constructor.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+from unigrad.tasks.arithmetic import ArithmeticTask
+from unigrad.tasks.base import Task
+from unigrad.tasks.code_task import CodeTask
+from unigrad.tasks.countdown import CountdownTask
+from unigrad.tasks.files import load_file_tasks
+from unigrad.tasks.math_task import MathTask
+from unigrad.tasks.reward_fn import RewardFunc, RewardFunctionTask, load_reward_function
+from unigrad.tasks.table_qa import TableQATask
+from unigrad.tasks.word_problems import WordProblemsTask
+
+BUILTIN_TASKS: dict[str, type] = {
+    t.name: t for t in (ArithmeticTask, CountdownTask, WordProblemsTask, CodeTask, TableQATask)
+}
+DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
+SPEC_FORMS = ["math:PATH", "jsonl:PATH", "parquet:PATH", "PATH.jsonl", "PATH.parquet", "<file spec>#TASK"]
+
+
+def list_tasks() -> list[str]:
+    """The built-in task names (other tasks are named by the forms in `SPEC_FORMS`)."""
+    return list(BUILTIN_TASKS)
+
+
+def _options(text: str, spec: str) -> dict[str, Any]:
+    """"difficulty=3,n_tests=4" -> {"difficulty": 3, "n_tests": 4} (Python literals, else strings)."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"task spec {spec!r}: expected key=value options, got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
+
+
+def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: Any) -> list[Task]:
+    """All tasks a spec names (several for a multi-task file)."""
+    kind, sep, rest = spec.partition(":")
+    file_kind = bool(sep) and kind in ("jsonl", "parquet", "json")
+    path = rest if file_kind else spec
+    wanted = ""
+    if "#" in path and not Path(path).exists():
+        path, _, wanted = path.rpartition("#")
+    if kind in BUILTIN_TASKS:
+        tasks = [BUILTIN_TASKS[kind](**{**_options(rest, spec), **options})]
+    elif sep and kind == "math":
+        tasks = [MathTask(rest, **options)]
+    elif file_kind or path.lower().endswith((".jsonl", ".parquet", ".json")):
+        tasks = load_file_tasks(path, **options)
+        if wanted:
+            if wanted not in [t.name for t in tasks]:
+                raise ValueError(f"{path} has no task {wanted!r}; it holds: {', '.join(t.name for t in tasks)}")
+            tasks = [t for t in tasks if t.name == wanted]
+    else:
+        raise ValueError(f"unknown task {spec!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}; "
+                         f"or one of: {', '.join(SPEC_FORMS)}")
+    if reward is None:
+        return tasks
+    label = reward if isinstance(reward, str) else None
+    func = load_reward_function(reward) if isinstance(reward, str) else reward  # load a file once, not per task
+    return [RewardFunctionTask(func, t, label=label) for t in tasks]
+
+
+def get_task(spec: str, *, reward: RewardFunc | str | None = None, **options: Any) -> Task:
+    """The one task a spec names; for a file holding several tasks, pick one with "#NAME"."""
+    tasks = get_tasks(spec, reward=reward, **options)
+    if len(tasks) != 1:
+        raise ValueError(f"{spec!r} holds {len(tasks)} tasks ({', '.join(t.name for t in tasks)}); "
+                         f"name one as '{spec}#NAME' or use get_tasks")
+    return tasks[0]
