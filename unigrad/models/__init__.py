@@ -1,0 +1,32 @@
+"""Models and tokenizers: HF loading (local path or hub id), LoRA, and the embedded default ``unigrad-tiny``."""
+
+from unigrad.models.evaluate import evaluate_tasks, greedy_complete
+from unigrad.models.loading import (
+    DEFAULT_CHAT_TEMPLATE,
+    LoraSettings,
+    ModelNotFoundError,
+    apply_lora,
+    load_model_and_tokenizer,
+    save_model,
+)
+from unigrad.models.tiny import TINY_NAME, TinyRecipe, cache_root, ensure_tiny, tiny_cache_dir, tiny_report
+from unigrad.models.tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_CHAT_TEMPLATE",
+    "LoraSettings",
+    "ModelNotFoundError",
+    "TINY_NAME",
+    "TinyRecipe",
+    "apply_lora",
+    "build_char_tokenizer",
+    "cache_root",
+    "ensure_tiny",
+    "evaluate_tasks",
+    "greedy_complete",
+    "load_model_and_tokenizer",
+    "save_model",
+    "tiny_cache_dir",
+    "tiny_report",
+]

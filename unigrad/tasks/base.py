@@ -31,5 +31,7 @@ class Task(Protocol):
         ...
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
-        """Reward in [0, 1] for each completion (batched so that sandboxes can run in parallel)."""
+        """Reward for each completion (batched so that sandboxes can run in parallel): in [0, 1] for the
+        built-in verifiers; any finite float from a user reward function, or NaN where it gave no usable
+        reward (the trainer counts and skips NaN)."""
         ...

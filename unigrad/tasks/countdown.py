@@ -5,9 +5,11 @@ problem has one prompt (and so one split). The completion's expression (the text
 "Answer:" if any, else the first line, cut at "=") is checked with `ast` against a whitelist of
 integer literals and + - * / nodes -- the model's text is never passed to `eval` -- and evaluated
 with exact fractions. Reward 1 iff the value equals the target, 0 otherwise.
-Difficulty: 1 = two numbers from 1..20 (find the operation: "use 6 14 to make 84" -> "6*14");
-2 = two or three numbers from 1..9; 3 = three or four from 1..12. With two numbers from 1..9
-there are only ~110 problems, which a tiny model memorises (80% held-out after a short SFT).
+Difficulty: 1 = three numbers from 1..20 of which two make the target with one operation
+("use 6 9 14 to make 84" -> "6*14"); 2 = two or three numbers from 1..9, all used; 3 = three or
+four from 1..12, all used. Measured on a ~1 M-parameter char model after a short SFT on the
+5-task mixture (400 steps of 64): the default 17% held-out; two numbers without a distractor
+80% (too easy for RL to matter); difficulty 2 about 7%.
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ class CountdownTask(SyntheticTask):
     max_difficulty = 3
 
     def generate(self, rng: random.Random) -> Example:
-        count, high = {1: ((2, 2), 20), 2: ((2, 3), 9), 3: ((3, 4), 12)}[self.difficulty]
+        # (how many numbers are used, how many extra are shown, largest number) per difficulty
+        used, extra, high = {1: ((2, 2), 1, 20), 2: ((2, 3), 0, 9), 3: ((3, 4), 0, 12)}[self.difficulty]
         while True:
-            numbers = [rng.randint(1, high) for _ in range(rng.randint(*count))]
+            numbers = [rng.randint(1, high) for _ in range(rng.randint(*used))]
+            distractors = [rng.randint(1, high) for _ in range(extra)]
             expr, value = str(numbers[0]), numbers[0]
             for b in numbers[1:]:
                 op = rng.choice("+-*")
@@ -75,9 +79,9 @@ class CountdownTask(SyntheticTask):
                     expr, value = f"({expr})*{b}", value * b
                 else:
                     expr, value = f"{expr}{op}{b}", {"+": value + b, "-": value - b, "*": value * b}[op]
-            if 1 <= value <= 200 and value not in numbers:  # positive, and not solvable by copying
+            if 1 <= value <= 200 and value not in numbers + distractors:  # positive, and not solvable by copying
                 break
-        shown = sorted(numbers)
+        shown = sorted(numbers + distractors)
         prompt = f"use {' '.join(map(str, shown))} to make {value}"
         return Example(prompt, str(value), expr, self.name, {"numbers": shown, "target": value})
 

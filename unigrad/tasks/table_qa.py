@@ -6,7 +6,8 @@ difficulty: 1 = look up a cell ("rev 2022?" -> "Answer: 55"), say which year is 
 ("55>40. Answer: 2022"), or the change between the two years, over one row; 2 adds totals and a
 second row (rev and cost) with the profit of a year; 3 adds three-year tables and averages.
 The default (1) is the level a ~1 M-parameter char model reaches partially after a short SFT on
-the built-in mixture: 2-digit sums and differences are what it learns last. Reward 1 iff the
+the 5-task mixture (22-25% held-out); without lookups and comparisons (2-digit arithmetic only) it
+scored 2.5%. Reward 1 iff the
 final number (after "Answer:", else the last number) equals the answer.
 """
 

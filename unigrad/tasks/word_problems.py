@@ -4,7 +4,7 @@ Prompt "Tom has 5 apples, buys 3 bags of 4. How many now?", demonstration
 "3*4=12. 5+12=17. Answer: 17". Each action in the story adds one or two equations; difficulty d
 draws 1..d actions. All intermediate values stay in 0..99 so a demonstration fits in 40
 characters; stories longer than 80 characters (or solutions longer than 40) are redrawn.
-The default (1 action) reached ~30% held-out for a ~1 M-parameter char model after a short SFT
+The default (1 action) reached 22-31% held-out for a ~1 M-parameter char model after a short SFT
 on the 5-task mixture; difficulty 2 (one or two actions) ~15%.
 Reward 1 iff the final number (after "Answer:", else the last number) equals the answer.
 """

@@ -1,0 +1,174 @@
+"""Load a causal LM and its tokenizer: the embedded ``unigrad-tiny``, a local directory, or a hub id.
+
+``load_model_and_tokenizer`` returns a model ready for the learner and the rollout engine and a tokenizer that
+always has a pad token (its eos token if it had none) and a chat template (``DEFAULT_CHAT_TEMPLATE`` if it had
+none). With ``lora`` the model is wrapped by peft so that only the adapter's parameters are trainable;
+``save_model`` writes plain HF format, merging the adapter into the weights first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unigrad.models.tiny import TINY_NAME, TinyRecipe, ensure_tiny
+
+# Used for tokenizers that come without a chat template: plain "role: content" lines, after the bos token
+# (if the tokenizer has one); an assistant turn ends with the eos token; the generation prompt is "assistant: ".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA adapter (peft): rank ``r``, scaling ``alpha / r``, ``dropout`` on the adapter's input.
+
+    ``target_modules``: module-name suffixes to adapt (Llama / Qwen names by default), or ``"all-linear"``.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+
+
+class ModelNotFoundError(OSError):
+    """A model name that is neither ``unigrad-tiny``, nor a local directory, nor loadable from a hub."""
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike = TINY_NAME,
+    dtype: torch.dtype | str = torch.float32,
+    lora: LoraSettings | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    tiny_recipe: TinyRecipe | None = None,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """(model, tokenizer) for ``name_or_path``.
+
+    - ``"unigrad-tiny"``: the embedded default, built on first use (a few minutes on a laptop CPU) and cached
+      (see ``unigrad.models.tiny``; ``tiny_recipe`` and ``cache_dir`` select another recipe or cache root).
+    - a local directory in HF format: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+    - anything else is treated as a model hub id; where no hub is reachable and the model is not in the local
+      HF cache this raises ``ModelNotFoundError`` saying so.
+
+    The model is returned in train mode, on ``device``, in ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _dtype(dtype)
+    name = os.fspath(name_or_path)
+    if name == TINY_NAME and not Path(name).exists():
+        source = str(ensure_tiny(tiny_recipe, cache_dir))
+    else:
+        source = name
+    local = Path(source).is_dir()
+    # Offline (HF_HUB_OFFLINE=1): only the local HF cache is tried, so a missing model fails at once.
+    options = {"local_files_only": True} if not local and _hub_offline() else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+    except OSError as e:
+        if local:
+            raise
+        where = "the hub is switched off (HF_HUB_OFFLINE)" if options else "no model hub is reachable from here"
+        raise ModelNotFoundError(
+            f"could not load model {name!r}: it is not a local directory, and loading it as a model hub id failed "
+            f"({where}, or the id does not exist) and it is not in the local HF cache. Pass a local directory in "
+            f"HF format, or {TINY_NAME!r} for the embedded default. Cause: {type(e).__name__}: {e}"
+        ) from e
+    _complete_tokenizer(tokenizer)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    model.train()
+    return model, tokenizer
+
+
+def apply_lora(model, lora: LoraSettings):
+    """``model`` wrapped in a peft LoRA adapter: only the adapter's parameters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``path`` in HF format (LoRA merged into a copy of the weights)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if is_peft_model(model):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency of this module's LoRA path only
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _hub_offline() -> bool:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _complete_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    value = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
