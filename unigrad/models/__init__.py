@@ -1,6 +1,5 @@
 """Models and tokenizers: HF loading (local path or hub id), LoRA, and the embedded default ``unigrad-tiny``."""
 
-from unigrad.models.evaluate import evaluate_tasks, greedy_complete
 from unigrad.models.loading import (
     DEFAULT_CHAT_TEMPLATE,
     LoraSettings,
@@ -23,8 +22,6 @@ __all__ = [
     "build_char_tokenizer",
     "cache_root",
     "ensure_tiny",
-    "evaluate_tasks",
-    "greedy_complete",
     "load_model_and_tokenizer",
     "save_model",
     "tiny_cache_dir",

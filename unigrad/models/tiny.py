@@ -258,10 +258,14 @@ def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = 
         tokenizer = build_char_tokenizer(model_max_length=recipe.max_position_embeddings)
         accuracy: dict[str, float] = {}
         if recipe.eval_examples > 0:
-            from unigrad.models.evaluate import evaluate_tasks
+            from unigrad.eval import evaluate
+            from unigrad.tasks import get_task
 
             model.eval()
-            accuracy = evaluate_tasks(model, tokenizer, recipe.task_names, recipe.eval_examples, recipe.eval_seed)
+            # Demonstrations are at most ~40 characters; 48 new tokens leave room for the EOS.
+            res = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
+                           max_new_tokens=48, seed=recipe.eval_seed)
+            accuracy = {t: res[t]["pass@1"] for t in recipe.task_names}
         tail = losses[-max(1, len(losses) // 20) :]
         report = {
             "name": TINY_NAME,
