@@ -106,3 +106,33 @@ def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
     res = cli("train", *args, "--output-dir", cut, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert stable(cut / "metrics.jsonl") == stable(full / "metrics.jsonl")
+
+
+def test_bad_rewards_and_overlong_prompts_are_counted_not_fatal(small_model, tmp_path):
+    """A reward function that raises / returns NaN / None, and prompts longer than the context."""
+    data = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"{i}+{i}", "answer": str(2 * i), "demonstration": str(2 * i)} for i in range(40)]
+    rows += [{"prompt": "x" * 400, "answer": "1", "demonstration": "1"} for _ in range(5)]  # > 256-token context
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward = tmp_path / "flaky.py"
+    reward.write_text(
+        "calls = 0\n"
+        "def reward(prompts, completions, answer, **kwargs):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 2:\n"
+        "        raise RuntimeError('flaky reward service')\n"
+        "    return [None if i == 0 else float('nan') if i == 1 else float(c.strip() == a)\n"
+        "            for i, (c, a) in enumerate(zip(completions, answer))]\n"
+    )
+    out = tmp_path / "run"
+    res = cli("train", f"model.name={small_model}", f"tasks=[{data}]", f"reward={reward}:reward", "max_steps=3",
+              "prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=8", "threads=1",
+              "eval.before_after=false", "--output-dir", out, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["prompts/too_long/mine"] > 0  # dropped and counted, with a warning
+    assert "longer than the context" in res.stderr
+    assert metrics[0]["rewards/nan_count"] >= 2  # None and NaN rows
+    assert metrics[1]["rewards/nan_count"] == 16  # the call that raised: every completion unscorable
+    assert all(m["nonfinite_skipped"] == 0 for m in metrics)  # NaN rewards never reach the gradient

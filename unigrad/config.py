@@ -85,6 +85,10 @@ class TrainConfig(_Section):
         default_factory=lambda: ["arithmetic", "countdown", "word_problems", "code", "table_qa"],
         description="task specs: built-in names, math:PATH, jsonl:PATH, parquet:PATH",
     )
+    reward: str | None = Field(
+        None, description="a TRL-style reward function 'module:function' or 'file.py:function' replacing the "
+        "tasks' verifiers; returns of None / NaN / raising count as unscorable (NaN, advantage 0)",
+    )
     train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
     max_steps: int = Field(100, ge=1)
     max_minutes: float = Field(0.0, ge=0, description="also stop after this much training time (0 = off)")

@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
 
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
-    tasks = [task for spec in cfg.tasks for task in get_tasks(spec)]  # a file may hold several tasks
+    tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
