@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from unigrad.models import tiny
+from unigrad.models import pretrain, tiny
 from unigrad.models.loading import (
     DEFAULT_CHAT_TEMPLATE,
     LoraSettings,
@@ -361,8 +361,8 @@ def test_packed_rows_equal_separate_examples(attention):
             ("77+8", "85"),
         ]
     ]
-    micro = list(tiny._micro_batches(batch, recipe))
-    assert sum(len(row) for row in tiny._pack(batch, recipe.pack_length)) == len(batch)
+    micro = list(pretrain.micro_batches(batch, recipe))
+    assert sum(len(row) for row in pretrain.pack(batch, recipe.pack_length)) == len(batch)
     assert len(micro) == 1 and micro[0][0].shape[0] < len(batch)  # several examples share a row
     input_ids, mask, position_ids, labels = micro[0]
     with torch.no_grad():
