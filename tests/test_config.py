@@ -32,6 +32,7 @@ def test_defaults_and_overrides(tmp_path):
         ("hybrid.gamma=2", "hybrid.gamma: Input should be less than or equal to 1"),
         ("tasks=[]", "tasks: at least one task is needed"),
         ("maxsteps", "is not of the form key=value"),
+
     ],
 )
 def test_bad_values_are_errors_naming_the_key(override, message):
@@ -54,3 +55,9 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_dropping_masked_tokens_from_the_denominator_is_refused_by_the_trainer():
+    with pytest.raises(ConfigError, match="masked_tokens_in_denominator=false is not supported"):
+        load_config(None, ["objective=grpo_icepop", "objective_args.masked_tokens_in_denominator=false"])
+    assert load_config(None, ["objective=grpo_icepop"]).resolved_objective().correction == "icepop"
