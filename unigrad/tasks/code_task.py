@@ -30,36 +30,44 @@ from unigrad.tasks.base import Example
 from unigrad.tasks.sandbox import SandboxLimits, run_many
 from unigrad.tasks.synthetic import SyntheticTask
 
-# (difficulty, parameters, description, canonical expression); A and B stand for factors in 2..9,
-# C for a term in 1..50.
+# (difficulty, kind of arguments, phrasings, canonical expression). {0} and {1} stand for the parameter
+# names (drawn from NAMES), A and B for factors in 2..9, C for a term in 1..99. Names and phrasings vary
+# so that the held-out split has hundreds of distinct prompts at every difficulty, and a model has to
+# read the prompt rather than recall it.
+NAMES = {
+    "num": (("x",), ("n",), ("a",), ("k",), ("v",)),
+    "num2": (("x", "y"), ("a", "b"), ("m", "n")),
+    "list": (("xs",), ("nums",), ("items",), ("vals",)),
+    "str": (("s",), ("w",), ("text",), ("word",)),
+}
 TEMPLATES = [
-    (1, "x", "x plus C", "x+C"),
-    (1, "x", "x times A", "x*A"),
-    (1, "x", "x minus C", "x-C"),
-    (1, "s", "s in upper case", "s.upper()"),
-    (1, "xs", "first item of xs", "xs[0]"),
-    (1, "xs", "sum of xs", "sum(xs)"),
-    (1, "x", "C minus x", "C-x"),
-    (1, "xs", "last item of xs", "xs[-1]"),
-    (1, "xs", "xs with C added at the end", "xs+[C]"),
-    (1, "s", "length of s", "len(s)"),
-    (2, "x", "x squared plus C", "x*x+C"),
-    (2, "x", "x times A minus C", "x*A-C"),
-    (2, "x", "x mod A", "x%A"),
-    (2, "x", "x floor-divided by A", "x//A"),
-    (2, "x", "larger of x and C", "max(x,C)"),
-    (2, "x", "distance from x to C", "abs(x-C)"),
-    (2, "x, y", "x plus y times A", "x+y*A"),
-    (2, "x, y", "smaller of x and y", "min(x,y)"),
-    (2, "xs", "sum of xs plus C", "sum(xs)+C"),
-    (2, "xs", "xs sorted", "sorted(xs)"),
-    (2, "s", "s repeated A times", "s*A"),
-    (2, "s", "first A characters of s", "s[:A]"),
-    (3, "x", "x cubed minus C", "x*x*x-C"),
-    (3, "x, y", "x times A plus y times B", "x*A+y*B"),
-    (3, "xs", "number of items in xs times A", "len(xs)*A"),
-    (3, "xs", "largest item of xs minus C", "max(xs)-C"),
-    (3, "s", "s reversed in upper case", "s[::-1].upper()"),
+    (1, "num", ("{0} plus C", "add C to {0}"), "{0}+C"),
+    (1, "num", ("{0} times A", "A times {0}"), "{0}*A"),
+    (1, "num", ("{0} minus C", "subtract C from {0}"), "{0}-C"),
+    (1, "num", ("C minus {0}",), "C-{0}"),
+    (1, "str", ("{0} in upper case",), "{0}.upper()"),
+    (1, "str", ("length of {0}",), "len({0})"),
+    (1, "list", ("first item of {0}",), "{0}[0]"),
+    (1, "list", ("last item of {0}",), "{0}[-1]"),
+    (1, "list", ("sum of {0}",), "sum({0})"),
+    (1, "list", ("{0} with C added at the end",), "{0}+[C]"),
+    (2, "num", ("{0} squared plus C",), "{0}*{0}+C"),
+    (2, "num", ("{0} times A minus C",), "{0}*A-C"),
+    (2, "num", ("{0} mod A",), "{0}%A"),
+    (2, "num", ("{0} floor-divided by A",), "{0}//A"),
+    (2, "num", ("larger of {0} and C",), "max({0},C)"),
+    (2, "num", ("distance from {0} to C",), "abs({0}-C)"),
+    (2, "num2", ("{0} plus {1} times A",), "{0}+{1}*A"),
+    (2, "num2", ("smaller of {0} and {1}",), "min({0},{1})"),
+    (2, "list", ("sum of {0} plus C",), "sum({0})+C"),
+    (2, "list", ("{0} sorted",), "sorted({0})"),
+    (2, "str", ("{0} repeated A times",), "{0}*A"),
+    (2, "str", ("first A characters of {0}",), "{0}[:A]"),
+    (3, "num", ("{0} cubed minus C",), "{0}*{0}*{0}-C"),
+    (3, "num2", ("{0} times A plus {1} times B",), "{0}*A+{1}*B"),
+    (3, "list", ("number of items in {0} times A",), "len({0})*A"),
+    (3, "list", ("largest item of {0} minus C",), "max({0})-C"),
+    (3, "str", ("{0} reversed in upper case",), "{0}[::-1].upper()"),
 ]
 _SAFE_BUILTINS = {"abs": abs, "max": max, "min": min, "sum": sum, "sorted": sorted, "len": len}
 MARKER = "@@unigrad-result@@"
@@ -76,23 +84,23 @@ print({marker!r} + json.dumps(_results))
 """
 
 
-def _inputs(params: str, rng: random.Random) -> list:
-    """One argument tuple of the right kind for `params`."""
-    if params == "s":
+def _inputs(kind: str, rng: random.Random) -> list:
+    """One argument tuple of the given kind."""
+    if kind == "str":
         return ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 6)))]
-    if params == "xs":
+    if kind == "list":
         return [[rng.randint(-9, 20) for _ in range(rng.randint(1, 5))]]
-    return [rng.randint(-10, 30) for _ in params.split(", ")]
+    return [rng.randint(-10, 30) for _ in range(2 if kind == "num2" else 1)]
 
 
 @functools.lru_cache(maxsize=4096)
-def _hidden_tests(prompt: str, params: str, expr: str, n: int) -> str:
+def _hidden_tests(prompt: str, kind: str, params: str, expr: str, n: int) -> str:
     """JSON list of {"args", "expected"}; seeded by the prompt, so one prompt always has the same tests."""
     rng = random.Random(prompt)
     func = eval(f"lambda {params}: {expr}", {"__builtins__": _SAFE_BUILTINS})  # our template, never model text
     tests = []
     for _ in range(n):
-        args = _inputs(params, rng)
+        args = _inputs(kind, rng)
         tests.append({"args": args, "expected": func(*args)})
     return json.dumps(tests)
 
@@ -133,12 +141,15 @@ class CodeTask(SyntheticTask):
         self.limits = limits or SandboxLimits(timeout=3.0, cpu_seconds=2, memory_bytes=256 * 2**20)
 
     def generate(self, rng: random.Random) -> Example:
-        level, params, desc, expr = rng.choice([t for t in TEMPLATES if t[0] <= self.difficulty])
-        for letter, value in (("A", rng.randint(2, 9)), ("B", rng.randint(2, 9)), ("C", rng.randint(1, 50))):
+        _, kind, phrasings, expr = rng.choice([t for t in TEMPLATES if t[0] <= self.difficulty])
+        names = rng.choice(NAMES[kind])
+        desc, expr = rng.choice(phrasings).format(*names), expr.format(*names)
+        for letter, value in (("A", rng.randint(2, 9)), ("B", rng.randint(2, 9)), ("C", rng.randint(1, 99))):
             desc, expr = desc.replace(letter, str(value)), expr.replace(letter, str(value))
+        params = ", ".join(names)
         prompt = f"def f({params}): return # {desc}"
-        tests = _hidden_tests(prompt, params, expr, self.n_tests)
-        return Example(prompt, expr, expr, self.name, {"params": params, "tests": json.loads(tests)})
+        tests = _hidden_tests(prompt, kind, params, expr, self.n_tests)
+        return Example(prompt, expr, expr, self.name, {"kind": kind, "params": params, "tests": json.loads(tests)})
 
     def program(self, expression: str, example: Example) -> str:
         """The script the sandbox runs: `f` with the completion as body, applied to the test inputs."""

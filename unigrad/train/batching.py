@@ -35,6 +35,16 @@ class SequenceBatch:
         return SequenceBatch(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                              self.completion_mask[index])
 
+    def trimmed(self) -> SequenceBatch:
+        """The same rows without the columns that are padding in every row (left of the prompts, right
+        of the completions), so a micro-batch of short rows costs what its rows need. At least one
+        prompt and one completion column stay."""
+        p_keep = max(1, int(self.prompt_mask.sum(-1).max())) if len(self) else self.prompt_ids.shape[1]
+        t_keep = max(1, int(self.completion_mask.sum(-1).max())) if len(self) else self.completion_ids.shape[1]
+        p_keep, t_keep = min(p_keep, self.prompt_ids.shape[1]), min(t_keep, self.completion_ids.shape[1])
+        return SequenceBatch(self.prompt_ids[:, -p_keep:], self.prompt_mask[:, -p_keep:],
+                             self.completion_ids[:, :t_keep], self.completion_mask[:, :t_keep])
+
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
@@ -60,3 +70,12 @@ def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 def micro_batches(n: int, size: int) -> list[torch.Tensor]:
     """Row indices of consecutive micro-batches of at most `size` rows."""
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def length_grouped_micro_batches(batch: SequenceBatch, size: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches of at most `size` rows, rows of similar length together (sorted by
+    prompt + completion length, ties by row), so that `trimmed()` micro-batches carry little padding.
+    The gradient is the same as with any other grouping: normalisers are global to the step."""
+    lengths = batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)
+    order = sorted(range(len(batch)), key=lambda r: (int(lengths[r]), r))
+    return [torch.tensor(order[i:i + size], dtype=torch.long) for i in range(0, len(order), size)]

@@ -29,7 +29,7 @@ from unigrad.objective import Objective, batch_normalisers, compute_advantages, 
 from unigrad.objective.hybrid import hpt_switch
 from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams
 from unigrad.tasks.base import Example, Task
-from unigrad.train.batching import SequenceBatch, encode_completion, micro_batches, pad_pairs
+from unigrad.train.batching import SequenceBatch, encode_completion, length_grouped_micro_batches, pad_pairs
 from unigrad.train.learner import Learner
 from unigrad.train.metrics import merge_loss_metrics
 
@@ -107,20 +107,21 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
     rl_norm = batch_normalisers(rl.completion_mask, obj) if len(rl) else None
     sft_norm = batch_normalisers(sft.completion_mask, "sft") if sft is not None else None
-    rl_chunks = micro_batches(len(rl), ctx.micro_batch_size)
-    sft_chunks = micro_batches(len(sft), ctx.micro_batch_size) if sft is not None else []
+    rl_chunks = length_grouped_micro_batches(rl, ctx.micro_batch_size)
+    sft_chunks = length_grouped_micro_batches(sft, ctx.micro_batch_size) if sft is not None else []
     old = [None] * len(rl_chunks)  # filled from the first iteration when num_iterations > 1
     ref = [None] * len(rl_chunks)
     loss_metrics, grad_norms, skipped, t_optim = [], [], 0, 0.0
     for iteration in range(ctx.num_iterations):
         for c, rows in enumerate(rl_chunks):
-            mb = rl.rows(rows)
-            logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T) each
+            mb = rl.rows(rows).trimmed()  # (b, T') with T' <= T: this micro-batch's own padding only
+            width = mb.completion_ids.shape[1]
+            logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T') each
             if obj.beta > 0 and ref[c] is None:
                 ref[c] = ctx.learner.reference_logprobs(mb, temperature)
             out = compute_policy_loss(
                 logp, mb.completion_mask, rl_adv[rows], obj, old_logprobs=old[c],
-                infer_logprobs=rl_infer[rows] if obj.needs_infer_logprobs else None, ref_logprobs=ref[c],
+                infer_logprobs=rl_infer[rows, :width] if obj.needs_infer_logprobs else None, ref_logprobs=ref[c],
                 max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
                 num_sequences=rl_norm.num_sequences, entropy=entropy,
             )
@@ -129,7 +130,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                 old[c] = logp.detach()
             loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
         for rows in sft_chunks:
-            mb = sft.rows(rows)
+            mb = sft.rows(rows).trimmed()
             logp, entropy = ctx.learner.logprobs(mb, temperature)
             out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
                                       num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
