@@ -101,6 +101,8 @@ class TrainConfig(_Section):
     samples_per_step: int = Field(4, ge=0, description="completions logged to samples.jsonl per step")
     threads: int = Field(0, ge=0, description="torch threads (0 = leave torch's default)")
     tensorboard: bool = True
+    report_to: list[str] = Field(default_factory=list,
+                                 description="also send metrics to these trackers: wandb, mlflow, trackio")
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     hybrid: HybridSection = Field(default_factory=HybridSection)
@@ -111,6 +113,14 @@ class TrainConfig(_Section):
     def _known_objective(cls, v: str) -> str:
         if v not in PRESETS and v not in HYBRID_OBJECTIVES:
             raise ValueError(f"unknown objective {v!r}; valid: {', '.join([*PRESETS, *HYBRID_OBJECTIVES])}")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v: list[str]) -> list[str]:
+        from unigrad.train.trackers import check_installed
+
+        check_installed(v)
         return v
 
     @field_validator("tasks")

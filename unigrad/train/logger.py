@@ -1,4 +1,4 @@
-"""The run directory's logs: metrics.jsonl, samples.jsonl and TensorBoard events."""
+"""The run directory's logs: metrics.jsonl, samples.jsonl, TensorBoard events, optional trackers."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def _clean(value: Any) -> Any:
 
 
 class RunLogger:
-    def __init__(self, root: Path, tensorboard: bool = True):
+    def __init__(self, root: Path, tensorboard: bool = True, trackers: list | None = None):
         self.root = root
+        self.trackers = trackers or []  # unigrad.train.trackers: W&B, MLflow, trackio
         self.metrics = open(root / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.samples = open(root / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.tb = None
@@ -41,8 +42,12 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
         self.metrics.close()
         self.samples.close()
         if self.tb is not None:

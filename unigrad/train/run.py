@@ -24,6 +24,7 @@ from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, s
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.step import StepContext, train_step
+from unigrad.train.trackers import open_trackers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,7 +126,8 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         path = output_dir / "eval_before.json"
         before = json.loads(path.read_text()) if path.exists() else run_eval("eval_before")
 
-    logger = RunLogger(output_dir, tensorboard=cfg.tensorboard)
+    trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
+    logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
         last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped)
     finally:
