@@ -32,6 +32,8 @@ def test_defaults_and_overrides(tmp_path):
         ("hybrid.gamma=2", "hybrid.gamma: Input should be less than or equal to 1"),
         ("tasks=[]", "tasks: at least one task is needed"),
         ("maxsteps", "is not of the form key=value"),
+        ("task_weights={arithmetic: -1}", "task_weights: task weights must be finite and >= 0"),
+        ("report_to=[neptune]", "report_to: unknown tracker 'neptune'"),
 
     ],
 )
@@ -61,3 +63,16 @@ def test_dropping_masked_tokens_from_the_denominator_is_refused_by_the_trainer()
     with pytest.raises(ConfigError, match="masked_tokens_in_denominator=false is not supported"):
         load_config(None, ["objective=grpo_icepop", "objective_args.masked_tokens_in_denominator=false"])
     assert load_config(None, ["objective=grpo_icepop"]).resolved_objective().correction == "icepop"
+
+
+def test_task_weights_map_names_to_the_loaded_tasks():
+    from unigrad.tasks import get_task
+    from unigrad.train.run import task_weights
+
+    tasks = [get_task("arithmetic"), get_task("countdown"), get_task("code")]
+    assert task_weights(tasks, {}) is None  # uniform
+    assert task_weights(tasks, {"countdown": 3}) == [1.0, 3.0, 1.0]
+    with pytest.raises(ConfigError, match=r"task_weights names \['table_qa'\]"):
+        task_weights(tasks, {"table_qa": 2})
+    with pytest.raises(ConfigError, match="at least one task needs a positive weight"):
+        task_weights(tasks, {"arithmetic": 0, "countdown": 0, "code": 0})

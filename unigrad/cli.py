@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
     try:
         train(cfg, output_dir, resume=args.resume)
-    except FileExistsError as err:
+    except (FileExistsError, ConfigError) as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")

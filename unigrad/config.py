@@ -92,6 +92,9 @@ class TrainConfig(_Section):
     train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
     max_steps: int = Field(100, ge=1)
     max_minutes: float = Field(0.0, ge=0, description="also stop after this much training time (0 = off)")
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="relative sampling weight per task name (tasks not named weigh 1.0); e.g. {arithmetic: 3}")
     prompts_per_step: int = Field(16, ge=1)
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward pass")
     num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (GRPO's mu)")
@@ -121,6 +124,14 @@ class TrainConfig(_Section):
         from unigrad.train.trackers import check_installed
 
         check_installed(v)
+        return v
+
+    @field_validator("task_weights")
+    @classmethod
+    def _weights_valid(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w >= 0 or w == float("inf")}
+        if bad:
+            raise ValueError(f"task weights must be finite and >= 0, got {bad}")
         return v
 
     @field_validator("tasks")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from unigrad.config import TrainConfig, config_to_yaml
+from unigrad.config import ConfigError, TrainConfig, config_to_yaml
 from unigrad.data.samplers import TaskSampler
 from unigrad.rollout.base import SamplingParams
 from unigrad.tasks.base import Example, Task
@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
-    sampler = TaskSampler([len(p) for p in pools], seed=cfg.seed)
+    sampler = TaskSampler([len(p) for p in pools], seed=cfg.seed, weights=task_weights(tasks, cfg.task_weights))
     ctx = StepContext(
         tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
         sampler=sampler, objective=objective,
@@ -139,6 +139,20 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     if before is not None and after is not None:
         _print(console, before_after_table(before, after))
     return RunResult(output_dir, last, before, after)
+
+
+def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | None:
+    """Sampling weight per loaded task from the config's {name: weight} (default 1.0)."""
+    if not weights:
+        return None
+    names = [t.name for t in tasks]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ConfigError(f"task_weights names {unknown}, which are not among this run's tasks {names}")
+    out = [float(weights.get(name, 1.0)) for name in names]
+    if sum(out) <= 0:
+        raise ConfigError("task_weights: at least one task needs a positive weight")
+    return out
 
 
 def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> int:

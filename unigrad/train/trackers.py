@@ -26,9 +26,9 @@ def check_installed(names: list[str]) -> None:
     """Raise ValueError naming the first tracker that is unknown or not installed."""
     for name in names:
         if name not in SUPPORTED:
-            raise ValueError(f"report_to: unknown tracker {name!r}; choose from {sorted(SUPPORTED)}")
+            raise ValueError(f"unknown tracker {name!r}; choose from {sorted(SUPPORTED)}")
         if importlib.util.find_spec(SUPPORTED[name]) is None:
-            raise ValueError(f"report_to: {name!r} is not installed (pip install {name})")
+            raise ValueError(f"{name!r} is not installed (pip install {name})")
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
