@@ -34,6 +34,9 @@ def test_defaults_and_overrides(tmp_path):
         ("maxsteps", "is not of the form key=value"),
         ("task_weights={arithmetic: -1}", "task_weights: task weights must be finite and >= 0"),
         ("report_to=[neptune]", "report_to: unknown tracker 'neptune'"),
+        ("sampler.name=greedy", "sampler.name: Input should be 'uniform', 'size', 'gradient'"),
+        ("sampler.exploration=2", "sampler.exploration: Input should be less than or equal to 1"),
+        ("diagnostics.gain_window=0", "diagnostics.gain_window: Input should be greater than or equal to 1"),
 
     ],
 )
@@ -76,3 +79,12 @@ def test_task_weights_map_names_to_the_loaded_tasks():
         task_weights(tasks, {"table_qa": 2})
     with pytest.raises(ConfigError, match="at least one task needs a positive weight"):
         task_weights(tasks, {"arithmetic": 0, "countdown": 0, "code": 0})
+
+
+def test_sampler_combinations_that_make_no_sense_are_refused():
+    with pytest.raises(ConfigError, match="task_weights cannot be combined with sampler.name='gradient'"):
+        load_config(None, ["sampler.name=gradient", "task_weights={arithmetic: 2}"])
+    with pytest.raises(ConfigError, match="needs diagnostics.task_gradients"):
+        load_config(None, ["sampler.name=balanced", "diagnostics.task_gradients=false"])
+    cfg = load_config(None, ["sampler.name=balanced", "task_weights={arithmetic: 2}"])
+    assert cfg.sampler.name == "balanced" and cfg.diagnostics.task_gradients is None

@@ -57,7 +57,9 @@ def test_cli_train_then_eval(small_model, tmp_path, objective):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for key in ("reward/mean", "reward/arithmetic", "accuracy/countdown", "loss", "grad_norm", "response_length/mean",
-                "hpt/sft_fraction", "hpt/sft_fraction/arithmetic", "time/rollout", "time/learner"):
+                "hpt/sft_fraction", "hpt/sft_fraction/arithmetic", "time/rollout", "time/learner",
+                "grad/arithmetic/sq_norm", "grad/countdown/share", "advantage_abs/countdown",
+                "prompt_length/arithmetic"):
         assert key in metrics[0], key
     if objective == "hpt":  # a random model fails every prompt: all of them go to SFT on demonstrations
         assert metrics[0]["hpt/sft_fraction"] == 1.0 and metrics[0]["sft/loss"] > 0
@@ -66,6 +68,8 @@ def test_cli_train_then_eval(small_model, tmp_path, objective):
     assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
     assert list(out.glob("events.*")), "TensorBoard events missing"
     assert (out / "final" / "config.json").is_file() and (out / "eval_after.json").is_file()
+    rep = cli("report", out, cwd=tmp_path)
+    assert rep.returncode == 0 and (out / "report" / "index.html").is_file(), rep.stderr[-3000:]
     ev = cli("eval", out, "--json", "--prompts", "4", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads(ev.stdout.strip().splitlines()[-1])

@@ -93,6 +93,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from unigrad.report.run_report import build_report
+
+    try:
+        path = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
     e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="plots and an HTML page of a run (works while it is still going)")
+    r.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    r.add_argument("--out", help="where to write the report (default: RUN_DIR/report)")
+    r.set_defaults(func=_report)
     return parser
 
 

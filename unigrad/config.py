@@ -77,6 +77,25 @@ class EvalSection(_Section):
     pass_k: int = Field(0, ge=0, description="also report pass@k with k samples at temperature 1 (0 = off)")
 
 
+class SamplerSection(_Section):
+    """Which task each prompt slot draws from (unigrad/data/samplers.py)."""
+
+    name: Literal["uniform", "size", "gradient", "learning_progress", "balanced"] = Field(
+        "uniform", description="uniform (or fixed task_weights), size, gradient (proportional to an EMA of "
+        "||g_k||^2), learning_progress (to an EMA of |gain|), balanced (uniform sampling, each task's gradient "
+        "rescaled to a common norm)")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the adaptive samplers' statistic")
+    exploration: float = Field(0.1, ge=0, le=1, description="uniform share mixed into adaptive samplers")
+    balance_target: float | None = Field(
+        None, gt=0, description="balanced: common norm of every task gradient (None = their mean)")
+
+
+class DiagnosticsSection(_Section):
+    task_gradients: bool | None = Field(
+        None, description="per-task gradient accounting (grad/<task>/...); None = on when the run has >1 task")
+    gain_window: int = Field(10, ge=1, description="s of the learning gain Gain_k(t), logged s steps late")
+
+
 class TrainConfig(_Section):
     objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'")
     objective_args: dict[str, Any] = Field(default_factory=dict, description="overrides of objective fields")
@@ -110,6 +129,8 @@ class TrainConfig(_Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     hybrid: HybridSection = Field(default_factory=HybridSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    diagnostics: DiagnosticsSection = Field(default_factory=DiagnosticsSection)
 
     @field_validator("objective")
     @classmethod
@@ -154,6 +175,15 @@ class TrainConfig(_Section):
             # The step's normalisers are counted before the learner's forward pass, when the tokens a
             # correction will zero are not known yet; the library function supports it, the loop not yet.
             raise ValueError("objective_args.masked_tokens_in_denominator=false is not supported by the trainer yet")
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_consistent(self) -> TrainConfig:
+        if self.task_weights and self.sampler.name not in ("uniform", "balanced"):
+            raise ValueError(f"task_weights cannot be combined with sampler.name={self.sampler.name!r}")
+        needs = self.sampler.name in ("gradient", "balanced")
+        if needs and self.diagnostics.task_gradients is False:
+            raise ValueError(f"sampler.name={self.sampler.name!r} needs diagnostics.task_gradients")
         return self
 
     @property

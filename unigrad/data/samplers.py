@@ -1,11 +1,23 @@
 """Task samplers: which task, and which of its training prompts, each prompt slot gets.
 
-A sampler owns its random state (a `random.Random`), so that a checkpoint can save it and a
-resumed run draws exactly the same prompts as an uninterrupted one.
+A sampler owns its random state (a `random.Random`) and any statistics it adapts to, so that a
+checkpoint can save it and a resumed run draws exactly the same prompts as an uninterrupted one.
+
+Samplers (`sampler.name` in the config):
+- `uniform` (or fixed `task_weights`): constant task probabilities.
+- `size`: probability proportional to each task's training pool size.
+- `gradient`: proportional to an EMA of ||g_k||^2 (`grad/<task>/sq_norm`), the experiment of seed 000
+  (arXiv 2510.19178), which found it does not help.
+- `learning_progress`: proportional to an EMA of |learning gain| (`gain/<task>`).
+- `balanced`: uniform sampling; the step rescales each task's gradient to a common norm instead
+  (see `unigrad.diagnostics.task_gradients.balanced_sum`).
+The adaptive ones mix in a uniform share `exploration` so that no task starves, and stay uniform
+until every task has a measurement.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -19,13 +31,15 @@ class TaskSampler:
 
     name = "uniform"
 
-    def __init__(self, pool_sizes: list[int], seed: int = 0, weights: list[float] | None = None):
+    def __init__(self, pool_sizes: list[int], seed: int = 0, weights: list[float] | None = None,
+                 names: list[str] | None = None):
         if not pool_sizes or any(n <= 0 for n in pool_sizes):
             raise ValueError(f"every task needs at least one training prompt, got pool sizes {pool_sizes}")
         if weights is not None:
             if len(weights) != len(pool_sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"task weights must be {len(pool_sizes)} non-negative numbers with a positive sum")
         self.pool_sizes = list(pool_sizes)
+        self.names = list(names) if names is not None else [str(k) for k in range(len(pool_sizes))]
         self.weights = weights
         self.rng = random.Random(seed)
         self._orders: list[list[int]] = [[] for _ in pool_sizes]
@@ -42,12 +56,19 @@ class TaskSampler:
             self._orders[task] = order
         return self._orders[task].pop()
 
+    def update(self, metrics: dict[str, float]) -> None:
+        """Feedback from a finished step (its metrics); fixed samplers ignore it."""
+
     def sample(self, k: int) -> list[tuple[int, int]]:
         tasks = self.rng.choices(range(len(self.pool_sizes)), weights=self.task_probabilities(), k=k)
         return [(t, self._next_example(t)) for t in tasks]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rng": self.rng.getstate(), "orders": [list(o) for o in self._orders]}
+        return {"name": self.name, "rng": self.rng.getstate(), "orders": [list(o) for o in self._orders],
+                **self._extra_state()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -55,3 +76,91 @@ class TaskSampler:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._orders = [list(o) for o in state["orders"]]
+
+
+class SizeProportionalSampler(TaskSampler):
+    """Task probability proportional to its training pool size."""
+
+    name = "size"
+
+    def __init__(self, pool_sizes: list[int], seed: int = 0, names: list[str] | None = None):
+        super().__init__(pool_sizes, seed, weights=[float(n) for n in pool_sizes], names=names)
+
+
+class _EmaSampler(TaskSampler):
+    """Probabilities proportional to an EMA of one per-task metric, mixed with a uniform share."""
+
+    metric = ""  # "grad/{}/sq_norm" or "gain/{}"
+
+    def __init__(self, pool_sizes: list[int], seed: int = 0, names: list[str] | None = None,
+                 ema_decay: float = 0.9, exploration: float = 0.1):
+        super().__init__(pool_sizes, seed, names=names)
+        if not 0 <= ema_decay < 1 or not 0 <= exploration <= 1:
+            raise ValueError("ema_decay must be in [0, 1) and exploration in [0, 1]")
+        self.ema_decay, self.exploration = ema_decay, exploration
+        self.ema: list[float | None] = [None] * len(pool_sizes)
+
+    def value(self, x: float) -> float:
+        return x
+
+    def update(self, metrics: dict[str, float]) -> None:
+        for k, name in enumerate(self.names):
+            x = metrics.get(self.metric.format(name))
+            if x is None or not math.isfinite(x):
+                continue
+            x = self.value(x)
+            old = self.ema[k]
+            self.ema[k] = x if old is None else self.ema_decay * old + (1 - self.ema_decay) * x
+
+    def task_probabilities(self) -> list[float]:
+        n = len(self.pool_sizes)
+        if any(e is None for e in self.ema) or sum(self.ema) <= 0:
+            return [1.0 / n] * n
+        total = sum(self.ema)
+        return [(1 - self.exploration) * e / total + self.exploration / n for e in self.ema]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"ema": list(self.ema)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ema = list(state["ema"])
+
+
+class GradientProportionalSampler(_EmaSampler):
+    """Task probability proportional to an EMA of its squared gradient norm ||g_k||^2."""
+
+    name = "gradient"
+    metric = "grad/{}/sq_norm"
+
+
+class LearningProgressSampler(_EmaSampler):
+    """Task probability proportional to an EMA of its |learning gain| (lagged by the gain window)."""
+
+    name = "learning_progress"
+    metric = "gain/{}"
+
+    def value(self, x: float) -> float:
+        return abs(x)
+
+
+SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced"]
+
+
+def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
+                  weights: list[float] | None = None, ema_decay: float = 0.9,
+                  exploration: float = 0.1) -> TaskSampler:
+    """The sampler called `name` (one of SAMPLERS); `balanced` samples uniformly (or by `weights`)."""
+    if name in ("uniform", "balanced"):
+        sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names)
+        sampler.name = name
+        return sampler
+    if weights is not None:
+        raise ValueError(f"task_weights cannot be combined with the {name!r} sampler")
+    if name == "size":
+        return SizeProportionalSampler(pool_sizes, seed, names=names)
+    if name == "gradient":
+        return GradientProportionalSampler(pool_sizes, seed, names, ema_decay, exploration)
+    if name == "learning_progress":
+        return LearningProgressSampler(pool_sizes, seed, names, ema_decay, exploration)
+    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")

@@ -26,6 +26,7 @@ def _dir(root: Path) -> Path:
 def save_checkpoint(
     root: Path, step: int, learner, sampler, keep: int = 2, extra: dict[str, Any] | None = None
 ) -> Path:
+    """`extra`: {name: object with state_dict()} saved beside the rest (e.g. the learning-gain tracker)."""
     ckpt_dir = _dir(root)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:06d}"
@@ -39,7 +40,7 @@ def save_checkpoint(
         "scheduler": learner.scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "extra": extra or {},
+        "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()},
     }
     torch.save(state, tmp / "state.pt")
     with open(tmp / "state.pt", "rb") as f:
@@ -61,8 +62,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def load_latest_checkpoint(root: Path, learner, sampler) -> int:
-    """Restore the newest loadable checkpoint; returns its step (0 if there is none)."""
+def load_latest_checkpoint(root: Path, learner, sampler, extra: dict[str, Any] | None = None) -> int:
+    """Restore the newest loadable checkpoint; returns its step (0 if there is none).
+
+    `extra`: {name: object with load_state_dict()}, restored from what `save_checkpoint` saved."""
     for path in reversed(list_checkpoints(root)):
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
@@ -75,6 +78,9 @@ def load_latest_checkpoint(root: Path, learner, sampler) -> int:
         learner.optimizer.load_state_dict(state["optimizer"])
         learner.scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        for name, obj in (extra or {}).items():
+            if name in state["extra"]:
+                obj.load_state_dict(state["extra"][name])
         torch.set_rng_state(state["rng"]["torch"])
         version, internal, gauss = state["rng"]["python"]
         random.setstate((version, tuple(internal), gauss))

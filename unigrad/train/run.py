@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml
-from unigrad.data.samplers import TaskSampler
+from unigrad.data.samplers import build_sampler
+from unigrad.diagnostics.learning_gain import LearningGainTracker
+from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.rollout.base import SamplingParams
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
@@ -95,7 +97,18 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
-    sampler = TaskSampler([len(p) for p in pools], seed=cfg.seed, weights=task_weights(tasks, cfg.task_weights))
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names must be distinct, got {names}")
+    sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
+                            weights=task_weights(tasks, cfg.task_weights), ema_decay=cfg.sampler.ema_decay,
+                            exploration=cfg.sampler.exploration)
+    account = cfg.diagnostics.task_gradients
+    if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
+        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced")
+    task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
+                                   balance_target=cfg.sampler.balance_target) if account else None
+    gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
     ctx = StepContext(
         tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
         sampler=sampler, objective=objective,
@@ -105,11 +118,12 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
         sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
+        task_gradients=task_gradients,
     )
 
     start = 0
     if resume and list_checkpoints(output_dir):
-        start = load_latest_checkpoint(output_dir, learner, sampler)
+        start = load_latest_checkpoint(output_dir, learner, sampler, extra={"learning_gain": gain})
         engine.load_weights(model.state_dict())
         _print(console, f"resumed from step {start}")
     truncate_jsonl(output_dir / "metrics.jsonl", start)
@@ -129,11 +143,11 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
     logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
-        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped)
+        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, gain)
     finally:
         logger.close()
 
-    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints)
+    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra={"learning_gain": gain})
     save_model(model, tokenizer, output_dir / "final")
     after = run_eval("eval_after") if cfg.eval.before_after else None
     if before is not None and after is not None:
@@ -155,7 +169,7 @@ def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | 
     return out
 
 
-def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> int:
+def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, gain) -> int:
     """Train from step `start` + 1; returns the last step done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -169,6 +183,8 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> in
                 _print(console, f"time budget of {cfg.max_minutes} min reached after step {step - 1}")
                 return step - 1
             metrics, samples = train_step(ctx, step)
+            metrics.update(gain.update(step, metrics))  # gain/<task> of step - s
+            ctx.sampler.update(metrics)
             if step == 1:
                 metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
@@ -178,7 +194,8 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped) -> in
             progress.update(bar, advance=1, status=f"reward {metrics['reward/mean']:.3f} "
                                                    f"acc {metrics['accuracy/mean']:.3f} loss {metrics['loss']:+.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints)
+                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints,
+                                extra={"learning_gain": gain})
     return cfg.max_steps
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.objective import Objective, batch_normalisers, compute_advantages, compute_policy_loss
 from unigrad.objective.hybrid import hpt_switch
 from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams
@@ -56,6 +57,7 @@ class StepContext:
     sft_coef: float = 1.0
     seed: int = 0
     samples_per_step: int = 0
+    task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
     timers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -102,40 +104,49 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     sft_prompts = torch.nonzero(sft_prompt).flatten().tolist()
     sft = demonstration_batch(ctx, [picks[p] for p in sft_prompts]) if sft_prompts else None
 
-    # 6-9. Learner passes, loss, backward, clip, optimizer step (num_iterations times).
+    # 6-9. Learner passes, loss, backward, clip, optimizer step (num_iterations times). Micro-batches
+    # never mix accounting groups: one group per (task, half) when per-task gradients are measured,
+    # else one group. Normalisers are global to the step, so the grouping does not change the gradient.
     t0 = time.perf_counter()
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
     rl_norm = batch_normalisers(rl.completion_mask, obj) if len(rl) else None
     sft_norm = batch_normalisers(sft.completion_mask, "sft") if sft is not None else None
-    rl_chunks = length_grouped_micro_batches(rl, ctx.micro_batch_size)
-    sft_chunks = length_grouped_micro_batches(sft, ctx.micro_batch_size) if sft is not None else []
-    old = [None] * len(rl_chunks)  # filled from the first iteration when num_iterations > 1
-    ref = [None] * len(rl_chunks)
-    loss_metrics, grad_norms, skipped, t_optim = [], [], 0, 0.0
+    chunks = micro_batch_plan(ctx, rl, sft, ro.group_ids[rl_rows], torch.tensor(sft_prompts, dtype=torch.long),
+                              prompt_task)
+    old = [None] * len(chunks)  # filled from the first iteration when num_iterations > 1
+    ref = [None] * len(chunks)
+    loss_metrics, grad_norms, grad_metrics, skipped, t_optim = [], [], {}, 0, 0.0
     for iteration in range(ctx.num_iterations):
-        for c, rows in enumerate(rl_chunks):
-            mb = rl.rows(rows).trimmed()  # (b, T') with T' <= T: this micro-batch's own padding only
-            width = mb.completion_ids.shape[1]
-            logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T') each
-            if obj.beta > 0 and ref[c] is None:
-                ref[c] = ctx.learner.reference_logprobs(mb, temperature)
-            out = compute_policy_loss(
-                logp, mb.completion_mask, rl_adv[rows], obj, old_logprobs=old[c],
-                infer_logprobs=rl_infer[rows, :width] if obj.needs_infer_logprobs else None, ref_logprobs=ref[c],
-                max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
-                num_sequences=rl_norm.num_sequences, entropy=entropy,
-            )
-            (ctx.rl_coef * out.loss).backward()
-            if iteration == 0 and ctx.num_iterations > 1:
-                old[c] = logp.detach()
-            loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
-        for rows in sft_chunks:
-            mb = sft.rows(rows).trimmed()
-            logp, entropy = ctx.learner.logprobs(mb, temperature)
-            out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
-                                      num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
-            (ctx.sft_coef * out.loss).backward()
-            loss_metrics.append({f"sft/{k}": v for k, v in out.metrics.items()})
+        for c, (group, kind, rows) in enumerate(chunks):
+            if kind == "rl":
+                mb = rl.rows(rows).trimmed()  # (b, T') with T' <= T: this micro-batch's own padding only
+                width = mb.completion_ids.shape[1]
+                logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T') each
+                if obj.beta > 0 and ref[c] is None:
+                    ref[c] = ctx.learner.reference_logprobs(mb, temperature)
+                out = compute_policy_loss(
+                    logp, mb.completion_mask, rl_adv[rows], obj, old_logprobs=old[c],
+                    infer_logprobs=rl_infer[rows, :width] if obj.needs_infer_logprobs else None,
+                    ref_logprobs=ref[c], max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
+                    num_sequences=rl_norm.num_sequences, entropy=entropy,
+                )
+                (ctx.rl_coef * out.loss).backward()
+                if iteration == 0 and ctx.num_iterations > 1:
+                    old[c] = logp.detach()
+                loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
+            else:
+                mb = sft.rows(rows).trimmed()
+                logp, entropy = ctx.learner.logprobs(mb, temperature)
+                out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
+                                          num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
+                (ctx.sft_coef * out.loss).backward()
+                loss_metrics.append({f"sft/{k}": v for k, v in out.metrics.items()})
+            if ctx.task_gradients is not None and (c + 1 == len(chunks) or chunks[c + 1][0] != group):
+                n_rows = sum(len(r) for g, _, r in chunks if g == group)
+                ctx.task_gradients.collect(names[group[0]], group[1], n_rows)
+        if ctx.task_gradients is not None:
+            measured = ctx.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
+            grad_metrics = grad_metrics or measured  # the first iteration's: the fresh batch
         t1 = time.perf_counter()
         norm, stepped = ctx.learner.clip_and_step()
         grad_norms.append(norm)
@@ -148,8 +159,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     ctx.engine.load_weights(ctx.learner.model.state_dict())
     t_sync = time.perf_counter() - t0
 
-    metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task)
+    metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task, adv)
     metrics.update(merge_loss_metrics(loss_metrics, ctx.num_iterations))
+    metrics.update(grad_metrics)
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms), "nonfinite_skipped": float(skipped),
@@ -162,6 +174,44 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
         for r, g in list(enumerate(ro.group_ids.tolist()))[:: max(1, ctx.num_generations)][: ctx.samples_per_step]
     ]
     return metrics, samples
+
+
+def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | None, rl_prompt: torch.Tensor,
+                     sft_prompt: torch.Tensor, prompt_task: torch.Tensor) -> list[tuple[Any, str, torch.Tensor]]:
+    """Micro-batches as (group, "rl" | "sft", row indices), consecutive per group.
+
+    Without per-task gradients there is one group (None). With them a group is (task index, half):
+    each task's prompts are dealt alternately into halves 0 and 1 (a task with a single prompt deals
+    its rows instead), so the two halves are disjoint samples of the task for the cross estimate.
+    """
+    rl_half = torch.zeros(len(rl_prompt), dtype=torch.long)
+    sft_half = torch.zeros(len(sft_prompt), dtype=torch.long)
+    if ctx.task_gradients is None:
+        groups = [(None, torch.arange(len(rl_prompt)), torch.arange(len(sft_prompt)))]
+    else:
+        row_prompt = torch.cat([rl_prompt, sft_prompt])
+        half = torch.zeros(len(row_prompt), dtype=torch.long)
+        row_task = prompt_task[row_prompt]
+        for k in row_task.unique().tolist():
+            prompts = row_prompt[row_task == k].unique()
+            if len(prompts) >= 2:
+                half[torch.isin(row_prompt, prompts[1::2])] = 1
+            else:
+                half[torch.nonzero(row_task == k).flatten()[1::2]] = 1
+        rl_half, sft_half = half[: len(rl_prompt)], half[len(rl_prompt):]
+        rl_task, sft_task = prompt_task[rl_prompt], prompt_task[sft_prompt]
+        groups = [((k, h), torch.nonzero((rl_task == k) & (rl_half == h)).flatten(),
+                   torch.nonzero((sft_task == k) & (sft_half == h)).flatten())
+                  for k in row_task.unique().tolist() for h in (0, 1)]
+    plan = []
+    for group, rl_idx, sft_idx in groups:
+        if len(rl_idx):
+            plan += [(group, "rl", rl_idx[r]) for r in length_grouped_micro_batches(rl.rows(rl_idx),
+                                                                                    ctx.micro_batch_size)]
+        if sft is not None and len(sft_idx):
+            plan += [(group, "sft", sft_idx[r]) for r in length_grouped_micro_batches(sft.rows(sft_idx),
+                                                                                      ctx.micro_batch_size)]
+    return plan
 
 
 def decode_completions(tokenizer, ro: Rollout) -> list[str]:
@@ -198,8 +248,8 @@ def demonstration_batch(ctx: StepContext, picks: list[tuple[int, int]]) -> Seque
     return pad_pairs(prompts, completions, ctx.tokenizer.pad_token_id)
 
 
-def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task) -> dict[str, float]:
-    """Reward, accuracy, lengths and HPT fractions, overall and per task."""
+def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task, adv) -> dict[str, float]:
+    """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task."""
     m: dict[str, float] = {}
     valid = torch.isfinite(rewards)
     lengths = ro.completion_mask.sum(-1).float()
@@ -216,6 +266,8 @@ def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task)
             m[f"reward/{name}"] = rewards[rows].mean().item()
             m[f"accuracy/{name}"] = (rewards[rows] >= 1.0).float().mean().item()
             m[f"response_length/{name}"] = lengths[row_task == k].mean().item()
+            m[f"prompt_length/{name}"] = ro.prompt_mask[row_task == k].sum(-1).float().mean().item()
+            m[f"advantage_abs/{name}"] = adv[rows].abs().mean().item()
         prompts = prompt_task == k
         if prompts.any():
             m[f"hpt/sft_fraction/{name}"] = sft_prompt[prompts].float().mean().item()

@@ -1,0 +1,1 @@
+"""Diagnostics: per-task gradients, learning gain (and, later, mismatch and stability monitors)."""

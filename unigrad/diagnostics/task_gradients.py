@@ -1,0 +1,116 @@
+"""Per-task gradients of one optimizer step (seed 000, arXiv 2510.19178; DESIGN.md section 7).
+
+g is the step's full gradient and g_k the gradient of the same loss restricted to task k's
+samples, with the step's global normalisers, so that sum_k g_k = g exactly. The step runs one
+backward pass per (task, half) group of rows; `TaskGradients` collects each group's gradient
+from `param.grad`, and at the end writes sum_k g_k (or the gradient-balanced sum) back into
+`param.grad` for the clip and the optimizer. No extra forward pass; the cost is that micro-batches
+never mix groups, plus one flattened gradient per task held in memory.
+
+Per task (names as in metrics.jsonl):
+- `grad/<task>/sq_norm`       ||g_k||^2
+- `grad/<task>/cross_sq_norm` n^2 / (n_A n_B) * <g_k^A, g_k^B>: the gradients of two disjoint halves
+                              of the task's samples (n_A + n_B = n rows). Each half's expectation is
+                              (n_h / n) E[g_k], so this is an unbiased estimate of ||E[g_k]||^2, the
+                              squared norm with the sampling noise removed (NaN with fewer than 2 rows).
+- `grad/<task>/cos`           cos(g_k, g)
+- `grad/<task>/share`         <g_k, g> / ||g||^2 (shares sum to 1 over tasks)
+plus `grad/sq_norm_ratio`: max_k / min_k of ||g_k||^2 over the tasks with a non-zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def task_gradient_stats(halves: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        rows: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Metrics from each task's two half-gradients (flat vectors) and the row count of each half."""
+    g_task = {k: a + b for k, (a, b) in halves.items()}
+    g = sum(g_task.values())
+    g_sq = float(g @ g) if g_task else 0.0
+    out: dict[str, float] = {}
+    for k, (a, b) in halves.items():
+        gk = g_task[k]
+        n_a, n_b = rows[k]
+        sq = float(gk @ gk)
+        out[f"grad/{k}/sq_norm"] = sq
+        out[f"grad/{k}/cross_sq_norm"] = (
+            float(a @ b) * (n_a + n_b) ** 2 / (n_a * n_b) if n_a and n_b else float("nan"))
+        dot = float(gk @ g)
+        out[f"grad/{k}/cos"] = dot / math.sqrt(sq * g_sq) if sq > 0 and g_sq > 0 else float("nan")
+        out[f"grad/{k}/share"] = dot / g_sq if g_sq > 0 else float("nan")
+    norms = [out[f"grad/{k}/sq_norm"] for k in halves if out[f"grad/{k}/sq_norm"] > 0]
+    out["grad/sq_norm_ratio"] = max(norms) / min(norms) if len(norms) >= 2 else float("nan")
+    return out
+
+
+def balanced_sum(g_task: dict[str, torch.Tensor], target: float | None = None) -> torch.Tensor:
+    """sum_k (c / ||g_k||) g_k: every non-zero task gradient rescaled to norm c before summing.
+
+    c is `target` if given, else the mean of the non-zero ||g_k||; all-zero task gradients stay zero.
+    """
+    vectors = list(g_task.values())
+    norms = [float(v.norm()) for v in vectors]
+    live = [n for n in norms if n > 0]
+    total = torch.zeros_like(vectors[0])
+    if not live:
+        return total
+    c = float(target) if target is not None else sum(live) / len(live)
+    for v, n in zip(vectors, norms, strict=True):
+        if n > 0:
+            total.add_(v, alpha=c / n)
+    return total
+
+
+class TaskGradients:
+    """Collects per-(task, half) gradients from `param.grad` during one optimizer step.
+
+    Usage: for each group, run its backward passes, then `collect(task, half, n_rows)`; after the
+    last group, `finish()` puts the combined gradient into `param.grad` and returns the metrics.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None):
+        self.params = params
+        self.balance = balance
+        self.balance_target = balance_target
+        self._halves: dict[str, list[torch.Tensor | None]] = {}
+        self._rows: dict[str, list[int]] = {}
+        self.last: dict[str, torch.Tensor] = {}  # g_k of the latest finish(), flat, for inspection
+
+    def collect(self, task: str, half: int, n_rows: int) -> None:
+        """Take the gradient accumulated since the last collect as (task, half) and clear `param.grad`."""
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params
+        ])
+        for p in self.params:
+            p.grad = None
+        halves = self._halves.setdefault(task, [None, None])
+        rows = self._rows.setdefault(task, [0, 0])
+        halves[half] = flat if halves[half] is None else halves[half] + flat
+        rows[half] += n_rows
+
+    def finish(self) -> dict[str, float]:
+        """Write sum_k g_k (or its balanced version) into `param.grad`; return the metrics; reset."""
+        if not self._halves:
+            return {}
+        zero = None
+        halves = {}
+        for k, (a, b) in self._halves.items():
+            if a is None or b is None:
+                zero = zero if zero is not None else torch.zeros_like(a if a is not None else b)
+            halves[k] = (a if a is not None else zero, b if b is not None else zero)
+        rows = {k: (r[0], r[1]) for k, r in self._rows.items()}
+        metrics = task_gradient_stats(halves, rows)
+        g_task = {k: a + b for k, (a, b) in halves.items()}
+        self.last = g_task
+        total = balanced_sum(g_task, self.balance_target) if self.balance else sum(g_task.values())
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = total[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        self._halves, self._rows = {}, {}
+        return metrics

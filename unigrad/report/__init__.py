@@ -1,0 +1,1 @@
+"""The run report: plots and an HTML page from a run directory."""
