@@ -77,7 +77,6 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
 def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
     from unigrad.eval import evaluate
     from unigrad.models.loading import LoraSettings, load_model_and_tokenizer, save_model
-    from unigrad.rollout.transformers_engine import TransformersEngine
     from unigrad.tasks import get_tasks
 
     output_dir = Path(output_dir)
@@ -92,34 +91,8 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
     tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
-    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
-    objective = cfg.resolved_objective()
-    rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
-    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
-    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"task names must be distinct, got {names}")
-    sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
-                            weights=task_weights(tasks, cfg.task_weights), ema_decay=cfg.sampler.ema_decay,
-                            exploration=cfg.sampler.exploration)
-    account = cfg.diagnostics.task_gradients
-    if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
-        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced")
-    task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
-                                   balance_target=cfg.sampler.balance_target) if account else None
-    gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
-    ctx = StepContext(
-        tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
-        sampler=sampler, objective=objective,
-        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
-        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
-        micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
-        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
-        sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
-        task_gradients=task_gradients,
-    )
+    ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks)
+    learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
 
     start = 0
     if resume and list_checkpoints(output_dir):
@@ -153,6 +126,42 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     if before is not None and after is not None:
         _print(console, before_after_table(before, after))
     return RunResult(output_dir, last, before, after)
+
+
+def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
+    """(StepContext, learning-gain tracker, prompts dropped per task) for a model and its tasks."""
+    from unigrad.rollout.transformers_engine import TransformersEngine
+
+    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
+    objective = cfg.resolved_objective()
+    rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
+    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
+    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names must be distinct, got {names}")
+    sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
+                            weights=task_weights(tasks, cfg.task_weights), ema_decay=cfg.sampler.ema_decay,
+                            exploration=cfg.sampler.exploration)
+    account = cfg.diagnostics.task_gradients
+    if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
+        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced")
+    task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
+                                   balance_target=cfg.sampler.balance_target) if account else None
+    gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
+    ctx = StepContext(
+        tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
+        sampler=sampler, objective=objective,
+        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
+        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
+        micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
+        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
+        sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
+        task_gradients=task_gradients,
+    )
+
+    return ctx, gain, dropped
 
 
 def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | None:

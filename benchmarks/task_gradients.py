@@ -1,0 +1,74 @@
+"""Cost of per-task gradient accounting: full training steps with and without it, in one run.
+
+The default tiny model (built and cached on first use), four built-in tasks (arithmetic, countdown,
+word_problems, table_qa), the step settings of examples/default.yaml (16 prompts x 8 samples, 40 new
+tokens, micro-batches of 32), GRPO. Two identical learners start from the same weights and take
+steps in alternation (off, on, off, on, ...) with the same per-step seeds, so machine drift hits
+both alike; medians of whole `train_step` wall times are compared, and of the learner phase alone.
+
+    python benchmarks/task_gradients.py [--steps 30] [--threads N]
+
+Prints, last, `task_gradient_overhead=<median step with / median step without>` (target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from unigrad.config import load_config
+from unigrad.models.loading import load_model_and_tokenizer
+from unigrad.tasks import get_tasks
+from unigrad.train.run import build_step_context
+from unigrad.train.step import train_step
+
+TASKS = ["arithmetic", "countdown", "word_problems", "table_qa"]
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "examples" / "default.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    contexts = {}
+    for name, on in (("without", False), ("with", True)):
+        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]",
+                                                    f"diagnostics.task_gradients={str(on).lower()}"])
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+        tasks = [t for spec in cfg.tasks for t in get_tasks(spec)]
+        contexts[name], _, _ = build_step_context(cfg, model, tokenizer, tasks)
+    print(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+          f"tasks {TASKS}; {cfg.prompts_per_step} prompts x {cfg.rollout.num_generations} samples; "
+          f"torch threads {torch.get_num_threads()}")
+
+    step_times = {k: [] for k in contexts}
+    learner_times = {k: [] for k in contexts}
+    for step in range(1, args.steps + 3):
+        for name, ctx in contexts.items():
+            t0 = time.perf_counter()
+            metrics, _ = train_step(ctx, step)
+            elapsed = time.perf_counter() - t0
+            if step > 2:
+                step_times[name].append(elapsed)
+                learner_times[name].append(metrics["time/learner"] + metrics["time/optimizer"])
+            if name == "with" and step == 3:
+                assert any(k.startswith("grad/") and k.endswith("/sq_norm") for k in metrics), "accounting is off"
+    for name in contexts:
+        print(f"{name:8s} accounting: step median {statistics.median(step_times[name]):.3f} s, "
+              f"learner+optimizer median {statistics.median(learner_times[name]):.3f} s")
+    learner_ratio = statistics.median(learner_times["with"]) / statistics.median(learner_times["without"])
+    print(f"learner_phase_ratio={learner_ratio:.3f}")
+    ratio = statistics.median(step_times["with"]) / statistics.median(step_times["without"])
+    print(f"task_gradient_overhead={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
