@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from unigrad.diagnostics.mismatch import mismatch_metrics
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.objective import Objective, batch_normalisers, compute_advantages, compute_policy_loss
 from unigrad.objective.hybrid import hpt_switch
@@ -58,6 +59,7 @@ class StepContext:
     seed: int = 0
     samples_per_step: int = 0
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
+    measure_mismatch: bool = True  # mismatch/ metrics from the engine's log-probs
     timers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -113,6 +115,8 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     sft_norm = batch_normalisers(sft.completion_mask, "sft") if sft is not None else None
     chunks = micro_batch_plan(ctx, rl, sft, ro.group_ids[rl_rows], torch.tensor(sft_prompts, dtype=torch.long),
                               prompt_task)
+    train_logp = torch.zeros(rl.completion_ids.shape)  # (N_rl, T) learner log-probs, for the mismatch metrics
+    train_entropy = torch.zeros(rl.completion_ids.shape)
     old = [None] * len(chunks)  # filled from the first iteration when num_iterations > 1
     ref = [None] * len(chunks)
     loss_metrics, grad_norms, grad_metrics, skipped, t_optim = [], [], {}, 0, 0.0
@@ -131,8 +135,10 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                     num_sequences=rl_norm.num_sequences, entropy=entropy,
                 )
                 (ctx.rl_coef * out.loss).backward()
-                if iteration == 0 and ctx.num_iterations > 1:
-                    old[c] = logp.detach()
+                if iteration == 0:
+                    train_logp[rows, :width], train_entropy[rows, :width] = logp.detach(), entropy.detach()
+                    if ctx.num_iterations > 1:
+                        old[c] = logp.detach()
                 loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
             else:
                 mb = sft.rows(rows).trimmed()
@@ -162,6 +168,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task, adv)
     metrics.update(merge_loss_metrics(loss_metrics, ctx.num_iterations))
     metrics.update(grad_metrics)
+    if len(rl) and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
+        metrics.update(mismatch_metrics(train_logp, rl_infer, rl.completion_mask, entropy=train_entropy,
+                                        low=obj.icepop_low, high=obj.icepop_high))
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms), "nonfinite_skipped": float(skipped),
