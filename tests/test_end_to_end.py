@@ -142,4 +142,30 @@ def test_bad_rewards_and_overlong_prompts_are_counted_not_fatal(small_model, tmp
     assert "longer than the context" in res.stderr
     assert metrics[0]["rewards/nan_count"] >= 2  # None and NaN rows
     assert metrics[1]["rewards/nan_count"] == 16  # the call that raised: every completion unscorable
-    assert all(m["nonfinite_skipped"] == 0 for m in metrics)  # NaN rewards never reach the gradient
+    assert all(m["skipped/nonfinite"] == 0 for m in metrics)  # NaN rewards never reach the gradient
+
+
+def test_a_stop_alarm_stops_the_run_after_a_checkpoint(small_model, tmp_path):
+    # bfloat16 rollout against a float32 learner always has some mismatch; a threshold of 1e-12 plants
+    # the alarm at step 1.
+    out = tmp_path / "run"
+    res = cli("train", *common(small_model, 5), "eval.before_after=false", "rollout.dtype=bfloat16",
+              "monitors.mismatch_kl_max=1e-12", "monitors.stop_on=[mismatch_kl]", "--output-dir", out, cwd=tmp_path)
+    assert res.returncode == 3 and "run stopped at step 1" in res.stderr and "mismatch KL" in res.stderr
+    assert (out / "checkpoints" / "step_000001" / "state.pt").is_file()
+    alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
+    assert [a["alarm"] for a in alarms] == ["mismatch_kl"]
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["alarm/mismatch_kl"] == 1.0 and m["mismatch/kl_k3"] > 1e-12 and m["mismatch/abs_logp_diff_max"] > 0
+
+
+def test_diverged_weights_stop_the_run_with_a_clear_error(small_model, tmp_path):
+    # An absurd learning rate drives the weights to overflow within a few steps (HPT: the random model
+    # fails every prompt, so the SFT part gives a gradient from step 1). The run must stop with a clear
+    # message naming the last good checkpoint instead of crashing inside the sampler.
+    out = tmp_path / "run"
+    res = cli("train", *common(small_model, 12, "hpt"), "eval.before_after=false", "optim.lr=1e12", "save_every=1",
+              "--output-dir", out, cwd=tmp_path)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "weights have diverged" in res.stderr and "--resume" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -170,3 +170,20 @@ def test_collect_twice_into_the_same_half_accumulates():
     m = acc.finish()
     assert torch.allclose(p.grad, torch.tensor([2.0, 3.0]))
     assert m["grad/a/cross_sq_norm"] == pytest.approx(3.0 * 16 / 4)
+
+
+def test_a_nonfinite_gradient_skips_the_step_and_leaves_everything_untouched():
+    ctx = _context(task_gradients=False)
+    learner = ctx.learner
+    before = [p.detach().clone() for p in learner.params]
+    learner.params[0].grad = torch.full_like(learner.params[0], float("nan"))
+    norm, status = learner.clip_and_step()
+    assert status == "nonfinite" and math.isnan(norm)
+    assert all(torch.equal(a, p) for a, p in zip(before, learner.params, strict=True))
+    assert learner.optimizer.state_dict()["state"] == {} and all(p.grad is None for p in learner.params)
+    learner.params[0].grad = torch.full_like(learner.params[0], 100.0)
+    assert learner.clip_and_step(grad_norm_cap=80.0)[1] == "grad_cap"
+    assert all(torch.equal(a, p) for a, p in zip(before, learner.params, strict=True))
+    learner.params[0].grad = torch.full_like(learner.params[0], 1e-3)
+    assert learner.clip_and_step(grad_norm_cap=80.0)[1] == "ok"
+    assert not torch.equal(before[0], learner.params[0])

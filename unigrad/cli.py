@@ -33,7 +33,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
-    from unigrad.train.run import train
+    from unigrad.train.run import RunStopped, train
 
     config_path, overrides = None, []
     for item in args.items:
@@ -52,6 +52,9 @@ def _train(args: argparse.Namespace) -> int:
     except (FileExistsError, ConfigError) as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"unigrad train: {err}", file=sys.stderr)
+        return 3
     print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")
     return 0
 

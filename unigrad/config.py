@@ -96,6 +96,33 @@ class DiagnosticsSection(_Section):
     gain_window: int = Field(10, ge=1, description="s of the learning gain Gain_k(t), logged s steps late")
 
 
+ALARMS = ("mismatch_kl", "grad_spike", "entropy_collapse", "clip_fraction", "nonfinite", "grad_cap")
+
+
+class MonitorSection(_Section):
+    """Stability alarms (unigrad/diagnostics/monitors.py); logged always, stopping the run only if asked."""
+
+    mismatch_kl_max: float = Field(0.05, gt=0, description="alarm when mismatch/kl_k3 exceeds this")
+    grad_spike_factor: float = Field(5.0, gt=1, description="alarm when grad_norm > this x its running median")
+    grad_spike_window: int = Field(50, ge=2, description="steps in the grad-norm running median")
+    entropy_min_ratio: float = Field(0.1, ge=0, le=1, description="alarm when entropy < this x its start")
+    clip_fraction_max: float = Field(0.2, ge=0, le=1, description="alarm when rl/clip/region_fraction exceeds this")
+    beta_zero_steps: int = Field(1000, ge=0, description="warn when beta = 0 and max_steps exceeds this (0 = off)")
+    grad_norm_cap: float | None = Field(None, gt=0, description="skip steps whose pre-clip grad norm exceeds this "
+                                        "(HPT's code uses 80); None = never")
+    max_nonfinite_steps: int = Field(3, ge=1, description="stop (with a checkpoint) after this many skipped "
+                                     "non-finite steps")
+    stop_on: list[str] = Field(default_factory=list, description=f"alarms that stop the run: {', '.join(ALARMS)}")
+
+    @field_validator("stop_on")
+    @classmethod
+    def _known_alarms(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(ALARMS))
+        if unknown:
+            raise ValueError(f"unknown alarms {unknown}; valid: {', '.join(ALARMS)}")
+        return v
+
+
 class TrainConfig(_Section):
     objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'")
     objective_args: dict[str, Any] = Field(default_factory=dict, description="overrides of objective fields")
@@ -131,6 +158,7 @@ class TrainConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     diagnostics: DiagnosticsSection = Field(default_factory=DiagnosticsSection)
+    monitors: MonitorSection = Field(default_factory=MonitorSection)
 
     @field_validator("objective")
     @classmethod

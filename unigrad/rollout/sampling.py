@@ -38,11 +38,17 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model produced NaN logits (or a row with no finite logit): its weights have diverged."""
+
+
 def select_next_tokens(
     logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of (B, V) logits; returns (tokens (B,) long, their log-probs (B,) float32)."""
     logits = logits.float()
+    if torch.isnan(logits).any() or not torch.isfinite(logits).any(dim=-1).all():
+        raise NonFiniteLogits("the policy produced non-finite logits while sampling: its weights have diverged")
     if sampling.temperature == 0:
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -44,18 +44,20 @@ class Learner:
                                     batch.completion_mask, temperature=temperature, return_entropy=True)
         return logp
 
-    def clip_and_step(self) -> tuple[float, bool]:
-        """Clip the global grad norm, then step; a non-finite gradient skips the step.
+    def clip_and_step(self, grad_norm_cap: float | None = None) -> tuple[float, str]:
+        """Clip the global grad norm, then step. A non-finite gradient skips the step ("nonfinite"), and so
+        does a pre-clip norm above `grad_norm_cap` ("grad_cap"); otherwise "ok".
 
-        Returns (pre-clip grad norm, whether the optimizer stepped).
+        Returns (pre-clip grad norm, status). Skipped steps leave weights, optimizer and schedule untouched.
         """
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        stepped = math.isfinite(norm)
-        if stepped:
+        status = "nonfinite" if not math.isfinite(norm) else "grad_cap" if grad_norm_cap and norm > grad_norm_cap \
+            else "ok"
+        if status == "ok":
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, stepped
+        return norm, status
 
     @property
     def lr(self) -> float:

@@ -18,8 +18,10 @@ import torch
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml
 from unigrad.data.samplers import build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
+from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
@@ -29,6 +31,10 @@ from unigrad.train.step import StepContext, train_step
 from unigrad.train.trackers import open_trackers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself (an alarm in monitors.stop_on, or too many non-finite steps) after a checkpoint."""
 
 
 @dataclass
@@ -93,14 +99,23 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
     ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks)
     learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
+    mon = cfg.monitors
+    monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
+                               grad_spike_window=mon.grad_spike_window, entropy_min_ratio=mon.entropy_min_ratio,
+                               clip_fraction_max=mon.clip_fraction_max)
+    extras = {"learning_gain": gain, "monitor": monitor}  # checkpointed beside model, optimizer and sampler
 
     start = 0
     if resume and list_checkpoints(output_dir):
-        start = load_latest_checkpoint(output_dir, learner, sampler, extra={"learning_gain": gain})
+        start = load_latest_checkpoint(output_dir, learner, sampler, extra=extras)
         engine.load_weights(model.state_dict())
         _print(console, f"resumed from step {start}")
     truncate_jsonl(output_dir / "metrics.jsonl", start)
     truncate_jsonl(output_dir / "samples.jsonl", start)
+    truncate_jsonl(output_dir / "alarms.jsonl", start)
+    if start == 0:
+        for alarm in StabilityMonitor.start_alarms(ctx.objective.beta, cfg.max_steps, mon.beta_zero_steps):
+            _record_alarm(output_dir, alarm, console)
 
     def run_eval(name: str) -> dict[str, Any]:
         res = evaluate(model, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
@@ -116,11 +131,11 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
     logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
-        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, gain)
+        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extras)
     finally:
         logger.close()
 
-    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra={"learning_gain": gain})
+    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras)
     save_model(model, tokenizer, output_dir / "final")
     after = run_eval("eval_after") if cfg.eval.before_after else None
     if before is not None and after is not None:
@@ -158,7 +173,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
         sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
-        task_gradients=task_gradients,
+        task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap,
     )
 
     return ctx, gain, dropped
@@ -178,8 +193,9 @@ def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | 
     return out
 
 
-def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, gain) -> int:
-    """Train from step `start` + 1; returns the last step done."""
+def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extras) -> int:
+    """Train from step `start` + 1; returns the last step done. Raises RunStopped (after a checkpoint) when
+    an alarm in monitors.stop_on fires or too many steps were skipped for non-finite values."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -191,21 +207,48 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, gain)
             if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
                 _print(console, f"time budget of {cfg.max_minutes} min reached after step {step - 1}")
                 return step - 1
-            metrics, samples = train_step(ctx, step)
-            metrics.update(gain.update(step, metrics))  # gain/<task> of step - s
+            try:
+                metrics, samples = train_step(ctx, step)
+            except NonFiniteLogits as err:
+                done = list_checkpoints(output_dir)
+                raise RunStopped(f"run stopped at step {step}: {err} (after the optimizer step of step {step - 1}). "
+                                 + (f"The latest checkpoint is {done[-1]}; " if done else "There is no checkpoint; ")
+                                 + "lower optim.lr or optim.max_grad_norm, or set monitors.grad_norm_cap, and "
+                                   "continue with --resume.") from err
+            metrics.update(extras["learning_gain"].update(step, metrics))  # gain/<task> of step - s
             ctx.sampler.update(metrics)
+            alarms = extras["monitor"].check(step, metrics)
             if step == 1:
                 metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
                 res = run_eval(f"eval_step_{step:06d}")
                 metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "n"})
+            for alarm in alarms:
+                metrics[f"alarm/{alarm.name}"] = 1.0
+                _record_alarm(output_dir, alarm, progress.console if console is not False else False)
             logger.log(step, metrics, samples)
-            progress.update(bar, advance=1, status=f"reward {metrics['reward/mean']:.3f} "
-                                                   f"acc {metrics['accuracy/mean']:.3f} loss {metrics['loss']:+.4f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints,
-                                extra={"learning_gain": gain})
+            status = (f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy/mean']:.3f} "
+                      f"loss {metrics['loss']:+.4f}")
+            if alarms:
+                status += " [red]alarm: " + ", ".join(a.name for a in alarms) + "[/red]"
+            progress.update(bar, advance=1, status=status)
+            stop = [a.message for a in alarms if a.name in cfg.monitors.stop_on]
+            if extras["monitor"].nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
+                stop.append(f"{extras['monitor'].nonfinite_steps} steps were skipped for non-finite losses or "
+                            f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
+            if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):
+                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints, extra=extras)
+            if stop:
+                raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)
+                                 + f". A checkpoint of step {step} is in {output_dir}/checkpoints; "
+                                   "fix the cause and continue with --resume.")
     return cfg.max_steps
+
+
+def _record_alarm(output_dir: Path, alarm, console) -> None:
+    with open(output_dir / "alarms.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": alarm.step, "alarm": alarm.name, "message": alarm.message}) + "\n")
+    _print(console, f"[yellow]alarm[/yellow] ({alarm.name}, step {alarm.step}): {alarm.message}")
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]):

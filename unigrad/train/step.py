@@ -60,6 +60,7 @@ class StepContext:
     samples_per_step: int = 0
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
     measure_mismatch: bool = True  # mismatch/ metrics from the engine's log-probs
+    grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
     timers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -119,7 +120,8 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     train_entropy = torch.zeros(rl.completion_ids.shape)
     old = [None] * len(chunks)  # filled from the first iteration when num_iterations > 1
     ref = [None] * len(chunks)
-    loss_metrics, grad_norms, grad_metrics, skipped, t_optim = [], [], {}, 0, 0.0
+    loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
+    nonfinite_loss = False
     for iteration in range(ctx.num_iterations):
         for c, (group, kind, rows) in enumerate(chunks):
             if kind == "rl":
@@ -135,6 +137,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                     num_sequences=rl_norm.num_sequences, entropy=entropy,
                 )
                 (ctx.rl_coef * out.loss).backward()
+                nonfinite_loss |= not torch.isfinite(out.loss).item()
                 if iteration == 0:
                     train_logp[rows, :width], train_entropy[rows, :width] = logp.detach(), entropy.detach()
                     if ctx.num_iterations > 1:
@@ -146,6 +149,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                 out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
                                           num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
                 (ctx.sft_coef * out.loss).backward()
+                nonfinite_loss |= not torch.isfinite(out.loss).item()
                 loss_metrics.append({f"sft/{k}": v for k, v in out.metrics.items()})
             if ctx.task_gradients is not None and (c + 1 == len(chunks) or chunks[c + 1][0] != group):
                 n_rows = sum(len(r) for g, _, r in chunks if g == group)
@@ -154,9 +158,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
             measured = ctx.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
             grad_metrics = grad_metrics or measured  # the first iteration's: the fresh batch
         t1 = time.perf_counter()
-        norm, stepped = ctx.learner.clip_and_step()
+        norm, status = ctx.learner.clip_and_step(ctx.grad_norm_cap)
         grad_norms.append(norm)
-        skipped += not stepped
+        statuses.append(status)
         t_optim += time.perf_counter() - t1
     t_learner = time.perf_counter() - t0 - t_optim
 
@@ -173,7 +177,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                                         low=obj.icepop_low, high=obj.icepop_high))
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
-        "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms), "nonfinite_skipped": float(skipped),
+        "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms),
+        "skipped/nonfinite": float(statuses.count("nonfinite")), "skipped/nonfinite_loss": float(nonfinite_loss),
+        "skipped/grad_cap": float(statuses.count("grad_cap")),
         "lr": ctx.learner.lr, "time/rollout": t_rollout, "time/reward": t_reward, "time/learner": t_learner,
         "time/optimizer": t_optim, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start,
     })
