@@ -15,9 +15,9 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from unigrad.report.study import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "gradient_imbalance.yaml"
@@ -25,16 +25,8 @@ SAMPLERS = ["uniform", "gradient", "balanced"]
 
 
 def run(sampler: str, seed: int, steps: int, out: Path, extra: list[str]) -> Path:
-    run_dir = out / f"{sampler}-seed{seed}"
-    if (run_dir / "eval_after.json").is_file():
-        return run_dir  # finished earlier: reuse
-    cmd = [sys.executable, "-m", "unigrad.cli", "train", str(CONFIG), f"sampler.name={sampler}", f"seed={seed}",
-           f"max_steps={steps}", *extra, "--output-dir", str(run_dir)]
-    if run_dir.exists():
-        cmd.append("--resume")
-    subprocess.run(cmd, check=True)
-    subprocess.run([sys.executable, "-m", "unigrad.cli", "report", str(run_dir)], check=True)
-    return run_dir
+    return run_training(out / f"{sampler}-seed{seed}", CONFIG,
+                        [f"sampler.name={sampler}", f"seed={seed}", f"max_steps={steps}", *extra])
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -173,14 +173,79 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
           raw={t: data[t]["reward"] for t in data})
     figures.append(("reward.png", "Reward per task"))
 
+    stability = _stability_figures(out_dir, rows, steps, span)
     summary = _summary(rows, data, has_grad)
     table = correlations(data) if has_grad else []
-    page = _html(run_dir, len(rows), window, summary, figures, table, out_dir)
+    alarms = _alarms(run_dir)
+    page = _html(run_dir, len(rows), window, summary, figures, table, out_dir, stability, alarms)
     path = out_dir / "index.html"
     path.write_text(page)
     doc = {"steps": len(rows), "tasks": summary, "correlations": table}
     (out_dir / "summary.json").write_text(json.dumps(_finite_or_null(doc), indent=2))
     return path
+
+
+def _stability_figures(out_dir: Path, rows, steps, span) -> list[tuple[str, str]]:
+    """Mismatch and stability plots (whatever of them the run logged)."""
+    figures = []
+
+    def col(key):
+        return [_value(r, key) for r in rows]
+
+    groups = [
+        ("mismatch.png", "Train-inference mismatch", "mismatch KL(pi_infer || pi_train) and |log-prob gap|",
+         ["mismatch/kl_k3", "mismatch/kl_k1", "mismatch/abs_logp_diff_mean"], True),
+        ("mismatch_masked.png", "Out-of-band tokens and their entropy", "fraction outside [alpha, beta]; entropy",
+         ["mismatch/masked_fraction", "mismatch/entropy_masked", "mismatch/entropy_all"], False),
+        ("grad_norm.png", "Pre-clip gradient norm", "grad_norm", ["grad_norm"], True),
+        ("clip.png", "Clip fractions", "fraction of tokens", ["rl/clip/low_fraction", "rl/clip/high_fraction",
+                                                              "rl/clip/region_fraction"], False),
+        ("entropy_kl.png", "Entropy and KL to the reference", "nats", ["rl/entropy", "rl/kl"], False),
+    ]
+    for name, title, ylabel, keys, log in groups:
+        curves = {k: col(k) for k in keys if any(math.isfinite(v) for v in col(k))}
+        if not curves:
+            continue
+        if log:
+            curves = {k: [v if v > 0 else float("nan") for v in c] for k, c in curves.items()}
+        _plot(out_dir / name, steps, {k: _smooth(c, span) for k, c in curves.items()}, title, ylabel, log=log,
+              raw=curves)
+        figures.append((name, title))
+    positions = sorted({k for r in rows for k in r if k.startswith("mismatch/abs_logp_diff/pos_")},
+                       key=lambda k: int(k.rsplit("_", 2)[-2]))
+    if positions:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+        third = max(1, len(rows) // 3)
+        for label, part in (("first third", rows[:third]), ("last third", rows[-third:])):
+            ax.plot([k.rsplit("pos_", 1)[1].replace("_", "-") for k in positions],
+                    [_mean([_value(r, k) for r in part]) for k in positions], marker="o", label=label)
+        ax.set_title("mean |log p_infer - log p_train| by completion position")
+        ax.set_xlabel("token positions")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "mismatch_by_position.png")
+        plt.close(fig)
+        figures.append(("mismatch_by_position.png", "Mismatch by token position"))
+    return figures
+
+
+def _alarms(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "alarms.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _finite_or_null(obj):
@@ -209,7 +274,7 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.{digits}f}"
 
 
-def _html(run_dir, n_steps, window, summary, figures, table, out_dir) -> str:
+def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability, alarms) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>unigrad report: {e(str(run_dir))}</title>",
              "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
@@ -242,5 +307,17 @@ def _html(run_dir, n_steps, window, summary, figures, table, out_dir) -> str:
     else:
         parts.append("<p>No per-task gradient metrics in this run (single task, or "
                      "diagnostics.task_gradients=false).</p>")
+    parts.append("<h1>Mismatch and stability</h1>")
+    if alarms:
+        parts.append(f"<p>{len(alarms)} alarm(s):</p><table><tr><th>step</th><th>alarm</th><th>message</th></tr>")
+        for a in alarms[:200]:
+            parts.append(f"<tr><td>{a.get('step')}</td><td>{e(str(a.get('alarm')))}</td>"
+                         f"<td style='text-align:left'>{e(str(a.get('message')))}</td></tr>")
+        parts.append("</table>" + (f"<p>({len(alarms) - 200} more in alarms.jsonl)</p>" if len(alarms) > 200 else ""))
+    else:
+        parts.append("<p>No alarms.</p>")
+    for name, title in stability:
+        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
