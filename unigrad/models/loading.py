@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from unigrad.models.tiny import TINY_NAME, TinyRecipe, ensure_tiny
+from unigrad.models.tiny import TINY_MOE_EXPERTS, TINY_MOE_NAME, TINY_NAME, TinyRecipe, ensure_tiny
 
 # Used for tokenizers that come without a chat template: plain "role: content" lines, after the bos token
 # (if the tokenizer has one); an assistant turn ends with the eos token; the generation prompt is "assistant: ".
@@ -72,6 +72,8 @@ def load_model_and_tokenizer(
 
     - ``"unigrad-tiny"``: the embedded default, built on first use (a few minutes on a laptop CPU) and cached
       (see ``unigrad.models.tiny``; ``tiny_recipe`` and ``cache_dir`` select another recipe or cache root).
+    - ``"unigrad-tiny-moe"``: the same recipe as a Mixtral mixture of experts (4 experts, 2 per token), whose
+      router can pick different experts in a bfloat16 rollout than in the float32 learner.
     - a local directory in HF format: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
     - anything else is treated as a model hub id; where no hub is reachable and the model is not in the local
       HF cache this raises ``ModelNotFoundError`` saying so.
@@ -84,6 +86,8 @@ def load_model_and_tokenizer(
     name = os.fspath(name_or_path)
     if name == TINY_NAME and not Path(name).exists():
         source = str(ensure_tiny(tiny_recipe, cache_dir))
+    elif name == TINY_MOE_NAME and not Path(name).exists():
+        source = str(ensure_tiny((tiny_recipe or TinyRecipe()).replace(**TINY_MOE_EXPERTS), cache_dir))
     else:
         source = name
     local = Path(source).is_dir()

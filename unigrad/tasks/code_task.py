@@ -9,8 +9,8 @@ computing the right values (an object with a lying `__eq__` does not survive JSO
 
 Reward: all-or-nothing (1 iff every hidden test passes), like every other built-in task, so that
 reward scales are comparable across tasks in a mixture; `partial_credit=True` gives the fraction
-of tests passed instead. Difficulty 1 (default; 34-40% held-out for a ~1 M-parameter char model
-after a short SFT on the 5-task mixture): one operation; 2: two operations, two arguments, lists
+of tests passed instead. Difficulty 1 (default; 39-51% held-out for the ~1 M-parameter default
+model after its short SFT on the 5-task mixture): one operation; 2: two operations, two arguments, lists
 and strings; 3: three-term formulas.
 
 Cost: one sandboxed interpreter per distinct (completion, prompt) in a batch (~30-50 ms each,
