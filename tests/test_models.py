@@ -383,3 +383,29 @@ def test_packed_rows_equal_separate_examples(attention):
                 if k == len(starts) - 1:
                     assert (labels[row, start + n :] == -100).all()
     assert seen == len(batch)
+
+
+def test_tiny_moe_builds_loads_and_its_bf16_router_creates_mismatch(tmp_path):
+    """The MoE twin: a real Mixtral through the same build, cache and loading path; sampled in bfloat16
+    against a float32 learner, its log-probs differ (the mismatch lab's premise)."""
+    from unigrad.diagnostics.mismatch import mismatch_metrics
+    from unigrad.models.loading import load_model_and_tokenizer
+    from unigrad.rollout.base import SamplingParams
+    from unigrad.rollout.logprobs import sequence_logprobs
+    from unigrad.rollout.transformers_engine import TransformersEngine
+    from unigrad.train.batching import encode_prompt
+
+    recipe = _micro_recipe()
+    model, tok = load_model_and_tokenizer("unigrad-tiny-moe", tiny_recipe=recipe, cache_dir=tmp_path)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
+    dense_dir = tiny.tiny_cache_dir(recipe, tmp_path)
+    assert not dense_dir.exists()  # the MoE has its own cache entry; the dense recipe was not built
+    assert tiny.tiny_cache_dir(recipe.replace(**tiny.TINY_MOE_EXPERTS), tmp_path).is_dir()
+    engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id, dtype=torch.bfloat16)
+    prompts = [encode_prompt(tok, p) for p in ("12+7", "use 3 4 5 to make 12")]
+    ro = engine.generate(prompts, 4, SamplingParams(temperature=1.0, max_new_tokens=8, seed=0))
+    with torch.no_grad():
+        train = sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                                  temperature=1.0)
+    m = mismatch_metrics(train, ro.infer_logprobs, ro.completion_mask)
+    assert m["mismatch/abs_logp_diff_max"] > 1e-4 and m["mismatch/kl_k3"] >= 0
