@@ -91,9 +91,9 @@ def _observe(ctx):
         seen["rollout"] = generate(*args, **kw)
         return seen["rollout"]
 
-    def record_step():
+    def record_step(*args):
         seen["grad"] = torch.cat([p.grad.reshape(-1) for p in ctx.learner.params]).clone()
-        return clip_and_step()
+        return clip_and_step(*args)
 
     ctx.engine.generate, ctx.learner.clip_and_step = record_generate, record_step
     return seen
@@ -187,3 +187,19 @@ def test_a_nonfinite_gradient_skips_the_step_and_leaves_everything_untouched():
     learner.params[0].grad = torch.full_like(learner.params[0], 1e-3)
     assert learner.clip_and_step(grad_norm_cap=80.0)[1] == "ok"
     assert not torch.equal(before[0], learner.params[0])
+
+
+def test_balanced_updates_reach_the_optimizer():
+    ctx = _context(task_gradients=True)
+    ctx.task_gradients = TaskGradients(ctx.learner.params, balance=True)
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [float(len(t) % 3 == 0) for t in texts]
+    seen = _observe(ctx)
+    metrics, _ = train_step(ctx, 1)
+    per_task = ctx.task_gradients.last
+    live = [g for g in per_task.values() if float(g.norm()) > 0]
+    assert len(live) >= 2
+    assert torch.allclose(seen["grad"], balanced_sum(per_task), atol=1e-6, rtol=1e-5)
+    c = sum(float(g.norm()) for g in live) / len(live)
+    assert not torch.allclose(seen["grad"], sum(per_task.values()))  # rescaling changed the update
+    assert float(seen["grad"].norm()) <= len(live) * c + 1e-5
