@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from unigrad.report.study import write_page
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["grpo", "dr_grpo", "dapo", "gspo", "sapo", "hpt"]
-NOTES = "<!-- notes: everything below this line is hand-written and kept when the table is regenerated -->"
 
 
 def start(preset: str, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen | None:
@@ -114,10 +115,7 @@ def write_doc(args, results: list[dict]) -> None:
         "```",
         "",
     ]
-    # Hand-written analysis below the NOTES marker of the existing page is kept.
-    old = Path(args.doc).read_text() if Path(args.doc).is_file() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
-    Path(args.doc).write_text("\n".join(doc) + "\n" + notes)
+    write_page(Path(args.doc), "\n".join(doc))  # hand-written notes below the marker are kept
 
 
 if __name__ == "__main__":
