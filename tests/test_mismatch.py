@@ -43,12 +43,13 @@ def test_a_planted_out_of_band_token_is_counted_and_values_match_by_hand():
 
 
 def test_position_bins_grow_geometrically_and_mismatch_is_binned():
-    assert position_bins(20) == [(0, 3), (4, 7), (8, 15), (16, 19)]
+    assert position_bins(20) == [(0, 3), (4, 7), (8, 15), (16, 31)]  # names never depend on the width
+    assert position_bins(32) == position_bins(20) and position_bins(33)[-1] == (32, 63)
     train = torch.zeros(1, 20)
     infer = torch.zeros(1, 20)
     infer[0, 16:] = 0.5  # the gap grows late in the sequence
     m = mismatch_metrics(train, infer, torch.ones(1, 20, dtype=torch.bool))
-    assert m["mismatch/abs_logp_diff/pos_0_3"] == 0.0 and m["mismatch/abs_logp_diff/pos_16_19"] == pytest.approx(0.5)
+    assert m["mismatch/abs_logp_diff/pos_0_3"] == 0.0 and m["mismatch/abs_logp_diff/pos_16_31"] == pytest.approx(0.5)
     assert mismatch_metrics(train, infer, torch.zeros(1, 20, dtype=torch.bool)) == {}
 
 

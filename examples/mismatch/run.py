@@ -74,10 +74,12 @@ def main() -> None:
     for o, dirs in runs.items():
         rows = [json.loads(x) for x in (dirs[0] / "metrics.jsonl").read_text().splitlines()]
         rows = rows[-max(1, len(rows) // 3):]
-        keys = sorted({k for r in rows for k in r if k.startswith("mismatch/abs_logp_diff/pos_")},
-                      key=lambda k: int(k.rsplit("_", 2)[-2]))
-        cells = [f"{k.rsplit('pos_', 1)[1].replace('_', '-')}: "
-                 f"{fmt(statistics.fmean(r[k] for r in rows if isinstance(r.get(k), float)))}" for k in keys]
+        by_start: dict[int, list[float]] = {}  # bins by their first position (runs logged before the fix
+        for r in rows:                        # named the last bin by the batch's width)
+            for k, v in r.items():
+                if k.startswith("mismatch/abs_logp_diff/pos_") and isinstance(v, float):
+                    by_start.setdefault(int(k.rsplit("_", 2)[-2]), []).append(v)
+        cells = [f"{a}-{2 * a - 1 if a >= 4 else 3}: {fmt(statistics.fmean(v))}" for a, v in sorted(by_start.items())]
         lines.append(f"- `{o}`: " + ", ".join(cells))
     write_page(Path(args.doc), "\n".join(lines))
     print(f"wrote {args.doc}")

@@ -27,10 +27,11 @@ import torch
 
 
 def position_bins(length: int) -> list[tuple[int, int]]:
-    """[(0, 3), (4, 7), (8, 15), (16, 31), ...] covering positions 0..length-1."""
+    """[(0, 3), (4, 7), (8, 15), (16, 31), ...]: the fixed bins that cover positions 0..length-1 (the last
+    may reach past length - 1, so that a bin's name never depends on a batch's width)."""
     bins, start, end = [], 0, 4
     while start < length:
-        bins.append((start, min(end, length) - 1))
+        bins.append((start, end - 1))
         start, end = end, end * 2
     return bins
 
