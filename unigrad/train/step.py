@@ -13,6 +13,11 @@ Departures from the textbook loop, and why:
 - Normalisers (tokens, sequences, L_max) are computed once over the whole step's batch and
   passed to every micro-batch, so micro-batching never changes the gradient; HPT's SFT and RL
   parts each have their own.
+- Per-task gradient accounting (multi-task runs) only regroups the micro-batches, by (task, half),
+  and takes each group's gradient out of param.grad (unigrad.diagnostics.task_gradients); the
+  `balanced` sampler rescales those before the clip.
+- The mismatch metrics compare the engine's log-probs with the learner's first-iteration ones,
+  which the loss computes anyway.
 """
 
 from __future__ import annotations
