@@ -203,3 +203,17 @@ def test_balanced_updates_reach_the_optimizer():
     c = sum(float(g.norm()) for g in live) / len(live)
     assert not torch.allclose(seen["grad"], sum(per_task.values()))  # rescaling changed the update
     assert float(seen["grad"].norm()) <= len(live) * c + 1e-5
+
+
+def test_pcgrad_projects_only_conflicting_pairs_by_hand():
+    from unigrad.diagnostics.task_gradients import projected_sum
+
+    g = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([-1.0, 1.0]), "c": torch.tensor([0.0, 2.0])}
+    # a.b = -1 < 0: a -> a - (-1/2) b = (0.5, 0.5); a.c = 0: no projection.
+    # b.a = -1 < 0: b -> b - (-1/1) a = (0, 1); b.c = 2 > 0 (original b), and (0,1).c > 0: untouched.
+    # c conflicts with nobody: (0, 2).  Sum: (0.5, 3.5).
+    assert torch.allclose(projected_sum(g), torch.tensor([0.5, 3.5]))
+    aligned = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([2.0, 0.5])}
+    assert torch.allclose(projected_sum(aligned), torch.tensor([3.0, 1.5]))  # no conflict: the plain sum
+    with pytest.raises(ValueError):
+        TaskGradients([], balance=True, project=True)

@@ -81,10 +81,10 @@ class EvalSection(_Section):
 class SamplerSection(_Section):
     """Which task each prompt slot draws from (unigrad/data/samplers.py)."""
 
-    name: Literal["uniform", "size", "gradient", "learning_progress", "balanced"] = Field(
+    name: Literal["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"] = Field(
         "uniform", description="uniform (or fixed task_weights), size, gradient (proportional to an EMA of "
         "||g_k||^2), learning_progress (to an EMA of |gain|), balanced (uniform sampling, each task's gradient "
-        "rescaled to a common norm)")
+        "rescaled to a common norm), pcgrad (uniform sampling, conflicting task gradients projected apart)")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the adaptive samplers' statistic")
     exploration: float = Field(0.1, ge=0, le=1, description="uniform share mixed into adaptive samplers")
     balance_target: float | None = Field(
@@ -208,9 +208,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _sampler_consistent(self) -> TrainConfig:
-        if self.task_weights and self.sampler.name not in ("uniform", "balanced"):
+        if self.task_weights and self.sampler.name not in ("uniform", "balanced", "pcgrad"):
             raise ValueError(f"task_weights cannot be combined with sampler.name={self.sampler.name!r}")
-        needs = self.sampler.name in ("gradient", "balanced")
+        needs = self.sampler.name in ("gradient", "balanced", "pcgrad")
         if needs and self.diagnostics.task_gradients is False:
             raise ValueError(f"sampler.name={self.sampler.name!r} needs diagnostics.task_gradients")
         return self

@@ -11,6 +11,8 @@ Samplers (`sampler.name` in the config):
 - `learning_progress`: proportional to an EMA of |learning gain| (`gain/<task>`).
 - `balanced`: uniform sampling; the step rescales each task's gradient to a common norm instead
   (see `unigrad.diagnostics.task_gradients.balanced_sum`).
+- `pcgrad`: uniform sampling; the step projects conflicting task gradients apart before summing
+  (`unigrad.diagnostics.task_gradients.projected_sum`).
 The adaptive ones mix in a uniform share `exploration` so that no task starves, and stay uniform
 until every task has a measurement.
 """
@@ -144,14 +146,14 @@ class LearningProgressSampler(_EmaSampler):
         return abs(x)
 
 
-SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced"]
+SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"]
 
 
 def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
                   weights: list[float] | None = None, ema_decay: float = 0.9,
                   exploration: float = 0.1) -> TaskSampler:
-    """The sampler called `name` (one of SAMPLERS); `balanced` samples uniformly (or by `weights`)."""
-    if name in ("uniform", "balanced"):
+    """The sampler called `name` (one of SAMPLERS); `balanced` and `pcgrad` sample uniformly (or by `weights`)."""
+    if name in ("uniform", "balanced", "pcgrad"):
         sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names)
         sampler.name = name
         return sampler

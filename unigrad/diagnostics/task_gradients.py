@@ -65,6 +65,28 @@ def balanced_sum(g_task: dict[str, torch.Tensor], target: float | None = None) -
     return total
 
 
+def projected_sum(g_task: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020, arXiv 2001.06782): each g_k loses its component along every other task's
+    *original* gradient g_j that it conflicts with (<g_k, g_j> < 0), then the results are summed.
+
+    The other tasks are taken in a fixed order (the dict's), not PCGrad's random order, so that a
+    resumed run repeats the update exactly.
+    """
+    names = list(g_task)
+    total = torch.zeros_like(g_task[names[0]])
+    for k in names:
+        gk = g_task[k].clone()
+        for j in names:
+            if j == k:
+                continue
+            gj = g_task[j]
+            dot, sq = float(gk @ gj), float(gj @ gj)
+            if dot < 0 and sq > 0:
+                gk.sub_(gj, alpha=dot / sq)
+        total.add_(gk)
+    return total
+
+
 class TaskGradients:
     """Collects per-(task, half) gradients from `param.grad` during one optimizer step.
 
@@ -72,9 +94,13 @@ class TaskGradients:
     last group, `finish()` puts the combined gradient into `param.grad` and returns the metrics.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None):
+    def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None,
+                 project: bool = False):
+        if balance and project:
+            raise ValueError("choose one of balance and project")
         self.params = params
         self.balance = balance
+        self.project = project
         self.balance_target = balance_target
         self._halves: dict[str, list[torch.Tensor | None]] = {}
         self._rows: dict[str, list[int]] = {}
@@ -93,7 +119,7 @@ class TaskGradients:
         rows[half] += n_rows
 
     def finish(self) -> dict[str, float]:
-        """Write sum_k g_k (or its balanced version) into `param.grad`; return the metrics; reset."""
+        """Write sum_k g_k (or its balanced or projected version) into `param.grad`; return the metrics; reset."""
         if not self._halves:
             return {}
         zero = None
@@ -106,7 +132,12 @@ class TaskGradients:
         metrics = task_gradient_stats(halves, rows)
         g_task = {k: a + b for k, (a, b) in halves.items()}
         self.last = g_task
-        total = balanced_sum(g_task, self.balance_target) if self.balance else sum(g_task.values())
+        if self.balance:
+            total = balanced_sum(g_task, self.balance_target)
+        elif self.project:
+            total = projected_sum(g_task)
+        else:
+            total = sum(g_task.values())
         offset = 0
         for p in self.params:
             n = p.numel()

@@ -160,9 +160,10 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
                             exploration=cfg.sampler.exploration)
     account = cfg.diagnostics.task_gradients
     if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
-        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced")
+        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced", "pcgrad")
     task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
-                                   balance_target=cfg.sampler.balance_target) if account else None
+                                   balance_target=cfg.sampler.balance_target,
+                                   project=cfg.sampler.name == "pcgrad") if account else None
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
     ctx = StepContext(
         tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
