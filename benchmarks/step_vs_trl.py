@@ -11,8 +11,9 @@ on_step_end) and then runs one unigrad step, timed on its own. Machine drift hit
 
     python benchmarks/step_vs_trl.py [--steps 30] [--threads N]
 
-Prints median step times, their ratio, unigrad's phase split, completion tokens per second and the
-process's peak RSS; last, `step_ratio_vs_trl=<unigrad median / TRL median>`. TRL is an optional
+Prints median step times, their ratio, unigrad's phase split, the learner phase against a bare transformers
+forward + backward over the same step's tensors (full logits, flat [prompt; completion], timed after each unigrad
+step), completion tokens per second and the process's peak RSS; last, `step_ratio_vs_trl=<unigrad median / TRL median>`. TRL is an optional
 benchmark dependency (`pip install -e ".[test]"` brings it).
 """
 
@@ -91,6 +92,21 @@ def trl_trainer(path: Path, steps: int, out: Path, callback):
                        callbacks=[callback])
 
 
+def bare_forward_backward(model, ro, temperature: float) -> float:
+    """Seconds for one plain transformers forward over [prompt; completion] (full logits), the sampled tokens'
+    log-probs summed, and backward: the floor the learner phase is compared with. Leaves no gradient behind."""
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    mask = torch.cat([ro.prompt_mask, ro.completion_mask], 1).long()
+    t0 = time.perf_counter()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    plen = ro.prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, plen - 1 : -1].float() / temperature, -1)
+    (logp.gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1) * ro.completion_mask).sum().backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
 def main() -> None:
     from transformers import TrainerCallback
 
@@ -106,6 +122,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="unigrad-bench-"))
     build_model(tmp / "model")
     ctx = unigrad_context(tmp / "model")
+    captured = {}  # the rollout of unigrad's latest step, for the bare forward/backward on the same tensors
+    generate = ctx.engine.generate
+
+    def capture(*a, **k):
+        captured["rollout"] = generate(*a, **k)
+        return captured["rollout"]
+
+    ctx.engine.generate = capture
     times: dict[str, list[float]] = {"trl": [], "unigrad": []}
     phases: dict[str, list[float]] = {}
     tokens: list[float] = []
@@ -122,7 +146,9 @@ def main() -> None:
             t0 = time.perf_counter()
             metrics, _ = train_step(ctx, self.step)
             mine = time.perf_counter() - t0
+            bare = bare_forward_backward(ctx.learner.model, captured["rollout"], ctx.sampling.temperature)
             if self.step > warmup:
+                times.setdefault("bare", []).append(bare)
                 times["trl"].append(elapsed)
                 times["unigrad"].append(mine)
                 tokens.append(metrics["response_length/mean"] * PROMPTS_PER_STEP * G)
@@ -142,6 +168,9 @@ def main() -> None:
     print(f"unigrad step median        {med['unigrad']:.3f} s")
     split = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
     print(f"unigrad split (medians, s): {split}")
+    learner = statistics.median(phases["learner"])
+    print(f"learner phase / bare transformers forward+backward on the same tensors: {learner:.3f} / "
+          f"{med['bare']:.3f} s = {learner / med['bare']:.2f}")
     print(f"unigrad completion tokens/s: {statistics.median(tokens) / med['unigrad']:.0f}; "
           f"TRL: {PROMPTS_PER_STEP * G * NEW_TOKENS / med['trl']:.0f} (at the full budget)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -409,3 +409,36 @@ def test_tiny_moe_builds_loads_and_its_bf16_router_creates_mismatch(tmp_path):
                                   temperature=1.0)
     m = mismatch_metrics(train, ro.infer_logprobs, ro.completion_mask)
     assert m["mismatch/abs_logp_diff_max"] > 1e-4 and m["mismatch/kl_k3"] >= 0
+
+
+def test_lora_learner_logprobs_follow_the_adapter(local_model_dir):
+    """The learner's teacher-forced log-probs of a peft model are the adapted model's, with or without the shared
+    prompt pass, and their gradient reaches the adapter (and nothing else)."""
+    pytest.importorskip("peft", reason="LoRA needs peft (not yet a declared dependency)")
+    model, tok = load_model_and_tokenizer(local_model_dir, lora=LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # away from the no-op init, so the adapter changes the logits
+    prompt = prompt_ids("12+34")
+    prompt_t = torch.tensor([prompt] * 3)
+    from unigrad.rollout.logprobs import sequence_logprobs
+
+    completion = torch.tensor([tok("46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * 3)
+    completion[1, 1] = tok("7", add_special_tokens=False)["input_ids"][0]
+    mask = torch.ones_like(completion, dtype=torch.bool)
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([prompt_t, completion], 1)).logits.log_softmax(-1)
+    expected = full[:, len(prompt) - 1 : -1].gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        got = sequence_logprobs(model, prompt_t, torch.ones_like(prompt_t, dtype=torch.bool), completion, mask,
+                                share_prompts=share)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        got.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and all("lora_" in n for n in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)

@@ -50,9 +50,10 @@ def test_engine_satisfies_protocol(model):
     assert isinstance(TransformersEngine(model, PAD, EOS), RolloutEngine)
 
 
-def test_infer_logprobs_equal_teacher_forced_fp32(model):
-    engine = TransformersEngine(model, PAD, EOS)
-    assert engine.shares_learner_module
+@pytest.mark.parametrize("decoder", ["static", "transformers"])
+def test_infer_logprobs_equal_teacher_forced_fp32(model, decoder):
+    engine = TransformersEngine(model, PAD, EOS, decoder=decoder)
+    assert engine.shares_learner_module and engine.decoder == decoder
     r = engine.generate(PROMPTS, 4, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
     assert r.num_sequences == 12 and not r.prompt_mask.all()
     assert r.infer_logprobs.dtype == torch.float32
@@ -93,8 +94,9 @@ def test_filtered_logprobs_equal_independent_computation(model, top_k, top_p):
     assert (r.infer_logprobs[m] - plain.detach()[m]).max().item() > 1e-3
 
 
-def test_greedy_equals_transformers_generate(model):
-    engine = TransformersEngine(model, PAD, EOS)
+@pytest.mark.parametrize("decoder", ["static", "transformers"])
+def test_greedy_equals_transformers_generate(model, decoder):
+    engine = TransformersEngine(model, PAD, EOS, decoder=decoder)
     r = engine.generate(PROMPTS, 2, SamplingParams(temperature=0.0, max_new_tokens=10))
     assert torch.equal(r.completion_ids[0::2], r.completion_ids[1::2])  # greedy: all n samples identical
     first = slice(0, None, 2)
@@ -293,3 +295,53 @@ def test_sequence_logprobs_fallback_uses_the_models_own_logits():
         ref = naive_logprobs(cohere, r)
     assert (got - ref).abs().max().item() < 1e-5
     assert (got - r.infer_logprobs).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------------------- shared prompt pass in the learner
+
+
+def test_shared_prompt_pass_equals_flat_forward_with_gradients(model):
+    """Rows sharing a prompt (non-adjacent, different prompt lengths, ragged completions) run the prompt once;
+    log-probs, entropies and parameter gradients equal the flat forward over [prompt; completion]."""
+    engine = TransformersEngine(model, PAD, list(range(1, 15)))
+    r = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]], 3,
+                        SamplingParams(temperature=1.0, max_new_tokens=10, seed=1))
+    order = torch.randperm(r.num_sequences, generator=torch.Generator().manual_seed(0))  # groups interleaved
+    batch = [t[order] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)]
+    assert not batch[3].all() and not batch[1].all()
+    results = []
+    model.train()
+    try:
+        for share in (True, False):
+            model.zero_grad()
+            logp, entropy = sequence_logprobs(model, *batch, temperature=0.7, return_entropy=True,
+                                              share_prompts=share)
+            (logp.sum() + 0.3 * entropy.sum()).backward()
+            results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    finally:
+        model.eval()
+        model.zero_grad()
+    (lp_s, ent_s, g_s), (lp_f, ent_f, g_f) = results
+    torch.testing.assert_close(lp_s, lp_f, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_s, ent_f, atol=1e-5, rtol=0)
+    assert (lp_s[~batch[3]] == 0).all()
+    for a, b in zip(g_s, g_f, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(lp_f, naive_logprobs(model, r.__class__(
+        prompt_ids=batch[0], prompt_mask=batch[1], completion_ids=batch[2], completion_mask=batch[3],
+        infer_logprobs=r.infer_logprobs[order], group_ids=r.group_ids[order], truncated=r.truncated[order]),
+        temperature=0.7).detach(), atol=1e-5, rtol=0)
+
+
+def test_micro_batches_keep_a_prompts_rows_together():
+    from unigrad.train.batching import SequenceBatch, length_grouped_micro_batches
+
+    lengths = [5, 1, 3, 2, 9, 4, 1, 1]
+    groups = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])
+    mask = torch.tensor([[i < n for i in range(9)] for n in lengths])
+    batch = SequenceBatch(torch.ones(8, 2, dtype=torch.long), torch.ones(8, 2, dtype=torch.bool),
+                          torch.ones(8, 9, dtype=torch.long), mask)
+    order = torch.cat(length_grouped_micro_batches(batch, 3, groups=groups)).tolist()
+    # Groups by their longest row (1: 2, 0: 5, 2: 9), each group's rows contiguous and sorted by length.
+    assert order == [1, 6, 3, 7, 2, 0, 5, 4]
+    assert sorted(order) == list(range(8))

@@ -44,6 +44,9 @@ class RolloutSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="rollout-engine dtype; None = the learner's (bfloat16 creates a real mismatch)"
     )
+    decoder: Literal["auto", "static", "transformers"] = Field(
+        "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
+    )
 
 
 class OptimSection(_Section):

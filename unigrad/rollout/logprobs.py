@@ -5,9 +5,16 @@ a bounded chunk of rows at a time, and the log-prob of the target token is taken
 ``logits.gather(target) - logsumexp(logits)`` without a full log_softmax copy. When gradients are enabled and there
 is more than one chunk, each chunk's logits are recomputed in the backward pass (activation checkpointing) instead of
 being kept alive until then.
+
+Rows that share a prompt (a GRPO group's G samples) share its forward pass too: each distinct prompt runs once and
+its keys and values are expanded to its rows, whose completions then run against that cache. The gradient flows
+back through the expansion into the one prompt pass, so the result equals the flat forward over
+``[prompt; completion]`` up to float rounding, at about 1/G of the prompt's cost.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -20,6 +27,26 @@ _LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scal
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # float32 logits elements per chunk (64 MB)
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword a causal LM's forward takes its KV cache by: `cache` in transformers >= 5.2x, else
+    `past_key_values` (deprecated there, removed in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (attribute `cache` or, in older transformers, `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first: no warning
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only unmasked tokens (left padding gets position 0), as transformers' `generate` does."""
     mask = mask.long()
@@ -27,7 +54,11 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _lm_head_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder, lm_head) when logits are exactly `lm_head(decoder(...).last_hidden_state)`, else None."""
+    """(decoder, lm_head) when logits are exactly `lm_head(decoder(...).last_hidden_state)`, else None.
+
+    A peft model is unwrapped first: its adapters live inside the base model's layers, so they still apply."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
         return None
@@ -37,6 +68,34 @@ def _lm_head_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         if value not in (None, 1, 1.0):
             return None
     return decoder, head
+
+
+def _distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of one row per distinct prompt (P,), row -> distinct prompt (N,)); equal ids and mask = same prompt."""
+    key = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), key.shape[0], dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(key.shape[0], device=key.device), reduce="amin")
+    return first, inverse
+
+
+def _shared_prompt_states(decoder: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          first: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor | None:
+    """Hidden states (N, T, H) predicting each completion token, each distinct prompt run once; None if the
+    decoder returned no cache (e.g. gradient checkpointing turns caching off)."""
+    out = decoder(input_ids=prompt_ids[first], attention_mask=prompt_mask[first].long(),
+                  position_ids=position_ids_from_mask(prompt_mask[first]), use_cache=True)
+    cache = output_cache(out)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)  # differentiable: an index into the prompt's keys and values
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    t_len = completion_ids.shape[1]
+    hidden = decoder(input_ids=completion_ids, attention_mask=mask,
+                     position_ids=position_ids_from_mask(mask)[:, -t_len:], use_cache=True,
+                     **cache_kwargs(decoder, cache)).last_hidden_state
+    # Token 0 is predicted from the prompt's last position (real: prompts are left-padded), token t from t - 1.
+    return torch.cat([out.last_hidden_state[:, -1][inverse].unsqueeze(1), hidden[:, :-1]], dim=1)
 
 
 def _token_logprobs(
@@ -62,6 +121,7 @@ def sequence_logprobs(
     *,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
+    share_prompts: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(N, T) float32 log-probs of each completion token under `model` at `temperature`, 0 where masked.
 
@@ -70,6 +130,7 @@ def sequence_logprobs(
     ``logits / temperature`` (no top-k / top-p). Differentiable when called with gradients enabled.
     `chunk_tokens` bounds how many completion tokens get their logits formed at once (default: ~16M logits).
     With `return_entropy`, also returns the (N, T) entropy of that same distribution per position (0 where masked).
+    With `share_prompts` (default), rows with identical prompts share one prompt pass (see the module docstring).
     """
     n, prompt_len = prompt_ids.shape
     t_len = completion_ids.shape[1]
@@ -89,7 +150,15 @@ def sequence_logprobs(
     first, last = prompt_len - 1, prompt_len - 1 + t_len
 
     split = _lm_head_split(model)
-    if split is not None:
+    states = None
+    if split is not None and share_prompts and n > 1 and not _checkpointing(model):
+        first_rows, inverse = _distinct_prompts(prompt_ids, prompt_mask)
+        if len(first_rows) < n:
+            states = _shared_prompt_states(split[0], prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                           first_rows, inverse)
+    if states is not None:
+        head = split[1]
+    elif split is not None:
         decoder, head = split
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

@@ -3,7 +3,8 @@
 Per call, each distinct prompt is prefilled once (prompts left-padded to a common length, position ids counting only
 real tokens); the cache's batch dimension is then expanded so every prompt's n samples share its prefill, and
 decoding proceeds one token per step with the `DynamicCache`, the 2-D attention mask growing by one column per step.
-Finished rows are fed the pad token until every row has stopped or `max_new_tokens` is reached.
+Finished rows are fed the pad token until they are a quarter of the batch; then they leave the cache and the batch
+(`keep_rows`), and so on until every row has stopped or `max_new_tokens` is reached.
 
 The engine may run its own copy of the model in another dtype (e.g. bfloat16 rollouts for a float32 learner); that
 is a genuine train-inference mismatch, visible as `Rollout.infer_logprobs` != the learner's log-probs.
@@ -19,8 +20,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from .base import Rollout, SamplingParams
-from .logprobs import position_ids_from_mask
+from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .sampling import select_next_tokens
+from .static_decoder import StaticCacheDecoder, unsupported_reason
+
+DECODERS = ("auto", "static", "transformers")
 
 
 def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
@@ -45,6 +49,10 @@ class TransformersEngine:
     `load_weights` with the learner's own state dict is a no-op; otherwise it holds a deep copy cast to `dtype` on
     `device`. `eos_token_id` may be one id, several, or None (never stop early). Rollout tensors live on `device`.
 
+    `decoder`: "static" decodes with `StaticCacheDecoder` (preallocated KV cache, plain torch ops; Llama, Mistral,
+    Qwen2 without adapters), "transformers" with the model's own forward and a `DynamicCache` (any causal LM),
+    "auto" (default) the first where it applies. Both draw the same tokens from the same seed up to rounding.
+
     `infer_logprobs` are float32 log-probs under the distribution sampled from (temperature, then top-k, then top-p,
     renormalised); for greedy decoding (temperature 0) they are the log-probs under the unfiltered temperature-1
     softmax. `sequence_logprobs` never filters, so with top-k / top-p the two differ by design.
@@ -57,7 +65,10 @@ class TransformersEngine:
         eos_token_id: int | Sequence[int] | None,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        decoder: str = "auto",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         learner_param = next(model.parameters())
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else learner_param.dtype
@@ -82,6 +93,15 @@ class TransformersEngine:
         else:
             eos_ids = [int(i) for i in eos_token_id]
         self.eos_token_ids = eos_ids
+        # Which decode loop runs: the static-cache one where it reproduces the model exactly, else transformers'.
+        reason = unsupported_reason(self.model)
+        if decoder == "static" and reason is not None:
+            raise ValueError(f"decoder='static' cannot run this model: {reason}")
+        self.static_decoder = StaticCacheDecoder(self.model) if decoder != "transformers" and reason is None else None
+        self.decoder = "static" if self.static_decoder is not None else "transformers"
+        self.decoder_fallback_reason = reason if decoder == "auto" else None
+        # Finished rows leave the decoder's batch once live rows are at most this fraction of it (0: never).
+        self.compact_fraction = 0.75
 
     # ------------------------------------------------------------------------------------------------ weights
 
@@ -132,6 +152,35 @@ class TransformersEngine:
         # forward); cloning outside of it gives ordinary tensors.
         return Rollout(**{name: t.clone() for name, t in fields.items()})
 
+    def _transformers_prefill(self, ids, mask, row_src, all_distinct: bool, n: int, max_new: int):
+        """Prefill with the model's own forward; returns (first logits (rows, V), next_logits(tokens, t),
+        keep_rows(keep)), the same interface as `StaticCacheDecoder`."""
+        rows, prompt_len, dev = row_src.shape[0], ids.shape[1], ids.device
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
+        cache = output_cache(out)
+        if all_distinct:
+            cache.batch_repeat_interleave(n)  # row_src is 0,0,..,1,1,..: plain expansion
+        else:
+            cache.batch_select_indices(row_src)  # repeated prompts share one prefill too
+        attention = torch.ones(rows, prompt_len + max_new, dtype=torch.long, device=dev)
+        attention[:, :prompt_len] = mask[row_src]
+        next_position = mask.sum(-1)[row_src]  # position of the first generated token
+
+        def next_logits(tokens: torch.Tensor, t: int) -> torch.Tensor:
+            out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=attention[:, : prompt_len + t + 1],
+                             position_ids=(next_position + t).unsqueeze(-1), use_cache=True,
+                             **cache_kwargs(self.model, cache))
+            return out.logits[:, -1]
+
+        def keep_rows(keep: torch.Tensor) -> None:
+            nonlocal attention, next_position
+            cache.batch_select_indices(keep)
+            attention, next_position = attention[keep], next_position[keep]
+
+        return out.logits[:, -1][row_src], next_logits, keep_rows
+
     def _generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> dict[str, torch.Tensor]:
         dev, pad = self.device, self.pad_token_id
         # Distinct prompts, each prefilled once.
@@ -158,25 +207,16 @@ class TransformersEngine:
             generator = torch.Generator(device=dev).manual_seed(seed)
             eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
 
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                position_ids=position_ids_from_mask(mask),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1][row_src]
-            if len(distinct) == len(prompts):
-                cache.batch_repeat_interleave(n)  # row_src is 0,0,..,1,1,..: plain expansion
+            if self.static_decoder is not None:
+                logits = self.static_decoder.prefill(ids, mask, row_src, max_new)
+                next_logits, keep_rows = self.static_decoder.step, self.static_decoder.keep_rows
             else:
-                cache.batch_select_indices(row_src)  # repeated prompts share one prefill too
-            attention = torch.ones(rows, prompt_len + max_new, dtype=torch.long, device=dev)
-            attention[:, :prompt_len] = mask[row_src]
-            next_position = mask.sum(-1)[row_src]  # position of the first generated token
-
+                logits, next_logits, keep_rows = self._transformers_prefill(
+                    ids, mask, row_src, len(distinct) == len(prompts), n, max_new)
+            # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep
+            # their last logits, so every row draws from the generator every step and the tokens do not depend
+            # on when rows leave.
+            live = torch.arange(rows, device=dev)
             for t in range(max_new):
                 tokens, token_logprobs = select_next_tokens(logits, sampling, generator)
                 active = ~finished
@@ -187,15 +227,15 @@ class TransformersEngine:
                 steps = t + 1
                 if steps == max_new or bool(finished.all()):
                     break
-                out = self.model(
-                    input_ids=completion[:, t : t + 1],
-                    attention_mask=attention[:, : prompt_len + t + 1],
-                    position_ids=(next_position + t).unsqueeze(-1),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache = out.past_key_values
-                logits = out.logits[:, -1]
+                still = ~finished[live]
+                if int(still.sum()) <= self.compact_fraction * len(live):
+                    keep = torch.nonzero(still).flatten()
+                    keep_rows(keep)
+                    live = live[keep]
+                if len(live) == rows:
+                    logits = next_logits(completion[:, t], t)
+                else:
+                    logits[live] = next_logits(completion[live, t], t)
 
         return {
             "prompt_ids": ids[row_src],

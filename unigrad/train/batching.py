@@ -72,10 +72,21 @@ def micro_batches(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def length_grouped_micro_batches(batch: SequenceBatch, size: int) -> list[torch.Tensor]:
+def length_grouped_micro_batches(batch: SequenceBatch, size: int,
+                                 groups: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices of micro-batches of at most `size` rows, rows of similar length together (sorted by
     prompt + completion length, ties by row), so that `trimmed()` micro-batches carry little padding.
+
+    With `groups` (N,) (e.g. the prompt of each row), rows of a group stay next to each other: groups are sorted
+    by their longest row, so the learner can run each shared prompt once per micro-batch.
     The gradient is the same as with any other grouping: normalisers are global to the step."""
-    lengths = batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)
-    order = sorted(range(len(batch)), key=lambda r: (int(lengths[r]), r))
+    lengths = (batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)).tolist()
+    if groups is None:
+        order = sorted(range(len(batch)), key=lambda r: (lengths[r], r))
+    else:
+        group = groups.tolist()
+        longest: dict[int, int] = {}
+        for r, g in enumerate(group):
+            longest[g] = max(longest.get(g, 0), lengths[r])
+        order = sorted(range(len(batch)), key=lambda r: (longest[group[r]], group[r], lengths[r], r))
     return [torch.tensor(order[i:i + size], dtype=torch.long) for i in range(0, len(order), size)]

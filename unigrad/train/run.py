@@ -150,7 +150,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
-    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype)
+    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+                                decoder=cfg.rollout.decoder)
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):

@@ -16,6 +16,9 @@ Departures from the textbook loop, and why:
 - Per-task gradient accounting (multi-task runs) only regroups the micro-batches, by (task, half),
   and takes each group's gradient out of param.grad (unigrad.diagnostics.task_gradients); the
   `balanced` sampler rescales those before the clip.
+- A prompt's G rows share one forward pass of the prompt in the learner (its keys and values are
+  expanded to the rows; unigrad.rollout.logprobs): same gradient, about 1/G of the prompt's cost.
+  Micro-batches keep a prompt's rows together for this.
 - The mismatch metrics compare the engine's log-probs with the learner's first-iteration ones,
   which the loss computes anyway.
 """
@@ -225,9 +228,9 @@ def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | N
                   for k in row_task.unique().tolist() for h in (0, 1)]
     plan = []
     for group, rl_idx, sft_idx in groups:
-        if len(rl_idx):
-            plan += [(group, "rl", rl_idx[r]) for r in length_grouped_micro_batches(rl.rows(rl_idx),
-                                                                                    ctx.micro_batch_size)]
+        if len(rl_idx):  # a prompt's G rows stay together: the learner runs their shared prompt once
+            plan += [(group, "rl", rl_idx[r]) for r in length_grouped_micro_batches(
+                rl.rows(rl_idx), ctx.micro_batch_size, groups=rl_prompt[rl_idx])]
         if sft is not None and len(sft_idx):
             plan += [(group, "sft", sft_idx[r]) for r in length_grouped_micro_batches(sft.rows(sft_idx),
                                                                                       ctx.micro_batch_size)]
