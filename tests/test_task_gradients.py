@@ -217,3 +217,24 @@ def test_pcgrad_projects_only_conflicting_pairs_by_hand():
     assert torch.allclose(projected_sum(aligned), torch.tensor([3.0, 1.5]))  # no conflict: the plain sum
     with pytest.raises(ValueError):
         TaskGradients([], balance=True, project=True)
+
+
+def test_learner_optimizer_step_equals_plain_adamw():
+    """The learner's (fused where available) AdamW makes the same update as torch's default AdamW."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    start = a.weight.detach().clone()
+    optim = OptimSection(lr=1e-2, weight_decay=0.1, max_grad_norm=100.0)
+    learner = Learner(a, optim)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(optim.beta1, optim.beta2), weight_decay=0.1)
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+        a(x).pow(2).sum().backward()
+        b(x).pow(2).sum().backward()
+        learner.clip_and_step()
+        plain.step()
+        plain.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert (a.weight - start).abs().min() > 1e-3  # every weight moved

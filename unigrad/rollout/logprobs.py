@@ -9,7 +9,8 @@ being kept alive until then.
 Rows that share a prompt (a GRPO group's G samples) share its forward pass too: each distinct prompt runs once and
 its keys and values are expanded to its rows, whose completions then run against that cache. The gradient flows
 back through the expansion into the one prompt pass, so the result equals the flat forward over
-``[prompt; completion]`` up to float rounding, at about 1/G of the prompt's cost.
+``[prompt; completion]`` up to float rounding, at about 1/G of the prompt's cost. It is used when it skips at least
+`SHARE_MIN_SAVED_TOKENS` prompt tokens and a quarter of the batch's tokens; short prompts are not worth a second call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 _LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # float32 logits elements per chunk (64 MB)
+SHARE_MIN_SAVED_TOKENS = 256  # share prompts only if that skips at least this many prompt tokens (and 25% of all)
 
 
 def cache_kwargs(model: nn.Module, cache) -> dict:
@@ -121,7 +123,7 @@ def sequence_logprobs(
     *,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
-    share_prompts: bool = True,
+    share_prompts: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(N, T) float32 log-probs of each completion token under `model` at `temperature`, 0 where masked.
 
@@ -130,7 +132,8 @@ def sequence_logprobs(
     ``logits / temperature`` (no top-k / top-p). Differentiable when called with gradients enabled.
     `chunk_tokens` bounds how many completion tokens get their logits formed at once (default: ~16M logits).
     With `return_entropy`, also returns the (N, T) entropy of that same distribution per position (0 where masked).
-    With `share_prompts` (default), rows with identical prompts share one prompt pass (see the module docstring).
+    `share_prompts`: rows with identical prompts share one prompt pass (see the module docstring) always (True),
+    never (False), or when it saves enough (None, the default).
     """
     n, prompt_len = prompt_ids.shape
     t_len = completion_ids.shape[1]
@@ -151,9 +154,13 @@ def sequence_logprobs(
 
     split = _lm_head_split(model)
     states = None
-    if split is not None and share_prompts and n > 1 and not _checkpointing(model):
+    if split is not None and share_prompts is not False and n > 1 and not _checkpointing(model):
         first_rows, inverse = _distinct_prompts(prompt_ids, prompt_mask)
-        if len(first_rows) < n:
+        real_prompt_tokens = prompt_mask.sum(-1)
+        saved = int(real_prompt_tokens.sum() - real_prompt_tokens[first_rows].sum())
+        # Worth a second forward call only when it saves many prompt tokens (a call costs about as much as a
+        # couple of hundred tokens of a small model on a CPU).
+        if saved > 0 and (share_prompts or saved >= max(SHARE_MIN_SAVED_TOKENS, 0.25 * int(attention_mask.sum()))):
             states = _shared_prompt_states(split[0], prompt_ids, prompt_mask, completion_ids, completion_mask,
                                            first_rows, inverse)
     if states is not None:

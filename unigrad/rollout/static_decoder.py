@@ -63,8 +63,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
-    if x.dtype == torch.float32:
-        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:  # one fused op, the same arithmetic
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x32.to(x.dtype)
