@@ -13,8 +13,9 @@ on_step_end) and then runs one unigrad step, timed on its own. Machine drift hit
 
 Prints median step times, their ratio, unigrad's phase split, the learner phase against a bare transformers
 forward + backward over the same step's tensors (full logits, flat [prompt; completion], timed after each unigrad
-step), completion tokens per second and the process's peak RSS; last, `step_ratio_vs_trl=<unigrad median / TRL median>`. TRL is an optional
-benchmark dependency (`pip install -e ".[test]"` brings it).
+step), completion tokens per second and the process's peak RSS; last,
+`step_ratio_vs_trl=<unigrad median / TRL median>`. TRL is an optional benchmark dependency
+(`pip install -e ".[test]"` brings it).
 """
 
 from __future__ import annotations
