@@ -124,3 +124,38 @@ def test_static_decoder_follows_weight_updates():
     assert not torch.equal(before.infer_logprobs, after.infer_logprobs)
     assert torch.equal(after.completion_ids, reference.completion_ids)
     torch.testing.assert_close(after.infer_logprobs, reference.infer_logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts_in_the_call():
+    """Each prompt has its own random stream: splitting a call (engine shards, processes) keeps every sample."""
+    from unigrad.rollout.base import prompt_stream_seeds
+
+    model = build("llama_gqa")
+    engine = TransformersEngine(model, PAD, STOP)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7)
+    whole = engine.generate(PROMPTS, 3, sampling)
+    seeds = prompt_stream_seeds(7, len(PROMPTS))
+    for lo, hi in ((0, 1), (1, 3), (3, 4)):
+        part = engine.generate(PROMPTS[lo:hi], 3, SamplingParams(temperature=1.0, max_new_tokens=20,
+                                                                 prompt_seeds=seeds[lo:hi]))
+        rows = slice(lo * 3, hi * 3)
+        width = part.completion_ids.shape[1]
+        assert torch.equal(part.completion_ids, whole.completion_ids[rows, :width])
+        assert not whole.completion_mask[rows, width:].any()
+        torch.testing.assert_close(part.infer_logprobs, whole.infer_logprobs[rows, :width], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt_seeds has 1 seeds for 4 prompts"):
+        engine.generate(PROMPTS, 2, SamplingParams(prompt_seeds=(1,)))
+
+
+def test_exponential_race_draws_from_the_filtered_distribution():
+    from unigrad.rollout.sampling import filter_logits, select_next_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40_000, 5)
+    sampling = SamplingParams(temperature=0.7, top_k=4, max_new_tokens=1)
+    noise = torch.empty(40_000, 5).exponential_(generator=torch.Generator().manual_seed(0))
+    tokens, logp = select_next_tokens(logits, sampling, noise)
+    expected = torch.softmax(filter_logits(logits[:1], 0.7, top_k=4), -1)[0]
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert freq[3] == 0  # filtered out by top-k
+    assert (freq - expected).abs().max() < 0.01  # 4 sigma of a 40k-draw frequency is ~0.01
+    torch.testing.assert_close(logp, expected.log()[tokens])

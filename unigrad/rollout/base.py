@@ -15,6 +15,17 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 32
     seed: int | None = None  # seeds the engine's sampler for this call
+    # One seed per prompt of the call: prompt p's samples come from its own random stream, so they do not depend on
+    # which other prompts share the call (batch size, engine shards, processes). None: derived from `seed` and the
+    # prompt's position in the call.
+    prompt_seeds: tuple[int, ...] | None = None
+
+
+def prompt_stream_seeds(seed: int, prompts: int, offset: int = 0) -> tuple[int, ...]:
+    """Seeds of the random streams of prompts offset .. offset + prompts - 1 of a call seeded with `seed`: what an
+    engine uses when `SamplingParams.prompt_seeds` is None (offset 0), and how a caller splitting one call's prompts
+    over several engines or processes keeps every prompt's samples."""
+    return tuple((seed * 1_000_003 + offset + i) % 2**63 for i in range(prompts))
 
 
 @dataclass

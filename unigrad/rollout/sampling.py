@@ -43,9 +43,14 @@ class NonFiniteLogits(FloatingPointError):
 
 
 def select_next_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor, sampling: SamplingParams, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of (B, V) logits; returns (tokens (B,) long, their log-probs (B,) float32)."""
+    """Pick one token per row of (B, V) logits; returns (tokens (B,) long, their log-probs (B,) float32).
+
+    `noise` (B, V): standard exponential draws (required unless greedy). The token is argmax_v p_v / E_v, which
+    is a draw from p (the exponential race; torch.multinomial draws one sample the same way), so the caller
+    decides which random stream each row's draw comes from.
+    """
     logits = logits.float()
     if torch.isnan(logits).any() or not torch.isfinite(logits).any(dim=-1).all():
         raise NonFiniteLogits("the policy produced non-finite logits while sampling: its weights have diverged")
@@ -53,6 +58,8 @@ def select_next_tokens(
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)
     else:
+        if noise is None:
+            raise ValueError("sampling at temperature > 0 needs exponential noise")
         logprobs = torch.log_softmax(filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p), -1)
-        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        tokens = (logprobs.exp() / noise).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .base import Rollout, SamplingParams
+from .base import Rollout, SamplingParams, prompt_stream_seeds
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .sampling import select_next_tokens
 from .static_decoder import StaticCacheDecoder, unsupported_reason
@@ -203,8 +203,14 @@ class TransformersEngine:
         finished = torch.zeros(rows, dtype=torch.bool, device=dev)
         steps = 0
         if max_new > 0:
-            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            generator = torch.Generator(device=dev).manual_seed(seed)
+            # One random stream per prompt (rows p*n .. p*n+n-1): a prompt's samples do not depend on the others.
+            seeds = sampling.prompt_seeds
+            if seeds is None:
+                seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                seeds = prompt_stream_seeds(seed, len(prompts))
+            elif len(seeds) != len(prompts):
+                raise ValueError(f"prompt_seeds has {len(seeds)} seeds for {len(prompts)} prompts")
+            streams = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
             eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
 
             if self.static_decoder is not None:
@@ -214,11 +220,15 @@ class TransformersEngine:
                 logits, next_logits, keep_rows = self._transformers_prefill(
                     ids, mask, row_src, len(distinct) == len(prompts), n, max_new)
             # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep
-            # their last logits, so every row draws from the generator every step and the tokens do not depend
-            # on when rows leave.
+            # their last logits, so the tokens do not depend on when rows leave.
             live = torch.arange(rows, device=dev)
             for t in range(max_new):
-                tokens, token_logprobs = select_next_tokens(logits, sampling, generator)
+                noise = None
+                if sampling.temperature > 0:  # every row draws every step, finished or not: streams stay aligned
+                    noise = torch.empty(rows, logits.shape[-1], device=dev)
+                    for p, stream in enumerate(streams):
+                        noise[p * n : (p + 1) * n].exponential_(generator=stream)
+                tokens, token_logprobs = select_next_tokens(logits, sampling, noise)
                 active = ~finished
                 completion[:, t] = torch.where(active, tokens, pad)
                 logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
