@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start N processes of this same command
+        import subprocess
+
+        argv = ["train", *args.items, "--output-dir", str(output_dir), *(["--resume"] if args.resume else [])]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "unigrad.cli", *argv]
+        return subprocess.call(cmd)
     try:
         train(cfg, output_dir, resume=args.resume)
     except (FileExistsError, ConfigError) as err:
@@ -122,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an optional YAML config, then dotted overrides such as objective=dapo rollout.temperature=0.8")
     t.add_argument("--output-dir", help="run directory (default: runs/<objective>-seed<seed>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; or launch with torchrun / accelerate)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task")

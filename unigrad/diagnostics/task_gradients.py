@@ -95,7 +95,12 @@ class TaskGradients:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None,
-                 project: bool = False):
+                 project: bool = False, reduce=None, task_names: list[str] | None = None):
+        """`reduce`: sums a flat tensor over data-parallel processes in place (then `task_names`, the run's tasks in
+        a fixed order, is required: every process reduces the same (task, half) vectors, zeros where it had none)."""
+        if reduce is not None and not task_names:
+            raise ValueError("reduce needs task_names")
+        self.reduce, self.task_names = reduce, task_names
         if balance and project:
             raise ValueError("choose one of balance and project")
         self.params = params
@@ -120,6 +125,8 @@ class TaskGradients:
 
     def finish(self) -> dict[str, float]:
         """Write sum_k g_k (or its balanced or projected version) into `param.grad`; return the metrics; reset."""
+        if self.reduce is not None:
+            self._reduce_over_processes()
         if not self._halves:
             return {}
         zero = None
@@ -145,3 +152,17 @@ class TaskGradients:
             offset += n
         self._halves, self._rows = {}, {}
         return metrics
+
+    def _reduce_over_processes(self) -> None:
+        size = sum(p.numel() for p in self.params)
+        halves, rows = {}, {}
+        for name in self.task_names:
+            parts = self._halves.get(name, [None, None])
+            parts = [t if t is not None else torch.zeros(size) for t in parts]
+            for t in parts:
+                self.reduce(t)
+            counts = self.reduce(torch.tensor(self._rows.get(name, [0, 0]), dtype=torch.float64))
+            if counts.sum() > 0:  # a task no process drew this step has no metrics, as in a single process
+                halves[name] = [t if c > 0 else None for t, c in zip(parts, counts.tolist(), strict=True)]
+                rows[name] = [int(c) for c in counts.tolist()]
+        self._halves, self._rows = halves, rows

@@ -25,6 +25,7 @@ from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from unigrad.train.distributed import SINGLE, Distributed, init_distributed
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.step import StepContext, train_step
@@ -86,18 +87,28 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     from unigrad.tasks import get_tasks
 
     output_dir = Path(output_dir)
-    prepare_output_dir(output_dir, resume)
+    dist = init_distributed()  # one process unless launched by --nproc, torchrun or accelerate
+    if cfg.prompts_per_step % dist.world:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
+                          f"({dist.world})")
+    if not dist.is_main:
+        console = False  # rank 0 prints and writes the run directory; the others train
+    if dist.is_main:
+        prepare_output_dir(output_dir, resume)
+    dist.barrier()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg))
+    if dist.is_main:
+        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg)
+           + (f"\n{dist.world} data-parallel processes" if dist.active else ""))
 
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
     tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
-    ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks)
+    ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
     learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
     mon = cfg.monitors
     monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
@@ -110,40 +121,53 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         start = load_latest_checkpoint(output_dir, learner, sampler, extra=extras)
         engine.load_weights(model.state_dict())
         _print(console, f"resumed from step {start}")
-    truncate_jsonl(output_dir / "metrics.jsonl", start)
-    truncate_jsonl(output_dir / "samples.jsonl", start)
-    truncate_jsonl(output_dir / "alarms.jsonl", start)
-    if start == 0:
+    if dist.is_main:
+        truncate_jsonl(output_dir / "metrics.jsonl", start)
+        truncate_jsonl(output_dir / "samples.jsonl", start)
+        truncate_jsonl(output_dir / "alarms.jsonl", start)
+    if start == 0 and dist.is_main:
         for alarm in StabilityMonitor.start_alarms(ctx.objective.beta, cfg.max_steps, mon.beta_zero_steps):
             _record_alarm(output_dir, alarm, console)
 
-    def run_eval(name: str) -> dict[str, Any]:
+    def run_eval(name: str) -> dict[str, Any] | None:
+        if not dist.is_main:  # rank 0 evaluates; the others wait for it
+            dist.barrier()
+            return None
         res = evaluate(model, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
                        max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
         (output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
+        dist.barrier()
         return res
 
     before = None
     if cfg.eval.before_after:
         path = output_dir / "eval_before.json"
-        before = json.loads(path.read_text()) if path.exists() else run_eval("eval_before")
+        if dist.sum_float(float(dist.is_main and path.exists())) > 0:  # resumed: rank 0 has it
+            before = json.loads(path.read_text()) if dist.is_main else None
+        else:
+            before = run_eval("eval_before")
 
-    trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
-    logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
+    logger = None
+    if dist.is_main:
+        trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
+        logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
         last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extras)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
 
-    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras)
-    save_model(model, tokenizer, output_dir / "final")
+    if dist.is_main:
+        save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras)
+        save_model(model, tokenizer, output_dir / "final")
+    dist.barrier()
     after = run_eval("eval_after") if cfg.eval.before_after else None
     if before is not None and after is not None:
         _print(console, before_after_table(before, after))
     return RunResult(output_dir, last, before, after)
 
 
-def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
+def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], dist: Distributed = SINGLE):
     """(StepContext, learning-gain tracker, prompts dropped per task) for a model and its tasks."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
@@ -164,7 +188,9 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
         account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced", "pcgrad")
     task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
                                    balance_target=cfg.sampler.balance_target,
-                                   project=cfg.sampler.name == "pcgrad") if account else None
+                                   project=cfg.sampler.name == "pcgrad",
+                                   reduce=dist.sum_ if dist.active else None,
+                                   task_names=names if dist.active else None) if account else None
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
     ctx = StepContext(
         tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
@@ -175,7 +201,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task]):
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
         sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
-        task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap,
+        task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
 
     return ctx, gain, dropped
@@ -205,8 +231,10 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
     started = time.monotonic()
     with Progress(*columns, console=console, transient=False, disable=console is False) as progress:
         bar = progress.add_task("train", total=cfg.max_steps, completed=start, status="")
+        dist = ctx.dist
         for step in range(start + 1, cfg.max_steps + 1):
-            if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
+            over = bool(cfg.max_minutes) and time.monotonic() - started > 60 * cfg.max_minutes
+            if dist.sum_float(float(over)) > 0:  # every process stops at the same step
                 _print(console, f"time budget of {cfg.max_minutes} min reached after step {step - 1}")
                 return step - 1
             try:
@@ -223,12 +251,14 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
             if step == 1:
                 metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
-                res = run_eval(f"eval_step_{step:06d}")
+                res = run_eval(f"eval_step_{step:06d}") or {}
                 metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "n"})
             for alarm in alarms:
                 metrics[f"alarm/{alarm.name}"] = 1.0
-                _record_alarm(output_dir, alarm, progress.console if console is not False else False)
-            logger.log(step, metrics, samples)
+                if dist.is_main:
+                    _record_alarm(output_dir, alarm, progress.console if console is not False else False)
+            if logger is not None:
+                logger.log(step, metrics, samples)
             status = (f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy/mean']:.3f} "
                       f"loss {metrics['loss']:+.4f}")
             if alarms:
@@ -238,7 +268,7 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
             if extras["monitor"].nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
                 stop.append(f"{extras['monitor'].nonfinite_steps} steps were skipped for non-finite losses or "
                             f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
-            if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):
+            if dist.is_main and (stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps)):
                 save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints, extra=extras)
             if stop:
                 raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)

@@ -36,10 +36,12 @@ import torch
 from unigrad.diagnostics.mismatch import mismatch_metrics
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.objective import Objective, batch_normalisers, compute_advantages, compute_policy_loss
+from unigrad.objective.aggregation import Normalisers
 from unigrad.objective.hybrid import hpt_switch
-from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams
+from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams, prompt_stream_seeds
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import SequenceBatch, encode_completion, length_grouped_micro_batches, pad_pairs
+from unigrad.train.distributed import SINGLE, Distributed
 from unigrad.train.learner import Learner
 from unigrad.train.metrics import merge_loss_metrics
 
@@ -69,6 +71,7 @@ class StepContext:
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
     measure_mismatch: bool = True  # mismatch/ metrics from the engine's log-probs
     grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
+    dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
     timers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -77,14 +80,22 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     t_start = time.perf_counter()
     names = [t.name for t in ctx.tasks]
 
-    # 1. Prompts: the sampler picks (task, example) pairs.
-    picks = ctx.sampler.sample(ctx.prompts_per_step)
-    examples = [ctx.pools[t][i] for t, i in picks]
-    prompt_task = torch.tensor([t for t, _ in picks])  # (P,)
+    dist = ctx.dist
 
-    # 2. Rollouts: G completions per prompt, with the engine's own log-probs.
+    # 1. Prompts: the sampler picks (task, example) pairs, the same on every process; each process takes its block.
+    picks = ctx.sampler.sample(ctx.prompts_per_step)
+    lo, hi = dist.block(len(picks))
+    prompt_half = task_halves(torch.tensor([t for t, _ in picks]))[lo:hi]  # for per-task gradient accounting
+    picks = picks[lo:hi]
+    examples = [ctx.pools[t][i] for t, i in picks]
+    prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
+
+    # 2. Rollouts: G completions per prompt, with the engine's own log-probs. Each prompt has its own random
+    # stream, the one it has in a single process.
     t0 = time.perf_counter()
-    sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": ctx.seed * 1_000_003 + step})
+    step_seed = ctx.seed * 1_000_003 + step
+    sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": step_seed,
+                                 "prompt_seeds": prompt_stream_seeds(step_seed, hi - lo, offset=lo)})
     ro: Rollout = ctx.engine.generate([ctx.pool_prompt_ids[t][i] for t, i in picks], ctx.num_generations, sampling)
     t_rollout = time.perf_counter() - t0
 
@@ -95,10 +106,13 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     rewards = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task)
     t_reward = time.perf_counter() - t0
 
-    # 4. Advantages.
+    # 4. Advantages, over the whole batch (rewards of all processes).
     obj = ctx.objective
-    adv = compute_advantages(rewards, ro.group_ids, obj.advantage, task_ids=row_task,
-                             per_task=obj.per_task_advantage, eps=obj.advantage_eps)  # (N,)
+    all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
+    all_adv = compute_advantages(all_rewards, dist.cat(ro.group_ids + lo), obj.advantage, task_ids=all_row_task,
+                                 per_task=obj.per_task_advantage, eps=obj.advantage_eps)  # (N_all,)
+    first_row = lo * ctx.num_generations
+    adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
 
     # 5. Hybrid switch (HPT): prompts the model fails go to SFT on their demonstration.
     num_prompts = len(examples)
@@ -120,10 +134,11 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     # else one group. Normalisers are global to the step, so the grouping does not change the gradient.
     t0 = time.perf_counter()
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
-    rl_norm = batch_normalisers(rl.completion_mask, obj) if len(rl) else None
-    sft_norm = batch_normalisers(sft.completion_mask, "sft") if sft is not None else None
+    # Normalisers of the whole batch: summed over processes before any loss is formed.
+    rl_norm = global_normalisers(dist, batch_normalisers(rl.completion_mask, obj) if len(rl) else None)
+    sft_norm = global_normalisers(dist, batch_normalisers(sft.completion_mask, "sft") if sft is not None else None)
     chunks = micro_batch_plan(ctx, rl, sft, ro.group_ids[rl_rows], torch.tensor(sft_prompts, dtype=torch.long),
-                              prompt_task)
+                              prompt_task, prompt_half)
     train_logp = torch.zeros(rl.completion_ids.shape)  # (N_rl, T) learner log-probs, for the mismatch metrics
     train_entropy = torch.zeros(rl.completion_ids.shape)
     old = [None] * len(chunks)  # filled from the first iteration when num_iterations > 1
@@ -163,8 +178,10 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                 n_rows = sum(len(r) for g, _, r in chunks if g == group)
                 ctx.task_gradients.collect(names[group[0]], group[1], n_rows)
         if ctx.task_gradients is not None:
-            measured = ctx.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
+            measured = ctx.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum), over processes
             grad_metrics = grad_metrics or measured  # the first iteration's: the fresh batch
+        else:
+            dist.sum_gradients(ctx.learner.params)
         t1 = time.perf_counter()
         norm, status = ctx.learner.clip_and_step(ctx.grad_norm_cap)
         grad_norms.append(norm)
@@ -177,16 +194,21 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     ctx.engine.load_weights(ctx.learner.model.state_dict())
     t_sync = time.perf_counter() - t0
 
-    metrics = step_metrics(names, rewards, row_task, ro, sft_prompt, prompt_task, adv)
-    metrics.update(merge_loss_metrics(loss_metrics, ctx.num_iterations))
+    # Metrics of the whole batch (gathered from every process).
+    metrics = step_metrics(names, all_rewards, all_row_task, dist.cat(ro.completion_mask.sum(-1)),
+                           dist.cat(ro.prompt_mask.sum(-1)), dist.cat(ro.truncated), dist.cat(sft_prompt),
+                           dist.cat(prompt_task), all_adv)
+    metrics.update(merge_loss_metrics(sum(dist.gather(loss_metrics), []), ctx.num_iterations))
     metrics.update(grad_metrics)
-    if len(rl) and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
-        metrics.update(mismatch_metrics(train_logp, rl_infer, rl.completion_mask, entropy=train_entropy,
-                                        low=obj.icepop_low, high=obj.icepop_high))
+    rl_mask = dist.cat(rl.completion_mask)
+    if rl_mask.shape[0] and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
+        metrics.update(mismatch_metrics(dist.cat(train_logp), dist.cat(rl_infer), rl_mask,
+                                        entropy=dist.cat(train_entropy), low=obj.icepop_low, high=obj.icepop_high))
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms),
-        "skipped/nonfinite": float(statuses.count("nonfinite")), "skipped/nonfinite_loss": float(nonfinite_loss),
+        "skipped/nonfinite": float(statuses.count("nonfinite")),
+        "skipped/nonfinite_loss": float(dist.sum_float(float(nonfinite_loss)) > 0),
         "skipped/grad_cap": float(statuses.count("grad_cap")),
         "lr": ctx.learner.lr, "time/rollout": t_rollout, "time/reward": t_reward, "time/learner": t_learner,
         "time/optimizer": t_optim, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start,
@@ -199,13 +221,26 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     return metrics, samples
 
 
+def task_halves(prompt_task: torch.Tensor) -> torch.Tensor:
+    """(P,) half (0 or 1) of each prompt of the step: each task's prompts dealt alternately, in order; -1 for
+    the prompt of a task that has only one (its rows are dealt instead)."""
+    half = torch.zeros(len(prompt_task), dtype=torch.long)
+    for k in prompt_task.unique().tolist():
+        prompts = torch.nonzero(prompt_task == k).flatten()
+        half[prompts[1::2]] = 1
+        if len(prompts) == 1:
+            half[prompts] = -1
+    return half
+
+
 def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | None, rl_prompt: torch.Tensor,
-                     sft_prompt: torch.Tensor, prompt_task: torch.Tensor) -> list[tuple[Any, str, torch.Tensor]]:
+                     sft_prompt: torch.Tensor, prompt_task: torch.Tensor,
+                     prompt_half: torch.Tensor) -> list[tuple[Any, str, torch.Tensor]]:
     """Micro-batches as (group, "rl" | "sft", row indices), consecutive per group.
 
-    Without per-task gradients there is one group (None). With them a group is (task index, half):
-    each task's prompts are dealt alternately into halves 0 and 1 (a task with a single prompt deals
-    its rows instead), so the two halves are disjoint samples of the task for the cross estimate.
+    Without per-task gradients there is one group (None). With them a group is (task index, half), the
+    halves from `task_halves` over the whole step's prompts (so processes agree), so the two halves are
+    disjoint samples of the task for the cross estimate.
     """
     rl_half = torch.zeros(len(rl_prompt), dtype=torch.long)
     sft_half = torch.zeros(len(sft_prompt), dtype=torch.long)
@@ -213,14 +248,12 @@ def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | N
         groups = [(None, torch.arange(len(rl_prompt)), torch.arange(len(sft_prompt)))]
     else:
         row_prompt = torch.cat([rl_prompt, sft_prompt])
-        half = torch.zeros(len(row_prompt), dtype=torch.long)
+        half = prompt_half[row_prompt].clone()
         row_task = prompt_task[row_prompt]
-        for k in row_task.unique().tolist():
-            prompts = row_prompt[row_task == k].unique()
-            if len(prompts) >= 2:
-                half[torch.isin(row_prompt, prompts[1::2])] = 1
-            else:
-                half[torch.nonzero(row_task == k).flatten()[1::2]] = 1
+        for k in row_task[half < 0].unique().tolist():  # rows of a task's only prompt: dealt alternately
+            rows = torch.nonzero(row_task == k).flatten()
+            half[rows] = 0
+            half[rows[1::2]] = 1
         rl_half, sft_half = half[: len(rl_prompt)], half[len(rl_prompt):]
         rl_task, sft_task = prompt_task[rl_prompt], prompt_task[sft_prompt]
         groups = [((k, h), torch.nonzero((rl_task == k) & (rl_half == h)).flatten(),
@@ -271,16 +304,27 @@ def demonstration_batch(ctx: StepContext, picks: list[tuple[int, int]]) -> Seque
     return pad_pairs(prompts, completions, ctx.tokenizer.pad_token_id)
 
 
-def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task, adv) -> dict[str, float]:
-    """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task."""
+def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:
+    """The whole batch's normalisers: this process's (None = no rows) summed over processes; None if all empty."""
+    if not dist.active:
+        return local
+    local = local or Normalisers(0.0, 0.0)
+    total = dist.sum_(torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.float64)).tolist()
+    return Normalisers(*total) if total[1] > 0 else None
+
+
+def step_metrics(names, rewards, row_task, lengths, prompt_lengths, truncated, sft_prompt, prompt_task,
+                 adv) -> dict[str, float]:
+    """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task (rows: (N,) tensors;
+    prompts: (P,) tensors)."""
     m: dict[str, float] = {}
     valid = torch.isfinite(rewards)
-    lengths = ro.completion_mask.sum(-1).float()
+    lengths = lengths.float()
     m["reward/mean"] = rewards[valid].mean().item() if valid.any() else float("nan")
     m["accuracy/mean"] = (rewards[valid] >= 1.0).float().mean().item() if valid.any() else float("nan")
     m["rewards/nan_count"] = float((~valid).sum())
     m["response_length/mean"] = lengths.mean().item()
-    m["completions/truncated_fraction"] = ro.truncated.float().mean().item()
+    m["completions/truncated_fraction"] = truncated.float().mean().item()
     m["completions/empty_fraction"] = (lengths <= 1).float().mean().item()  # nothing but EOS
     m["hpt/sft_fraction"] = sft_prompt.float().mean().item()
     for k, name in enumerate(names):
@@ -289,7 +333,7 @@ def step_metrics(names, rewards, row_task, ro: Rollout, sft_prompt, prompt_task,
             m[f"reward/{name}"] = rewards[rows].mean().item()
             m[f"accuracy/{name}"] = (rewards[rows] >= 1.0).float().mean().item()
             m[f"response_length/{name}"] = lengths[row_task == k].mean().item()
-            m[f"prompt_length/{name}"] = ro.prompt_mask[row_task == k].sum(-1).float().mean().item()
+            m[f"prompt_length/{name}"] = prompt_lengths[row_task == k].float().mean().item()
             m[f"advantage_abs/{name}"] = adv[rows].abs().mean().item()
         prompts = prompt_task == k
         if prompts.any():

@@ -1,0 +1,104 @@
+"""Data-parallel training over processes with torch.distributed.
+
+Launch with `unigrad train --nproc N ...` (which runs torch's `torchrun` launcher), or with `torchrun` or
+`accelerate launch` directly: every process reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from its
+environment. Backend: NCCL when CUDA is available, else gloo (CPU).
+
+What is split and what is reduced (unigrad.train.step uses these helpers; with one process they do nothing):
+- every process draws the same prompts from the same task sampler, then takes its own contiguous block of them,
+  each prompt with the random stream it would have had in a single process (`prompt_stream_seeds`);
+- rewards are gathered, so advantages (including batch-level ones) are those of the whole batch;
+- the loss normalisers (token and sequence counts) are summed over processes before any loss is formed, so each
+  process's backward gives its share of the single-process gradient, and gradients are then summed;
+- per-task gradients are summed per (task, half) before their statistics;
+- metrics are computed from gathered rewards, lengths and per-micro-batch loss records, so every process holds the
+  metrics a single process would log (rank 0 writes them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def block(self, total: int) -> tuple[int, int]:
+        """This process's [lo, hi) share of `total` items (contiguous; `total` must divide evenly)."""
+        if total % self.world:
+            raise ValueError(f"prompts_per_step={total} must be a multiple of the number of processes ({self.world})")
+        size = total // self.world
+        return self.rank * size, (self.rank + 1) * size
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce `tensor` in place (sum over processes) and return it."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_float(self, value: float) -> float:
+        return float(self.sum_(torch.tensor([value], dtype=torch.float64))[0]) if self.active else value
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order (picklable objects; small things only)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenation along dim 0 of every process's tensor, in rank order. Dim 0 may differ; so may dim 1 of
+        2-D tensors (e.g. completion widths), which are right-padded with zeros (False) to the widest."""
+        if not self.active:
+            return tensor
+        parts = self.gather(tensor.cpu())
+        if tensor.dim() == 2:
+            width = max(t.shape[1] for t in parts)
+            parts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in parts]
+        return torch.cat(parts, dim=0).to(tensor.device)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum `param.grad` over processes (one flat buffer, one collective)."""
+        if not self.active:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        self.sum_(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+SINGLE = Distributed()
+
+
+def init_distributed() -> Distributed:
+    """Join the process group described by the environment (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
