@@ -44,6 +44,7 @@ class RolloutSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="rollout-engine dtype; None = the learner's (bfloat16 creates a real mismatch)"
     )
+    num_engines: int = Field(1, ge=1, description="rollout engines; more than 1 runs them as Ray actors (unigrad[ray])")
     decoder: Literal["auto", "static", "transformers"] = Field(
         "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
     )

@@ -174,8 +174,14 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
-    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                decoder=cfg.rollout.decoder)
+    if cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
+        from unigrad.rollout.ray_pool import RayRolloutPool
+
+        engine = RayRolloutPool(model, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
+                                dtype=rollout_dtype, decoder=cfg.rollout.decoder)
+    else:
+        engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+                                    decoder=cfg.rollout.decoder)
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):

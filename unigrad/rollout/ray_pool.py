@@ -1,0 +1,127 @@
+"""A pool of rollout engines as Ray actors, itself a `RolloutEngine`.
+
+Each actor holds a `TransformersEngine` on its own copy of the model. `generate` splits the call's prompts into
+contiguous blocks, one per actor, each prompt keeping the random stream it has in a single engine
+(`SamplingParams.prompt_seeds`), and merges the actors' rollouts back in prompt order, padded as one engine pads
+them. So a pool returns exactly what one engine returns for the same seed. `load_weights` puts the learner's
+state dict into Ray's object store once; every actor reads it from there.
+
+Ray places the actors: on one machine they are processes; on a cluster (`ray start` on each node, then
+`ray.init(address="auto")` before building the pool) they spread over nodes. `actor_options` passes Ray resource
+requests through (e.g. `{"num_gpus": 1}` for one GPU per engine). Install with `pip install "unigrad[ray]"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from .base import Rollout, SamplingParams, prompt_stream_seeds
+
+
+def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rollouts of consecutive prompt blocks as one: prompts left-padded and completions right-padded to the widest,
+    group ids renumbered in order."""
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def left(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+
+    def right(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    offsets, groups = 0, []
+    for p in parts:
+        groups.append(p.group_ids + offsets)
+        offsets += int(p.group_ids.max()) + 1 if p.num_sequences else 0
+    return Rollout(
+        prompt_ids=torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, False) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, pad_token_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, False) for p in parts]),
+        infer_logprobs=torch.cat([right(p.infer_logprobs, 0.0) for p in parts]),
+        group_ids=torch.cat(groups),
+        truncated=torch.cat([p.truncated for p in parts]),
+    )
+
+
+class _EngineActor:
+    """One engine inside a Ray actor process (wrapped by `ray.remote` on first use)."""
+
+    def __init__(self, payload, pad_token_id, eos_token_id, dtype, decoder, threads):
+        from transformers import AutoModelForCausalLM
+
+        from .transformers_engine import TransformersEngine
+
+        if threads:
+            torch.set_num_threads(threads)
+        config, state = payload
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state)
+        model.eval()
+        self.engine = TransformersEngine(model, pad_token_id, eos_token_id, dtype=dtype, decoder=decoder)
+
+    def load_weights(self, state) -> None:
+        self.engine.load_weights(state)
+
+    def generate(self, prompts, n, sampling) -> Rollout:
+        return self.engine.generate(prompts, n, sampling)
+
+    def decoder(self) -> str:
+        return self.engine.decoder
+
+
+class RayRolloutPool:
+    """`num_engines` `TransformersEngine`s as Ray actors behind the `RolloutEngine` protocol."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
+                 num_engines: int = 2, *, dtype: torch.dtype | None = None, decoder: str = "auto",
+                 threads_per_engine: int = 1, actor_options: dict | None = None) -> None:
+        try:
+            import ray
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError('the Ray rollout pool needs ray: pip install "unigrad[ray]"') from err
+        if num_engines < 1:
+            raise ValueError("num_engines must be >= 1")
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        self._ray = ray
+        self.pad_token_id = int(pad_token_id)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        payload = ray.put((model.config, state))
+        actor = ray.remote(_EngineActor).options(num_cpus=threads_per_engine, **(actor_options or {}))
+        self.actors = [actor.remote(payload, pad_token_id, eos_token_id, dtype, decoder, threads_per_engine)
+                       for _ in range(num_engines)]
+        self.decoder = ray.get(self.actors[0].decoder.remote())
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Put the weights into the object store once; every actor copies them into its model."""
+        ref = self._ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        self._ray.get([a.load_weights.remote(ref) for a in self.actors])
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        seeds = sampling.prompt_seeds
+        if seeds is None:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            seeds = prompt_stream_seeds(seed, len(prompts))
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"prompt_seeds has {len(seeds)} seeds for {len(prompts)} prompts")
+        per, extra = divmod(len(prompts), len(self.actors))
+        futures, lo = [], 0
+        for i, actor in enumerate(self.actors):
+            hi = lo + per + (i < extra)
+            if hi > lo:
+                block = dataclasses.replace(sampling, prompt_seeds=tuple(seeds[lo:hi]))
+                futures.append(actor.generate.remote(prompts[lo:hi], n, block))
+            lo = hi
+        return merge_rollouts(self._ray.get(futures), self.pad_token_id)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+        self.actors = []
