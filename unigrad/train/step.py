@@ -19,6 +19,10 @@ Departures from the textbook loop, and why:
 - A prompt's G rows share one forward pass of the prompt in the learner (its keys and values are
   expanded to the rows; unigrad.rollout.logprobs): same gradient, about 1/G of the prompt's cost.
   Micro-batches keep a prompt's rows together for this.
+- Over several processes (unigrad.train.distributed) each takes a block of the step's prompts;
+  rewards are gathered for the advantages, normalisers and gradients are summed, and metrics come
+  from gathered data, so N processes compute what one process computes. With one process every
+  `dist` call is a no-op.
 - The mismatch metrics compare the engine's log-probs with the learner's first-iteration ones,
   which the loss computes anyway.
 """
@@ -79,7 +83,6 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     """Run one step; returns (metrics for metrics.jsonl, sample records for samples.jsonl)."""
     t_start = time.perf_counter()
     names = [t.name for t in ctx.tasks]
-
     dist = ctx.dist
 
     # 1. Prompts: the sampler picks (task, example) pairs, the same on every process; each process takes its block.
