@@ -40,8 +40,9 @@ def main() -> None:
 
     contexts = {}
     for name, on in (("without", False), ("with", True)):
-        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]",
-                                                    f"diagnostics.task_gradients={str(on).lower()}"])
+        # Uniform task sampling in both: the default's gradient-balanced update needs the accounting itself.
+        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]", "sampler.name=uniform",
+                                         f"diagnostics.task_gradients={str(on).lower()}"])
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
         tasks = [t for spec in cfg.tasks for t in get_tasks(spec)]
         contexts[name], _, _ = build_step_context(cfg, model, tokenizer, tasks)
