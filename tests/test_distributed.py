@@ -13,10 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from unigrad.models.tokenizer import build_char_tokenizer
 
 REWARD = '''
 def digits(completions, **kwargs):
@@ -27,18 +23,11 @@ SKIP = ("time/", "lr")  # wall-clock
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    path = tmp_path_factory.mktemp("dist")
-    tok = build_char_tokenizer(model_max_length=256)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path / "model")
-    tok.save_pretrained(path / "model")
-    (path / "reward_digits.py").write_text(REWARD)
-    return path / "model", path / "reward_digits.py"
+def setup(small_model, tmp_path_factory) -> tuple[Path, Path]:
+    """The shared random char Llama (conftest.py) and a reward file for it."""
+    reward = tmp_path_factory.mktemp("dist") / "reward_digits.py"
+    reward.write_text(REWARD)
+    return small_model, reward
 
 
 def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective: str, extra=()):

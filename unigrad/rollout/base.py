@@ -21,6 +21,17 @@ class SamplingParams:
     prompt_seeds: tuple[int, ...] | None = None
 
 
+def resolve_prompt_seeds(sampling: SamplingParams, prompts: int) -> tuple[int, ...]:
+    """The seeds of a call's per-prompt random streams: `sampling.prompt_seeds` (checked against the number of
+    prompts), else derived from `sampling.seed` (a random seed when that is None too)."""
+    if sampling.prompt_seeds is not None:
+        if len(sampling.prompt_seeds) != prompts:
+            raise ValueError(f"prompt_seeds has {len(sampling.prompt_seeds)} seeds for {prompts} prompts")
+        return tuple(sampling.prompt_seeds)
+    seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    return prompt_stream_seeds(seed, prompts)
+
+
 def prompt_stream_seeds(seed: int, prompts: int, offset: int = 0) -> tuple[int, ...]:
     """Seeds of the random streams of prompts offset .. offset + prompts - 1 of a call seeded with `seed`: what an
     engine uses when `SamplingParams.prompt_seeds` is None (offset 0), and how a caller splitting one call's prompts

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Rollout, SamplingParams, prompt_stream_seeds
+from .base import Rollout, SamplingParams, resolve_prompt_seeds
 
 
 def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -105,12 +105,7 @@ class RayRolloutPool:
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         if not prompts:
             raise ValueError("generate needs at least one prompt")
-        seeds = sampling.prompt_seeds
-        if seeds is None:
-            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            seeds = prompt_stream_seeds(seed, len(prompts))
-        elif len(seeds) != len(prompts):
-            raise ValueError(f"prompt_seeds has {len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = resolve_prompt_seeds(sampling, len(prompts))
         per, extra = divmod(len(prompts), len(self.actors))
         futures, lo = [], 0
         for i, actor in enumerate(self.actors):

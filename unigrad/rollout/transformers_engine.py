@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .base import Rollout, SamplingParams, prompt_stream_seeds
+from .base import Rollout, SamplingParams, resolve_prompt_seeds
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .sampling import select_next_tokens
 from .static_decoder import StaticCacheDecoder, unsupported_reason
@@ -204,12 +204,7 @@ class TransformersEngine:
         steps = 0
         if max_new > 0:
             # One random stream per prompt (rows p*n .. p*n+n-1): a prompt's samples do not depend on the others.
-            seeds = sampling.prompt_seeds
-            if seeds is None:
-                seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-                seeds = prompt_stream_seeds(seed, len(prompts))
-            elif len(seeds) != len(prompts):
-                raise ValueError(f"prompt_seeds has {len(seeds)} seeds for {len(prompts)} prompts")
+            seeds = resolve_prompt_seeds(sampling, len(prompts))
             streams = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
             eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
 
