@@ -5,20 +5,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from step_helpers import flat_grad, length_rewards, observe, replayed_picks, step_context
 
 from unigrad.config import OptimSection
-from unigrad.data.samplers import TaskSampler
 from unigrad.diagnostics.task_gradients import TaskGradients, balanced_sum, task_gradient_stats
-from unigrad.models.tokenizer import build_char_tokenizer
-from unigrad.objective import batch_normalisers, compute_advantages, compute_policy_loss, resolve_objective
-from unigrad.rollout.base import SamplingParams
+from unigrad.objective import batch_normalisers, compute_advantages, compute_policy_loss
 from unigrad.rollout.logprobs import sequence_logprobs
-from unigrad.rollout.transformers_engine import TransformersEngine
-from unigrad.tasks import get_tasks
-from unigrad.train.batching import encode_prompt
 from unigrad.train.learner import Learner
-from unigrad.train.step import StepContext, decode_completions, train_step
+from unigrad.train.step import decode_completions, train_step
 
 
 def test_stats_on_vectors_with_a_known_answer():
@@ -61,51 +55,12 @@ def test_balanced_sum_rescales_each_task_to_a_common_norm():
     assert torch.allclose(balanced_sum(g, target=1.0), torch.tensor([0.6, 1.8]))
 
 
-def _context(task_gradients: bool, seed: int = 0):
-    tok = build_char_tokenizer(model_max_length=256)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    tasks = [t for spec in ("arithmetic", "countdown", "table_qa") for t in get_tasks(spec)]
-    pools = [t.examples("train", 20, seed=k) for k, t in enumerate(tasks)]
-    learner = Learner(model, OptimSection(lr=1e-3))
-    ctx = StepContext(
-        tokenizer=tok, learner=learner, engine=TransformersEngine(model, tok.pad_token_id, tok.eos_token_id),
-        tasks=tasks, pools=pools, pool_prompt_ids=[[encode_prompt(tok, e.prompt) for e in p] for p in pools],
-        sampler=TaskSampler([20, 20, 20], seed=1, names=[t.name for t in tasks]),
-        objective=resolve_objective("grpo"), sampling=SamplingParams(temperature=1.0, max_new_tokens=6),
-        prompts_per_step=6, num_generations=4, micro_batch_size=3, seed=seed,
-        task_gradients=TaskGradients(learner.params) if task_gradients else None,
-    )
-    return ctx
-
-
-def _observe(ctx):
-    """Record the rollout and the gradient the optimizer sees (without changing either)."""
-    seen = {}
-    generate, clip_and_step = ctx.engine.generate, ctx.learner.clip_and_step
-
-    def record_generate(*args, **kw):
-        seen["rollout"] = generate(*args, **kw)
-        return seen["rollout"]
-
-    def record_step(*args):
-        seen["grad"] = torch.cat([p.grad.reshape(-1) for p in ctx.learner.params]).clone()
-        return clip_and_step(*args)
-
-    ctx.engine.generate, ctx.learner.clip_and_step = record_generate, record_step
-    return seen
-
-
 def test_step_task_gradients_sum_to_g_and_match_a_from_scratch_computation():
     # Rewards on a random model are mostly 0; give the step something to learn from by using a
     # reward that depends on the completion, so every task has non-zero advantages.
-    ctx = _context(task_gradients=True)
-    for task in ctx.tasks:
-        task.verify = lambda texts, examples: [float(len(t) % 3 == 0) for t in texts]
-    seen = _observe(ctx)
+    ctx = step_context(task_gradients=True)
+    length_rewards(ctx)
+    seen = observe(ctx)
     state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
     metrics, _ = train_step(ctx, 1)
     g = seen["grad"]
@@ -118,7 +73,8 @@ def test_step_task_gradients_sum_to_g_and_match_a_from_scratch_computation():
     ro = seen["rollout"]
     model = ctx.learner.model
     model.load_state_dict(state)
-    picks_task = metrics_task_rows(ctx, ro)
+    picks = replayed_picks(ctx)
+    picks_task = torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
     texts = decode_completions(ctx.tokenizer, ro)
     rewards = torch.tensor([float(len(t) % 3 == 0) for t in texts])
     adv = compute_advantages(rewards, ro.group_ids, "grpo")
@@ -131,27 +87,18 @@ def test_step_task_gradients_sum_to_g_and_match_a_from_scratch_computation():
         out = compute_policy_loss(logp, ro.completion_mask[rows], adv[rows], ctx.objective,
                                   max_length=6, num_tokens=norm.num_tokens, num_sequences=norm.num_sequences)
         out.loss.backward()
-        scratch = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                             for p in ctx.learner.params])
+        scratch = flat_grad(ctx.learner.params)
         assert torch.allclose(gk, scratch, atol=1e-6, rtol=1e-4), name
         assert metrics[f"grad/{name}/sq_norm"] == pytest.approx(float(scratch @ scratch), rel=1e-4)
     assert sum(metrics[f"grad/{k}/share"] for k in per_task) == pytest.approx(1.0, abs=1e-5)
 
 
-def metrics_task_rows(ctx, ro):
-    """Task index of each rollout row, from the sampler's replayed picks."""
-    replay = TaskSampler([20, 20, 20], seed=1)
-    picks = replay.sample(ctx.prompts_per_step)
-    return torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
-
-
 def test_accounting_does_not_change_the_update():
     grads = []
     for on in (False, True):
-        ctx = _context(task_gradients=on)
-        for task in ctx.tasks:
-            task.verify = lambda texts, examples: [float(len(t) % 3 == 0) for t in texts]
-        seen = _observe(ctx)
+        ctx = step_context(task_gradients=on)
+        length_rewards(ctx)
+        seen = observe(ctx)
         train_step(ctx, 1)
         grads.append(seen["grad"])
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
@@ -173,7 +120,7 @@ def test_collect_twice_into_the_same_half_accumulates():
 
 
 def test_a_nonfinite_gradient_skips_the_step_and_leaves_everything_untouched():
-    ctx = _context(task_gradients=False)
+    ctx = step_context(task_gradients=False)
     learner = ctx.learner
     before = [p.detach().clone() for p in learner.params]
     learner.params[0].grad = torch.full_like(learner.params[0], float("nan"))
@@ -190,11 +137,10 @@ def test_a_nonfinite_gradient_skips_the_step_and_leaves_everything_untouched():
 
 
 def test_balanced_updates_reach_the_optimizer():
-    ctx = _context(task_gradients=True)
+    ctx = step_context(task_gradients=True)
     ctx.task_gradients = TaskGradients(ctx.learner.params, balance=True)
-    for task in ctx.tasks:
-        task.verify = lambda texts, examples: [float(len(t) % 3 == 0) for t in texts]
-    seen = _observe(ctx)
+    length_rewards(ctx)
+    seen = observe(ctx)
     metrics, _ = train_step(ctx, 1)
     per_task = ctx.task_gradients.last
     live = [g for g in per_task.values() if float(g.norm()) > 0]

@@ -129,7 +129,9 @@ class MonitorSection(_Section):
 
 
 class TrainConfig(_Section):
-    objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'")
+    objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'; 'sft' trains on the "
+                           "tasks' demonstrations without sampling, 'luffy' puts each prompt's demonstration into "
+                           "its group as one of its rollouts")
     objective_args: dict[str, Any] = Field(default_factory=dict, description="overrides of objective fields")
     model: ModelSection = Field(default_factory=ModelSection)
     tasks: list[str] = Field(
@@ -218,6 +220,21 @@ class TrainConfig(_Section):
         if needs and self.diagnostics.task_gradients is False:
             raise ValueError(f"sampler.name={self.sampler.name!r} needs diagnostics.task_gradients")
         return self
+
+    @model_validator(mode="after")
+    def _demonstration_modes_consistent(self) -> TrainConfig:
+        if self.is_hybrid and resolve_objective(self.hybrid.rl_objective).off_policy_ratio is not None:
+            raise ValueError(f"hybrid.rl_objective={self.hybrid.rl_objective!r} takes demonstrations itself; "
+                             "HPT's RL part must be an on-policy objective (e.g. dr_grpo)")
+        if self.uses_guidance and self.rollout.num_generations < 2:
+            raise ValueError(f"objective={self.objective!r} puts the demonstration into each group as one of its "
+                             "rollout.num_generations rows, so it needs rollout.num_generations >= 2")
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        """LUFFY-style: an objective with an off-policy route gets each prompt's demonstration in its group."""
+        return not self.is_hybrid and self.resolved_objective().off_policy_ratio is not None
 
     @property
     def is_hybrid(self) -> bool:

@@ -205,7 +205,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
-        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
+        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, demonstrations_only=cfg.objective == "sft",
+        guidance=cfg.uses_guidance, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
         sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
@@ -266,7 +267,7 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
             if logger is not None:
                 logger.log(step, metrics, samples)
             status = (f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy/mean']:.3f} "
-                      f"loss {metrics['loss']:+.4f}")
+                      if "reward/mean" in metrics else "") + f"loss {metrics['loss']:+.4f}"
             if alarms:
                 status += " [red]alarm: " + ", ".join(a.name for a in alarms) + "[/red]"
             progress.update(bar, advance=1, status=status)

@@ -44,7 +44,8 @@ from unigrad.objective.aggregation import Normalisers
 from unigrad.objective.hybrid import hpt_switch
 from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams, prompt_stream_seeds
 from unigrad.tasks.base import Example, Task
-from unigrad.train.batching import SequenceBatch, encode_completion, length_grouped_micro_batches, pad_pairs
+from unigrad.train.batching import SequenceBatch, length_grouped_micro_batches
+from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
 from unigrad.train.distributed import SINGLE, Distributed
 from unigrad.train.learner import Learner
 from unigrad.train.metrics import merge_loss_metrics
@@ -68,6 +69,8 @@ class StepContext:
     micro_batch_size: int
     num_iterations: int = 1
     hybrid_gamma: float | None = None  # None: no HPT switch
+    demonstrations_only: bool = False  # objective=sft: train on every prompt's demonstration, generate nothing
+    guidance: bool = False  # LUFFY: each group's last row is the prompt's demonstration (off-policy tokens)
     rl_coef: float = 1.0
     sft_coef: float = 1.0
     seed: int = 0
@@ -94,15 +97,25 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
 
     # 2. Rollouts: G completions per prompt, with the engine's own log-probs. Each prompt has its own random
-    # stream, the one it has in a single process.
+    # stream, the one it has in a single process. With guidance (LUFFY) G - 1 are sampled and the prompt's
+    # demonstration is the G-th; objective=sft samples nothing.
     t0 = time.perf_counter()
     step_seed = ctx.seed * 1_000_003 + step
     sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": step_seed,
                                  "prompt_seeds": prompt_stream_seeds(step_seed, hi - lo, offset=lo)})
-    ro: Rollout = ctx.engine.generate([ctx.pool_prompt_ids[t][i] for t, i in picks], ctx.num_generations, sampling)
+    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
+    if ctx.demonstrations_only:
+        ro: Rollout = no_rollout()
+    else:
+        ro = ctx.engine.generate(prompt_ids, ctx.num_generations - ctx.guidance, sampling)
+    row_off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)  # (N,) demonstration rows (LUFFY)
+    if ctx.guidance:
+        check_demonstrations(examples, "LUFFY-style guidance")
+        ro, row_off_policy = with_demonstrations(ro, demonstration_batch(ctx.tokenizer, prompt_ids, examples),
+                                                 ctx.tokenizer.pad_token_id)
     t_rollout = time.perf_counter() - t0
 
-    # 3. Rewards from the verifiers (NaN = unscorable; counted, advantage 0).
+    # 3. Rewards from the verifiers (NaN = unscorable; counted, advantage 0). Demonstration rows are scored too.
     t0 = time.perf_counter()
     texts = decode_completions(ctx.tokenizer, ro)
     row_task = prompt_task[ro.group_ids]  # (N,)
@@ -117,20 +130,23 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     first_row = lo * ctx.num_generations
     adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
 
-    # 5. Hybrid switch (HPT): prompts the model fails go to SFT on their demonstration.
+    # 5. Hybrid switch (HPT): prompts the model fails go to SFT on their demonstration (objective=sft: all).
     num_prompts = len(examples)
-    if ctx.hybrid_gamma is not None:
+    if ctx.demonstrations_only:
+        sft_prompt = torch.ones(num_prompts, dtype=torch.bool)
+    elif ctx.hybrid_gamma is not None:
         sft_prompt = hpt_switch(rewards, ro.group_ids, num_prompts, ctx.hybrid_gamma)  # (P,)
-        missing = [examples[p].task for p in range(num_prompts) if sft_prompt[p] and not examples[p].demonstration]
-        if missing:
-            raise ValueError(f"HPT needs demonstrations; task(s) {sorted(set(missing))} have none")
     else:
         sft_prompt = torch.zeros(num_prompts, dtype=torch.bool)
     rl_rows = torch.nonzero(~sft_prompt[ro.group_ids]).flatten()  # rows trained by RL
     rl = SequenceBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask).rows(rl_rows)
-    rl_adv, rl_infer = adv[rl_rows], ro.infer_logprobs[rl_rows]
+    rl_adv, rl_infer, rl_off = adv[rl_rows], ro.infer_logprobs[rl_rows], row_off_policy[rl_rows]
     sft_prompts = torch.nonzero(sft_prompt).flatten().tolist()
-    sft = demonstration_batch(ctx, [picks[p] for p in sft_prompts]) if sft_prompts else None
+    sft = None
+    if sft_prompts:
+        check_demonstrations([examples[p] for p in sft_prompts], "objective=sft" if ctx.demonstrations_only else "HPT")
+        sft = demonstration_batch(ctx.tokenizer, [prompt_ids[p] for p in sft_prompts],
+                                  [examples[p] for p in sft_prompts])
 
     # 6-9. Learner passes, loss, backward, clip, optimizer step (num_iterations times). Micro-batches
     # never mix accounting groups: one group per (task, half) when per-task gradients are measured,
@@ -161,6 +177,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                     infer_logprobs=rl_infer[rows, :width] if obj.needs_infer_logprobs else None,
                     ref_logprobs=ref[c], max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
                     num_sequences=rl_norm.num_sequences, entropy=entropy,
+                    off_policy_mask=rl_off[rows, None] & mb.completion_mask if ctx.guidance else None,
                 )
                 (ctx.rl_coef * out.loss).backward()
                 nonfinite_loss |= not torch.isfinite(out.loss).item()
@@ -197,14 +214,20 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     ctx.engine.load_weights(ctx.learner.model.state_dict())
     t_sync = time.perf_counter() - t0
 
-    # Metrics of the whole batch (gathered from every process).
-    metrics = step_metrics(names, all_rewards, all_row_task, dist.cat(ro.completion_mask.sum(-1)),
-                           dist.cat(ro.prompt_mask.sum(-1)), dist.cat(ro.truncated), dist.cat(sft_prompt),
-                           dist.cat(prompt_task), all_adv)
+    # Metrics of the whole batch (gathered from every process); rewards, lengths and advantages of the sampled
+    # rows only (a demonstration row is not the model's work).
+    sampled = ~dist.cat(row_off_policy)
+    metrics = step_metrics(names, all_rewards[sampled], all_row_task[sampled],
+                           dist.cat(ro.completion_mask.sum(-1))[sampled], dist.cat(ro.prompt_mask.sum(-1))[sampled],
+                           dist.cat(ro.truncated)[sampled], dist.cat(sft_prompt), dist.cat(prompt_task),
+                           all_adv[sampled])
+    if ctx.guidance:
+        metrics["guidance/reward"] = all_rewards[~sampled].nanmean().item()
+        metrics["guidance/advantage"] = all_adv[~sampled].mean().item()
     metrics.update(merge_loss_metrics(sum(dist.gather(loss_metrics), []), ctx.num_iterations))
     metrics.update(grad_metrics)
-    rl_mask = dist.cat(rl.completion_mask)
-    if rl_mask.shape[0] and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
+    rl_mask = dist.cat(rl.completion_mask & ~rl_off[:, None])  # the engine's own samples
+    if rl_mask.any() and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
         metrics.update(mismatch_metrics(dist.cat(train_logp), dist.cat(rl_infer), rl_mask,
                                         entropy=dist.cat(train_entropy), low=obj.icepop_low, high=obj.icepop_high))
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
@@ -301,12 +324,6 @@ def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task
     return rewards
 
 
-def demonstration_batch(ctx: StepContext, picks: list[tuple[int, int]]) -> SequenceBatch:
-    prompts = [ctx.pool_prompt_ids[t][i] for t, i in picks]
-    completions = [encode_completion(ctx.tokenizer, ctx.pools[t][i].demonstration) for t, i in picks]
-    return pad_pairs(prompts, completions, ctx.tokenizer.pad_token_id)
-
-
 def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:
     """The whole batch's normalisers: this process's (None = no rows) summed over processes; None if all empty."""
     if not dist.active:
@@ -320,7 +337,12 @@ def step_metrics(names, rewards, row_task, lengths, prompt_lengths, truncated, s
                  adv) -> dict[str, float]:
     """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task (rows: (N,) tensors;
     prompts: (P,) tensors)."""
-    m: dict[str, float] = {}
+    m: dict[str, float] = {"hpt/sft_fraction": sft_prompt.float().mean().item()}
+    for k, name in enumerate(names):
+        if (prompt_task == k).any():
+            m[f"hpt/sft_fraction/{name}"] = sft_prompt[prompt_task == k].float().mean().item()
+    if not len(rewards):  # objective=sft: nothing was sampled
+        return m
     valid = torch.isfinite(rewards)
     lengths = lengths.float()
     m["reward/mean"] = rewards[valid].mean().item() if valid.any() else float("nan")
@@ -329,7 +351,6 @@ def step_metrics(names, rewards, row_task, lengths, prompt_lengths, truncated, s
     m["response_length/mean"] = lengths.mean().item()
     m["completions/truncated_fraction"] = truncated.float().mean().item()
     m["completions/empty_fraction"] = (lengths <= 1).float().mean().item()  # nothing but EOS
-    m["hpt/sft_fraction"] = sft_prompt.float().mean().item()
     for k, name in enumerate(names):
         rows = (row_task == k) & valid
         if rows.any():
@@ -338,7 +359,4 @@ def step_metrics(names, rewards, row_task, lengths, prompt_lengths, truncated, s
             m[f"response_length/{name}"] = lengths[row_task == k].mean().item()
             m[f"prompt_length/{name}"] = prompt_lengths[row_task == k].float().mean().item()
             m[f"advantage_abs/{name}"] = adv[rows].abs().mean().item()
-        prompts = prompt_task == k
-        if prompts.any():
-            m[f"hpt/sft_fraction/{name}"] = sft_prompt[prompts].float().mean().item()
     return m

@@ -1,0 +1,77 @@
+"""A real training step on a random tiny char-level Llama, and a recorder of what it feeds the optimizer.
+
+Shared by the step-level tests (per-task gradients, demonstrations): plain functions, imported by name."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unigrad.config import OptimSection
+from unigrad.data.samplers import TaskSampler
+from unigrad.diagnostics.task_gradients import TaskGradients
+from unigrad.models.tokenizer import build_char_tokenizer
+from unigrad.objective import resolve_objective
+from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.transformers_engine import TransformersEngine
+from unigrad.tasks import get_tasks
+from unigrad.train.batching import encode_prompt
+from unigrad.train.learner import Learner
+from unigrad.train.step import StepContext
+
+TASKS = ("arithmetic", "countdown", "table_qa")
+POOL = 20  # training examples per task
+SAMPLER_SEED = 1
+
+
+def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "grpo", **fields) -> StepContext:
+    """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields."""
+    tok = build_char_tokenizer(model_max_length=256)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    tasks = [t for spec in TASKS for t in get_tasks(spec)]
+    pools = [t.examples("train", POOL, seed=k) for k, t in enumerate(tasks)]
+    learner = Learner(model, OptimSection(lr=1e-3))
+    return StepContext(**{
+        "tokenizer": tok, "learner": learner, "engine": TransformersEngine(model, tok.pad_token_id, tok.eos_token_id),
+        "tasks": tasks, "pools": pools, "pool_prompt_ids": [[encode_prompt(tok, e.prompt) for e in p] for p in pools],
+        "sampler": TaskSampler([POOL] * len(tasks), seed=SAMPLER_SEED, names=[t.name for t in tasks]),
+        "objective": resolve_objective(objective), "sampling": SamplingParams(temperature=1.0, max_new_tokens=6),
+        "prompts_per_step": 6, "num_generations": 4, "micro_batch_size": 3, "seed": seed,
+        "task_gradients": TaskGradients(learner.params) if task_gradients else None, **fields})
+
+
+def replayed_picks(ctx: StepContext) -> list[tuple[int, int]]:
+    """The (task, example) pairs the step's sampler draws first, from a fresh sampler with the same seed."""
+    return TaskSampler([POOL] * len(ctx.tasks), seed=SAMPLER_SEED).sample(ctx.prompts_per_step)
+
+
+def length_rewards(ctx: StepContext) -> None:
+    """Rewards on a random model are mostly 0; a reward that depends on the completion gives every group a
+    spread, so advantages are non-zero."""
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [float(len(t) % 3 == 0) for t in texts]
+
+
+def observe(ctx: StepContext) -> dict:
+    """Record the rollout, the engine calls and the gradient the optimizer sees (without changing either)."""
+    seen = {"generate_calls": []}
+    generate, clip_and_step = ctx.engine.generate, ctx.learner.clip_and_step
+
+    def record_generate(prompts, n, sampling):
+        seen["generate_calls"].append((len(prompts), n))
+        seen["rollout"] = generate(prompts, n, sampling)
+        return seen["rollout"]
+
+    def record_step(*args):
+        seen["grad"] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                  for p in ctx.learner.params]).clone()
+        return clip_and_step(*args)
+
+    ctx.engine.generate, ctx.learner.clip_and_step = record_generate, record_step
+    return seen
+
+
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
