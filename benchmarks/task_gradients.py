@@ -4,7 +4,9 @@ The default tiny model (built and cached on first use), four built-in tasks (ari
 word_problems, table_qa), the step settings of examples/default.yaml (16 prompts x 8 samples, 40 new
 tokens, micro-batches of 32), GRPO. Two identical learners start from the same weights and take
 steps in alternation (off, on, off, on, ...) with the same per-step seeds, so machine drift hits
-both alike; medians of whole `train_step` wall times are compared, and of the learner phase alone.
+both alike; medians of whole `train_step` wall times are compared, and of the learner phase alone. Three
+variants: no accounting, the default accounting (tasks split in halves for the cross term every
+`diagnostics.cross_every` steps) and halves on every step.
 
     python benchmarks/task_gradients.py [--steps 30] [--threads N]
 
@@ -39,10 +41,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     contexts = {}
-    for name, on in (("without", False), ("with", True)):
-        # Uniform task sampling in both: the default's gradient-balanced update needs the accounting itself.
-        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]", "sampler.name=uniform",
-                                         f"diagnostics.task_gradients={str(on).lower()}"])
+    variants = {"without": ["diagnostics.task_gradients=false"],
+                "with": ["diagnostics.task_gradients=true"],  # the default: halves every cross_every steps
+                "halves_every_step": ["diagnostics.task_gradients=true", "diagnostics.cross_every=1"]}
+    for name, overrides in variants.items():
+        # Uniform task sampling in all: the default's gradient-balanced update needs the accounting itself.
+        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]", "sampler.name=uniform", *overrides])
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
         tasks = [t for spec in cfg.tasks for t in get_tasks(spec)]
         contexts[name], _, _ = build_step_context(cfg, model, tokenizer, tasks)
@@ -60,15 +64,19 @@ def main() -> None:
             if step > 2:
                 step_times[name].append(elapsed)
                 learner_times[name].append(metrics["time/learner"] + metrics["time/optimizer"])
-            if name == "with" and step == 3:
+            if name != "without" and step == 3:
                 assert any(k.startswith("grad/") and k.endswith("/sq_norm") for k in metrics), "accounting is off"
+    cross_every = contexts["with"].task_gradients.cross_every
     for name in contexts:
-        print(f"{name:8s} accounting: step median {statistics.median(step_times[name]):.3f} s, "
+        print(f"{name:17s}: step median {statistics.median(step_times[name]):.3f} s, "
               f"learner+optimizer median {statistics.median(learner_times[name]):.3f} s")
-    learner_ratio = statistics.median(learner_times["with"]) / statistics.median(learner_times["without"])
-    print(f"learner_phase_ratio={learner_ratio:.3f}")
-    ratio = statistics.median(step_times["with"]) / statistics.median(step_times["without"])
-    print(f"task_gradient_overhead={ratio:.3f}")
+
+    def ratio(times: dict[str, list[float]], name: str) -> float:
+        return statistics.median(times[name]) / statistics.median(times["without"])
+
+    print(f"halves_every_step_overhead={ratio(step_times, 'halves_every_step'):.3f} (cross term on every step)")
+    print(f"learner_phase_ratio={ratio(learner_times, 'with'):.3f}")
+    print(f"task_gradient_overhead={ratio(step_times, 'with'):.3f} (default: cross term every {cross_every} steps)")
 
 
 if __name__ == "__main__":

@@ -184,3 +184,24 @@ def test_learner_optimizer_step_equals_plain_adamw():
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert (a.weight - start).abs().min() > 1e-3  # every weight moved
+
+
+def test_steps_without_halves_give_the_same_task_gradients_and_no_cross_term():
+    """cross_every=2: step 2 groups rows by task only; its g_k equal those of a run that splits every step."""
+    runs = {}
+    for every in (1, 2):
+        ctx = step_context(task_gradients=True)
+        ctx.task_gradients = TaskGradients(ctx.learner.params, cross_every=every)
+        length_rewards(ctx)
+        out = [train_step(ctx, step)[0] for step in (1, 2)]
+        runs[every] = (out, dict(ctx.task_gradients.last))
+    (split, g_split), (grouped, g_grouped) = runs[1], runs[2]
+    assert g_split.keys() == g_grouped.keys()
+    for name in g_split:
+        torch.testing.assert_close(g_grouped[name], g_split[name], atol=1e-6, rtol=1e-4)
+        assert grouped[1][f"grad/{name}/sq_norm"] == pytest.approx(split[1][f"grad/{name}/sq_norm"], rel=1e-4)
+        assert math.isnan(grouped[1][f"grad/{name}/cross_sq_norm"])
+    assert any(math.isfinite(split[1][f"grad/{name}/cross_sq_norm"]) for name in g_split)
+    assert any(math.isfinite(grouped[0][f"grad/{name}/cross_sq_norm"]) for name in g_split)  # step 1 splits
+    assert [TaskGradients([], cross_every=4).splits_halves(s) for s in range(1, 7)] == [1, 0, 0, 0, 1, 0]
+    assert not TaskGradients([], cross_every=0).splits_halves(1)

@@ -98,6 +98,10 @@ class SamplerSection(_Section):
 class DiagnosticsSection(_Section):
     task_gradients: bool | None = Field(
         None, description="per-task gradient accounting (grad/<task>/...); None = on when the run has >1 task")
+    cross_every: int = Field(4, ge=0, description="split each task's prompts in two halves for grad/<task>/"
+                             "cross_sq_norm every N steps (1 = every step, 0 = never); the other steps group rows by "
+                             "task only, which takes fewer backward calls (the other grad/ metrics are exact on every "
+                             "step)")
     gain_window: int = Field(10, ge=1, description="s of the learning gain Gain_k(t), logged s steps late")
 
 

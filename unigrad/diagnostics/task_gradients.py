@@ -5,14 +5,17 @@ samples, with the step's global normalisers, so that sum_k g_k = g exactly. The 
 backward pass per (task, half) group of rows; `TaskGradients` collects each group's gradient
 from `param.grad`, and at the end writes sum_k g_k (or the gradient-balanced sum) back into
 `param.grad` for the clip and the optimizer. No extra forward pass; the cost is that micro-batches
-never mix groups, plus one flattened gradient per task held in memory.
+never mix groups, plus one flattened gradient per task held in memory. Splitting every task in two
+halves doubles the number of (small) backward calls, so it is done every `cross_every` steps only;
+the other steps group rows by task, which costs about what the unaccounted step costs.
 
 Per task (names as in metrics.jsonl):
 - `grad/<task>/sq_norm`       ||g_k||^2
 - `grad/<task>/cross_sq_norm` n^2 / (n_A n_B) * <g_k^A, g_k^B>: the gradients of two disjoint halves
                               of the task's samples (n_A + n_B = n rows). Each half's expectation is
                               (n_h / n) E[g_k], so this is an unbiased estimate of ||E[g_k]||^2, the
-                              squared norm with the sampling noise removed (NaN with fewer than 2 rows).
+                              squared norm with the sampling noise removed (NaN with fewer than 2 rows,
+                              and on the steps that do not split the halves: `cross_every`).
 - `grad/<task>/cos`           cos(g_k, g)
 - `grad/<task>/share`         <g_k, g> / ||g||^2 (shares sum to 1 over tasks)
 plus `grad/sq_norm_ratio`: max_k / min_k of ||g_k||^2 over the tasks with a non-zero gradient.
@@ -26,9 +29,11 @@ import torch
 
 
 def task_gradient_stats(halves: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                        rows: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Metrics from each task's two half-gradients (flat vectors) and the row count of each half."""
-    g_task = {k: a + b for k, (a, b) in halves.items()}
+                        rows: dict[str, tuple[int, int]],
+                        g_task: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Metrics from each task's two half-gradients (flat vectors) and the row count of each half (`g_task`: their
+    sums, if the caller has them)."""
+    g_task = g_task if g_task is not None else {k: a + b for k, (a, b) in halves.items()}
     g = sum(g_task.values())
     g_sq = float(g @ g) if g_task else 0.0
     out: dict[str, float] = {}
@@ -38,7 +43,7 @@ def task_gradient_stats(halves: dict[str, tuple[torch.Tensor, torch.Tensor]],
         sq = float(gk @ gk)
         out[f"grad/{k}/sq_norm"] = sq
         out[f"grad/{k}/cross_sq_norm"] = (
-            float(a @ b) * (n_a + n_b) ** 2 / (n_a * n_b) if n_a and n_b else float("nan"))
+            float(a @ b) * (n_a + n_b) ** 2 / (n_a * n_b) if n_a and n_b else float("nan"))  # 0-row half: no term
         dot = float(gk @ g)
         out[f"grad/{k}/cos"] = dot / math.sqrt(sq * g_sq) if sq > 0 and g_sq > 0 else float("nan")
         out[f"grad/{k}/share"] = dot / g_sq if g_sq > 0 else float("nan")
@@ -95,21 +100,27 @@ class TaskGradients:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None,
-                 project: bool = False, reduce=None, task_names: list[str] | None = None):
-        """`reduce`: sums a flat tensor over data-parallel processes in place (then `task_names`, the run's tasks in
-        a fixed order, is required: every process reduces the same (task, half) vectors, zeros where it had none)."""
+                 project: bool = False, reduce=None, task_names: list[str] | None = None, cross_every: int = 1):
+        """`cross_every`: steps that split tasks in halves for the cross term (see `splits_halves`).
+        `reduce`: sums a flat tensor over data-parallel processes in place (then `task_names`, the run's tasks in a
+        fixed order, is required: every process reduces the same (task, half) vectors, zeros where it had none)."""
         if reduce is not None and not task_names:
             raise ValueError("reduce needs task_names")
         self.reduce, self.task_names = reduce, task_names
         if balance and project:
             raise ValueError("choose one of balance and project")
         self.params = params
+        self.cross_every = cross_every
         self.balance = balance
         self.project = project
         self.balance_target = balance_target
         self._halves: dict[str, list[torch.Tensor | None]] = {}
         self._rows: dict[str, list[int]] = {}
         self.last: dict[str, torch.Tensor] = {}  # g_k of the latest finish(), flat, for inspection
+
+    def splits_halves(self, step: int) -> bool:
+        """Whether step `step` (from 1) splits each task's rows in two halves: steps 1, 1 + N, 1 + 2N, ..."""
+        return self.cross_every > 0 and (step - 1) % self.cross_every == 0
 
     def collect(self, task: str, half: int, n_rows: int) -> None:
         """Take the gradient accumulated since the last collect as (task, half) and clear `param.grad`."""
@@ -136,8 +147,8 @@ class TaskGradients:
                 zero = zero if zero is not None else torch.zeros_like(a if a is not None else b)
             halves[k] = (a if a is not None else zero, b if b is not None else zero)
         rows = {k: (r[0], r[1]) for k, r in self._rows.items()}
-        metrics = task_gradient_stats(halves, rows)
         g_task = {k: a + b for k, (a, b) in halves.items()}
+        metrics = task_gradient_stats(halves, rows, g_task)
         self.last = g_task
         if self.balance:
             total = balanced_sum(g_task, self.balance_target)

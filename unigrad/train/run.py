@@ -194,7 +194,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced", "pcgrad")
     task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
                                    balance_target=cfg.sampler.balance_target,
-                                   project=cfg.sampler.name == "pcgrad",
+                                   project=cfg.sampler.name == "pcgrad", cross_every=cfg.diagnostics.cross_every,
                                    reduce=dist.sum_ if dist.active else None,
                                    task_names=names if dist.active else None) if account else None
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)

@@ -13,8 +13,9 @@ Departures from the textbook loop, and why:
 - Normalisers (tokens, sequences, L_max) are computed once over the whole step's batch and
   passed to every micro-batch, so micro-batching never changes the gradient; HPT's SFT and RL
   parts each have their own.
-- Per-task gradient accounting (multi-task runs) only regroups the micro-batches, by (task, half),
-  and takes each group's gradient out of param.grad (unigrad.diagnostics.task_gradients); the
+- Per-task gradient accounting (multi-task runs) only regroups the micro-batches, by task (and by half on
+  the steps that measure the cross term), and takes each group's gradient out of param.grad
+  (unigrad.diagnostics.task_gradients); the
   `balanced` sampler rescales those before the clip.
 - A prompt's G rows share one forward pass of the prompt in the learner (its keys and values are
   expanded to the rows; unigrad.rollout.logprobs): same gradient, about 1/G of the prompt's cost.
@@ -91,7 +92,10 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     # 1. Prompts: the sampler picks (task, example) pairs, the same on every process; each process takes its block.
     picks = ctx.sampler.sample(ctx.prompts_per_step)
     lo, hi = dist.block(len(picks))
-    prompt_half = task_halves(torch.tensor([t for t, _ in picks]))[lo:hi]  # for per-task gradient accounting
+    # For per-task gradient accounting: each task's prompts in two halves on the steps that measure the cross term.
+    split = ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step)
+    prompt_half = (task_halves(torch.tensor([t for t, _ in picks])) if split else torch.zeros(len(picks),
+                                                                                              dtype=torch.long))[lo:hi]
     picks = picks[lo:hi]
     examples = [ctx.pools[t][i] for t, i in picks]
     prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
@@ -266,7 +270,7 @@ def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | N
 
     Without per-task gradients there is one group (None). With them a group is (task index, half), the
     halves from `task_halves` over the whole step's prompts (so processes agree), so the two halves are
-    disjoint samples of the task for the cross estimate.
+    disjoint samples of the task for the cross estimate; on steps without the cross term every half is 0.
     """
     rl_half = torch.zeros(len(rl_prompt), dtype=torch.long)
     sft_half = torch.zeros(len(sft_prompt), dtype=torch.long)
