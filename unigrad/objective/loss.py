@@ -57,6 +57,7 @@ METRICS: dict[str, str] = {
     "kl": "mean per-token KL estimate to the reference (when beta > 0)",
     "entropy": "mean per-token entropy (when given)",
     "off_policy_fraction": "fraction of tokens flagged off-policy (LUFFY demonstrations)",
+    "token_weights_mean": "mean of the external per-token weights (token_weights), over valid tokens",
     "tokens": "number of unmasked tokens in this call",
 }
 
@@ -125,6 +126,7 @@ def compute_policy_loss(
     *,
     entropy: torch.Tensor | None = None,
     off_policy_mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
     **overrides: Any,
 ) -> LossOutputs:
     """The policy loss of one (micro-)batch under `objective`.
@@ -143,6 +145,8 @@ def compute_policy_loss(
         entropy: (B, T) per-token entropy with grad; needed when entropy_coef > 0.
         off_policy_mask: (B,) or (B, T) bool marking off-policy tokens (demonstrations), which
             enter through `objective.off_policy_ratio` (LUFFY) instead of the on-policy ratio.
+        token_weights: (B, T) constant weights multiplying each token's policy term, e.g. rollout
+            correction weights computed by another framework (verl's `rollout_is_weights`).
         **overrides: any `Objective` field, e.g. epsilon=0.1, beta=0.001, tis_cap=3.
 
     Returns:
@@ -154,7 +158,7 @@ def compute_policy_loss(
     shape = logprobs.shape
     mask = _as_bool_mask(mask, shape)
     for name, x in (("old_logprobs", old_logprobs), ("infer_logprobs", infer_logprobs),
-                    ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+                    ("ref_logprobs", ref_logprobs), ("entropy", entropy), ("token_weights", token_weights)):
         _check_shape(name, x, shape)
     if obj.needs_infer_logprobs and infer_logprobs is None:
         raise ObjectiveError(f"correction={obj.correction!r} needs infer_logprobs from the rollout engine")
@@ -206,6 +210,11 @@ def compute_policy_loss(
             "correction/masked_fraction": masked_mean(bw.zeroed.float(), mask),
             "correction/truncated_fraction": masked_mean(bw.truncated.float(), mask),
         })
+
+    if token_weights is not None:
+        weights = _zero_masked(token_weights.detach(), mask)
+        policy = policy * weights
+        stats["token_weights_mean"] = masked_mean(weights, mask)
 
     per_token = policy
     kl = None
