@@ -77,7 +77,8 @@ def run_unit(method: str, seed: int, args, extra: list[str]) -> dict:
         steps = round(args.steps * share)
         run_dir = base / f"stage{i}"
         ovr = [f"model.name={model}", f"objective={objective}", f"seed={seed}", f"max_steps={steps}",
-               f"eval.every={every}", f"eval.prompts_per_task={args.prompts}", *overrides, *extra, *(["threads=1"] if args.parallel > 1 else [])]
+               f"eval.every={every}", f"eval.prompts_per_task={args.prompts}", *overrides, *extra,
+               *(["threads=1"] if args.parallel > 1 else [])]
         run_training(run_dir, CONFIG, ovr, report=False, log=base / f"stage{i}.log")
         stages.append({"dir": str(run_dir), "objective": objective, "first_step": done_steps, "steps": steps})
         if i + 1 < len(METHODS[method]):  # the hand-over point is a point of the curve

@@ -58,8 +58,12 @@ def _value(row: dict[str, Any], key: str) -> float:
 
 
 def task_names(rows: list[dict[str, Any]]) -> list[str]:
-    names = {k.split("/")[1] for r in rows for k in r if k.startswith("reward/") and k.count("/") == 1}
-    return sorted(names - {"mean"})
+    """Task names of a run: from the per-task reward, or (objective=sft samples nothing) the per-task gradient
+    and SFT-fraction metrics."""
+    names = {k.split("/")[1] for r in rows for k in r
+             if (k.startswith("reward/") and k.count("/") == 1) or (k.startswith("grad/") and k.endswith("/sq_norm"))
+             or (k.startswith("hpt/sft_fraction/") and k.count("/") == 2)}
+    return sorted(names - {"mean", "sft_fraction"})
 
 
 def series(rows: list[dict[str, Any]], window: int) -> dict[str, dict[str, list[float]]]:
