@@ -93,9 +93,10 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     picks = ctx.sampler.sample(ctx.prompts_per_step)
     lo, hi = dist.block(len(picks))
     # For per-task gradient accounting: each task's prompts in two halves on the steps that measure the cross term.
-    split = ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step)
-    prompt_half = (task_halves(torch.tensor([t for t, _ in picks])) if split else torch.zeros(len(picks),
-                                                                                              dtype=torch.long))[lo:hi]
+    prompt_half = torch.zeros(len(picks), dtype=torch.long)
+    if ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step):
+        prompt_half = task_halves(torch.tensor([t for t, _ in picks]))
+    prompt_half = prompt_half[lo:hi]
     picks = picks[lo:hi]
     examples = [ctx.pools[t][i] for t, i in picks]
     prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
@@ -153,8 +154,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                                   [examples[p] for p in sft_prompts])
 
     # 6-9. Learner passes, loss, backward, clip, optimizer step (num_iterations times). Micro-batches
-    # never mix accounting groups: one group per (task, half) when per-task gradients are measured,
-    # else one group. Normalisers are global to the step, so the grouping does not change the gradient.
+    # never mix accounting groups: one group per task (per task and half on the steps that measure the
+    # cross term) when per-task gradients are measured, else one group. Normalisers are global to the
+    # step, so the grouping does not change the gradient.
     t0 = time.perf_counter()
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
     # Normalisers of the whole batch: summed over processes before any loss is formed.
