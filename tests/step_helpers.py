@@ -22,14 +22,20 @@ POOL = 20  # training examples per task
 SAMPLER_SEED = 1
 
 
-def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "grpo", **fields) -> StepContext:
-    """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields."""
-    tok = build_char_tokenizer(model_max_length=256)
+def small_char_llama(tok, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 32) over the char tokenizer `tok`, weights drawn from `seed`."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "grpo", **fields) -> StepContext:
+    """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields."""
+    tok = build_char_tokenizer(model_max_length=256)
+    model = small_char_llama(tok, seed)
     tasks = [t for spec in TASKS for t in get_tasks(spec)]
     pools = [t.examples("train", POOL, seed=k) for k, t in enumerate(tasks)]
     learner = Learner(model, OptimSection(lr=1e-3))

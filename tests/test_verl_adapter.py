@@ -4,6 +4,7 @@ The first tests need no verl: they call the adapter's loss as verl would, includ
 others call verl's own entry points (registry, its built-in losses, DataProto) and run where verl is installed
 (`pip install "unigrad[verl]"`; verl 0.9 pins transformers<5.11, so it is not in the test extra)."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -70,7 +71,7 @@ def test_rollout_weights_multiply_each_tokens_term():
 
 
 needs_verl = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("verl") is None,
+    importlib.util.find_spec("verl") is None,
     reason="verl is not installed (pip install 'unigrad[verl]'; verl 0.9 pins transformers<5.11)")
 
 

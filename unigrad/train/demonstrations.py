@@ -34,12 +34,11 @@ def demonstration_batch(tokenizer, prompt_ids: list[list[int]], examples: list[E
     return pad_pairs(prompt_ids, completions, tokenizer.pad_token_id)
 
 
-def no_rollout(prompt_width: int = 1) -> Rollout:
+def no_rollout() -> Rollout:
     """A rollout with no rows: the step of `objective=sft`, which trains on demonstrations only."""
-    empty_long = torch.zeros((0, prompt_width), dtype=torch.long)
-    return Rollout(prompt_ids=empty_long, prompt_mask=empty_long.bool(), completion_ids=torch.zeros((0, 1),
-                   dtype=torch.long), completion_mask=torch.zeros((0, 1), dtype=torch.bool),
-                   infer_logprobs=torch.zeros((0, 1)), group_ids=torch.zeros(0, dtype=torch.long),
+    ids = torch.zeros((0, 1), dtype=torch.long)
+    return Rollout(prompt_ids=ids, prompt_mask=ids.bool(), completion_ids=ids, completion_mask=ids.bool(),
+                   infer_logprobs=ids.float(), group_ids=torch.zeros(0, dtype=torch.long),
                    truncated=torch.zeros(0, dtype=torch.bool))
 
 
