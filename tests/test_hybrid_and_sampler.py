@@ -1,9 +1,12 @@
 """HPT's switch, the task sampler's determinism and resumption, and loss-metric merging."""
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 
-from unigrad.data.samplers import TaskSampler
+from unigrad.data.samplers import TaskSampler, systematic_draw
 from unigrad.objective.hybrid import hpt_switch, prompt_success_rate
 from unigrad.train.metrics import merge_loss_metrics
 
@@ -71,3 +74,30 @@ def test_merge_loss_metrics_sums_losses_and_weights_fractions_by_tokens():
     assert merged["rl/ratio/max"] == pytest.approx(1.3)
     assert merged["rl/tokens"] == 40.0
     assert merged["loss"] == pytest.approx(2.75)
+
+
+@pytest.mark.parametrize("probs", [[0.2, 0.2, 0.2, 0.2, 0.2], [0.55, 0.3, 0.15], [0.0, 0.7, 0.0, 0.3, 0.0]])
+def test_systematic_draw_gives_floor_or_ceil_counts_and_is_unbiased(probs):
+    k = 16
+    grid = 4000  # u on a fine grid: the mean count over u must be k * p_t
+    mean = [0.0] * len(probs)
+    for j in range(grid):
+        tasks = systematic_draw(probs, k, (j + 0.5) / grid)
+        assert len(tasks) == k
+        for t, p in enumerate(probs):
+            n = tasks.count(t)
+            assert math.floor(k * p + 1e-9) <= n <= math.ceil(k * p - 1e-9), (t, n)
+            mean[t] += n / grid
+    assert mean == pytest.approx([k * p for p in probs], abs=1e-2)
+
+
+def test_stratified_sampler_deals_even_counts_and_independent_does_not():
+    stratified = TaskSampler([100] * 4, seed=3)
+    independent = TaskSampler([100] * 4, seed=3, draw="independent")
+    uneven = 0
+    for _ in range(20):
+        assert sorted(Counter(t for t, _ in stratified.sample(16)).values()) == [4, 4, 4, 4]
+        uneven += sorted(Counter(t for t, _ in independent.sample(16)).values()) != [4, 4, 4, 4]
+    assert uneven > 10  # multinomial counts are rarely exactly even
+    with pytest.raises(ValueError, match="unknown draw"):
+        TaskSampler([1], draw="poisson")

@@ -89,6 +89,9 @@ class SamplerSection(_Section):
         "uniform", description="uniform (or fixed task_weights), size, gradient (proportional to an EMA of "
         "||g_k||^2), learning_progress (to an EMA of |gain|), balanced (uniform sampling, each task's gradient "
         "rescaled to a common norm), pcgrad (uniform sampling, conflicting task gradients projected apart)")
+    draw: Literal["stratified", "independent"] = Field(
+        "stratified", description="how a step's prompt slots get their tasks: stratified (systematic sampling, each "
+        "task gets floor or ceil of its expected count) or independent (one draw per slot)")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the adaptive samplers' statistic")
     exploration: float = Field(0.1, ge=0, le=1, description="uniform share mixed into adaptive samplers")
     balance_target: float | None = Field(

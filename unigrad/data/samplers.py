@@ -15,10 +15,19 @@ Samplers (`sampler.name` in the config):
   (`unigrad.diagnostics.task_gradients.projected_sum`).
 The adaptive ones mix in a uniform share `exploration` so that no task starves, and stay uniform
 until every task has a measurement.
+
+How a step's k slots are dealt (`sampler.draw`):
+- `stratified` (default): systematic sampling. One uniform offset u places k evenly spaced points
+  (u + i) / k on the cumulative task distribution, so task t gets floor(k p_t) or ceil(k p_t) slots and
+  exactly k p_t on average; the slots are then shuffled. The per-step task mix has the least variance
+  the probabilities allow, each task's per-step gradient comes from a steadier number of prompts, and
+  per-task micro-batches are fuller (fewer learner calls when task gradients are measured).
+- `independent`: each slot draws its task independently (multinomial counts), as in seed 000's experiment.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from typing import Any
@@ -34,7 +43,9 @@ class TaskSampler:
     name = "uniform"
 
     def __init__(self, pool_sizes: list[int], seed: int = 0, weights: list[float] | None = None,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, draw: str = "stratified"):
+        if draw not in DRAWS:
+            raise ValueError(f"unknown draw {draw!r}; valid: {', '.join(DRAWS)}")
         if not pool_sizes or any(n <= 0 for n in pool_sizes):
             raise ValueError(f"every task needs at least one training prompt, got pool sizes {pool_sizes}")
         if weights is not None:
@@ -43,6 +54,7 @@ class TaskSampler:
         self.pool_sizes = list(pool_sizes)
         self.names = list(names) if names is not None else [str(k) for k in range(len(pool_sizes))]
         self.weights = weights
+        self.draw = draw
         self.rng = random.Random(seed)
         self._orders: list[list[int]] = [[] for _ in pool_sizes]
 
@@ -62,7 +74,12 @@ class TaskSampler:
         """Feedback from a finished step (its metrics); fixed samplers ignore it."""
 
     def sample(self, k: int) -> list[tuple[int, int]]:
-        tasks = self.rng.choices(range(len(self.pool_sizes)), weights=self.task_probabilities(), k=k)
+        probs = self.task_probabilities()
+        if self.draw == "independent":
+            tasks = self.rng.choices(range(len(probs)), weights=probs, k=k)
+        else:
+            tasks = systematic_draw(probs, k, self.rng.random())
+            self.rng.shuffle(tasks)
         return [(t, self._next_example(t)) for t in tasks]
 
     def state_dict(self) -> dict[str, Any]:
@@ -80,13 +97,31 @@ class TaskSampler:
         self._orders = [list(o) for o in state["orders"]]
 
 
+def systematic_draw(probs: list[float], k: int, u: float) -> list[int]:
+    """k task indices by systematic sampling: point (u + i) / k, i = 0..k-1, falls in task t's interval of the
+    cumulative distribution `probs`. Task t gets floor(k p_t) or ceil(k p_t) points, k p_t in expectation
+    over u ~ U[0, 1); tasks with p_t = 0 get none. Returned in task order."""
+    total = sum(probs)
+    bounds = [c / total for c in itertools.accumulate(probs)]
+    last = max(j for j, p in enumerate(probs) if p > 0)
+    bounds[last:] = [1.0] * (len(bounds) - last)  # no slot lost to rounding, none given to a zero-probability task
+    tasks, t = [], 0
+    for i in range(k):
+        point = (u + i) / k
+        while point >= bounds[t] and t < len(probs) - 1:
+            t += 1
+        tasks.append(t)
+    return tasks
+
+
 class SizeProportionalSampler(TaskSampler):
     """Task probability proportional to its training pool size."""
 
     name = "size"
 
-    def __init__(self, pool_sizes: list[int], seed: int = 0, names: list[str] | None = None):
-        super().__init__(pool_sizes, seed, weights=[float(n) for n in pool_sizes], names=names)
+    def __init__(self, pool_sizes: list[int], seed: int = 0, names: list[str] | None = None,
+                 draw: str = "stratified"):
+        super().__init__(pool_sizes, seed, weights=[float(n) for n in pool_sizes], names=names, draw=draw)
 
 
 class _EmaSampler(TaskSampler):
@@ -95,8 +130,8 @@ class _EmaSampler(TaskSampler):
     metric = ""  # "grad/{}/sq_norm" or "gain/{}"
 
     def __init__(self, pool_sizes: list[int], seed: int = 0, names: list[str] | None = None,
-                 ema_decay: float = 0.9, exploration: float = 0.1):
-        super().__init__(pool_sizes, seed, names=names)
+                 ema_decay: float = 0.9, exploration: float = 0.1, draw: str = "stratified"):
+        super().__init__(pool_sizes, seed, names=names, draw=draw)
         if not 0 <= ema_decay < 1 or not 0 <= exploration <= 1:
             raise ValueError("ema_decay must be in [0, 1) and exploration in [0, 1]")
         self.ema_decay, self.exploration = ema_decay, exploration
@@ -146,23 +181,24 @@ class LearningProgressSampler(_EmaSampler):
         return abs(x)
 
 
+DRAWS = ["stratified", "independent"]
 SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"]
 
 
 def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
                   weights: list[float] | None = None, ema_decay: float = 0.9,
-                  exploration: float = 0.1) -> TaskSampler:
+                  exploration: float = 0.1, draw: str = "stratified") -> TaskSampler:
     """The sampler called `name` (one of SAMPLERS); `balanced` and `pcgrad` sample uniformly (or by `weights`)."""
     if name in ("uniform", "balanced", "pcgrad"):
-        sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names)
+        sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names, draw=draw)
         sampler.name = name
         return sampler
     if weights is not None:
         raise ValueError(f"task_weights cannot be combined with the {name!r} sampler")
     if name == "size":
-        return SizeProportionalSampler(pool_sizes, seed, names=names)
+        return SizeProportionalSampler(pool_sizes, seed, names=names, draw=draw)
     if name == "gradient":
-        return GradientProportionalSampler(pool_sizes, seed, names, ema_decay, exploration)
+        return GradientProportionalSampler(pool_sizes, seed, names, ema_decay, exploration, draw)
     if name == "learning_progress":
-        return LearningProgressSampler(pool_sizes, seed, names, ema_decay, exploration)
+        return LearningProgressSampler(pool_sizes, seed, names, ema_decay, exploration, draw)
     raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")

@@ -188,7 +188,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         raise ConfigError(f"task names must be distinct, got {names}")
     sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
                             weights=task_weights(tasks, cfg.task_weights), ema_decay=cfg.sampler.ema_decay,
-                            exploration=cfg.sampler.exploration)
+                            exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
     account = cfg.diagnostics.task_gradients
     if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
         account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced", "pcgrad")
