@@ -28,13 +28,14 @@ import math
 import torch
 
 
-def task_gradient_stats(halves: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def task_gradient_stats(halves: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
                         rows: dict[str, tuple[int, int]],
-                        g_task: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Metrics from each task's two half-gradients (flat vectors) and the row count of each half (`g_task`: their
-    sums, if the caller has them)."""
-    g_task = g_task if g_task is not None else {k: a + b for k, (a, b) in halves.items()}
-    g = sum(g_task.values())
+                        g_task: dict[str, torch.Tensor] | None = None,
+                        g: torch.Tensor | None = None) -> dict[str, float]:
+    """Metrics from each task's two half-gradients (flat vectors; None for a half with no rows) and the row count
+    of each half (`g_task`: their sums, and `g`: the sum over tasks, if the caller has them)."""
+    g_task = g_task if g_task is not None else {k: _half_sum(a, b) for k, (a, b) in halves.items()}
+    g = g if g is not None else sum(g_task.values())
     g_sq = float(g @ g) if g_task else 0.0
     out: dict[str, float] = {}
     for k, (a, b) in halves.items():
@@ -50,6 +51,13 @@ def task_gradient_stats(halves: dict[str, tuple[torch.Tensor, torch.Tensor]],
     norms = [out[f"grad/{k}/sq_norm"] for k in halves if out[f"grad/{k}/sq_norm"] > 0]
     out["grad/sq_norm_ratio"] = max(norms) / min(norms) if len(norms) >= 2 else float("nan")
     return out
+
+
+def _half_sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """g_k from its two halves, either of which may be None (no rows)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
 
 
 def balanced_sum(g_task: dict[str, torch.Tensor], target: float | None = None) -> torch.Tensor:
@@ -140,26 +148,22 @@ class TaskGradients:
             self._reduce_over_processes()
         if not self._halves:
             return {}
-        zero = None
-        halves = {}
-        for k, (a, b) in self._halves.items():
-            if a is None or b is None:
-                zero = zero if zero is not None else torch.zeros_like(a if a is not None else b)
-            halves[k] = (a if a is not None else zero, b if b is not None else zero)
+        halves = {k: (a, b) for k, (a, b) in self._halves.items()}
         rows = {k: (r[0], r[1]) for k, r in self._rows.items()}
-        g_task = {k: a + b for k, (a, b) in halves.items()}
-        metrics = task_gradient_stats(halves, rows, g_task)
+        g_task = {k: _half_sum(a, b) for k, (a, b) in halves.items()}  # no copy for a task collected whole
+        g = torch.stack(list(g_task.values())).sum(0)
+        metrics = task_gradient_stats(halves, rows, g_task, g)
         self.last = g_task
         if self.balance:
             total = balanced_sum(g_task, self.balance_target)
         elif self.project:
             total = projected_sum(g_task)
         else:
-            total = sum(g_task.values())
+            total = g
         offset = 0
-        for p in self.params:
+        for p in self.params:  # param.grad become views of `total`, which nothing else holds
             n = p.numel()
-            p.grad = total[offset:offset + n].view_as(p).to(p.dtype).clone()
+            p.grad = total[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
         self._halves, self._rows = {}, {}
         return metrics
