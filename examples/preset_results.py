@@ -54,7 +54,8 @@ def collect(preset: str, out: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     tasks = [t for t in results[0]["before"] if t != "mean"]
-    head = "| preset | batches | optimizer steps | train min | " + " | ".join(tasks) + " | mean | min task change | bar met |"
+    head = ("| preset | batches | optimizer steps | train min | " + " | ".join(tasks)
+            + " | mean | min task change | bar met |")
     lines = [head, "|" + " --- |" * (len(tasks) + 7)]
     for r in results:
         cells = []
@@ -65,8 +66,8 @@ def table(results: list[dict]) -> str:
         mean_gain = 100 * (r["after"]["mean"]["pass@1"] - r["before"]["mean"]["pass@1"])
         met = "yes" if mean_gain >= 10 and worst >= -2 else "no"
         batches = r.get("batches", r["steps"])
-        lines.append(f"| `{r['preset']}` | {batches} | {r['steps']} | {r['train_seconds'] / 60:.1f} | " + " | ".join(cells)
-                     + f" | {worst:+.1f} | {met} |")
+        lines.append(f"| `{r['preset']}` | {batches} | {r['steps']} | {r['train_seconds'] / 60:.1f} | "
+                     + " | ".join(cells) + f" | {worst:+.1f} | {met} |")
     return "\n".join(lines)
 
 
@@ -108,8 +109,9 @@ def write_doc(args, results: list[dict]) -> None:
         f"{time.strftime('%Y-%m-%d')}.",
         "",
         "Held-out greedy pass@1 (%) per task on 200 prompts, before → after (change). `batches` = generated "
-        "batches and `optimizer steps` = batches x `num_iterations`, done within the training budget; the budget excludes model loading and the two evaluations. `bar met`: "
-        "the issue's acceptance bar, mean +10 points and no task below -2.",
+        "batches and `optimizer steps` = batches x `num_iterations`, done within the training budget; the budget "
+        "excludes model loading and the two evaluations. `bar met`: the issue's acceptance bar, mean +10 points and "
+        "no task below -2.",
         "",
         table(results),
         "",
