@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from unigrad.tasks import DEFAULT_MIXTURE, Example, Task, get_task
+from unigrad.tasks.code_task import expression_of
 from unigrad.tasks.countdown import evaluate
-from unigrad.tasks.extract import final_number
+from unigrad.tasks.extract import final_number, parse_expression
 from unigrad.tasks.registry import BUILTIN_TASKS
 
 GARBAGE = ["", " ", "\n\n", "Answer:", "Answer: ", "abc", "Answer: banana", "((((", "1e999999", "9" * 5000,
@@ -116,6 +119,15 @@ def test_countdown_accepts_any_correct_expression_and_refuses_everything_else():
     assert evaluate("9/3*10", [3, 9, 10]) == 30
     assert evaluate("9/(3-3)", [3, 3, 9]) is None  # division by zero is a wrong answer, not a crash
     assert evaluate("(" * 200 + "1" + ")" * 200, [1]) is None
+
+
+def test_expression_parsing_is_silent_on_model_output_that_makes_python_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert parse_expression("1if x else 2") is not None  # valid Python that the parser warns about
+        assert parse_expression("3a") is None
+        assert expression_of("1if k else k") == "1if k else k"
+        assert evaluate("7if 1 else 3", [7, 3]) is None  # not arithmetic: refused, and no warning
 
 
 def test_code_task_keeps_its_tests_hidden_and_passes_an_equivalent_solution():

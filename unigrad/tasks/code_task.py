@@ -20,13 +20,13 @@ clock, 2 s CPU, 256 MB address space (`limits=` to change).
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import math
 import random
 
 from unigrad.tasks.base import Example
+from unigrad.tasks.extract import parse_expression
 from unigrad.tasks.sandbox import SandboxLimits, run_many
 from unigrad.tasks.synthetic import SyntheticTask
 
@@ -112,11 +112,7 @@ def expression_of(completion: str) -> str | None:
     text = text[len("return ") :].strip() if text.startswith("return ") else text
     if not text or len(text) > 300:
         return None
-    try:
-        ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-    return text
+    return text if parse_expression(text) is not None else None
 
 
 def _same(a, b) -> bool:

@@ -20,7 +20,7 @@ from collections import Counter
 from fractions import Fraction
 
 from unigrad.tasks.base import Example
-from unigrad.tasks.extract import answer_text
+from unigrad.tasks.extract import answer_text, parse_expression
 from unigrad.tasks.synthetic import SyntheticTask
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
@@ -31,9 +31,8 @@ def evaluate(expression: str, numbers: list[int]) -> Fraction | None:
     most as often as given); None for anything else, including division by zero."""
     if len(expression) > 100:  # deep nesting can overflow the parser; no answer needs this much
         return None
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
+    tree = parse_expression(expression.strip())
+    if tree is None:
         return None
     used: list[int] = []
 

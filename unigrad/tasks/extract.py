@@ -8,7 +8,9 @@ completion has no "Answer:", it is the last number in it (so a bare "64" is a va
 
 from __future__ import annotations
 
+import ast
 import re
+import warnings
 from fractions import Fraction
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
@@ -57,3 +59,15 @@ def normalise(text: str) -> str:
         if len(text) >= 2 and text.startswith(left) and text.endswith(right):
             text = text[1:-1].strip()
     return text
+
+
+def parse_expression(text: str) -> ast.Expression | None:
+    """`text` parsed as one Python expression, or None. Model output like `1if x else 2` is valid Python
+    that makes the parser print a SyntaxWarning ("invalid decimal literal"); it is silenced here so that
+    scoring thousands of completions does not flood the training log."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            return ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
