@@ -24,12 +24,13 @@ plus `grad/sq_norm_ratio`: max_k / min_k of ||g_k||^2 over the tasks with a non-
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 
-def task_gradient_stats(halves: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
-                        rows: dict[str, tuple[int, int]],
+def task_gradient_stats(halves: dict[str, Sequence[torch.Tensor | None]],
+                        rows: dict[str, Sequence[int]],
                         g_task: dict[str, torch.Tensor] | None = None,
                         g: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics from each task's two half-gradients (flat vectors; None for a half with no rows) and the row count
@@ -148,11 +149,9 @@ class TaskGradients:
             self._reduce_over_processes()
         if not self._halves:
             return {}
-        halves = {k: (a, b) for k, (a, b) in self._halves.items()}
-        rows = {k: (r[0], r[1]) for k, r in self._rows.items()}
-        g_task = {k: _half_sum(a, b) for k, (a, b) in halves.items()}  # no copy for a task collected whole
+        g_task = {k: _half_sum(a, b) for k, (a, b) in self._halves.items()}  # no copy for a task collected whole
         g = torch.stack(list(g_task.values())).sum(0)
-        metrics = task_gradient_stats(halves, rows, g_task, g)
+        metrics = task_gradient_stats(self._halves, self._rows, g_task, g)
         self.last = g_task
         if self.balance:
             total = balanced_sum(g_task, self.balance_target)
