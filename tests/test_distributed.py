@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REWARD = '''
 def digits(completions, **kwargs):
@@ -30,17 +31,28 @@ def setup(small_model, tmp_path_factory) -> tuple[Path, Path]:
     return small_model, reward
 
 
-def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective: str, extra=()):
+def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective: str, extra=(), resume=False):
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp), "OMP_NUM_THREADS": "1"}
     args = [f"model.name={model}", f"objective={objective}", "max_steps=2", "tasks=[arithmetic,countdown]",
             f"reward={reward}:digits", "prompts_per_step=4", "rollout.num_generations=4",
             "rollout.max_new_tokens=10", "train_pool_size=40", "micro_batch_size=3", "threads=1", "seed=1",
             "eval.before_after=false", "save_every=0", *extra]
     res = subprocess.run([sys.executable, "-m", "unigrad.cli", "train", *args, "--output-dir", str(tmp / out),
-                          "--nproc", str(nproc)], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
+                          "--nproc", str(nproc), *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(SKIP)} for r in rows]
+
+
+def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            if isinstance(a[key], float) and a[key] == a[key]:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+            else:
+                assert str(a[key]) == str(b[key]), (a["step"], key)
 
 
 @pytest.mark.parametrize("objective,extra", [
@@ -49,19 +61,47 @@ def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective:
     ("grpo", ("sampler.name=balanced",)),  # per-task gradients reduced before they are rescaled
 ])
 def test_two_processes_equal_one(setup, tmp_path, objective, extra):
+    """Replicated and sharded (FSDP) learners over two processes against one process."""
     model, reward = setup
     one = train(tmp_path, "one", 1, model, reward, objective, extra)
-    two = train(tmp_path, "two", 2, model, reward, objective, extra)
-    assert [r["step"] for r in two] == [1, 2]
     assert one[0]["grad_norm"] > 0 and one[0]["advantage_abs/arithmetic"] > 0  # a real gradient to compare
-    for a, b in zip(one, two, strict=True):
-        assert set(a) == set(b)
-        for key in a:
-            if isinstance(a[key], float) and a[key] == a[key]:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-            else:
-                assert str(a[key]) == str(b[key]), (a["step"], key)
-    assert (tmp_path / "two" / "final" / "config.json").is_file()
+    for sharding in ("none", "fsdp"):
+        two = train(tmp_path, f"two-{sharding}", 2, model, reward, objective, (*extra, f"sharding={sharding}"))
+        for r in two:
+            r.pop("sharding/idle_passes", None)
+        assert [r["step"] for r in two] == [1, 2]
+        assert_same_metrics(one, two)
+        assert (tmp_path / f"two-{sharding}" / "final" / "config.json").is_file()
+    # The sharded run's final weights are the replicated run's (gathered whole before saving).
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / f"two-{s}" / "final" / "model.safetensors") for s in ("none", "fsdp"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
+    """HPT sends failed prompts to SFT, and per-task accounting groups micro-batches by task, so the processes hold
+    different numbers of passes per (task, half, SFT or RL) group; the sharded step pads them with idle passes
+    (every FSDP pass is a collective) and still matches one process."""
+    model, reward = setup
+    extra = ("hybrid.gamma=0.05",)  # some prompts to SFT under this reward
+    one = train(tmp_path, "one", 1, model, reward, "hpt", extra)
+    fractions = [r["hpt/sft_fraction"] for r in one]
+    assert any(0 < f < 1 for f in fractions), fractions  # a mixed step: SFT and RL passes both
+    two = train(tmp_path, "two", 2, model, reward, "hpt", (*extra, "sharding=fsdp"))
+    assert sum(r.pop("sharding/idle_passes") for r in two) > 0  # the processes did differ
+    assert_same_metrics(one, two)
+
+
+def test_sharded_resume_continues_as_an_uninterrupted_run(setup, tmp_path):
+    """Checkpoint of a sharded learner (model and AdamW state gathered on rank 0), then --resume on two processes."""
+    model, reward = setup
+    extra = ("sharding=fsdp", "sampler.name=balanced")
+    whole = train(tmp_path, "whole", 2, model, reward, "grpo", extra)
+    train(tmp_path, "cut", 2, model, reward, "grpo", (*extra, "max_steps=1"))
+    resumed = train(tmp_path, "cut", 2, model, reward, "grpo", extra, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert_same_metrics(whole, resumed)
 
 
 def test_prompts_must_split_evenly(setup, tmp_path):

@@ -163,6 +163,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     samples_per_step: int = Field(4, ge=0, description="completions logged to samples.jsonl per step")
     threads: int = Field(0, ge=0, description="torch threads (0 = leave torch's default)")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="learner over several processes: none = a full replica of model and optimizer on each "
+        "(gradients all-reduced); fsdp = parameters, gradients and AdamW state sharded with torch FSDP2")
     tensorboard: bool = True
     report_to: list[str] = Field(default_factory=list,
                                  description="also send metrics to these trackers: wandb, mlflow, trackio")
@@ -217,6 +220,13 @@ class TrainConfig(_Section):
             # The step's normalisers are counted before the learner's forward pass, when the tokens a
             # correction will zero are not known yet; the library function supports it, the loop not yet.
             raise ValueError("objective_args.masked_tokens_in_denominator=false is not supported by the trainer yet")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_supported(self) -> TrainConfig:
+        if self.sharding == "fsdp" and self.model.lora_r:
+            raise ValueError("sharding=fsdp with model.lora_r > 0 is not supported yet (LoRA adapters are small: "
+                             "use sharding=none)")
         return self
 
     @model_validator(mode="after")

@@ -28,37 +28,103 @@ from collections.abc import Sequence
 
 import torch
 
+from unigrad.train.sharding import flat_local_grads, set_flat_grads
 
-def task_gradient_stats(halves: dict[str, Sequence[torch.Tensor | None]],
-                        rows: dict[str, Sequence[int]],
-                        g_task: dict[str, torch.Tensor] | None = None,
-                        g: torch.Tensor | None = None) -> dict[str, float]:
-    """Metrics from each task's two half-gradients (flat vectors; None for a half with no rows) and the row count
-    of each half (`g_task`: their sums, and `g`: the sum over tasks, if the caller has them)."""
-    g_task = g_task if g_task is not None else {k: _half_sum(a, b) for k, (a, b) in halves.items()}
-    g = g if g is not None else sum(g_task.values())
-    g_sq = float(g @ g) if g_task else 0.0
+
+def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(H, H) float64 matrix of the vectors' dot products. Every statistic and every combination below is a
+    function of it, so for vectors sharded over processes the sum of the processes' matrices is all they need."""
+    out = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+    for i, a in enumerate(vectors):
+        for j in range(i, len(vectors)):
+            out[i, j] = out[j, i] = float(a @ vectors[j])
+    return out
+
+
+def _layout(halves: dict[str, Sequence[torch.Tensor | None]]) -> tuple[list[torch.Tensor], dict[str, list[int]]]:
+    """The halves that exist, as a list, and each task's positions (half 0 first) in that list."""
+    vectors: list[torch.Tensor] = []
+    where: dict[str, list[int]] = {}
+    for k, parts in halves.items():
+        where[k] = []
+        for v in parts:
+            if v is not None:
+                where[k].append(len(vectors))
+                vectors.append(v)
+    return vectors, where
+
+
+def stats_from_gram(where: dict[str, list[int]], half_of: dict[str, list[int]], rows: dict[str, Sequence[int]],
+                    g_half: torch.Tensor) -> dict[str, float]:
+    """The metrics from the dot products `g_half` of the half-gradients; `where[k]`: task k's positions in it,
+    `half_of[k]`: which half (0 or 1) each of those is, `rows[k]`: the row count of each half."""
+    names = list(where)
+    member = torch.zeros(len(names), g_half.shape[0], dtype=torch.float64)  # (K, H): task k = sum of its halves
+    for i, k in enumerate(names):
+        member[i, where[k]] = 1.0
+    g_task = member @ g_half @ member.T  # (K, K) <g_k, g_l>
+    g_sq = float(g_task.sum())  # ||g||^2, g = sum_k g_k
     out: dict[str, float] = {}
-    for k, (a, b) in halves.items():
-        gk = g_task[k]
+    for i, k in enumerate(names):
         n_a, n_b = rows[k]
-        sq = float(gk @ gk)
+        sq, dot = float(g_task[i, i]), float(g_task[i].sum())  # ||g_k||^2, <g_k, g>
         out[f"grad/{k}/sq_norm"] = sq
-        out[f"grad/{k}/cross_sq_norm"] = (
-            float(a @ b) * (n_a + n_b) ** 2 / (n_a * n_b) if n_a and n_b else float("nan"))  # 0-row half: no term
-        dot = float(gk @ g)
+        both = n_a and n_b and len(where[k]) == 2 and half_of[k] == [0, 1]
+        out[f"grad/{k}/cross_sq_norm"] = (  # a half without rows: no cross term
+            float(g_half[where[k][0], where[k][1]]) * (n_a + n_b) ** 2 / (n_a * n_b) if both else float("nan"))
         out[f"grad/{k}/cos"] = dot / math.sqrt(sq * g_sq) if sq > 0 and g_sq > 0 else float("nan")
         out[f"grad/{k}/share"] = dot / g_sq if g_sq > 0 else float("nan")
-    norms = [out[f"grad/{k}/sq_norm"] for k in halves if out[f"grad/{k}/sq_norm"] > 0]
+    norms = [out[f"grad/{k}/sq_norm"] for k in names if out[f"grad/{k}/sq_norm"] > 0]
     out["grad/sq_norm_ratio"] = max(norms) / min(norms) if len(norms) >= 2 else float("nan")
     return out
 
 
-def _half_sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
-    """g_k from its two halves, either of which may be None (no rows)."""
-    if a is None or b is None:
-        return a if b is None else b
-    return a + b
+def task_gradient_stats(halves: dict[str, Sequence[torch.Tensor | None]],
+                        rows: dict[str, Sequence[int]]) -> dict[str, float]:
+    """Metrics from each task's two half-gradients (flat vectors; None for a half with no rows) and the row count
+    of each half."""
+    vectors, where = _layout(halves)
+    half_of = {k: [h for h, v in enumerate(parts) if v is not None] for k, parts in halves.items()}
+    return stats_from_gram(where, half_of, rows, gram(vectors))
+
+
+def balanced_coefficients(g_task: torch.Tensor, target: float | None = None) -> torch.Tensor:
+    """(K,) weights c / ||g_k|| of the balanced sum from the tasks' (K, K) dot products (0 for a zero g_k).
+
+    c is `target` if given, else the mean of the non-zero ||g_k||."""
+    norms = g_task.diagonal().clamp_min(0).sqrt()
+    live = norms > 0
+    coef = torch.zeros_like(norms)
+    if live.any():
+        c = float(target) if target is not None else float(norms[live].mean())
+        coef[live] = c / norms[live]
+    return coef
+
+
+def projected_coefficients(g_task: torch.Tensor) -> torch.Tensor:
+    """(K, K) matrix P with PCGrad's sum_k g_k' = sum_l (sum_k P[k, l]) g_l, from the tasks' dot products.
+
+    g_k' starts as g_k and, for each other task j in order, loses its component along g_j when they conflict
+    (<g_k', g_j> < 0). Every g_k' stays a combination of the original g_l, so its coefficients (row k of P) and the
+    dot products are all that is needed."""
+    k_tasks = g_task.shape[0]
+    proj = torch.eye(k_tasks, dtype=torch.float64)
+    for k in range(k_tasks):
+        for j in range(k_tasks):
+            if j == k:
+                continue
+            dot, sq = float(proj[k] @ g_task[:, j]), float(g_task[j, j])
+            if dot < 0 and sq > 0:
+                proj[k, j] -= dot / sq
+    return proj
+
+
+def _combine(vectors: Sequence[torch.Tensor], coef: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros_like(vectors[0])
+    for v, c in zip(vectors, coef, strict=True):
+        if c:
+            total.add_(v, alpha=float(c))
+    return total
 
 
 def balanced_sum(g_task: dict[str, torch.Tensor], target: float | None = None) -> torch.Tensor:
@@ -67,38 +133,18 @@ def balanced_sum(g_task: dict[str, torch.Tensor], target: float | None = None) -
     c is `target` if given, else the mean of the non-zero ||g_k||; all-zero task gradients stay zero.
     """
     vectors = list(g_task.values())
-    norms = [float(v.norm()) for v in vectors]
-    live = [n for n in norms if n > 0]
-    total = torch.zeros_like(vectors[0])
-    if not live:
-        return total
-    c = float(target) if target is not None else sum(live) / len(live)
-    for v, n in zip(vectors, norms, strict=True):
-        if n > 0:
-            total.add_(v, alpha=c / n)
-    return total
+    return _combine(vectors, balanced_coefficients(gram(vectors), target).tolist())
 
 
 def projected_sum(g_task: dict[str, torch.Tensor]) -> torch.Tensor:
     """PCGrad (Yu et al. 2020, arXiv 2001.06782): each g_k loses its component along every other task's
-    *original* gradient g_j that it conflicts with (<g_k, g_j> < 0), then the results are summed.
+    gradient g_j that it conflicts with (<g_k, g_j> < 0), then the results are summed.
 
     The other tasks are taken in a fixed order (the dict's), not PCGrad's random order, so that a
     resumed run repeats the update exactly.
     """
-    names = list(g_task)
-    total = torch.zeros_like(g_task[names[0]])
-    for k in names:
-        gk = g_task[k].clone()
-        for j in names:
-            if j == k:
-                continue
-            gj = g_task[j]
-            dot, sq = float(gk @ gj), float(gj @ gj)
-            if dot < 0 and sq > 0:
-                gk.sub_(gj, alpha=dot / sq)
-        total.add_(gk)
-    return total
+    vectors = list(g_task.values())
+    return _combine(vectors, projected_coefficients(gram(vectors)).sum(0).tolist())
 
 
 class TaskGradients:
@@ -109,13 +155,18 @@ class TaskGradients:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None,
-                 project: bool = False, reduce=None, task_names: list[str] | None = None, cross_every: int = 1):
+                 project: bool = False, reduce=None, task_names: list[str] | None = None, cross_every: int = 1,
+                 sharded: bool = False):
         """`cross_every`: steps that split tasks in halves for the cross term (see `splits_halves`).
-        `reduce`: sums a flat tensor over data-parallel processes in place (then `task_names`, the run's tasks in a
-        fixed order, is required: every process reduces the same (task, half) vectors, zeros where it had none)."""
+        `reduce`: sums a tensor over data-parallel processes in place (then `task_names`, the run's tasks in a fixed
+        order, is required). Replicated learner: every process reduces the same (task, half) vectors, zeros where it
+        had none. `sharded` (FSDP): the gradients are already summed and each process holds its shard of them, in
+        the same groups on every process; only the dot products and the row counts are reduced."""
         if reduce is not None and not task_names:
             raise ValueError("reduce needs task_names")
-        self.reduce, self.task_names = reduce, task_names
+        if sharded and reduce is None:
+            raise ValueError("sharded needs reduce")
+        self.reduce, self.task_names, self.sharded = reduce, task_names, sharded
         if balance and project:
             raise ValueError("choose one of balance and project")
         self.params = params
@@ -125,7 +176,12 @@ class TaskGradients:
         self.balance_target = balance_target
         self._halves: dict[str, list[torch.Tensor | None]] = {}
         self._rows: dict[str, list[int]] = {}
-        self.last: dict[str, torch.Tensor] = {}  # g_k of the latest finish(), flat, for inspection
+        self._last: dict[str, list[torch.Tensor | None]] = {}
+
+    @property
+    def last(self) -> dict[str, torch.Tensor]:
+        """g_k of the latest finish(), flat (this process's shard when sharded), for inspection."""
+        return {k: a if b is None else b if a is None else a + b for k, (a, b) in self._last.items()}
 
     def splits_halves(self, step: int) -> bool:
         """Whether step `step` (from 1) splits each task's rows in two halves: steps 1, 1 + N, 1 + 2N, ..."""
@@ -133,9 +189,7 @@ class TaskGradients:
 
     def collect(self, task: str, half: int, n_rows: int) -> None:
         """Take the gradient accumulated since the last collect as (task, half) and clear `param.grad`."""
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params
-        ])
+        flat = flat_local_grads(self.params)
         for p in self.params:
             p.grad = None
         halves = self._halves.setdefault(task, [None, None])
@@ -145,27 +199,47 @@ class TaskGradients:
 
     def finish(self) -> dict[str, float]:
         """Write sum_k g_k (or its balanced or projected version) into `param.grad`; return the metrics; reset."""
-        if self.reduce is not None:
+        if self.sharded:
+            self._order_and_count()
+        elif self.reduce is not None:
             self._reduce_over_processes()
         if not self._halves:
             return {}
-        g_task = {k: _half_sum(a, b) for k, (a, b) in self._halves.items()}  # no copy for a task collected whole
-        g = torch.stack(list(g_task.values())).sum(0)
-        metrics = task_gradient_stats(self._halves, self._rows, g_task, g)
-        self.last = g_task
-        if self.balance:
-            total = balanced_sum(g_task, self.balance_target)
-        elif self.project:
-            total = projected_sum(g_task)
+        vectors, where = _layout(self._halves)
+        g_half = gram(vectors)
+        if self.sharded:  # each process holds a slice of every vector: the dot products add up
+            self.reduce(g_half)
+        half_of = {k: [h for h, v in enumerate(parts) if v is not None] for k, parts in self._halves.items()}
+        metrics = stats_from_gram(where, half_of, self._rows, g_half)
+        names = list(where)
+        if self.balance or self.project:
+            member = torch.zeros(len(names), len(vectors), dtype=torch.float64)
+            for i, k in enumerate(names):
+                member[i, where[k]] = 1.0
+            g_task = member @ g_half @ member.T
+            task_coef = (balanced_coefficients(g_task, self.balance_target) if self.balance
+                         else projected_coefficients(g_task).sum(0))
         else:
-            total = g
-        offset = 0
-        for p in self.params:  # param.grad become views of `total`, which nothing else holds
-            n = p.numel()
-            p.grad = total[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
+            task_coef = torch.ones(len(names), dtype=torch.float64)
+        coef = [0.0] * len(vectors)
+        for i, k in enumerate(names):
+            for h in where[k]:
+                coef[h] = float(task_coef[i])
+        set_flat_grads(self.params, _combine(vectors, coef))  # param.grad: views of a vector nothing else holds
+        self._last = self._halves
         self._halves, self._rows = {}, {}
         return metrics
+
+    def _order_and_count(self) -> None:
+        """Sharded: the groups are the same on every process (the step aligns them); put them in the run's task
+        order and sum the row counts."""
+        halves, rows = {}, {}
+        for name in self.task_names:
+            if name in self._halves:
+                halves[name] = self._halves[name]
+                counts = self.reduce(torch.tensor(self._rows[name], dtype=torch.float64))
+                rows[name] = [int(c) for c in counts.tolist()]
+        self._halves, self._rows = halves, rows
 
     def _reduce_over_processes(self) -> None:
         size = sum(p.numel() for p in self.params)

@@ -24,9 +24,17 @@ def _dir(root: Path) -> Path:
 
 
 def save_checkpoint(
-    root: Path, step: int, learner, sampler, keep: int = 2, extra: dict[str, Any] | None = None
+    root: Path, step: int, learner, sampler, keep: int = 2, extra: dict[str, Any] | None = None, write: bool = True
 ) -> Path:
-    """`extra`: {name: object with state_dict()} saved beside the rest (e.g. the learning-gain tracker)."""
+    """`extra`: {name: object with state_dict()} saved beside the rest (e.g. the learning-gain tracker).
+
+    `write`: whether this process writes the files. A sharded learner gathers its state over every process, so
+    with sharding all processes call this and only rank 0 writes; without it, the other processes need not call."""
+    if not write and not learner.sharded:
+        return _dir(root) / f"step_{step:06d}"
+    model_state, optimizer_state = learner.checkpoint_state()  # a collective when sharded
+    if not write:
+        return _dir(root) / f"step_{step:06d}"
     ckpt_dir = _dir(root)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:06d}"
@@ -35,8 +43,9 @@ def save_checkpoint(
     tmp.mkdir()
     state = {
         "step": step,
-        "model": learner.model.state_dict(),
-        "optimizer": learner.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "sharded": learner.sharded,
         "scheduler": learner.scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -74,8 +83,10 @@ def load_latest_checkpoint(root: Path, learner, sampler, extra: dict[str, Any] |
 
             warnings.warn(f"checkpoint {path} is unreadable ({err!r}); trying an older one", stacklevel=2)
             continue
-        learner.model.load_state_dict(state["model"])
-        learner.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded", False) != learner.sharded:  # the optimizer states are keyed differently
+            raise ValueError(f"checkpoint {path} was written with sharding={'fsdp' if state.get('sharded') else 'none'}"
+                             f"; resume it with the same setting")
+        learner.load_checkpoint_state(state["model"], state["optimizer"])
         learner.scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         for name, obj in (extra or {}).items():

@@ -9,6 +9,7 @@ import torch
 
 from unigrad.config import OptimSection
 from unigrad.rollout.logprobs import sequence_logprobs
+from unigrad.train import sharding
 from unigrad.train.batching import SequenceBatch
 
 
@@ -22,8 +23,20 @@ def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, optim: OptimSection, *, keep_reference: bool = False):
+    def __init__(self, model: torch.nn.Module, optim: OptimSection, *, keep_reference: bool = False,
+                 shard: bool = False):
+        """`shard`: shard the model over the process group with FSDP (unigrad.train.sharding); needs one."""
         self.model = model
+        # The KL reference is the starting policy, frozen (only built when beta > 0), whole on every process.
+        self.reference = None
+        if keep_reference:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.sharded = shard
+        # Sharded: a whole copy for the rollout engine, evaluation and saving (see `whole_model`).
+        self.whole = copy.deepcopy(model) if shard else model
+        self._forward = sharding.shard_model(model) if shard else None  # the FSDP root: sequence_logprobs on model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -34,18 +47,56 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        # The KL reference is the starting policy, frozen (only built when beta > 0).
-        self.reference = None
-        if keep_reference:
-            self.reference = copy.deepcopy(model).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
 
     def logprobs(self, batch: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp, entropy), both (B, T) with grad, under the sampling temperature."""
         self.model.train()
-        return sequence_logprobs(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                 batch.completion_mask, temperature=temperature, return_entropy=True)
+        forward = self._forward or (lambda *a, **k: sequence_logprobs(self.model, *a, **k))
+        return forward(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                       temperature=temperature, return_entropy=True)
+
+    def idle_pass(self) -> None:
+        """A forward and backward pass that adds nothing to the gradient (a one-token row, loss times 0). A sharded
+        learner's passes are collectives: a process with fewer micro-batches than the others runs this instead."""
+        one = torch.zeros(1, 1, dtype=torch.long)
+        batch = SequenceBatch(one, torch.ones_like(one), one, torch.ones_like(one))
+        logp, entropy = self.logprobs(batch, 1.0)
+        (0.0 * (logp.sum() + entropy.sum())).backward()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights, whole (gathered from the shards when sharded: every process must call this)."""
+        return sharding.full_state_dict(self.model) if self.sharded else self.model.state_dict()
+
+    def whole_model(self) -> torch.nn.Module:
+        """The model with the current weights, unsharded (every process must call this when sharded)."""
+        if self.sharded:
+            self.whole.load_state_dict(self.full_state_dict())
+        return self.whole
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(model, optimizer) state for a checkpoint. Sharded: gathered whole on rank 0 (empty elsewhere); every
+        process must call this."""
+        if not self.sharded:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, self.optimizer, options=options))
+
+    def load_checkpoint_state(self, model_state: dict, optimizer_state: dict) -> None:
+        """Restore what `checkpoint_state` returned (every process passes the whole state when sharded)."""
+        if not self.sharded:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_state, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
@@ -59,7 +110,7 @@ class Learner:
 
         Returns (pre-clip grad norm, status). Skipped steps leave weights, optimizer and schedule untouched.
         """
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        norm = sharding.scalar(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         status = "nonfinite" if not math.isfinite(norm) else "grad_cap" if grad_norm_cap and norm > grad_norm_cap \
             else "ok"
         if status == "ok":

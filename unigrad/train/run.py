@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     start = 0
     if resume and list_checkpoints(output_dir):
         start = load_latest_checkpoint(output_dir, learner, sampler, extra=extras)
-        engine.load_weights(model.state_dict())
+        engine.load_weights(learner.full_state_dict())
         _print(console, f"resumed from step {start}")
     if dist.is_main:
         truncate_jsonl(output_dir / "metrics.jsonl", start)
@@ -130,10 +130,11 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
             _record_alarm(output_dir, alarm, console)
 
     def run_eval(name: str) -> dict[str, Any] | None:
+        whole = learner.whole_model()  # sharded: gathered on every process
         if not dist.is_main:  # rank 0 evaluates; the others wait for it
             dist.barrier()
             return None
-        res = evaluate(model, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
+        res = evaluate(whole, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
                        max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
         (output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
         dist.barrier()
@@ -157,9 +158,10 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         if logger is not None:
             logger.close()
 
+    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras, write=dist.is_main)
+    whole = learner.whole_model()
     if dist.is_main:
-        save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras)
-        save_model(model, tokenizer, output_dir / "final")
+        save_model(whole, tokenizer, output_dir / "final")
     dist.barrier()
     after = run_eval("eval_after") if cfg.eval.before_after else None
     if before is not None and after is not None:
@@ -174,15 +176,17 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
+    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
+                      shard=cfg.sharding == "fsdp" and dist.active)
+    whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
     if cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
         from unigrad.rollout.ray_pool import RayRolloutPool
 
-        engine = RayRolloutPool(model, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
+        engine = RayRolloutPool(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
                                 dtype=rollout_dtype, decoder=cfg.rollout.decoder)
     else:
-        engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+        engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
                                     decoder=cfg.rollout.decoder)
-    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be distinct, got {names}")
@@ -196,7 +200,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                    balance_target=cfg.sampler.balance_target,
                                    project=cfg.sampler.name == "pcgrad", cross_every=cfg.diagnostics.cross_every,
                                    reduce=dist.sum_ if dist.active else None,
-                                   task_names=names if dist.active else None) if account else None
+                                   task_names=names if dist.active else None,
+                                   sharded=learner.sharded) if account else None
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
     ctx = StepContext(
         tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
@@ -275,8 +280,9 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
             if extras["monitor"].nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
                 stop.append(f"{extras['monitor'].nonfinite_steps} steps were skipped for non-finite losses or "
                             f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
-            if dist.is_main and (stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps)):
-                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints, extra=extras)
+            if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):  # rank 0 writes
+                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints, extra=extras,
+                                write=dist.is_main)
             if stop:
                 raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)
                                  + f". A checkpoint of step {step} is in {output_dir}/checkpoints; "

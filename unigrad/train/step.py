@@ -164,15 +164,20 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     sft_norm = global_normalisers(dist, batch_normalisers(sft.completion_mask, "sft") if sft is not None else None)
     chunks = micro_batch_plan(ctx, rl, sft, ro.group_ids[rl_rows], torch.tensor(sft_prompts, dtype=torch.long),
                               prompt_task, prompt_half)
+    if ctx.learner.sharded:  # every learner pass is a collective: all processes run the same sequence
+        chunks = aligned_plan(chunks, dist)
     train_logp = torch.zeros(rl.completion_ids.shape)  # (N_rl, T) learner log-probs, for the mismatch metrics
     train_entropy = torch.zeros(rl.completion_ids.shape)
     old = [None] * len(chunks)  # filled from the first iteration when num_iterations > 1
     ref = [None] * len(chunks)
     loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
-    nonfinite_loss = False
+    nonfinite_loss, idle_passes = False, 0
     for iteration in range(ctx.num_iterations):
         for c, (group, kind, rows) in enumerate(chunks):
-            if kind == "rl":
+            if rows is None:  # sharded: another process has a micro-batch here
+                ctx.learner.idle_pass()
+                idle_passes += 1
+            elif kind == "rl":
                 mb = rl.rows(rows).trimmed()  # (b, T') with T' <= T: this micro-batch's own padding only
                 width = mb.completion_ids.shape[1]
                 logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T') each
@@ -201,12 +206,12 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                 nonfinite_loss |= not torch.isfinite(out.loss).item()
                 loss_metrics.append({f"sft/{k}": v for k, v in out.metrics.items()})
             if ctx.task_gradients is not None and (c + 1 == len(chunks) or chunks[c + 1][0] != group):
-                n_rows = sum(len(r) for g, _, r in chunks if g == group)
+                n_rows = sum(len(r) for g, _, r in chunks if g == group and r is not None)
                 ctx.task_gradients.collect(names[group[0]], group[1], n_rows)
         if ctx.task_gradients is not None:
             measured = ctx.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum), over processes
             grad_metrics = grad_metrics or measured  # the first iteration's: the fresh batch
-        else:
+        elif not ctx.learner.sharded:  # sharded: FSDP has summed them in the backward passes
             dist.sum_gradients(ctx.learner.params)
         t1 = time.perf_counter()
         norm, status = ctx.learner.clip_and_step(ctx.grad_norm_cap)
@@ -217,7 +222,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
 
     # 10. The rollout engine takes the new weights.
     t0 = time.perf_counter()
-    ctx.engine.load_weights(ctx.learner.model.state_dict())
+    ctx.engine.load_weights(ctx.learner.full_state_dict())
     t_sync = time.perf_counter() - t0
 
     # Metrics of the whole batch (gathered from every process); rewards, lengths and advantages of the sampled
@@ -236,6 +241,8 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     if rl_mask.any() and ctx.measure_mismatch:  # the engine's log-probs against the learner's, same tokens
         metrics.update(mismatch_metrics(dist.cat(train_logp), dist.cat(rl_infer), rl_mask,
                                         entropy=dist.cat(train_entropy), low=obj.icepop_low, high=obj.icepop_high))
+    if ctx.learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
+        metrics["sharding/idle_passes"] = dist.sum_float(float(idle_passes))
     metrics["loss"] = ctx.rl_coef * metrics.get("rl/loss", 0.0) + ctx.sft_coef * metrics.get("sft/loss", 0.0)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms),
@@ -300,6 +307,27 @@ def micro_batch_plan(ctx: StepContext, rl: SequenceBatch, sft: SequenceBatch | N
             plan += [(group, "sft", sft_idx[r]) for r in length_grouped_micro_batches(sft.rows(sft_idx),
                                                                                       ctx.micro_batch_size)]
     return plan
+
+
+def aligned_plan(plan: list[tuple[Any, str, torch.Tensor]], dist: Distributed) -> list[tuple[Any, str, Any]]:
+    """`plan` padded so that every process runs the same sequence of (group, kind) passes: each (group, kind) gets
+    as many micro-batches as the process with most of them has, the missing ones as None (an idle pass). Groups in
+    task order, RL before SFT, as `micro_batch_plan` orders them."""
+    def order(key):
+        group, kind = key
+        return (-1, -1) if group is None else group, kind != "rl"
+
+    counts: dict[Any, int] = {}
+    for keys in dist.gather([(g, k) for g, k, _ in plan]):
+        for key in set(keys):
+            counts[key] = max(counts.get(key, 0), keys.count(key))
+    mine: dict[Any, list[torch.Tensor]] = defaultdict(list)
+    for group, kind, rows in plan:
+        mine[(group, kind)].append(rows)
+    out: list[tuple[Any, str, Any]] = []
+    for key in sorted(counts, key=order):
+        out += [(*key, rows) for rows in mine[key]] + [(*key, None)] * (counts[key] - len(mine[key]))
+    return out
 
 
 def decode_completions(tokenizer, ro: Rollout) -> list[str]:
