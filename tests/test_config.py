@@ -37,6 +37,7 @@ def test_defaults_and_overrides(tmp_path):
         ("sampler.name=greedy", "sampler.name: Input should be 'uniform', 'size', 'gradient'"),
         ("sampler.exploration=2", "sampler.exploration: Input should be less than or equal to 1"),
         ("diagnostics.gain_window=0", "diagnostics.gain_window: Input should be greater than or equal to 1"),
+        ("sharding=zero3", "sharding: Input should be 'none' or 'fsdp'"),
 
     ],
 )
@@ -88,3 +89,8 @@ def test_sampler_combinations_that_make_no_sense_are_refused():
         load_config(None, ["sampler.name=balanced", "diagnostics.task_gradients=false"])
     cfg = load_config(None, ["sampler.name=balanced", "task_weights={arithmetic: 2}"])
     assert cfg.sampler.name == "balanced" and cfg.diagnostics.task_gradients is None
+
+
+def test_sharding_with_lora_is_refused():
+    with pytest.raises(ConfigError, match="sharding=fsdp with model.lora_r > 0 is not supported yet"):
+        load_config(None, ["sharding=fsdp", "model.lora_r=4"])
