@@ -103,7 +103,9 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     if dist.is_main:
         (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
     _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg)
-           + (f"\n{dist.world} data-parallel processes" if dist.active else ""))
+           + (f"\n{dist.world} data-parallel processes" if dist.active else "")
+           + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
+              if cfg.sharding == "fsdp" and not dist.active else ""))
 
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
