@@ -38,7 +38,8 @@ def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective:
             "rollout.max_new_tokens=10", "train_pool_size=40", "micro_batch_size=3", "threads=1", "seed=1",
             "eval.before_after=false", "save_every=0", *extra]
     res = subprocess.run([sys.executable, "-m", "unigrad.cli", "train", *args, "--output-dir", str(tmp / out),
-                          "--nproc", str(nproc), *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
+                          "--nproc", str(nproc), *(["--resume"] if resume else [])],
+                         capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(SKIP)} for r in rows]
