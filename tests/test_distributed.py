@@ -85,7 +85,9 @@ def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
     different numbers of passes per (task, half, SFT or RL) group; the sharded step pads them with idle passes
     (every FSDP pass is a collective) and still matches one process."""
     model, reward = setup
-    extra = ("hybrid.gamma=0.05",)  # some prompts to SFT under this reward
+    # gamma: some prompts to SFT under this reward. 8 samples in micro-batches of 16 rows: one process alone shares
+    # each group's prompt pass there (a second decoder call), which a sharded pass must not do on one process only.
+    extra = ("hybrid.gamma=0.05", "rollout.num_generations=8", "micro_batch_size=16")
     one = train(tmp_path, "one", 1, model, reward, "hpt", extra)
     fractions = [r["hpt/sft_fraction"] for r in one]
     assert any(0 < f < 1 for f in fractions), fractions  # a mixed step: SFT and RL passes both

@@ -3,9 +3,10 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`), instead of every process holding a
 
 Layout. Every decoder layer is its own FSDP unit; the rest (embeddings, final norm, lm_head, tied or not) forms the
 root unit. The root is a small wrapper module whose forward is `sequence_logprobs`: the learner's log-prob pass
-calls the decoder and the lm_head directly (to share a group's prompt pass and to chunk the logits), which would
-bypass a root installed on the causal LM itself. Through the wrapper, FSDP gathers the root's parameters before the
-pass and reduce-scatters their gradients after the backward, as for any module.
+calls the decoder and the lm_head directly (to chunk the logits), which would bypass a root installed on the causal
+LM itself. Through the wrapper, FSDP gathers the root's parameters before the pass and reduce-scatters their
+gradients after the backward, as for any module. A group's rows do not share their prompt pass here: sharing is
+decided per micro-batch and costs a second decoder call, and every process must make the same calls.
 
 Semantics. Gradients are summed over processes (not averaged), as in the replicated path: the loss normalisers are
 already global, so each process's backward yields its share of the single-process gradient. Every FSDP forward and
@@ -34,7 +35,9 @@ class LogprobModule(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        return sequence_logprobs(self.model, *args, **kwargs)
+        # No prompt sharing: it makes two decoder calls instead of one, chosen per micro-batch by how much it saves,
+        # and FSDP needs every process to make the same calls (a mismatch deadlocks the collectives).
+        return sequence_logprobs(self.model, *args, share_prompts=False, **kwargs)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
