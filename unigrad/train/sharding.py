@@ -83,10 +83,6 @@ def flat_local_grads(params: list[nn.Parameter]) -> torch.Tensor:
                       for p in params])
 
 
-def local_numel(param: nn.Parameter) -> int:
-    return local(param).numel()
-
-
 def set_flat_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
     """`param.grad` = views of `flat` (laid out as `flat_local_grads`), as sharded tensors where the parameters are."""
     offset = 0
