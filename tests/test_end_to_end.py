@@ -70,6 +70,16 @@ def test_bad_config_is_a_clear_error(small_model, tmp_path):
     assert res.returncode == 2 and "rollout.temprature: unknown key" in res.stderr
 
 
+def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path):
+    from unigrad.rollout.vllm_engine import vllm_unavailable_reason
+
+    if vllm_unavailable_reason() is None:
+        pytest.skip("vLLM and a GPU are present here")
+    res = cli("train", *common(small_model, 1), "rollout.engine=vllm", "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 2 and "rollout.engine=vllm: " in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "eval_before.json").exists()  # refused before any work
+
+
 def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
     steps = 12
     args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10"]

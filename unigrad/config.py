@@ -48,6 +48,12 @@ class RolloutSection(_Section):
     decoder: Literal["auto", "static", "transformers"] = Field(
         "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm], a CUDA GPU)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm engine: share of the GPU vLLM may take (weights + KV cache)"
+    )
 
 
 class OptimSection(_Section):
@@ -227,6 +233,12 @@ class TrainConfig(_Section):
         if self.sharding == "fsdp" and self.model.lora_r:
             raise ValueError("sharding=fsdp with model.lora_r > 0 is not supported yet (LoRA adapters are small: "
                              "use sharding=none)")
+        if self.rollout.engine == "vllm" and self.rollout.num_engines > 1:
+            raise ValueError("rollout.engine=vllm runs one vLLM instance per learner process; rollout.num_engines "
+                             "> 1 (Ray actors) is for the transformers engine")
+        if self.rollout.engine == "vllm" and self.model.lora_r:
+            raise ValueError("rollout.engine=vllm with model.lora_r > 0 is not supported yet (the adapter would "
+                             "have to be merged before each weight sync)")
         return self
 
     @model_validator(mode="after")

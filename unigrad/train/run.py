@@ -91,6 +91,11 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     if cfg.prompts_per_step % dist.world:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
                           f"({dist.world})")
+    if cfg.rollout.engine == "vllm":  # refuse before loading anything
+        from unigrad.rollout.vllm_engine import vllm_unavailable_reason
+
+        if (reason := vllm_unavailable_reason()) is not None:
+            raise ConfigError(f"rollout.engine=vllm: {reason}")
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
     if dist.is_main:
@@ -181,7 +186,12 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
                       shard=cfg.sharding == "fsdp" and dist.active)
     whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
-    if cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
+    if cfg.rollout.engine == "vllm":  # one vLLM instance in this process, on its GPU, synced every step
+        from unigrad.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed)
+    elif cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
         from unigrad.rollout.ray_pool import RayRolloutPool
 
         engine = RayRolloutPool(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,

@@ -1,0 +1,170 @@
+"""The vLLM rollout engine (unigrad/rollout/vllm_engine.py).
+
+vLLM's wheels are CUDA builds and need a GPU. Where they cannot run (this project's CPU machines and CI), the tests of
+the engine itself are skipped with the reason, and what runs is: the mapping of sampling parameters, the conversion
+of vLLM's outputs into a `Rollout` (on objects laid out as vLLM's `RequestOutput` / `CompletionOutput` /
+`Logprob`, a test double used only because vLLM cannot run here), the config checks, and the clear error when the
+engine is asked for without vLLM or a GPU.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unigrad.config import ConfigError, load_config
+from unigrad.rollout.base import RolloutEngine, SamplingParams
+from unigrad.rollout.sampling import filter_logits
+from unigrad.rollout.transformers_engine import TransformersEngine
+from unigrad.rollout.vllm_engine import (
+    VLLMEngine,
+    VLLMUnavailable,
+    rollout_from_outputs,
+    vllm_request_params,
+    vllm_unavailable_reason,
+)
+
+PAD, EOS = 0, 1
+UNAVAILABLE = vllm_unavailable_reason()
+
+
+def completion(index, tokens, logprobs, finish):
+    return SimpleNamespace(index=index, token_ids=tokens, finish_reason=finish,
+                           logprobs=[{t: SimpleNamespace(logprob=lp, rank=1)}
+                                     for t, lp in zip(tokens, logprobs, strict=True)])
+
+
+def test_request_params_carry_the_sampling_distribution_and_stop_ids():
+    s = SamplingParams(temperature=0.8, top_p=0.9, top_k=5, max_new_tokens=12)
+    kw = vllm_request_params(s, 4, seed=123, eos_token_ids=[1, 7])
+    assert kw["n"] == 4 and kw["seed"] == 123 and kw["max_tokens"] == 12
+    assert (kw["temperature"], kw["top_p"], kw["top_k"]) == (0.8, 0.9, 5)
+    assert kw["logprobs"] == 0  # the sampled token's log-prob
+    assert kw["stop_token_ids"] == [1, 7] and kw["ignore_eos"] is True
+    assert (kw["min_p"], kw["repetition_penalty"]) == (0.0, 1.0)
+    greedy = vllm_request_params(SamplingParams(temperature=0.0, top_p=0.5, top_k=3), 1, 0, [])
+    assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, 0)  # filters off when greedy
+
+
+def test_outputs_become_a_rollout_with_padding_masks_and_truncation():
+    prompts = [[5, 6, 7], [9]]
+    outputs = [
+        SimpleNamespace(prompt_token_ids=[5, 6, 7], outputs=[  # completions arrive out of index order
+            completion(1, [3, 4, 8], [-0.5, -0.25, -2.0], "length"),
+            completion(0, [3, EOS], [-0.1, -0.2], "stop"),
+        ]),
+        SimpleNamespace(prompt_token_ids=[9], outputs=[
+            completion(0, [EOS], [-0.3], "stop"),
+            completion(1, [4, 4, 4], [-1.0, -1.5, -0.75], "length"),
+        ]),
+    ]
+    r = rollout_from_outputs(prompts, outputs, 2, PAD, [EOS])
+    assert r.prompt_ids.tolist() == [[5, 6, 7]] * 2 + [[PAD, PAD, 9]] * 2
+    assert r.prompt_mask.tolist() == [[True] * 3] * 2 + [[False, False, True]] * 2
+    assert r.completion_ids.tolist() == [[3, EOS, PAD], [3, 4, 8], [EOS, PAD, PAD], [4, 4, 4]]
+    assert r.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
+    expected = torch.tensor([[-0.1, -0.2, 0], [-0.5, -0.25, -2.0], [-0.3, 0, 0], [-1.0, -1.5, -0.75]])
+    assert torch.equal(r.infer_logprobs, expected)
+    assert r.group_ids.tolist() == [0, 0, 1, 1]
+    assert r.truncated.tolist() == [False, True, False, True]
+
+
+def test_bad_outputs_are_errors_not_silent_numbers():
+    prompts = [[5, 6]]
+    good = completion(0, [3, EOS], [-0.1, -0.2], "stop")
+
+    def one(*outs, prompt=(5, 6)):
+        return [SimpleNamespace(prompt_token_ids=list(prompt), outputs=list(outs))]
+
+    missing = completion(0, [3, EOS], [-0.1, -0.2], "stop")
+    missing.logprobs[1] = {4: SimpleNamespace(logprob=-1.0)}  # not the sampled token
+    with pytest.raises(ValueError, match="no log-prob for the sampled token 1"):
+        rollout_from_outputs(prompts, one(missing), 1, PAD, [EOS])
+    no_logprobs = SimpleNamespace(index=0, token_ids=[3], logprobs=None, finish_reason="length")
+    with pytest.raises(ValueError, match="logprobs=0"):
+        rollout_from_outputs(prompts, one(no_logprobs), 1, PAD, [EOS])
+    nan = completion(0, [3], [float("nan")], "length")
+    with pytest.raises(ValueError, match="log-prob nan"):
+        rollout_from_outputs(prompts, one(nan), 1, PAD, [EOS])
+    with pytest.raises(ValueError, match="2 completions for prompt 0, expected 1"):
+        rollout_from_outputs(prompts, one(good, completion(1, [3], [-1.0], "length")), 1, PAD, [EOS])
+    with pytest.raises(ValueError, match="out of order"):
+        rollout_from_outputs(prompts, one(good, prompt=(6, 5)), 1, PAD, [EOS])
+    with pytest.raises(ValueError, match="without one of the EOS ids"):
+        rollout_from_outputs(prompts, one(completion(0, [3, 4], [-0.1, -0.2], "stop")), 1, PAD, [EOS])
+    with pytest.raises(ValueError, match="finish_reason 'abort'"):
+        rollout_from_outputs(prompts, one(completion(0, [3], [-0.1], "abort")), 1, PAD, [EOS])
+    with pytest.raises(ValueError, match="1 request outputs for 2 prompts"):
+        rollout_from_outputs([[5, 6], [7]], one(good), 1, PAD, [EOS])
+
+
+def test_config_checks_for_the_vllm_engine():
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.gpu_memory_utilization=0.5"])
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.gpu_memory_utilization == 0.5
+    with pytest.raises(ConfigError, match="num_engines"):
+        load_config(None, ["rollout.engine=vllm", "rollout.num_engines=2"])
+    with pytest.raises(ConfigError, match="lora_r"):
+        load_config(None, ["rollout.engine=vllm", "model.lora_r=4"])
+    with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
+        load_config(None, ["rollout.gpu_memory_utilization=1.5"])
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        load_config(None, ["rollout.engine=sglang"])
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.skipif(UNAVAILABLE is None, reason="vLLM and a GPU are present: the engine tests below run instead")
+def test_asking_for_vllm_where_it_cannot_run_is_a_clear_error():
+    with pytest.raises(VLLMUnavailable, match="vLLM is not installed|CUDA GPU"):
+        VLLMEngine(tiny_llama(0), PAD, EOS)
+
+
+needs_vllm = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"vLLM engine not runnable here: {UNAVAILABLE}")
+
+
+def filtered_teacher_forced(model, rollout, sampling):
+    """Log-probs of the sampled tokens under the learner's logits filtered as the sampler filters them."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    plen, tlen = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    step = logits[:, plen - 1 : plen - 1 + tlen].float()
+    filtered = filter_logits(step.reshape(-1, step.shape[-1]), sampling.temperature, sampling.top_k, sampling.top_p)
+    logp = torch.log_softmax(filtered, -1).reshape(step.shape)
+    return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1) * rollout.completion_mask
+
+
+@needs_vllm
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)])
+def test_vllm_logprobs_are_those_of_the_filtered_sampling_distribution(top_k, top_p):
+    model = tiny_llama(0)
+    engine = VLLMEngine(model, PAD, EOS, dtype=torch.float32, gpu_memory_utilization=0.2)
+    assert isinstance(engine, RolloutEngine)
+    sampling = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=16, seed=5)
+    prompts = [[5, 6, 7, 8, 9], [12, 13]]
+    r = engine.generate(prompts, 4, sampling)
+    assert r.num_sequences == 8 and r.group_ids.tolist() == [0] * 4 + [1] * 4
+    expected = filtered_teacher_forced(model, r, sampling)
+    assert torch.allclose(r.infer_logprobs, expected, atol=2e-3), (r.infer_logprobs - expected).abs().max()
+    again = engine.generate(prompts, 4, sampling)
+    assert torch.equal(again.completion_ids, r.completion_ids)  # per-prompt seeds: reproducible
+
+
+@needs_vllm
+def test_vllm_takes_the_learners_weights():
+    engine = VLLMEngine(tiny_llama(0), PAD, EOS, dtype=torch.float32, gpu_memory_utilization=0.2)
+    other = tiny_llama(1)
+    engine.load_weights(other.state_dict())
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    prompts = [[5, 6, 7, 8, 9], [12, 13]]
+    got = engine.generate(prompts, 1, greedy)
+    want = TransformersEngine(other, PAD, EOS).generate(prompts, 1, greedy)
+    assert got.completion_ids.tolist() == want.completion_ids.tolist()

@@ -1,0 +1,227 @@
+"""A `RolloutEngine` on vLLM, colocated with the learner (optional extra `unigrad[vllm]`; needs a CUDA GPU).
+
+One vLLM instance per learner process, in that process (`distributed_executor_backend="external_launcher"`, tensor
+parallel size 1), as TRL's colocate mode runs it. After each optimizer step `load_weights` hands the learner's
+tensors to the vLLM model's own `load_weights` (which maps transformers names onto vLLM's fused layers) and
+resets the prefix cache, so no prompt is served from keys computed with old weights.
+
+The log-probs it returns are those of the sampled tokens under the distribution they were drawn from:
+vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. after temperature, top-k and top-p, renormalised over the
+kept tokens. That is what `TransformersEngine` records and what importance ratios need. vLLM's default
+(`raw_logprobs`) is the unfiltered model distribution. With top-k / top-p it would bias every ratio against it
+(the Rollout Correction notes of verl and TRL's server check warn of the same).
+
+Each prompt is one vLLM request with `n` samples and its own seed (`SamplingParams.prompt_seeds`), so a prompt's
+samples do not depend on the other prompts of the call. They are not the tokens `TransformersEngine` draws from
+the same seed: the two engines use different random streams.
+
+Stopping: vLLM's own EOS handling is switched off (`ignore_eos=True`, the tokenizer is not loaded) and the
+engine's `eos_token_id`s are passed as `stop_token_ids`, so the run stops on exactly the ids it does with the
+transformers engine, and the stop token is part of the completion.
+
+Only the conversion of vLLM's outputs and the mapping of sampling parameters run without vLLM
+(`vllm_request_params`, `rollout_from_outputs`); the engine itself needs vLLM and a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Rollout, SamplingParams, resolve_prompt_seeds
+
+
+class VLLMUnavailable(RuntimeError):
+    """vLLM is not installed, or there is no CUDA GPU for it."""
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why `VLLMEngine` cannot run here (None if it can)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        return f"vLLM is not installed ({exc}); install the extra: pip install 'unigrad[vllm]'"
+    if not torch.cuda.is_available():
+        return "vLLM's engine needs a CUDA GPU and torch.cuda.is_available() is False"
+    return None
+
+
+def vllm_request_params(sampling: SamplingParams, n: int, seed: int, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one prompt's request: `n` samples from the stream `seed`.
+
+    Greedy decoding (temperature 0) passes no top-k / top-p: they do not change the argmax, and the log-probs
+    recorded for greedy tokens are, by unigrad's convention, under the unfiltered temperature-1 softmax.
+    """
+    greedy = sampling.temperature == 0
+    return {
+        "n": n,
+        "temperature": sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "top_k": 0 if greedy else sampling.top_k,  # 0: all tokens
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": sampling.max_new_tokens,
+        "seed": int(seed) % 2**63,
+        "logprobs": 0,  # the sampled token's log-prob only
+        "ignore_eos": True,  # stop on the engine's own EOS ids below, not on vLLM's idea of EOS
+        "stop_token_ids": list(eos_token_ids),
+        "detokenize": False,
+    }
+
+
+def _sampled_logprob(entry: Any, token: int, where: str) -> float:
+    """The log-prob of `token` in one position's logprob entry ({token id: Logprob or float})."""
+    if entry is None or token not in entry:
+        raise ValueError(f"vLLM returned no log-prob for the sampled token {token} at {where}")
+    value = entry[token]
+    value = float(getattr(value, "logprob", value))
+    if not math.isfinite(value):
+        raise ValueError(f"vLLM returned log-prob {value} for the sampled token {token} at {where}")
+    return value
+
+
+def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: int, pad_token_id: int,
+                         eos_token_ids: Sequence[int], device: str | torch.device = "cpu") -> Rollout:
+    """A `Rollout` from vLLM's `RequestOutput`s, one per prompt in prompt order, each with `n` completions.
+
+    Completions are taken in their `index` order; `token_ids` includes the stop token when one ended the sample;
+    `finish_reason == "length"` marks a truncated sample. Every sampled token must have its log-prob.
+    """
+    if len(outputs) != len(prompts):
+        raise ValueError(f"vLLM returned {len(outputs)} request outputs for {len(prompts)} prompts")
+    eos = set(int(i) for i in eos_token_ids)
+    rows: list[tuple[list[int], list[float], bool]] = []
+    for p, (prompt, request) in enumerate(zip(prompts, outputs, strict=True)):
+        got = getattr(request, "prompt_token_ids", None)
+        if got is not None and list(got) != list(prompt):
+            raise ValueError(f"vLLM request {p} carries other prompt tokens than prompt {p}: outputs out of order")
+        completions = sorted(request.outputs, key=lambda c: c.index)
+        if len(completions) != n:
+            raise ValueError(f"vLLM returned {len(completions)} completions for prompt {p}, expected {n}")
+        for j, completion in enumerate(completions):
+            tokens = [int(t) for t in completion.token_ids]
+            entries = completion.logprobs
+            if entries is None or len(entries) != len(tokens):
+                raise ValueError(f"vLLM returned {0 if entries is None else len(entries)} log-prob entries for "
+                                 f"{len(tokens)} tokens (prompt {p}, sample {j}); is logprobs=0 set?")
+            logprobs = [_sampled_logprob(e, t, f"prompt {p}, sample {j}, token {i}")
+                        for i, (e, t) in enumerate(zip(entries, tokens, strict=True))]
+            if completion.finish_reason not in ("stop", "length"):
+                raise ValueError(f"vLLM ended prompt {p}, sample {j} with finish_reason "
+                                 f"{completion.finish_reason!r} (expected 'stop' or 'length')")
+            stopped = completion.finish_reason == "stop"
+            if stopped and (not tokens or tokens[-1] not in eos):
+                raise ValueError(f"vLLM stopped prompt {p}, sample {j} on {completion.finish_reason!r} without one "
+                                 f"of the EOS ids {sorted(eos)} last")
+            rows.append((tokens, logprobs, not stopped))
+
+    prompt_len = max(len(p) for p in prompts)
+    width = max((len(t) for t, _, _ in rows), default=0)
+    num = len(rows)
+    prompt_ids = torch.full((num, prompt_len), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros(num, prompt_len, dtype=torch.bool)
+    completion_ids = torch.full((num, width), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros(num, width, dtype=torch.bool)
+    infer_logprobs = torch.zeros(num, width, dtype=torch.float32)
+    for r, (tokens, logprobs, _) in enumerate(rows):
+        prompt = prompts[r // n]
+        prompt_ids[r, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        prompt_mask[r, prompt_len - len(prompt):] = True
+        completion_ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        completion_mask[r, : len(tokens)] = True
+        infer_logprobs[r, : len(tokens)] = torch.tensor(logprobs, dtype=torch.float32)
+    rollout = Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, infer_logprobs=infer_logprobs,
+        group_ids=torch.arange(len(prompts)).repeat_interleave(n),
+        truncated=torch.tensor([trunc for _, _, trunc in rows], dtype=torch.bool),
+    )
+    return Rollout(**{f: getattr(rollout, f).to(device) for f in rollout.__dataclass_fields__})
+
+
+class VLLMEngine:
+    """Sample completions with vLLM on this process's GPU, implementing `RolloutEngine`.
+
+    `model`: the learner's causal LM. vLLM builds its own copy from `model.name_or_path` when that is a local
+    directory, else from a temporary directory the module's config and weights are saved to; the module's
+    current weights are loaded into it either way. `gpu_memory_utilization` is the share of the GPU vLLM may take
+    (weights + KV cache); the learner needs the rest.
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
+                 dtype: torch.dtype | None = None, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int | None = None, seed: int = 0) -> None:
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise VLLMUnavailable(reason)
+        from vllm import LLM
+
+        self.pad_token_id = int(pad_token_id)
+        if eos_token_id is None:
+            self.eos_token_ids: list[int] = []
+        elif isinstance(eos_token_id, int):
+            self.eos_token_ids = [eos_token_id]
+        else:
+            self.eos_token_ids = [int(i) for i in eos_token_id]
+        self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
+        # external_launcher: vLLM runs in this process, alongside a torch.distributed learner if there is one.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", "29513")):
+            os.environ.setdefault(key, value)
+        self._tmp = None
+        source = getattr(model, "name_or_path", "") or ""
+        if not Path(source).is_dir():
+            self._tmp = tempfile.TemporaryDirectory(prefix="unigrad-vllm-")
+            model.save_pretrained(self._tmp.name)
+            source = self._tmp.name
+        self.llm = LLM(
+            model=source, dtype=self.dtype, skip_tokenizer_init=True, tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, seed=seed, logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # the model's generation_config.json must not change our sampling defaults
+        )
+        self.load_weights(model.state_dict())
+
+    def _vllm_model(self) -> nn.Module:
+        engine = self.llm.llm_engine
+        try:
+            return engine.model_executor.driver_worker.model_runner.model
+        except AttributeError:
+            pass
+        try:
+            return engine.model_executor.driver_worker.worker.model_runner.model
+        except AttributeError as exc:
+            raise RuntimeError("cannot reach the vLLM model in this process: this vLLM version lays out its "
+                               "executor differently (expected model_executor.driver_worker[.worker].model_runner)"
+                               ) from exc
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Give the learner's weights (transformers names) to vLLM's model and drop its prefix cache."""
+        target = self._vllm_model()
+        device = next(target.parameters()).device
+        target.load_weights((name, tensor.detach().to(device)) for name, tensor in state_dict.items())
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        """Sample `n` completions per prompt; rows p*n .. p*n+n-1 belong to prompt p (see `Rollout`)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+        if sampling.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        seeds = resolve_prompt_seeds(sampling, len(prompts))
+        params = [VLLMSamplingParams(**vllm_request_params(sampling, n, s, self.eos_token_ids)) for s in seeds]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        return rollout_from_outputs(prompts, outputs, n, self.pad_token_id, self.eos_token_ids)
