@@ -14,14 +14,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unigrad.config import ConfigError, load_config
-from unigrad.rollout.base import RolloutEngine, SamplingParams
+from unigrad.rollout.base import RolloutEngine, SamplingParams, prompt_stream_seeds
 from unigrad.rollout.sampling import filter_logits
 from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.rollout.vllm_engine import (
     VLLMEngine,
     VLLMUnavailable,
+    check_temperature,
     rollout_from_outputs,
     vllm_request_params,
+    vllm_seed,
     vllm_unavailable_reason,
 )
 
@@ -38,13 +40,34 @@ def completion(index, tokens, logprobs, finish):
 def test_request_params_carry_the_sampling_distribution_and_stop_ids():
     s = SamplingParams(temperature=0.8, top_p=0.9, top_k=5, max_new_tokens=12)
     kw = vllm_request_params(s, 4, seed=123, eos_token_ids=[1, 7])
-    assert kw["n"] == 4 and kw["seed"] == 123 and kw["max_tokens"] == 12
+    assert kw["n"] == 4 and kw["max_tokens"] == 12
     assert (kw["temperature"], kw["top_p"], kw["top_k"]) == (0.8, 0.9, 5)
     assert kw["logprobs"] == 0  # the sampled token's log-prob
     assert kw["stop_token_ids"] == [1, 7] and kw["ignore_eos"] is True
     assert (kw["min_p"], kw["repetition_penalty"]) == (0.0, 1.0)
-    greedy = vllm_request_params(SamplingParams(temperature=0.0, top_p=0.5, top_k=3), 1, 0, [])
+    assert kw["seed"] == vllm_seed(123)
+    greedy = vllm_request_params(SamplingParams(temperature=0.0, top_p=0.5, top_k=3), 4, 0, [])
     assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, 0)  # filters off when greedy
+    assert greedy["n"] == 1  # vLLM refuses n > 1 when greedy; the one sample is repeated
+
+
+def test_consecutive_prompt_seeds_do_not_share_vllm_streams():
+    # vLLM seeds sample j of a request with seed + j; unigrad's per-prompt seeds are consecutive.
+    n = 64
+    base = prompt_stream_seeds(7, 500)
+    assert base[1] - base[0] == 1  # raw, prompt p + 1's sample 0 would be prompt p's sample 1
+    streams = [vllm_seed(s) + j for s in base for j in range(n)]
+    assert len(set(streams)) == len(streams)
+    assert all(0 <= vllm_seed(s) < 2**62 for s in (*base, 0, 2**63 - 1))
+    assert vllm_seed(base[0]) == vllm_seed(base[0])  # a function of the seed alone
+
+
+def test_temperatures_vllm_would_change_are_refused():
+    for t in (0.0, 0.01, 1.0, 2.0):
+        check_temperature(t)
+    for t in (0.005, 2.5):
+        with pytest.raises(ValueError, match="temperature 0 \\(greedy\\) or in"):
+            check_temperature(t)
 
 
 def test_outputs_become_a_rollout_with_padding_masks_and_truncation():
@@ -68,6 +91,16 @@ def test_outputs_become_a_rollout_with_padding_masks_and_truncation():
     assert torch.equal(r.infer_logprobs, expected)
     assert r.group_ids.tolist() == [0, 0, 1, 1]
     assert r.truncated.tolist() == [False, True, False, True]
+
+
+def test_one_greedy_completion_stands_for_the_n_identical_ones():
+    outputs = [SimpleNamespace(prompt_token_ids=[5], outputs=[completion(0, [3, EOS], [-0.1, -0.2], "stop")])]
+    r = rollout_from_outputs([[5]], outputs, 3, PAD, [EOS], greedy=True)
+    assert r.completion_ids.tolist() == [[3, EOS]] * 3 and r.group_ids.tolist() == [0, 0, 0]
+    assert torch.equal(r.infer_logprobs, torch.tensor([[-0.1, -0.2]] * 3))
+    with pytest.raises(ValueError, match="expected 1"):
+        rollout_from_outputs([[5]], [SimpleNamespace(prompt_token_ids=[5], outputs=outputs[0].outputs * 3)], 3, PAD,
+                             [EOS], greedy=True)
 
 
 def test_bad_outputs_are_errors_not_silent_numbers():
@@ -110,6 +143,8 @@ def test_config_checks_for_the_vllm_engine():
         load_config(None, ["rollout.gpu_memory_utilization=1.5"])
     with pytest.raises(ConfigError, match="rollout.engine"):
         load_config(None, ["rollout.engine=sglang"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(None, ["rollout.engine=vllm", "rollout.temperature=3.0"])
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -165,6 +200,6 @@ def test_vllm_takes_the_learners_weights():
     engine.load_weights(other.state_dict())
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     prompts = [[5, 6, 7, 8, 9], [12, 13]]
-    got = engine.generate(prompts, 1, greedy)
-    want = TransformersEngine(other, PAD, EOS).generate(prompts, 1, greedy)
+    got = engine.generate(prompts, 2, greedy)  # greedy with n > 1: one vLLM sample, repeated
+    want = TransformersEngine(other, PAD, EOS).generate(prompts, 2, greedy)
     assert got.completion_ids.tolist() == want.completion_ids.tolist()

@@ -236,6 +236,10 @@ class TrainConfig(_Section):
         if self.rollout.engine == "vllm" and self.rollout.num_engines > 1:
             raise ValueError("rollout.engine=vllm runs one vLLM instance per learner process; rollout.num_engines "
                              "> 1 (Ray actors) is for the transformers engine")
+        if self.rollout.engine == "vllm":
+            from unigrad.rollout.vllm_engine import check_temperature
+
+            check_temperature(self.rollout.temperature)
         if self.rollout.engine == "vllm" and self.model.lora_r:
             raise ValueError("rollout.engine=vllm with model.lora_r > 0 is not supported yet (the adapter would "
                              "have to be merged before each weight sync)")

@@ -11,9 +11,11 @@ kept tokens. That is what `TransformersEngine` records and what importance ratio
 (`raw_logprobs`) is the unfiltered model distribution. With top-k / top-p it would bias every ratio against it
 (the Rollout Correction notes of verl and TRL's server check warn of the same).
 
-Each prompt is one vLLM request with `n` samples and its own seed (`SamplingParams.prompt_seeds`), so a prompt's
-samples do not depend on the other prompts of the call. They are not the tokens `TransformersEngine` draws from
-the same seed: the two engines use different random streams.
+Each prompt is one vLLM request with `n` samples and its own seed (`SamplingParams.prompt_seeds`, mixed by
+`vllm_seed`), so a prompt's samples come from its own random streams whatever else is in the call. (vLLM's kernels
+round slightly differently at different batch sizes unless `VLLM_BATCH_INVARIANT=1`, so a changed batch can still
+flip a near-tie.) They are not the tokens `TransformersEngine` draws from the same seed: the engines' streams
+differ.
 
 Stopping: vLLM's own EOS handling is switched off (`ignore_eos=True`, the tokenizer is not loaded) and the
 engine's `eos_token_id`s are passed as `stop_token_ids`, so the run stops on exactly the ids it does with the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,22 +56,49 @@ def vllm_unavailable_reason() -> str | None:
     return None
 
 
+# vLLM rejects temperatures above 2 and silently raises those in (0, 0.01) to 0.01, which would make its log-probs
+# those of another distribution than the one asked for: both are refused here.
+TEMPERATURE_RANGE = (0.01, 2.0)
+
+
+def check_temperature(temperature: float) -> None:
+    lo, hi = TEMPERATURE_RANGE
+    if temperature != 0 and not lo <= temperature <= hi:
+        raise ValueError(f"the vLLM engine samples at temperature 0 (greedy) or in [{lo}, {hi}], got {temperature}")
+
+
+def vllm_seed(seed: int) -> int:
+    """A well-mixed seed below 2**62 for one prompt's vLLM request.
+
+    vLLM seeds sample j of a request with `seed + j`, and unigrad's per-prompt seeds are consecutive
+    (`prompt_stream_seeds`), so passing them raw would give sample j + 1 of prompt p the stream of sample j of prompt
+    p + 1. Mixing them (splitmix64's finaliser) makes such collisions as unlikely as any two random 62-bit seeds;
+    the bound keeps `seed + j` inside int64.
+    """
+    mask = 2**64 - 1
+    z = (int(seed) + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & (2**62 - 1)
+
+
 def vllm_request_params(sampling: SamplingParams, n: int, seed: int, eos_token_ids: Sequence[int]) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` for one prompt's request: `n` samples from the stream `seed`.
 
-    Greedy decoding (temperature 0) passes no top-k / top-p: they do not change the argmax, and the log-probs
-    recorded for greedy tokens are, by unigrad's convention, under the unfiltered temperature-1 softmax.
+    Greedy decoding (temperature 0) asks for one sample (vLLM refuses n > 1 when greedy; `rollout_from_outputs`
+    repeats it n times) and passes no top-k / top-p: they do not change the argmax, and the log-probs recorded for
+    greedy tokens are, by unigrad's convention, under the unfiltered temperature-1 softmax.
     """
     greedy = sampling.temperature == 0
     return {
-        "n": n,
+        "n": 1 if greedy else n,
         "temperature": sampling.temperature,
         "top_p": 1.0 if greedy else sampling.top_p,
         "top_k": 0 if greedy else sampling.top_k,  # 0: all tokens
         "min_p": 0.0,
         "repetition_penalty": 1.0,
         "max_tokens": sampling.max_new_tokens,
-        "seed": int(seed) % 2**63,
+        "seed": vllm_seed(seed),
         "logprobs": 0,  # the sampled token's log-prob only
         "ignore_eos": True,  # stop on the engine's own EOS ids below, not on vLLM's idea of EOS
         "stop_token_ids": list(eos_token_ids),
@@ -88,8 +118,10 @@ def _sampled_logprob(entry: Any, token: int, where: str) -> float:
 
 
 def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: int, pad_token_id: int,
-                         eos_token_ids: Sequence[int], device: str | torch.device = "cpu") -> Rollout:
-    """A `Rollout` from vLLM's `RequestOutput`s, one per prompt in prompt order, each with `n` completions.
+                         eos_token_ids: Sequence[int], device: str | torch.device = "cpu",
+                         greedy: bool = False) -> Rollout:
+    """A `Rollout` from vLLM's `RequestOutput`s, one per prompt in prompt order, each with `n` completions (one when
+    `greedy`: it is repeated n times, as n greedy samples are identical).
 
     Completions are taken in their `index` order; `token_ids` includes the stop token when one ended the sample;
     `finish_reason == "length"` marks a truncated sample. Every sampled token must have its log-prob.
@@ -103,8 +135,10 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: in
         if got is not None and list(got) != list(prompt):
             raise ValueError(f"vLLM request {p} carries other prompt tokens than prompt {p}: outputs out of order")
         completions = sorted(request.outputs, key=lambda c: c.index)
-        if len(completions) != n:
-            raise ValueError(f"vLLM returned {len(completions)} completions for prompt {p}, expected {n}")
+        expected = 1 if greedy else n
+        if len(completions) != expected:
+            raise ValueError(f"vLLM returned {len(completions)} completions for prompt {p}, expected {expected}")
+        completions = completions * (n // expected)
         for j, completion in enumerate(completions):
             tokens = [int(t) for t in completion.token_ids]
             entries = completion.logprobs
@@ -152,7 +186,8 @@ class VLLMEngine:
     `model`: the learner's causal LM. vLLM builds its own copy from `model.name_or_path` when that is a local
     directory, else from a temporary directory the module's config and weights are saved to; the module's
     current weights are loaded into it either way. `gpu_memory_utilization` is the share of the GPU vLLM may take
-    (weights + KV cache); the learner needs the rest.
+    (weights + KV cache); the learner needs the rest. `max_model_len`: the longest prompt plus completion the run
+    will ask for (None: the model's context, whose KV cache may not fit in that share for long-context models).
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
@@ -172,8 +207,11 @@ class VLLMEngine:
             self.eos_token_ids = [int(i) for i in eos_token_id]
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         # external_launcher: vLLM runs in this process, alongside a torch.distributed learner if there is one.
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", "29513")):
+        if "MASTER_PORT" not in os.environ:  # a single process: any free port for vLLM's own process group
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         self._tmp = None
         source = getattr(model, "name_or_path", "") or ""
@@ -185,7 +223,7 @@ class VLLMEngine:
             model=source, dtype=self.dtype, skip_tokenizer_init=True, tensor_parallel_size=1,
             distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, logprobs_mode="processed_logprobs",
-            generation_config="vllm",  # the model's generation_config.json must not change our sampling defaults
+            generation_config="vllm",  # defaults only; every request passes explicit parameters anyway
         )
         self.load_weights(model.state_dict())
 
@@ -208,7 +246,8 @@ class VLLMEngine:
         target = self._vllm_model()
         device = next(target.parameters()).device
         target.load_weights((name, tensor.detach().to(device)) for name, tensor in state_dict.items())
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:  # cached prompt keys of the old weights would be reused
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         """Sample `n` completions per prompt; rows p*n .. p*n+n-1 belong to prompt p (see `Rollout`)."""
@@ -220,8 +259,10 @@ class VLLMEngine:
             raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
         if sampling.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        check_temperature(sampling.temperature)
         seeds = resolve_prompt_seeds(sampling, len(prompts))
         params = [VLLMSamplingParams(**vllm_request_params(sampling, n, s, self.eos_token_ids)) for s in seeds]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return rollout_from_outputs(prompts, outputs, n, self.pad_token_id, self.eos_token_ids)
+        return rollout_from_outputs(prompts, outputs, n, self.pad_token_id, self.eos_token_ids,
+                                    greedy=sampling.temperature == 0)

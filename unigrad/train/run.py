@@ -189,8 +189,10 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     if cfg.rollout.engine == "vllm":  # one vLLM instance in this process, on its GPU, synced every step
         from unigrad.rollout.vllm_engine import VLLMEngine
 
+        longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
         engine = VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed)
+                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_model_len=longest,
+                            seed=cfg.seed)
     elif cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
         from unigrad.rollout.ray_pool import RayRolloutPool
 
