@@ -117,3 +117,46 @@ def test_prompts_must_split_evenly(setup, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert res.returncode != 0
     assert "prompts_per_step=3 must be a multiple of the number of processes (2)" in res.stderr
+
+
+def test_accelerate_launch_settings_are_read_or_refused():
+    from unigrad.config import ConfigError
+    from unigrad.train.distributed import accelerate_launch_settings
+
+    assert accelerate_launch_settings({}, "none") == ("none", [])
+    sharding, notes = accelerate_launch_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "1",
+                                                  "FSDP_OFFLOAD_PARAMS": "false"}, "none")
+    assert sharding == "fsdp" and notes == ["accelerate launch asked for FSDP: training with sharding=fsdp "
+                                            "(torch FSDP2, full sharding)"]
+    sharding, notes = accelerate_launch_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true",
+                                                  "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",
+                                                  "ACCELERATE_MIXED_PRECISION": "bf16"}, "fsdp")
+    assert sharding == "fsdp" and len(notes) == 2
+    assert "FSDP_SHARDING_STRATEGY=SHARD_GRAD_OP, FSDP_OFFLOAD_PARAMS=true" in notes[0]
+    assert "mixed_precision=bf16 is not applied" in notes[1]
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        accelerate_launch_settings({"ACCELERATE_USE_DEEPSPEED": "true"}, "none")
+
+
+def test_accelerate_launch_with_fsdp_equals_one_process(setup, tmp_path):
+    """`accelerate launch --use_fsdp` (the FSDP plugin's environment) trains sharded, with one process's metrics."""
+    model, reward = setup
+    one = train(tmp_path, "one", 1, model, reward, "grpo")
+    env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [f"model.name={model}", "objective=grpo", "max_steps=2", "tasks=[arithmetic,countdown]",
+            f"reward={reward}:digits", "prompts_per_step=4", "rollout.num_generations=4",
+            "rollout.max_new_tokens=10", "train_pool_size=40", "micro_batch_size=3", "threads=1", "seed=1",
+            "eval.before_after=false", "save_every=0"]
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp",
+                          "-m", "unigrad.cli", "train", *args, "--output-dir", str(tmp_path / "acc")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "training with sharding=fsdp" in res.stdout
+    assert "sharding: fsdp" in (tmp_path / "acc" / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    two = [{k: v for k, v in r.items() if not k.startswith(SKIP)} for r in rows]
+    assert all("sharding/idle_passes" in r for r in two)  # the sharded step ran
+    for r in two:
+        r.pop("sharding/idle_passes")
+    assert_same_metrics(one, two)

@@ -316,6 +316,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         keys, value = parse_override(item)
         _set_dotted(data, keys, value)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    """A `TrainConfig` from a nested mapping; every problem is reported as a `ConfigError` naming its key."""
     try:
         return TrainConfig(**data)
     except ValidationError as err:

@@ -102,3 +102,43 @@ def init_distributed() -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+# What `accelerate launch` puts in the environment for its FSDP plugin that unigrad's FSDP does not apply, with the
+# value that matches what unigrad does (None: any value is fine only if unset).
+_FSDP_PLUGIN_MATCHES = {
+    "FSDP_SHARDING_STRATEGY": ("1", "FULL_SHARD"),
+    "FSDP_OFFLOAD_PARAMS": ("false",),
+    "FSDP_ACTIVATION_CHECKPOINTING": ("false",),
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": ("false",),
+}
+
+
+def accelerate_launch_settings(environ: dict[str, str], sharding: str) -> tuple[str, list[str]]:
+    """(sharding to use, notes to print) for a process started by `accelerate launch`, from the environment the
+    launcher sets.
+
+    accelerate's FSDP plugin (`--use_fsdp` or an FSDP config file) turns on `sharding=fsdp`, which is torch's FSDP2
+    with full sharding; plugin settings unigrad does not apply (another sharding strategy, CPU offload, activation
+    checkpointing) are named in a note. DeepSpeed is refused with a clear error: it is not wired in. A mixed
+    precision other than "no" is noted: the learner's dtype is `model.dtype`.
+    """
+    from unigrad.config import ConfigError
+
+    notes: list[str] = []
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch asked for DeepSpeed, which unigrad does not wire in; launch without it "
+                          "and set sharding=fsdp to shard parameters, gradients and optimizer state (as ZeRO-3)")
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if sharding != "fsdp":
+            notes.append("accelerate launch asked for FSDP: training with sharding=fsdp (torch FSDP2, full sharding)")
+            sharding = "fsdp"
+        ignored = [f"{key}={environ[key]}" for key, fine in _FSDP_PLUGIN_MATCHES.items()
+                   if key in environ and environ[key] not in fine]
+        if ignored:
+            notes.append("accelerate FSDP settings unigrad does not apply (it shards fully, without offload or "
+                         "activation checkpointing): " + ", ".join(ignored))
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", ""):
+        notes.append(f"accelerate mixed_precision={precision} is not applied: the learner trains in model.dtype")
+    return sharding, notes

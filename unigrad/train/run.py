@@ -6,6 +6,7 @@ The step itself is `unigrad.train.step.train_step`; this file is the plumbing ar
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import warnings
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from unigrad.config import ConfigError, TrainConfig, config_to_yaml
+from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
 from unigrad.data.samplers import build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
@@ -25,7 +26,7 @@ from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from unigrad.train.distributed import SINGLE, Distributed, init_distributed
+from unigrad.train.distributed import SINGLE, Distributed, accelerate_launch_settings, init_distributed
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.step import StepContext, train_step
@@ -91,6 +92,9 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     if cfg.prompts_per_step % dist.world:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
                           f"({dist.world})")
+    launched_sharding, launcher_notes = accelerate_launch_settings(dict(os.environ), cfg.sharding)
+    if launched_sharding != cfg.sharding:
+        cfg = validate_config({**cfg.model_dump(), "sharding": launched_sharding})
     if cfg.rollout.engine == "vllm":  # refuse before loading anything
         from unigrad.rollout.vllm_engine import vllm_unavailable_reason
 
@@ -109,6 +113,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
     _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg)
            + (f"\n{dist.world} data-parallel processes" if dist.active else "")
+           + "".join(f"\n{note}" for note in launcher_notes)
            + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
               if cfg.sharding == "fsdp" and not dist.active else ""))
 
