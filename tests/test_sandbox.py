@@ -235,3 +235,42 @@ def test_hostile_code_task_completions_score_zero_and_a_correct_one_scores_one(t
     assert scores == [0.0] * len(hostile) + [1.0, 1.0]
     assert time.monotonic() - start < 15
     assert not marker.exists() and victim.read_text() == "keep"
+
+
+@pytest.mark.parametrize("code", [
+    "print('hi')",
+    "import sys\nsys.exit(3)",
+    "import sys\nsys.exit('bye')",
+    "raise ValueError('boom')",
+    "import os\nprint(sorted(os.environ))",
+    "import os\nprint(os.listdir('.'), os.getcwd() == os.environ['HOME'])",
+    "import sys\nprint(sys.stdin.read() == '')",
+])
+def test_the_fork_server_child_behaves_as_a_fresh_interpreter(code):
+    forked = contained_run(code)
+    fresh = contained_run(code, fork_server=False)
+    assert (forked.returncode, forked.stdout, forked.timed_out) == (fresh.returncode, fresh.stdout, fresh.timed_out)
+    assert forked.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]  # the same error line, if any
+
+
+def test_the_fork_server_child_inherits_no_descriptor_and_no_blocked_module():
+    code = ("import os, sys\nopen_fds = []\nfor fd in range(3, 64):\n    try:\n        os.fstat(fd)\n"
+            "        open_fds.append(fd)\n    except OSError:\n        pass\n"
+            "print(open_fds, 'select' in sys.modules)")
+    result = contained_run(code)
+    assert result.ok and result.stdout.split() == ["[]", "False"], result.stderr  # the server's pipes stay its own
+
+
+def test_a_killed_fork_server_is_replaced():
+    import signal as signals
+
+    from unigrad.tasks import sandbox
+
+    assert contained_run("print(1)").stdout == "1\n"
+    servers = list(sandbox._servers.values())
+    assert servers and all(s.alive() for s in servers)
+    for server in servers:
+        os.kill(server.proc.pid, signals.SIGKILL)
+        server.proc.wait()
+    assert contained_run("print(2)").stdout == "2\n"
+    assert all(s.alive() for s in sandbox._servers.values()) and not set(sandbox._servers.values()) & set(servers)
