@@ -245,6 +245,11 @@ def test_hostile_code_task_completions_score_zero_and_a_correct_one_scores_one(t
     "import os\nprint(sorted(os.environ))",
     "import os\nprint(os.listdir('.'), os.getcwd() == os.environ['HOME'])",
     "import sys\nprint(sys.stdin.read() == '')",
+    "def f(:",  # a syntax error: the same traceback
+    "import atexit\natexit.register(print, 'at exit')",
+    "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()",
+    "raise KeyboardInterrupt",
+    "print('x' * 3000000)",  # more than RLIMIT_FSIZE, written at exit
 ])
 def test_the_fork_server_child_behaves_as_a_fresh_interpreter(code):
     forked = contained_run(code)
@@ -267,10 +272,45 @@ def test_a_killed_fork_server_is_replaced():
     from unigrad.tasks import sandbox
 
     assert contained_run("print(1)").stdout == "1\n"
-    key = (sys.executable, sandbox._unprivileged_ids(sys.executable))
+    key = sys.executable
     server = sandbox._servers[key]
     assert server.alive()
     os.kill(server.proc.pid, signals.SIGKILL)
     server.proc.wait()
     assert contained_run("print(2)").stdout == "2\n"
     assert sandbox._servers[key] is not server and sandbox._servers[key].alive()
+
+
+def test_a_stopped_fork_server_is_killed_and_the_snippet_still_runs():
+    import signal as signals
+
+    from unigrad.tasks import sandbox
+
+    assert contained_run("print(1)").stdout == "1\n"
+    server = sandbox._servers[sys.executable]
+    os.kill(server.proc.pid, signals.SIGSTOP)  # alive but deaf, as a snippet with its uid could make it
+    result = contained_run("print(2)", max_seconds=FAST.timeout + 10)
+    assert result.ok and result.stdout == "2\n"  # answered by a fresh interpreter after the wait
+    assert server.proc.wait(timeout=5) == -signals.SIGKILL
+    with pytest.raises(RuntimeError, match="not running"):
+        server.submit({})
+    assert contained_run("print(3)").stdout == "3\n" and sandbox._servers[sys.executable] is not server
+
+
+@pytest.mark.parametrize("fork_server", [True, False])
+def test_a_directory_descriptor_cannot_carry_a_write_outside(fork_server, tmp_path):
+    # The open event of os.open(name, dir_fd=d) names the path relative to d, which the hook would resolve inside
+    # the working directory: directories outside it cannot be opened at all.
+    code = (f"import os\nd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+            "os.open('planted', os.O_WRONLY | os.O_CREAT, dir_fd=d)")
+    result = contained_run(code.replace(repr(str(tmp_path)), "os.path.dirname(os.__file__)"), fork_server=fork_server)
+    assert not result.ok and "opening the directory" in result.stderr
+    result = contained_run(code, fork_server=fork_server)
+    assert not result.ok and not (tmp_path / "planted").exists()
+
+
+def test_the_fork_server_frames_are_out_of_the_snippets_reach():
+    code = ("import sys\nf = sys._getframe()\nnames = []\nwhile f:\n    names.append(f.f_code.co_name)\n"
+            "    f = f.f_back\nprint(names)")
+    result = contained_run(code)
+    assert result.ok and result.stdout.strip() == "['<module>', '<module>']"  # the snippet's and the child's own

@@ -15,11 +15,16 @@ code at scale, put this inside a container or gVisor as well: an audit hook is n
 boundary (PEP 578).
 
 Each snippet runs in its own process. By default that process is forked from a fork server: one long-lived
-`python -I -S -B` process per interpreter (started, as the unprivileged user where possible, on first use) that
-forks a child per snippet. The child enters its own session, closes every descriptor it inherited, and then sets
-the same limits and hook as a freshly started interpreter would (`sandbox_child.py`). A fork costs about a
-millisecond; starting an interpreter costs tens, which was most of the code task's reward time. `fork_server=False`
-starts a new interpreter per snippet instead; so does `run` if the server cannot be started.
+`python -I -S -B` process per interpreter, started on first use as the trainer's user, that forks a child per
+snippet. The child leaves the server's frames, enters its own session, opens its output files in a directory only the
+server's user can reach, closes every descriptor it inherited, drops to the unprivileged user (as above, where the
+interpreter allows it), and then sets the same limits and hook as a freshly started interpreter would
+(`sandbox_child.py`). A fork costs about a millisecond; starting an interpreter costs tens, which was most of the
+code task's reward time. `fork_server=False` starts a new interpreter per snippet instead; so does `run` when the
+server cannot be started, does not answer in time (it is then killed) or dies.
+
+Differences from a fresh interpreter that remain: every forked child has the server's hash seed (set and dict
+orders of strings are the same from one snippet to the next), and its address-space layout.
 
 `run_many` runs snippets in parallel from a small thread pool (subprocess creation without
 `preexec_fn` is thread-safe).
@@ -35,6 +40,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -129,13 +135,12 @@ class ForkServer:
     """A `sandbox_child.py --fork-server` process: `submit` sends it one snippet's request, whose future gets the
     server's reply (see sandbox_child.py) when the child has finished or been killed."""
 
-    def __init__(self, python: str, ids: tuple[int, int] | None) -> None:
-        extra = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids is not None else {}
+    def __init__(self, python: str) -> None:
         self._errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [python, "-I", "-S", "-B", "-c", _CHILD_SOURCE, "--fork-server"], cwd="/",
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._errors, close_fds=True, start_new_session=True, **extra,
+            stdout=subprocess.PIPE, stderr=self._errors, close_fds=True, start_new_session=True,
         )
         self._lock = threading.Lock()
         self._waiting: dict[int, Future] = {}
@@ -150,11 +155,14 @@ class ForkServer:
         with self._lock:
             if not self.alive():
                 raise RuntimeError("sandbox fork server is not running")
-            request = {**request, "id": self._next}
-            self._waiting[self._next] = future
-            self._next += 1
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
+            rid, self._next = self._next, self._next + 1
+            self._waiting[rid] = future
+            try:
+                self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
+                self.proc.stdin.flush()
+            except OSError as e:  # it died since alive() (e.g. broken pipe)
+                self._waiting.pop(rid, None)
+                raise RuntimeError(f"sandbox fork server is not running: {e}") from e
         return future
 
     def _read_replies(self) -> None:
@@ -179,18 +187,18 @@ class ForkServer:
             self.proc.kill()
 
 
-_servers: dict[tuple[str, tuple[int, int] | None], ForkServer] = {}
+_servers: dict[str, ForkServer] = {}
 _servers_lock = threading.Lock()
 
 
-def _fork_server(python: str, ids: tuple[int, int] | None) -> ForkServer | None:
-    """The running fork server for this interpreter and user, started (or restarted) if needed; None if it cannot
-    start (the caller then starts an interpreter per snippet)."""
+def _fork_server(python: str) -> ForkServer | None:
+    """The running fork server for this interpreter, started (or restarted) if needed; None if it cannot start (the
+    caller then starts an interpreter per snippet)."""
     with _servers_lock:
-        server = _servers.get((python, ids))
+        server = _servers.get(python)
         if server is None or not server.alive():
             try:
-                server = _servers[(python, ids)] = ForkServer(python, ids)
+                server = _servers[python] = ForkServer(python)
             except OSError as e:
                 log.warning("sandbox: could not start the fork server (%s); starting an interpreter per snippet", e)
                 return None
@@ -214,11 +222,11 @@ def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = 
     `fork_server`: fork the process from the fork server (default) rather than start a new interpreter."""
     python = python or sys.executable
     ids = _unprivileged_ids(python) if drop_privileges else None
-    server = _fork_server(python, ids) if fork_server else None
+    server = _fork_server(python) if fork_server else None
     if server is not None:
         try:
             return _run_forked(server, code, limits, ids)
-        except RuntimeError as e:  # the server died under us (e.g. killed): this snippet gets a fresh interpreter
+        except RuntimeError as e:  # the server died or hung: this snippet gets a fresh interpreter
             log.warning("sandbox: %s; running the snippet in a new interpreter", e)
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="unigrad-sandbox-"))
     try:
@@ -259,34 +267,52 @@ def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = 
 
 
 def _run_forked(server: ForkServer, code: str, limits: SandboxLimits, ids: tuple[int, int] | None) -> SandboxResult:
+    # base/work: the snippet's (chowned to the sandbox user); base/out: its stdout and stderr, created by the child
+    # before it drops privileges, in a directory only the server's user can enter.
     base = os.path.realpath(tempfile.mkdtemp(prefix="unigrad-sandbox-"))
     try:
-        workdir, outdir = os.path.join(base, "work"), os.path.join(base, "out")  # output out of the snippet's reach
+        workdir, outdir = os.path.join(base, "work"), os.path.join(base, "out")
         os.mkdir(workdir)
-        os.mkdir(outdir)
+        os.mkdir(outdir, 0o700)
         Path(workdir, "snippet.py").write_text(code, encoding="utf-8")
         if ids is not None:
-            for path in (base, workdir, outdir, os.path.join(workdir, "snippet.py")):
+            os.chmod(base, 0o711)  # the sandbox user may pass through to work/, not list base or enter out/
+            for path in (workdir, os.path.join(workdir, "snippet.py")):
                 os.chown(path, *ids)
         rlimits = {
             "RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
             "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0,
         }
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-        request = {"workdir": workdir, "limits": rlimits, "env": env, "timeout": limits.timeout,
+        request = {"workdir": workdir, "limits": rlimits, "env": env, "timeout": limits.timeout, "ids": ids,
                    "stdout": os.path.join(outdir, "stdout"), "stderr": os.path.join(outdir, "stderr")}
-        reply = server.submit(request).result(timeout=limits.timeout + 30)
-        outputs = []
-        for name in ("stdout", "stderr"):
-            try:
-                with open(os.path.join(outdir, name), "rb") as f:
-                    outputs.append(_read(f, limits.output_chars))
-            except FileNotFoundError:  # the child died before opening it
-                outputs.append("")
-        return SandboxResult(reply["returncode"], outputs[0], outputs[1], reply["timed_out"], reply["duration"],
-                             reply["pid"])
+        future = server.submit(request)
+        try:
+            reply = future.result(timeout=limits.timeout + 5)  # the server kills the child at limits.timeout
+        except TimeoutError:
+            server.proc.kill()  # stopped or stuck: it is replaced on the next call
+            raise RuntimeError(f"sandbox fork server did not answer within {limits.timeout + 5:.0f} s") from None
+        if "error" in reply:  # it could not fork (e.g. EAGAIN): a failed run, as when an interpreter cannot start
+            log.warning("sandbox: could not fork: %s", reply["error"])
+            return SandboxResult(None, "", f"sandbox: could not start: {reply['error']}", False, 0.0, -1)
+        stdout, stderr = (_read_output(os.path.join(outdir, name), limits.output_chars)
+                          for name in ("stdout", "stderr"))
+        return SandboxResult(reply["returncode"], stdout, stderr, reply["timed_out"], reply["duration"], reply["pid"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _read_output(path: str, n: int) -> str:
+    """The first n bytes of a child's output file, decoded; "" if it never made one. Never follows a symlink or
+    blocks on a FIFO, and reads regular files only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return _read(f, n)
 
 
 def _read(f, n: int) -> str:

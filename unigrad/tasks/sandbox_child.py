@@ -99,6 +99,13 @@ def _make_hook(root, readable):
                     kind = 0o100000  # about to be created
                 if kind != 0o100000 and kind != 0o040000:
                     raise _deny("sandbox: only regular files can be opened")
+            if not inside and event == "open":  # a directory descriptor outside would let dir_fd= paths escape,
+                try:  # as the event carries the path relative to it, which the check above reads as inside
+                    outside_dir = _stat(full).st_mode & 0o170000 == 0o040000
+                except _missing:
+                    outside_dir = False
+                if outside_dir:
+                    raise _deny("sandbox: opening the directory " + full + " is not allowed")
             if flags & _write:
                 if not inside:
                     raise _deny("sandbox: writing outside the working directory is not allowed")
@@ -134,53 +141,42 @@ def main():
 
 # ---------------------------------------------------------------------------------------------------- fork server
 # `python -I -S -B -c <this file> --fork-server` reads one JSON request per line on stdin and forks a child per
-# request; the child enters a fresh session, points stdin at /dev/null and stdout / stderr at the request's files,
-# closes every other descriptor (the server's pipes included), and then does what `main` does. A fork costs about a
-# millisecond where a new interpreter costs tens. The server kills a child's process group at its deadline or once
-# it has exited (before reaping it, so its pid cannot be reused in between) and writes one JSON line per finished
-# child: {"id", "pid", "returncode", "timed_out", "duration"}. It exits, killing what is left, when stdin closes.
+# request. The child leaves the server's code and frames (`_Forked` unwinds them), enters its own session, opens its
+# output files (created exclusively, never through a symlink) and points stdin at /dev/null, closes every other
+# descriptor (the server's pipes included), drops to the request's unprivileged user if there is one, and then does
+# what `main` does; the interpreter then exits as a fresh one would (atexit, threads, flushing). A fork costs about
+# a millisecond where a new interpreter costs tens. The server kills a child's process group at its deadline or
+# once it has exited (before reaping it, so its pid cannot be reused in between) and writes one JSON line per
+# finished child: {"id", "pid", "returncode", "timed_out", "duration"} (or {"id", "error"} if it could not fork).
+# It exits, killing what is left, when stdin closes or anything goes wrong in it.
 
 
-def _child(request):
-    """In the forked child: never returns."""
-    code = 1
-    try:
-        os.setsid()
-        os.chdir(request["workdir"])
-        null = os.open("/dev/null", os.O_RDONLY)
-        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        for fd, target in ((null, 0), (out, 1), (err, 2)):
-            os.dup2(fd, target)
-        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for name in list(sys.modules):  # the server's own imports (e.g. select) are not the snippet's to reuse
-            if name in BLOCKED_MODULES or name.split(".")[0] in BLOCKED_MODULES:
-                del sys.modules[name]
-        sys.argv = ["-c"]
-        program = confine(request)
-        try:
-            exec(program, {"__name__": "__main__", "__builtins__": builtins})
-            code = 0
-        except SystemExit as stop:  # as the interpreter maps it: None -> 0, int -> itself, else printed, 1
-            if stop.code is None:
-                code = 0
-            elif isinstance(stop.code, int):
-                code = stop.code & 0xFF
-            else:
-                print(stop.code, file=sys.stderr)
-                code = 1
-        except BaseException as exc:
-            sys.excepthook(type(exc), exc, exc.__traceback__)
-            code = 1
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-    finally:
-        os._exit(code)
+class _Forked(BaseException):
+    """Raised in a freshly forked child: unwinds the server's frames; the child goes on at module level."""
+
+
+def _enter(request):
+    """In a forked child, before `confine`: session, descriptors, user, working directory, environment."""
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDONLY)
+    create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    out = os.open(request["stdout"], create, 0o600)  # as the server's user, in a directory the snippet cannot reach
+    err = os.open(request["stderr"], create, 0o600)
+    for fd, target in ((null, 0), (out, 1), (err, 2)):
+        os.dup2(fd, target)
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    ids = request.get("ids")
+    if ids:  # so that the snippet cannot signal the server (or the trainer) that run as another user
+        os.setgroups([])
+        os.setgid(ids[1])
+        os.setuid(ids[0])
+    os.chdir(request["workdir"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for name in list(sys.modules):  # the server's own imports (e.g. select) are not the snippet's to reuse
+        if name in BLOCKED_MODULES or name.split(".")[0] in BLOCKED_MODULES:
+            del sys.modules[name]
+    sys.argv = ["-c"]
 
 
 def fork_server():
@@ -188,6 +184,7 @@ def fork_server():
     import signal
     import time
 
+    server = os.getpid()
     # A child's exit wakes the loop: SIGCHLD writes a byte to this pipe (the handler itself does nothing).
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -196,52 +193,65 @@ def fork_server():
     children = {}  # pid -> (request id, deadline, start)
     pending = b""
     stdin_open = True
-    while stdin_open or children:
-        wait = None
-        if children:
-            wait = max(0.0, min(d for _, d, _ in children.values()) - time.monotonic())
-        readable = select.select([0, wake_r] if stdin_open else [wake_r], [], [], wait)[0]
-        if wake_r in readable:
-            os.read(wake_r, 4096)
-        if 0 in readable:
-            chunk = os.read(0, 1 << 16)
-            if not chunk:
-                stdin_open = False
-                for pid in children:
+    try:
+        while stdin_open or children:
+            wait = None
+            if children:
+                wait = max(0.0, min(d for _, d, _ in children.values()) - time.monotonic())
+            readable = select.select([0, wake_r] if stdin_open else [wake_r], [], [], wait)[0]
+            if wake_r in readable:
+                os.read(wake_r, 4096)
+            if 0 in readable:
+                chunk = os.read(0, 1 << 16)
+                stdin_open = bool(chunk)
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    request = json.loads(line)
+                    start = time.monotonic()
                     try:
-                        os.killpg(pid, 9)
-                    except OSError:
-                        pass
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                request = json.loads(line)
-                start = time.monotonic()
-                pid = os.fork()
-                if pid == 0:
-                    signal.set_wakeup_fd(-1)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    _child(request)
-                children[pid] = (request["id"], start + request["timeout"], start)
-        now = time.monotonic()
-        for pid in list(children):
-            exited = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-            rid, deadline, start = children[pid]
-            if not exited and now < deadline:
-                continue
-            try:  # the group outlives its leader only if something escaped the fork ban; kill it regardless
-                os.killpg(pid, 9)
-            except OSError:
-                pass
-            status = os.waitpid(pid, 0)[1]
-            del children[pid]
-            returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            reply = {"id": rid, "pid": pid, "returncode": returncode, "timed_out": not exited,
-                     "duration": time.monotonic() - start}
-            os.write(1, (json.dumps(reply) + "\n").encode())
+                        pid = os.fork()
+                    except OSError as exc:  # e.g. EAGAIN: this request fails, the server goes on
+                        os.write(1, (json.dumps({"id": request["id"], "error": str(exc)}) + "\n").encode())
+                        continue
+                    if pid == 0:
+                        signal.set_wakeup_fd(-1)
+                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                        raise _Forked(request)
+                    children[pid] = (request["id"], start + request["timeout"], start)
+            now = time.monotonic()
+            for pid in list(children):
+                exited = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+                rid, deadline, start = children[pid]
+                if stdin_open and not exited and now < deadline:
+                    continue
+                try:  # the group outlives its leader only if something escaped the fork ban; kill it regardless
+                    os.killpg(pid, 9)
+                except OSError:
+                    pass
+                status = os.waitpid(pid, 0)[1]
+                del children[pid]
+                returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                reply = {"id": rid, "pid": pid, "returncode": returncode, "timed_out": not exited,
+                         "duration": time.monotonic() - start}
+                os.write(1, (json.dumps(reply) + "\n").encode())
+    finally:
+        if os.getpid() == server:  # not in a child leaving through _Forked
+            for pid in children:
+                try:
+                    os.killpg(pid, 9)
+                except OSError:
+                    pass
 
 
 if sys.argv[1:] == ["--fork-server"]:
-    fork_server()
+    try:
+        fork_server()
+        _request = None
+    except _Forked as forked:
+        _request = forked.args[0]
+    if _request is not None:  # a child
+        _enter(_request)
+        exec(confine(_request), {"__name__": "__main__", "__builtins__": builtins})
 else:
     main()
