@@ -147,7 +147,7 @@ def test_accelerate_launch_with_fsdp_equals_one_process(setup, tmp_path):
             f"reward={reward}:digits", "prompts_per_step=4", "rollout.num_generations=4",
             "rollout.max_new_tokens=10", "train_pool_size=40", "micro_batch_size=3", "threads=1", "seed=1",
             "eval.before_after=false", "save_every=0"]
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp",
                           "-m", "unigrad.cli", "train", *args, "--output-dir", str(tmp_path / "acc")],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
