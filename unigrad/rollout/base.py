@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +38,25 @@ def prompt_stream_seeds(seed: int, prompts: int, offset: int = 0) -> tuple[int, 
     engine uses when `SamplingParams.prompt_seeds` is None (offset 0), and how a caller splitting one call's prompts
     over several engines or processes keeps every prompt's samples."""
     return tuple((seed * 1_000_003 + offset + i) % 2**63 for i in range(prompts))
+
+
+def check_generate_args(prompts: list[list[int]], n: int, sampling: SamplingParams) -> None:
+    """The checks every engine's `generate` makes on its arguments."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    if sampling.temperature < 0:
+        raise ValueError("temperature must be >= 0")
+
+
+def eos_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """A tokenizer's EOS id(s) as a list: one id, several, or none (never stop early)."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(i) for i in eos_token_id]
 
 
 @dataclass

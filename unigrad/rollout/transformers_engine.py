@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .base import Rollout, SamplingParams, resolve_prompt_seeds
+from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .sampling import select_next_tokens
 from .static_decoder import StaticCacheDecoder, unsupported_reason
@@ -86,13 +86,7 @@ class TransformersEngine:
             self.model.requires_grad_(False)
             self.model.eval()
         self.pad_token_id = int(pad_token_id)
-        if eos_token_id is None:
-            eos_ids: list[int] = []
-        elif isinstance(eos_token_id, int):
-            eos_ids = [eos_token_id]
-        else:
-            eos_ids = [int(i) for i in eos_token_id]
-        self.eos_token_ids = eos_ids
+        self.eos_token_ids = eos_id_list(eos_token_id)
         # Which decode loop runs: the static-cache one where it reproduces the model exactly, else transformers'.
         reason = unsupported_reason(self.model)
         if decoder == "static" and reason is not None:
@@ -135,12 +129,7 @@ class TransformersEngine:
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         """Sample `n` completions per prompt; rows p*n .. p*n+n-1 belong to prompt p (see `Rollout`)."""
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
-        if sampling.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        check_generate_args(prompts, n, sampling)
         was_training = self.model.training
         self.model.eval()
         try:

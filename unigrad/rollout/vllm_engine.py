@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Rollout, SamplingParams, resolve_prompt_seeds
+from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
 
 
 class VLLMUnavailable(RuntimeError):
@@ -199,12 +199,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.pad_token_id = int(pad_token_id)
-        if eos_token_id is None:
-            self.eos_token_ids: list[int] = []
-        elif isinstance(eos_token_id, int):
-            self.eos_token_ids = [eos_token_id]
-        else:
-            self.eos_token_ids = [int(i) for i in eos_token_id]
+        self.eos_token_ids = eos_id_list(eos_token_id)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         # external_launcher: vLLM runs in this process, alongside a torch.distributed learner if there is one.
         if "MASTER_PORT" not in os.environ:  # a single process: any free port for vLLM's own process group
@@ -253,12 +248,7 @@ class VLLMEngine:
         """Sample `n` completions per prompt; rows p*n .. p*n+n-1 belong to prompt p (see `Rollout`)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
-        if sampling.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        check_generate_args(prompts, n, sampling)
         check_temperature(sampling.temperature)
         seeds = resolve_prompt_seeds(sampling, len(prompts))
         params = [VLLMSamplingParams(**vllm_request_params(sampling, n, s, self.eos_token_ids)) for s in seeds]

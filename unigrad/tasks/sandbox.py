@@ -117,6 +117,17 @@ def _probe_unprivileged(python: str) -> tuple[int, int] | None:
     return None
 
 
+def _rlimits(limits: SandboxLimits) -> dict[str, int]:
+    """The rlimits a child sets on itself (soft = hard), by resource name."""
+    return {"RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
+            "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0}
+
+
+def _child_env(workdir: str) -> dict[str, str]:
+    """A child's whole environment: nothing of the parent's."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+
+
 def _wait_unreaped(pid: int, deadline: float) -> bool:
     """Wait for the child to exit *without reaping it*, so its pid (= process-group id) cannot be
     reused before we kill the group. True if it exited before `deadline`."""
@@ -234,12 +245,9 @@ def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = 
         if ids is not None:
             os.chown(workdir, *ids)
             os.chown(Path(workdir, "snippet.py"), *ids)
-        rlimits = {
-            "RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
-            "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0,
-        }
+        rlimits = _rlimits(limits)
         config = json.dumps({"workdir": workdir, "limits": rlimits})
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+        env = _child_env(workdir)
         extra = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids is not None else {}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.monotonic()
@@ -279,11 +287,8 @@ def _run_forked(server: ForkServer, code: str, limits: SandboxLimits, ids: tuple
             os.chmod(base, 0o711)  # the sandbox user may pass through to work/, not list base or enter out/
             for path in (workdir, os.path.join(workdir, "snippet.py")):
                 os.chown(path, *ids)
-        rlimits = {
-            "RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
-            "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0,
-        }
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+        rlimits = _rlimits(limits)
+        env = _child_env(workdir)
         request = {"workdir": workdir, "limits": rlimits, "env": env, "timeout": limits.timeout, "ids": ids,
                    "stdout": os.path.join(outdir, "stdout"), "stderr": os.path.join(outdir, "stderr")}
         future = server.submit(request)
