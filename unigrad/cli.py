@@ -83,7 +83,14 @@ def _eval(args: argparse.Namespace) -> int:
         model_path = str(target / "final")
         tasks = tasks or cfg.tasks
         max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    from unigrad.train.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"unigrad eval: {str(err).replace('model.device', '--device')}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec)]
     res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k,
                    max_new_tokens=max_new_tokens or 32, seed=args.seed)
@@ -141,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=0, help="also report pass@k with k samples at temperature 1")
     e.add_argument("--max-new-tokens", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N "
+                                                    "or mps")
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
     e.set_defaults(func=_eval)
 

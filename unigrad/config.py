@@ -33,6 +33,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="learner dtype")
     lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 trains all weights")
     lora_alpha: float = Field(16.0, gt=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
+                        description="learner and rollout device: auto (cuda:LOCAL_RANK if CUDA is available, else "
+                                    "cpu), cpu, cuda, cuda:N or mps")
 
 
 class RolloutSection(_Section):

@@ -30,7 +30,8 @@ def evaluate(
     """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                device=next(model.parameters()).device)  # where the model is
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}

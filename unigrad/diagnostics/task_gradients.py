@@ -246,7 +246,7 @@ class TaskGradients:
         halves, rows = {}, {}
         for name in self.task_names:
             parts = self._halves.get(name, [None, None])
-            parts = [t if t is not None else torch.zeros(size) for t in parts]
+            parts = [t if t is not None else torch.zeros(size, device=self.params[0].device) for t in parts]
             for t in parts:
                 self.reduce(t)
             counts = self.reduce(torch.tensor(self._rows.get(name, [0, 0]), dtype=torch.float64))

@@ -24,8 +24,8 @@ def prompt_success_rate(rewards: torch.Tensor, group_ids: torch.Tensor, num_prom
     """P per prompt: mean of the scorable rewards of its rollouts (NaN if none).  (N,) -> (num_prompts,)"""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
-    total = torch.zeros(num_prompts).index_add_(0, group_ids, r)
-    count = torch.zeros(num_prompts).index_add_(0, group_ids, valid.float())
+    total = torch.zeros(num_prompts, device=r.device).index_add_(0, group_ids, r)
+    count = torch.zeros(num_prompts, device=r.device).index_add_(0, group_ids, valid.float())
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 

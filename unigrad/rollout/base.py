@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -75,6 +76,14 @@ class Rollout:
     @property
     def num_sequences(self) -> int:
         return self.completion_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same rollout with every tensor on `device` (itself when they are all there already)."""
+        device = torch.device(device)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if all(t.device == device for t in fields.values()):
+            return self
+        return Rollout(**{k: t.to(device) for k, t in fields.items()})
 
 
 @runtime_checkable

@@ -45,6 +45,10 @@ class SequenceBatch:
         return SequenceBatch(self.prompt_ids[:, -p_keep:], self.prompt_mask[:, -p_keep:],
                              self.completion_ids[:, :t_keep], self.completion_mask[:, :t_keep])
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                             self.completion_mask.to(device))
+
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 

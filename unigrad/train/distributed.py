@@ -2,7 +2,7 @@
 
 Launch with `unigrad train --nproc N ...` (which runs torch's `torchrun` launcher), or with `torchrun` or
 `accelerate launch` directly: every process reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from its
-environment. Backend: NCCL when CUDA is available, else gloo (CPU).
+environment. Backend: NCCL when the learner is on a GPU (`model.device`), else gloo (CPU).
 
 What is split and what is reduced (unigrad.train.step uses these helpers; with one process they do nothing):
 - every process draws the same prompts from the same task sampler, then takes its own contiguous block of them,
@@ -29,6 +29,7 @@ import torch.distributed as dist
 class Distributed:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where the backend's collectives run (NCCL: this process's GPU)
 
     @property
     def active(self) -> bool:
@@ -46,9 +47,15 @@ class Distributed:
         return self.rank * size, (self.rank + 1) * size
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All-reduce `tensor` in place (sum over processes) and return it."""
+        """All-reduce `tensor` in place (sum over processes) and return it. A tensor on another device than the
+        backend's (a CPU tensor under NCCL) is reduced through a copy on the backend's device."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if tensor.device == self.device:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            else:
+                buffer = tensor.to(self.device)
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                tensor.copy_(buffer)
         return tensor
 
     def sum_float(self, value: float) -> float:
@@ -94,14 +101,22 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def init_distributed() -> Distributed:
-    """Join the process group described by the environment (WORLD_SIZE > 1), else a single process."""
+def init_distributed(device: torch.device | str = "cpu") -> Distributed:
+    """Join the process group described by the environment (WORLD_SIZE > 1), else a single process.
+
+    `device` is this process's learner device (unigrad.train.device): NCCL on a CUDA device (made the current
+    one, as NCCL's object collectives expect), gloo on the CPU."""
+    device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"data-parallel training runs on cuda (NCCL) or cpu (gloo), not on {device}")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
 
 # What `accelerate launch` puts in the environment for its FSDP plugin that unigrad's FSDP does not apply, with the

@@ -48,9 +48,15 @@ class Learner:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's trained parameters are (`model.device`); log-prob passes run there."""
+        return self.params[0].device
+
     def logprobs(self, batch: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp, entropy), both (B, T) with grad, under the sampling temperature."""
+        """(logp, entropy), both (B, T) with grad, on the learner's device, under the sampling temperature."""
         self.model.train()
+        batch = batch.to(self.device)
         forward = self._forward or (lambda *a, **k: sequence_logprobs(self.model, *a, **k))
         return forward(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                        temperature=temperature, return_entropy=True)
@@ -58,7 +64,7 @@ class Learner:
     def idle_pass(self) -> None:
         """A forward and backward pass that adds nothing to the gradient (a one-token row, loss times 0). A sharded
         learner's passes are collectives: a process with fewer micro-batches than the others runs this instead."""
-        one = torch.zeros(1, 1, dtype=torch.long)
+        one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         batch = SequenceBatch(one, torch.ones_like(one), one, torch.ones_like(one))
         logp, entropy = self.logprobs(batch, 1.0)
         (0.0 * (logp.sum() + entropy.sum())).backward()
@@ -106,6 +112,7 @@ class Learner:
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+        batch = batch.to(self.device)
         logp, _ = sequence_logprobs(self.reference, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                     batch.completion_mask, temperature=temperature, return_entropy=True)
         return logp

@@ -26,6 +26,7 @@ from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from unigrad.train.device import resolve_device
 from unigrad.train.distributed import SINGLE, Distributed, accelerate_launch_settings, init_distributed
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
@@ -88,7 +89,11 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     from unigrad.tasks import get_tasks
 
     output_dir = Path(output_dir)
-    dist = init_distributed()  # one process unless launched by --nproc, torchrun or accelerate
+    try:
+        device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    dist = init_distributed(device)  # one process unless launched by --nproc, torchrun or accelerate
     if cfg.prompts_per_step % dist.world:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
                           f"({dist.world})")
@@ -118,7 +123,8 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
               if cfg.sharding == "fsdp" and not dist.active else ""))
 
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
+                                                device=device)
     tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
     ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
     learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
@@ -205,7 +211,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                 dtype=rollout_dtype, decoder=cfg.rollout.decoder)
     else:
         engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                    decoder=cfg.rollout.decoder)
+                                    decoder=cfg.rollout.decoder, device=learner.device)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be distinct, got {names}")

@@ -112,7 +112,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     if ctx.demonstrations_only:
         ro: Rollout = no_rollout()
     else:
-        ro = ctx.engine.generate(prompt_ids, ctx.num_generations - ctx.guidance, sampling)
+        ro = ctx.engine.generate(prompt_ids, ctx.num_generations - ctx.guidance, sampling).to("cpu")
     row_off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)  # (N,) demonstration rows (LUFFY)
     if ctx.guidance:
         check_demonstrations(examples, "LUFFY-style guidance")
@@ -159,6 +159,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     # step, so the grouping does not change the gradient.
     t0 = time.perf_counter()
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
+    device = ctx.learner.device  # bookkeeping stays on the CPU; each micro-batch's loss is formed here
     # Normalisers of the whole batch: summed over processes before any loss is formed.
     rl_norm = global_normalisers(dist, batch_normalisers(rl.completion_mask, obj) if len(rl) else None)
     sft_norm = global_normalisers(dist, batch_normalisers(sft.completion_mask, "sft") if sft is not None else None)
@@ -178,29 +179,29 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
                 ctx.learner.idle_pass()
                 idle_passes += 1
             elif kind == "rl":
-                mb = rl.rows(rows).trimmed()  # (b, T') with T' <= T: this micro-batch's own padding only
+                mb = rl.rows(rows).trimmed().to(device)  # (b, T'), T' <= T: this micro-batch's own padding only
                 width = mb.completion_ids.shape[1]
                 logp, entropy = ctx.learner.logprobs(mb, temperature)  # (b, T') each
                 if obj.beta > 0 and ref[c] is None:
                     ref[c] = ctx.learner.reference_logprobs(mb, temperature)
                 out = compute_policy_loss(
-                    logp, mb.completion_mask, rl_adv[rows], obj, old_logprobs=old[c],
-                    infer_logprobs=rl_infer[rows, :width] if obj.needs_infer_logprobs else None,
+                    logp, mb.completion_mask, rl_adv[rows].to(device), obj, old_logprobs=old[c],
+                    infer_logprobs=rl_infer[rows, :width].to(device) if obj.needs_infer_logprobs else None,
                     ref_logprobs=ref[c], max_length=ctx.sampling.max_new_tokens, num_tokens=rl_norm.num_tokens,
                     num_sequences=rl_norm.num_sequences, entropy=entropy,
-                    off_policy_mask=rl_off[rows, None] & mb.completion_mask if ctx.guidance else None,
+                    off_policy_mask=rl_off[rows, None].to(device) & mb.completion_mask if ctx.guidance else None,
                 )
                 (ctx.rl_coef * out.loss).backward()
                 nonfinite_loss |= not torch.isfinite(out.loss).item()
                 if iteration == 0:
-                    train_logp[rows, :width], train_entropy[rows, :width] = logp.detach(), entropy.detach()
+                    train_logp[rows, :width], train_entropy[rows, :width] = logp.detach().cpu(), entropy.detach().cpu()
                     if ctx.num_iterations > 1:
                         old[c] = logp.detach()
                 loss_metrics.append({f"rl/{k}": v for k, v in out.metrics.items()})
             else:
-                mb = sft.rows(rows).trimmed()
+                mb = sft.rows(rows).trimmed().to(device)
                 logp, entropy = ctx.learner.logprobs(mb, temperature)
-                out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows)), "sft",
+                out = compute_policy_loss(logp, mb.completion_mask, torch.ones(len(rows), device=device), "sft",
                                           num_tokens=sft_norm.num_tokens, num_sequences=sft_norm.num_sequences)
                 (ctx.sft_coef * out.loss).backward()
                 nonfinite_loss |= not torch.isfinite(out.loss).item()
