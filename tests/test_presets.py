@@ -94,3 +94,25 @@ def test_cli_presets_prints_every_preset():
     md = subprocess.run([sys.executable, "-m", "unigrad.cli", "presets", "--markdown"], capture_output=True,
                         text=True, check=True).stdout
     assert md.strip() == markdown_table().strip()
+
+
+def test_gspo_and_sapo_take_grpos_gradient_on_policy_and_part_once_the_ratio_moves():
+    """On-policy (one optimizer step per batch) the ratio is 1 with gradient grad log pi: GSPO's sequence ratio
+    gives (1/|y|) sum_t grad log pi_t (GRPO's seq-mean-token-mean term), and SAPO's gate has slope 1 at r = 1. So
+    the three presets differ only once the policy has moved away from the one that sampled (num_iterations > 1)."""
+    torch.manual_seed(0)
+    logprobs = -3 * torch.rand(4, 6)  # (B, T) log-probs of the sampled tokens
+    mask = torch.arange(6) < torch.tensor([[6], [3], [2], [5]])
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    old = (logprobs - 0.3 * torch.randn(4, 6)).detach()  # a policy one update away
+
+    def grad(preset, old_logprobs=None):
+        logp = logprobs.clone().requires_grad_(True)
+        compute_policy_loss(logp, mask, adv, resolve_objective(preset), old_logprobs=old_logprobs,
+                            num_tokens=float(mask.sum()), num_sequences=4.0).loss.backward()
+        return logp.grad
+
+    torch.testing.assert_close(grad("gspo"), grad("grpo"), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad("sapo"), grad("grpo"), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(grad("gspo", old), grad("grpo", old), atol=1e-4)
+    assert not torch.allclose(grad("sapo", old), grad("grpo", old), atol=1e-4)
