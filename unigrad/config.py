@@ -65,7 +65,11 @@ class OptimSection(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0, description="clip the global grad norm to this")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after the warmup: constant, or linear / cosine decay reaching min_lr_ratio * lr at "
+        "max_steps x num_iterations optimizer steps (a time budget that ends the run first leaves it part-way)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of a decaying schedule, as a fraction of lr")
 
 
 class HybridSection(_Section):

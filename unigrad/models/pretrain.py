@@ -6,15 +6,16 @@ and per-example positions, so packing changes the speed (30% faster here), not t
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from unigrad.models.tokenizer import PAD_ID, completion_ids, prompt_ids
+from unigrad.train.schedule import lr_multiplier
 
 if TYPE_CHECKING:
     from unigrad.models.tiny import TinyRecipe
@@ -119,14 +120,9 @@ def pretrain(model, data, recipe: TinyRecipe, progress: bool, on_step=None) -> l
         betas=recipe.betas,
     )
 
-    def lr_factor(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        span = max(1, recipe.steps - recipe.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - recipe.warmup_steps) / span)))
-        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_multiplier, warmup=recipe.warmup_steps, total=recipe.steps, schedule="cosine",
+        min_ratio=recipe.min_lr_ratio))
     model.train()
     losses: list[float] = []
     stream = batches(data, recipe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import torch
 
@@ -11,6 +12,7 @@ from unigrad.config import OptimSection
 from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.train import sharding
 from unigrad.train.batching import SequenceBatch
+from unigrad.train.schedule import lr_multiplier
 
 
 def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
@@ -24,8 +26,9 @@ def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
 
 class Learner:
     def __init__(self, model: torch.nn.Module, optim: OptimSection, *, keep_reference: bool = False,
-                 shard: bool = False):
-        """`shard`: shard the model over the process group with FSDP (unigrad.train.sharding); needs one."""
+                 shard: bool = False, total_steps: int = 0):
+        """`shard`: shard the model over the process group with FSDP (unigrad.train.sharding); needs one.
+        `total_steps`: optimizer steps of the run, where a linear or cosine `optim.schedule` reaches its floor."""
         self.model = model
         # The KL reference is the starting policy, frozen (only built when beta > 0), whole on every process.
         self.reference = None
@@ -43,10 +46,10 @@ class Learner:
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = _adamw(self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                 weight_decay=optim.weight_decay)
-        warmup = optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        # Counted in optimizer steps; `total_steps` (the run's max_steps x num_iterations) ends a decaying schedule.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_multiplier, warmup=optim.warmup_steps, total=total_steps, schedule=optim.schedule,
+            min_ratio=optim.min_lr_ratio))
 
     @property
     def device(self) -> torch.device:

@@ -195,7 +195,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
-                      shard=cfg.sharding == "fsdp" and dist.active)
+                      shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.max_steps * cfg.num_iterations)
     whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
     if cfg.rollout.engine == "vllm":  # one vLLM instance in this process, on its GPU, synced every step
         from unigrad.rollout.vllm_engine import VLLMEngine
