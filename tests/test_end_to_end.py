@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TIME_KEYS = ("time/", "lr")  # wall-clock metrics differ between runs by nature
 
@@ -82,7 +83,8 @@ def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path)
 
 def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
     steps = 12
-    args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10"]
+    # With a moving average of the weights: its state is checkpointed too, so final/ must come out the same.
+    args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10", "optim.weight_ema_decay=0.8"]
     full = tmp_path / "full"
     assert cli("train", *args, "--output-dir", full, cwd=tmp_path).returncode == 0
 
@@ -104,6 +106,13 @@ def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from step" in res.stdout
     assert stable(metrics) == stable(full / "metrics.jsonl")
+    from safetensors.torch import load_file
+
+    final_full = load_file(full / "final" / "model.safetensors")
+    final_cut = load_file(cut / "final" / "model.safetensors")
+    assert all(torch.equal(final_full[k], final_cut[k]) for k in final_full)
+    live = torch.load(full / "checkpoints" / f"step_{steps:06d}" / "state.pt", weights_only=False)["model"]
+    assert not all(torch.equal(final_full[k], live[k]) for k in final_full)  # final/ is the average, not the last step
 
 
 def test_bad_rewards_and_overlong_prompts_are_counted_not_fatal(small_model, tmp_path):

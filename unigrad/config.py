@@ -70,6 +70,9 @@ class OptimSection(_Section):
         "constant", description="after the warmup: constant, or linear / cosine decay reaching min_lr_ratio * lr at "
         "max_steps x num_iterations optimizer steps (a time budget that ends the run first leaves it part-way)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of a decaying schedule, as a fraction of lr")
+    weight_ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="0: off. Else the decay of an exponential moving average of the weights, which "
+        "final/ and the evaluation after training use (rollouts use the live weights; unigrad.train.weight_average)")
 
 
 class HybridSection(_Section):
@@ -240,6 +243,9 @@ class TrainConfig(_Section):
         if self.sharding == "fsdp" and self.model.lora_r:
             raise ValueError("sharding=fsdp with model.lora_r > 0 is not supported yet (LoRA adapters are small: "
                              "use sharding=none)")
+        if self.sharding == "fsdp" and self.optim.weight_ema_decay > 0:
+            raise ValueError("sharding=fsdp with optim.weight_ema_decay > 0 is not supported yet (the average is kept "
+                             "per whole parameter): use sharding=none or optim.weight_ema_decay=0")
         if self.rollout.engine == "vllm" and self.rollout.num_engines > 1:
             raise ValueError("rollout.engine=vllm runs one vLLM instance per learner process; rollout.num_engines "
                              "> 1 (Ray actors) is for the transformers engine")

@@ -13,6 +13,7 @@ from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.train import sharding
 from unigrad.train.batching import SequenceBatch
 from unigrad.train.schedule import lr_multiplier
+from unigrad.train.weight_average import WeightAverage
 
 
 def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
@@ -50,6 +51,8 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, warmup=optim.warmup_steps, total=total_steps, schedule=optim.schedule,
             min_ratio=optim.min_lr_ratio))
+        # The weights' moving average for the final model (optim.weight_ema_decay > 0), else None.
+        self.weight_average = WeightAverage(self.params, optim.weight_ema_decay) if optim.weight_ema_decay else None
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +135,8 @@ class Learner:
         if status == "ok":
             self.optimizer.step()
             self.scheduler.step()
+            if self.weight_average is not None:
+                self.weight_average.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, status
 

@@ -133,6 +133,8 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
                                grad_spike_window=mon.grad_spike_window, entropy_min_ratio=mon.entropy_min_ratio,
                                clip_fraction_max=mon.clip_fraction_max)
     extras = {"learning_gain": gain, "monitor": monitor}  # checkpointed beside model, optimizer and sampler
+    if learner.weight_average is not None:
+        extras["weight_average"] = learner.weight_average
 
     start = 0
     if resume and list_checkpoints(output_dir):
@@ -177,6 +179,10 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
             logger.close()
 
     save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras, write=dist.is_main)
+    if learner.weight_average is not None:  # the checkpoint keeps the live weights (for --resume); final/ the average
+        learner.weight_average.copy_to_params()
+        _print(console, f"final/ holds the moving average of the weights (optim.weight_ema_decay="
+                        f"{cfg.optim.weight_ema_decay}, {learner.weight_average.steps} steps)")
     whole = learner.whole_model()
     if dist.is_main:
         save_model(whole, tokenizer, output_dir / "final")
