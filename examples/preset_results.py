@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from unigrad.eval import paired_gain
 from unigrad.report.study import write_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,9 @@ def table(results: list[dict]) -> str:
         for t in [*tasks, "mean"]:
             b, a = 100 * r["before"][t]["pass@1"], 100 * r["after"][t]["pass@1"]
             cells.append(f"{b:.1f} → {a:.1f} ({a - b:+.1f})")
+        if all("correct" in r[side][t] for side in ("before", "after") for t in tasks):  # runs from before 2026-11-27
+            _, se = paired_gain(r["before"], r["after"])                                # saved no per-prompt results
+            cells[-1] = cells[-1][:-1] + f" ± {100 * se:.1f})"
         # Rounded: pass@1 is a count over the prompts stored as float32, so a fall of exactly 2 points can come
         # out as -2.0000001 and would fail "no task below -2" by float noise alone.
         worst = round(min(100 * (r["after"][t]["pass@1"] - r["before"][t]["pass@1"]) for t in tasks), 4)
@@ -102,6 +106,7 @@ def main() -> None:
 
 def write_doc(args, results: list[dict]) -> None:
     cfg = (ROOT / "examples" / "default.yaml").read_text()
+    tasks = [t for t in results[0]["before"] if t != "mean"]
     doc = [
         "# Results: presets on the default tiny model",
         "",
@@ -110,7 +115,9 @@ def write_doc(args, results: list[dict]) -> None:
         f"{platform.machine()} / {platform.system()}, Python {platform.python_version()}, 2 CPU cores; "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        "Held-out greedy pass@1 (%) per task on 200 prompts, before → after (change). `batches` = generated "
+        f"Held-out greedy pass@1 (%) per task on {int(results[0]['before'][tasks[0]]['n'])} prompts, before → after "
+        "(change; for the mean, ± its standard error over the draw of held-out prompts, `unigrad.eval.paired_gain`). "
+        "`batches` = generated "
         "batches and `optimizer steps` = batches x `num_iterations`, done within the training budget; the budget "
         "excludes model loading and the two evaluations. `bar met`: the issue's acceptance bar, mean +10 points and "
         "no task below -2.",

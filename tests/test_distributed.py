@@ -45,6 +45,22 @@ def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective:
     return [{k: v for k, v in r.items() if not k.startswith(SKIP)} for r in rows]
 
 
+@pytest.fixture(scope="module")
+def run(setup, tmp_path_factory):
+    """run(nproc, objective, extra) -> (run directory, metrics): each configuration trained once per module, since
+    several tests compare against the same one-process (or two-process) run."""
+    done: dict[tuple, tuple[Path, list[dict]]] = {}
+
+    def get(nproc: int, objective: str, extra=()) -> tuple[Path, list[dict]]:
+        key = (nproc, objective, tuple(extra))
+        if key not in done:
+            tmp = tmp_path_factory.mktemp(f"run{nproc}")
+            done[key] = (tmp / "run", train(tmp, "run", nproc, *setup, objective, extra))
+        return done[key]
+
+    return get
+
+
 def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two, strict=True):
@@ -61,22 +77,21 @@ def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
     ("dapo", ()),  # token_mean: token normaliser summed over processes
     ("grpo", ("sampler.name=balanced",)),  # per-task gradients reduced before they are rescaled
 ])
-def test_two_processes_equal_one(setup, tmp_path, objective, extra):
+def test_two_processes_equal_one(run, objective, extra):
     """Replicated and sharded (FSDP) learners over two processes against one process."""
-    model, reward = setup
-    one = train(tmp_path, "one", 1, model, reward, objective, extra)
+    _, one = run(1, objective, extra)
     assert one[0]["grad_norm"] > 0 and one[0]["advantage_abs/arithmetic"] > 0  # a real gradient to compare
+    finals = []
     for sharding in ("none", "fsdp"):
-        two = train(tmp_path, f"two-{sharding}", 2, model, reward, objective, (*extra, f"sharding={sharding}"))
-        for r in two:
-            r.pop("sharding/idle_passes", None)
+        out, two = run(2, objective, (*extra, f"sharding={sharding}"))
+        two = [{k: v for k, v in r.items() if k != "sharding/idle_passes"} for r in two]
         assert [r["step"] for r in two] == [1, 2]
         assert_same_metrics(one, two)
-        assert (tmp_path / f"two-{sharding}" / "final" / "config.json").is_file()
+        finals.append(out / "final" / "model.safetensors")
     # The sharded run's final weights are the replicated run's (gathered whole before saving).
     from safetensors.torch import load_file
 
-    a, b = (load_file(tmp_path / f"two-{s}" / "final" / "model.safetensors") for s in ("none", "fsdp"))
+    a, b = (load_file(f) for f in finals)
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -96,27 +111,39 @@ def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
     assert_same_metrics(one, two)
 
 
-def test_sharded_resume_continues_as_an_uninterrupted_run(setup, tmp_path):
+def test_sharded_resume_continues_as_an_uninterrupted_run(setup, run, tmp_path):
     """Checkpoint of a sharded learner (model and AdamW state gathered on rank 0), then --resume on two processes."""
     model, reward = setup
-    extra = ("sharding=fsdp", "sampler.name=balanced")
-    whole = train(tmp_path, "whole", 2, model, reward, "grpo", extra)
+    extra = ("sampler.name=balanced", "sharding=fsdp")
+    _, whole = run(2, "grpo", extra)  # also one of test_two_processes_equal_one's runs
     train(tmp_path, "cut", 2, model, reward, "grpo", (*extra, "max_steps=1"))
     resumed = train(tmp_path, "cut", 2, model, reward, "grpo", extra, resume=True)
     assert [r["step"] for r in resumed] == [1, 2]
     assert_same_metrics(whole, resumed)
 
 
-def test_prompts_must_split_evenly(setup, tmp_path):
+def test_prompts_must_split_evenly(setup, tmp_path, monkeypatch):
+    """--nproc is checked before the processes start; the same check inside `train` covers torchrun and accelerate."""
+    from unigrad.config import ConfigError, validate_config
+    from unigrad.train import run as run_module
+
     model, reward = setup
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "unigrad.cli", "train", f"model.name={model}", "max_steps=1",
                           "tasks=[arithmetic]", "prompts_per_step=3", "rollout.num_generations=2",
-                          "rollout.max_new_tokens=4", "train_pool_size=20", "eval.before_after=false",
                           "--output-dir", str(tmp_path / "odd"), "--nproc", "2"],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert "prompts_per_step=3 must be a multiple of the number of processes (2)" in res.stderr
+    assert not (tmp_path / "odd").exists()
+
+    class TwoProcesses:  # what init_distributed returns under a 2-process launcher, for the check it feeds
+        world, active, is_main = 2, True, True
+
+    cfg = validate_config({"model": {"name": str(model)}, "prompts_per_step": 3, "tasks": ["arithmetic"]})
+    monkeypatch.setattr(run_module, "init_distributed", lambda device: TwoProcesses())
+    with pytest.raises(ConfigError, match=r"prompts_per_step=3 must be a multiple of the number of processes \(2\)"):
+        run_module.train(cfg, tmp_path / "odd2")
 
 
 def test_accelerate_launch_settings_are_read_or_refused():
@@ -138,10 +165,10 @@ def test_accelerate_launch_settings_are_read_or_refused():
         accelerate_launch_settings({"ACCELERATE_USE_DEEPSPEED": "true"}, "none")
 
 
-def test_accelerate_launch_with_fsdp_equals_one_process(setup, tmp_path):
+def test_accelerate_launch_with_fsdp_equals_one_process(setup, run, tmp_path):
     """`accelerate launch --use_fsdp` (the FSDP plugin's environment) trains sharded, with one process's metrics."""
     model, reward = setup
-    one = train(tmp_path, "one", 1, model, reward, "grpo")
+    _, one = run(1, "grpo")
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     args = [f"model.name={model}", "objective=grpo", "max_steps=2", "tasks=[arithmetic,countdown]",
             f"reward={reward}:digits", "prompts_per_step=4", "rollout.num_generations=4",

@@ -26,8 +26,11 @@ def evaluate(
     max_new_tokens: int = 32,
     seed: int = 0,
     batch_size: int = 256,
+    per_prompt: bool = False,
 ) -> dict[str, Any]:
-    """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split."""
+    """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split.
+
+    `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`)."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
@@ -40,7 +43,9 @@ def evaluate(
         prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
                           SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size)
-        row: dict[str, float] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples))}
+        row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples))}
+        if per_prompt:
+            row["correct"] = greedy.int().tolist()
         if pass_k > 0:
             sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
                                SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
@@ -66,3 +71,24 @@ def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size
         rewards = task.verify(texts, exs)
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
+
+
+def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
+    """(gain, standard error) of the mean greedy pass@1 over tasks, from two `evaluate(..., per_prompt=True)` results
+    on the same prompts.
+
+    Per task the gain is the mean of d_i = after_i - before_i over its n prompts, with standard error
+    sd(d) / sqrt(n) (sd with n - 1); the mean over the T tasks has standard error sqrt(sum_t se_t^2) / T. It is the
+    uncertainty from which held-out prompts were drawn (a fresh draw of n prompts), not from training noise: a
+    second training run has its own spread on top (docs/results.md)."""
+    tasks = [t for t in before if t != "mean"]
+    gains, variances = [], []
+    for t in tasks:
+        b, a = before[t].get("correct"), after[t].get("correct")
+        if b is None or a is None or len(a) != len(b) or len(b) < 2:
+            raise ValueError(f"task {t!r}: paired_gain needs per-prompt results of the same prompts on both sides "
+                             "(evaluate(..., per_prompt=True))")
+        d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+        gains.append(d.mean().item())
+        variances.append(d.var(unbiased=True).item() / len(d))
+    return sum(gains) / len(tasks), sum(variances) ** 0.5 / len(tasks)

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
             dist.barrier()
             return None
         res = evaluate(whole, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
-                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True)
         (output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
         dist.barrier()
         return res
@@ -295,7 +295,8 @@ def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extra
                 metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
                 res = run_eval(f"eval_step_{step:06d}") or {}
-                metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "n"})
+                metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()
+                                if k.startswith("pass@")})
             for alarm in alarms:
                 metrics[f"alarm/{alarm.name}"] = 1.0
                 if dist.is_main:
