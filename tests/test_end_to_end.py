@@ -50,6 +50,9 @@ def test_cli_train_then_eval(small_model, tmp_path, objective):
     assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
     assert list(out.glob("events.*")), "TensorBoard events missing"
     assert (out / "final" / "config.json").is_file() and (out / "eval_after.json").is_file()
+    after = json.loads((out / "eval_after.json").read_text())  # each prompt's result, for paired comparisons
+    correct = after["countdown"]["correct"]
+    assert len(correct) == 8 and after["countdown"]["pass@1"] == sum(correct) / 8
     rep = cli("report", out, cwd=tmp_path)
     assert rep.returncode == 0 and (out / "report" / "index.html").is_file(), rep.stderr[-3000:]
     ev = cli("eval", out, "--json", "--prompts", "4", cwd=tmp_path)

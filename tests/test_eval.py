@@ -17,6 +17,8 @@ def test_paired_gain_by_hand():
     assert se == pytest.approx(math.sqrt(1 / 6 + 1 / 9) / 2)
     with pytest.raises(ValueError, match="task 'b'.*per-prompt"):
         paired_gain(before, {**after, "b": {"correct": [1, 1]}})
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_gain(before, {"a": after["a"], "mean": {}})
 
 
 def test_per_prompt_results_agree_with_pass_at_1(small_model):

@@ -49,6 +49,8 @@ def test_before_any_step_the_average_is_the_live_weights_and_state_round_trips()
     assert other.steps == 2 and torch.equal(other.ema[0], avg.ema[0])
     with pytest.raises(ValueError, match="cannot be loaded"):
         WeightAverage([model.weight], 0.9).load_state_dict(avg.state_dict())
+    with pytest.raises(ValueError, match="optim.weight_ema_decay=0.9"):
+        WeightAverage(list(model.parameters()), 0.99).load_state_dict(avg.state_dict())
     with pytest.raises(ValueError, match="decay"):
         WeightAverage([model.weight], 1.0)
 

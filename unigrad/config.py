@@ -72,7 +72,8 @@ class OptimSection(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of a decaying schedule, as a fraction of lr")
     weight_ema_decay: float = Field(
         0.0, ge=0, lt=1, description="0: off. Else the decay of an exponential moving average of the weights, which "
-        "final/ and the evaluation after training use (rollouts use the live weights; unigrad.train.weight_average)")
+        "final/ and the evaluation after training use (rollouts use the live weights; with LoRA the adapter "
+        "factors are averaged; unigrad.train.weight_average)")
 
 
 class HybridSection(_Section):

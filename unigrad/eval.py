@@ -82,6 +82,9 @@ def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, f
     uncertainty from which held-out prompts were drawn (a fresh draw of n prompts), not from training noise: a
     second training run has its own spread on top (docs/results.md)."""
     tasks = [t for t in before if t != "mean"]
+    if not tasks or set(tasks) != {t for t in after if t != "mean"}:
+        raise ValueError(f"paired_gain needs the same tasks on both sides, got {tasks} and "
+                         f"{[t for t in after if t != 'mean']}")
     gains, variances = [], []
     for t in tasks:
         b, a = before[t].get("correct"), after[t].get("correct")

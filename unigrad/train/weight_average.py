@@ -11,7 +11,9 @@ a short run is not pulled back towards them. It is kept as `ema_t = d ema_{t-1} 
 Why: greedy held-out accuracy of a small model moves by several points between checkpoints a few dozen steps apart
 at the end of a run (docs/results.md), because answers on the edge flip with small weight changes; an average of
 the last steps' weights does not depend on where the last step happened to land. Rollouts always use the live
-weights; only `final/` and the evaluation after training use the average (`optim.weight_ema_decay`).
+weights; only `final/` and the evaluation after training use the average (`optim.weight_ema_decay`); evaluations
+during the run (`eval.every`) score the live weights. With LoRA the trained parameters are the adapter's factors, so
+the factors are averaged, not their merged product.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class WeightAverage:
     def update(self) -> None:
         """Fold in the current weights (call after each optimizer step that changed them)."""
         self.steps += 1
-        torch._foreach_mul_(self.ema, self.decay)
-        torch._foreach_add_(self.ema, [p.detach().float() for p in self.params], alpha=1.0 - self.decay)
+        for e, p in zip(self.ema, self.params, strict=True):  # one tensor at a time: no float copy of the whole model
+            e.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     def averaged(self) -> list[torch.Tensor]:
         """The bias-corrected average, one tensor per parameter (the live weights before any update)."""
@@ -52,6 +54,9 @@ class WeightAverage:
         return {"decay": self.decay, "steps": self.steps, "ema": [e.cpu() for e in self.ema]}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["decay"] != self.decay:  # the bias correction assumes one decay throughout
+            raise ValueError(f"the checkpoint's weight average has decay {state['decay']}; resume with "
+                             f"optim.weight_ema_decay={state['decay']} (this run asks for {self.decay})")
         if len(state["ema"]) != len(self.ema):
             raise ValueError(f"weight average of {len(state['ema'])} tensors cannot be loaded into a model with "
                              f"{len(self.ema)} trainable parameters")
