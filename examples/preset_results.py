@@ -53,10 +53,9 @@ def collect(preset: str, seed: int | None, out: Path) -> dict:
     before = json.loads((run_dir / "eval_before.json").read_text())
     after = json.loads((run_dir / "eval_after.json").read_text())
     batches = sum(1 for _ in (run_dir / "metrics.jsonl").open())  # one line per generated batch
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    iterations = config.get("num_iterations", 1)
+    iterations = yaml.safe_load((run_dir / "config.yaml").read_text()).get("num_iterations", 1)
     train_s = sum(json.loads(line)["time/step"] for line in (run_dir / "metrics.jsonl").open())
-    return {"preset": preset, "seed": config.get("seed", 0) if seed is not None else None, "before": before,
+    return {"preset": preset, "seed": seed, "before": before,
             "after": after, "batches": batches, "steps": batches * iterations, "train_seconds": train_s,
             "finished": time.strftime("%H:%M:%S", time.localtime(t0))}
 
@@ -100,8 +99,9 @@ def table(results: list[dict]) -> str:
         for t in [*tasks, "mean"]:
             b, a = 100 * r["before"][t]["pass@1"], 100 * r["after"][t]["pass@1"]
             cells.append(f"{b:.1f} → {a:.1f} ({a - b:+.1f})")
-        if all("correct" in r[side][t] for side in ("before", "after") for t in tasks):  # runs from before 2026-11-27
-            _, se = paired_gain(r["before"], r["after"])                                # saved no per-prompt results
+        # Runs from before 2026-11-27 saved no per-prompt results, so no standard error for them.
+        if all("correct" in r[side][t] for side in ("before", "after") for t in tasks):
+            _, se = paired_gain(r["before"], r["after"])
             cells[-1] = cells[-1][:-1] + f" ± {100 * se:.1f})"
         batches = r.get("batches", r["steps"])
         label = r["preset"] + (f"` seed {r['seed']}" if r.get("seed") is not None else "`")

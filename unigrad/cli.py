@@ -48,11 +48,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
-    if args.nproc > 1 and cfg.prompts_per_step % args.nproc:  # refused before any process starts (train() checks
-        # the same for torchrun and accelerate launch, whose world size only the processes know)
-        print(f"unigrad train: prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
-              f"({args.nproc})", file=sys.stderr)
-        return 2
+    if args.nproc > 1:  # refused before any process starts (train() checks again under torchrun or accelerate)
+        from unigrad.train.distributed import check_prompts_split
+
+        try:
+            check_prompts_split(cfg.prompts_per_step, args.nproc)
+        except ConfigError as err:
+            print(f"unigrad train: {err}", file=sys.stderr)
+            return 2
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start N processes of this same command
         import subprocess
 

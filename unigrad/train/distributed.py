@@ -101,6 +101,15 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def check_prompts_split(prompts_per_step: int, processes: int) -> None:
+    """Each process takes an equal block of a step's prompts: refuse (ConfigError) a count that does not split."""
+    if prompts_per_step % processes:
+        from unigrad.config import ConfigError
+
+        raise ConfigError(f"prompts_per_step={prompts_per_step} must be a multiple of the number of processes "
+                          f"({processes})")
+
+
 def init_distributed(device: torch.device | str = "cpu") -> Distributed:
     """Join the process group described by the environment (WORLD_SIZE > 1), else a single process.
 

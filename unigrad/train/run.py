@@ -27,7 +27,13 @@ from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from unigrad.train.device import resolve_device
-from unigrad.train.distributed import SINGLE, Distributed, accelerate_launch_settings, init_distributed
+from unigrad.train.distributed import (
+    SINGLE,
+    Distributed,
+    accelerate_launch_settings,
+    check_prompts_split,
+    init_distributed,
+)
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.step import StepContext, train_step
@@ -94,9 +100,7 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     except ValueError as err:
         raise ConfigError(str(err)) from err
     dist = init_distributed(device)  # one process unless launched by --nproc, torchrun or accelerate
-    if cfg.prompts_per_step % dist.world:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes "
-                          f"({dist.world})")
+    check_prompts_split(cfg.prompts_per_step, dist.world)
     launched_sharding, launcher_notes = accelerate_launch_settings(dict(os.environ), cfg.sharding)
     if launched_sharding != cfg.sharding:
         cfg = validate_config({**cfg.model_dump(), "sharding": launched_sharding})
