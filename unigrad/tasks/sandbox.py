@@ -1,33 +1,20 @@
-"""Running untrusted Python (model-written code) in a contained subprocess.
+"""Running untrusted Python (model-written code): in a jail the kernel enforces, or, on request, without it.
 
-Each snippet gets: a fresh empty temporary working directory (deleted afterwards); `python -I -S
--B` (isolated: no user site, no PYTHON* variables, no cwd on sys.path; no site-packages; no .pyc
-writes); a minimal environment (no secrets of the parent); stdin closed; stdout and stderr into
-anonymous files whose size RLIMIT_FSIZE caps; its own session and process group, killed as a
-whole on timeout and after exit; and, inside the child (`sandbox_child.py`), rlimits on CPU time,
-address space, file size, open files, processes and core files plus an audit hook that blocks
-process creation, network, deletion and writing outside the working directory.
+`run(code)` runs one snippet as a script and returns what happened (`SandboxResult`); `run_many` runs several at
+once. The default, `jail="bwrap"` (`sandbox.jail` in the run config, `configure` here), runs every snippet in a
+sub-jail of a long-lived bubblewrap jail (sandbox_jail.py, sandbox_child.py): its own PID, mount and IPC namespaces
+inside a jail with no network, a read-only view of the interpreter and its standard library only, a fresh tmpfs
+working directory capped at `disk_bytes`, no capability, an unprivileged uid, a seccomp filter that refuses process
+creation, exec, signals, sockets, tracing and namespace changes, rlimits on CPU time, address space, file size and
+open files, and the audit hook as a second layer. When the snippet's process exits or is killed (at `timeout`), its
+whole PID namespace goes with it. If the jail cannot be built, `run` raises `JailUnavailable` naming the cause and
+the fix; nothing falls back to running code outside the jail.
 
-When the parent runs as root (as in many containers), RLIMIT_NPROC does not bind, so the child
-also drops to the `nobody` user if the interpreter is reachable by it (probed once); otherwise a
-warning says that containment rests on the audit hook and the other limits. For adversarial
-code at scale, put this inside a container or gVisor as well: an audit hook is not a security
-boundary (PEP 578).
-
-Each snippet runs in its own process. By default that process is forked from a fork server: one long-lived
-`python -I -S -B` process per interpreter, started on first use as the trainer's user, that forks a child per
-snippet. The child leaves the server's frames, enters its own session, opens its output files in a directory only the
-server's user can reach, closes every descriptor it inherited, drops to the unprivileged user (as above, where the
-interpreter allows it), and then sets the same limits and hook as a freshly started interpreter would
-(`sandbox_child.py`). A fork costs about a millisecond; starting an interpreter costs tens, which was most of the
-code task's reward time. `fork_server=False` starts a new interpreter per snippet instead; so does `run` when the
-server cannot be started, does not answer in time (it is then killed) or dies.
-
-Differences from a fresh interpreter that remain: every forked child has the server's hash seed (set and dict
-orders of strings are the same from one snippet to the next), and its address-space layout.
-
-`run_many` runs snippets in parallel from a small thread pool (subprocess creation without
-`preexec_fn` is thread-safe).
+`jail="none"` is the older containment, kept as an explicit opt-out: a fork server (or a fresh `python -I -S -B`
+per snippet with `fork_server=False`) with the same rlimits and audit hook, a fresh working directory, a minimal
+environment, its own session killed as a group, and, when the trainer runs as root and the interpreter is readable by
+`nobody`, uid 65534. An audit hook is not a security boundary (PEP 578): a determined snippet gets out. As root it
+is refused unless `allow_root_without_jail=True`. docs/sandbox.md has the threat model and what each layer stops.
 """
 
 from __future__ import annotations
@@ -46,24 +33,33 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from unigrad.tasks.sandbox_jail import JailUnavailable
+from unigrad.tasks.sandbox_server import SnippetServer
 
 log = logging.getLogger(__name__)
 
 _CHILD_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text()
+JAILS = ("bwrap", "none")
+__all__ = ["JAILS", "JailUnavailable", "SandboxError", "SandboxLimits", "SandboxResult", "check", "configure", "run",
+           "run_many"]
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout: float = 5.0  # wall-clock seconds before the process group is killed
+    timeout: float = 5.0  # wall-clock seconds before the snippet (its PID namespace, in the jail) is killed
     cpu_seconds: int = 5  # RLIMIT_CPU
     memory_bytes: int = 512 * 2**20  # RLIMIT_AS (address space, so generous: the interpreter maps ~30 MB)
-    file_bytes: int = 2**20  # RLIMIT_FSIZE: largest file the child may write, its stdout included
+    file_bytes: int = 2**20  # RLIMIT_FSIZE: largest file the child may write, its stdout and stderr included
     open_files: int = 64  # RLIMIT_NOFILE
-    processes: int = 0  # RLIMIT_NPROC: no fork at all (ignored by the kernel for root; see module doc)
+    processes: int = 0  # RLIMIT_NPROC: no fork at all (and the jail's seccomp filter refuses fork and clone)
     output_chars: int = 65536  # how much of stdout / stderr is read back
+    disk_bytes: int = 4 * 2**20  # in the jail: the working directory's tmpfs, all files together
+    disk_inodes: int = 256  # in the jail: files and directories in the working directory
 
 
 @dataclass(frozen=True)
@@ -142,74 +138,149 @@ def _wait_unreaped(pid: int, deadline: float) -> bool:
         delay = min(delay * 2, 0.02)
 
 
-class ForkServer:
-    """A `sandbox_child.py --fork-server` process: `submit` sends it one snippet's request, whose future gets the
-    server's reply (see sandbox_child.py) when the child has finished or been killed."""
+class SandboxError(ValueError):
+    """A sandbox setting that is refused (e.g. no jail while running as root without saying so)."""
+
+
+_settings = {"jail": "bwrap", "allow_root_without_jail": False}
+_warned_unjailed: set[str] = set()
+
+
+def configure(jail: str = "bwrap", allow_root_without_jail: bool = False) -> None:
+    """Set the process-wide default of `run`'s `jail` (the run config's `sandbox` section). Refuses `jail="none"` as
+    root unless `allow_root_without_jail`: a snippet that gets past the audit hook then acts as root."""
+    _check_setting(jail, allow_root_without_jail)
+    _settings.update(jail=jail, allow_root_without_jail=allow_root_without_jail)
+
+
+def _check_setting(jail: str, allow_root_without_jail: bool) -> None:
+    if jail not in JAILS:
+        raise SandboxError(f"sandbox.jail must be one of {', '.join(JAILS)}, got {jail!r}")
+    if jail == "none" and os.geteuid() == 0 and not allow_root_without_jail:
+        raise SandboxError(
+            "sandbox.jail=none while running as root: model-written code would run as root behind only an audit "
+            "hook. Install bubblewrap and keep sandbox.jail=bwrap, or say so explicitly with "
+            "sandbox.allow_root_without_jail=true")
+
+
+def _warn_unjailed(jail: str) -> None:
+    if jail not in _warned_unjailed:
+        _warned_unjailed.add(jail)
+        log.warning(
+            "sandbox: running model-written code WITHOUT the jail (sandbox.jail=none): no PID, mount or network "
+            "namespace, no seccomp filter; only rlimits, a minimal environment and an audit hook, which a "
+            "determined snippet can get past (C modules, unaudited system calls). It may read files this user can "
+            "read, open sockets and signal this user's processes if it does")
+
+
+def check(jail: str | None = None, python: str | None = None) -> str:
+    """Raise `JailUnavailable` or `SandboxError` (naming the cause and the fix) if snippets cannot run as configured;
+    else a one-line description of the containment. Runs a snippet in the jail to prove it works."""
+    jail = jail or _settings["jail"]
+    _check_setting(jail, _settings["allow_root_without_jail"] or jail == _settings["jail"] == "none")
+    if jail == "none":
+        return "no jail (sandbox.jail=none): rlimits and an audit hook only"
+    probe = run("import os\nprint(os.getuid(), os.getpid())", SandboxLimits(timeout=30), python=python, jail=jail)
+    if not probe.ok:
+        raise JailUnavailable(f"sandbox: the jail started but a test snippet failed: {probe.stderr.strip()[-500:]}")
+    uid, pid = probe.stdout.split()
+    where = "on the host" if os.geteuid() == 0 else "in a user namespace: this user's uid on the host"
+    return f"bubblewrap jail: a test snippet ran as uid {uid} ({where}) and pid {pid} of its own PID namespace"
+
+
+# ------------------------------------------------------------------------------------------------------- the jail
+class _Jail:
+    """A running jail: the bwrap'd snippet server and the host directory where snippets' outputs appear."""
 
     def __init__(self, python: str) -> None:
-        self._errors = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [python, "-I", "-S", "-B", "-c", _CHILD_SOURCE, "--fork-server"], cwd="/",
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._errors, close_fds=True, start_new_session=True,
-        )
-        self._lock = threading.Lock()
-        self._waiting: dict[int, Future] = {}
-        self._next = 0
-        threading.Thread(target=self._read_replies, name="sandbox-fork-server", daemon=True).start()
+        from unigrad.tasks import sandbox_jail
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def submit(self, request: dict) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if not self.alive():
-                raise RuntimeError("sandbox fork server is not running")
-            rid, self._next = self._next, self._next + 1
-            self._waiting[rid] = future
-            try:
-                self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
-                self.proc.stdin.flush()
-            except OSError as e:  # it died since alive() (e.g. broken pipe)
-                self._waiting.pop(rid, None)
-                raise RuntimeError(f"sandbox fork server is not running: {e}") from e
-        return future
-
-    def _read_replies(self) -> None:
-        for line in self.proc.stdout:
-            reply = json.loads(line)
-            with self._lock:
-                future = self._waiting.pop(reply["id"])
-            future.set_result(reply)
-        self.proc.wait()
-        self._errors.seek(0)
-        reason = self._errors.read(4000).decode("utf-8", "replace").strip()
-        with self._lock:  # the server is gone: nobody will answer the rest
-            waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            future.set_exception(RuntimeError(f"sandbox fork server exited ({self.proc.returncode}): {reason}"))
+        uid, gid = sandbox_jail.snippet_ids()
+        snippet_filter = sandbox_jail.seccomp_program(sandbox_jail.SNIPPET_DENIED, snippet=True)
+        server_filter = sandbox_jail.seccomp_program(sandbox_jail.SERVER_DENIED, snippet=False)
+        self.io_dir = tempfile.mkdtemp(prefix="unigrad-jail-")
+        setup = json.dumps({"uid": uid, "gid": gid, "seccomp": snippet_filter.hex()})
+        fd = os.memfd_create("unigrad-seccomp")
+        try:
+            os.write(fd, server_filter)
+            os.lseek(fd, 0, os.SEEK_SET)
+            argv = sandbox_jail.bwrap_command(python, self.io_dir, fd)
+            executable = sandbox_jail.read_only_paths(python)[0][0]
+            argv += ["--", executable, "-I", "-S", "-B", "-c", _CHILD_SOURCE, setup, "--jail-server"]
+            self.server = SnippetServer(argv, pass_fds=(fd,))
+        except BaseException:
+            shutil.rmtree(self.io_dir, ignore_errors=True)
+            raise
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
+        self.server.close()
+        shutil.rmtree(self.io_dir, ignore_errors=True)
+
+
+_jails: dict[str, _Jail] = {}
+_jails_lock = threading.Lock()
+
+
+def _jail(python: str) -> _Jail:
+    """The running jail for this interpreter, started (or restarted) if needed."""
+    with _jails_lock:
+        jail = _jails.get(python)
+        if jail is None or not jail.server.alive():
+            if jail is not None:
+                jail.close()
+            jail = _jails[python] = _Jail(python)
+        return jail
+
+
+def _run_jailed(code: str, limits: SandboxLimits, python: str) -> SandboxResult:
+    from unigrad.tasks.sandbox_jail import explain_failure
+
+    jail = _jail(python)
+    name = uuid.uuid4().hex
+    request = {"code": code, "workdir": "/work", "limits": _rlimits(limits), "env": _child_env("/work"),
+               "timeout": limits.timeout, "disk_bytes": limits.disk_bytes, "disk_inodes": limits.disk_inodes,
+               "stdout": f"/io/{name}.out", "stderr": f"/io/{name}.err"}
+    outputs = [os.path.join(jail.io_dir, f"{name}.{kind}") for kind in ("out", "err")]
+    try:
         try:
-            self.proc.stdin.close()  # the server kills what is left and exits
-            self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+            reply = jail.server.submit(request).result(timeout=limits.timeout + 10)
+        except RuntimeError as e:
+            reason = jail.server.wait_exit(5)
+            if reason is not None and jail.server.proc.returncode not in (0, -signal.SIGKILL):
+                raise JailUnavailable(explain_failure(reason)) from None  # it never worked: say why
+            return SandboxResult(None, "", f"sandbox: {e}", False, 0.0, -1)
+        except TimeoutError:  # the server answers at the deadline; one that does not is replaced
+            jail.server.kill()
+            return SandboxResult(None, "", "sandbox: the jail did not answer; it was killed", True, 0.0, -1)
+        if "error" in reply:  # it could not start the snippet (e.g. EAGAIN): a failed run
+            log.warning("sandbox: could not start a snippet: %s", reply["error"])
+            return SandboxResult(None, "", f"sandbox: could not start: {reply['error']}", False, 0.0, -1)
+        stdout, stderr = (_read_output(path, limits.output_chars) for path in outputs)
+        return SandboxResult(reply["returncode"], stdout, stderr, reply["timed_out"], reply["duration"], reply["pid"])
+    finally:
+        for path in outputs:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
-_servers: dict[str, ForkServer] = {}
+# ------------------------------------------------------------------------------ without the jail (sandbox.jail=none)
+_servers: dict[str, SnippetServer] = {}
 _servers_lock = threading.Lock()
 
 
-def _fork_server(python: str) -> ForkServer | None:
-    """The running fork server for this interpreter, started (or restarted) if needed; None if it cannot start (the
-    caller then starts an interpreter per snippet)."""
+def _fork_server(python: str) -> SnippetServer | None:
+    """The running unjailed fork server for this interpreter, started (or restarted) if needed; None if it cannot
+    start (the caller then starts an interpreter per snippet)."""
     with _servers_lock:
         server = _servers.get(python)
         if server is None or not server.alive():
             try:
-                server = _servers[python] = ForkServer(python)
+                server = _servers[python] = SnippetServer([python, "-I", "-S", "-B", "-c", _CHILD_SOURCE,
+                                                           "--fork-server"])
             except OSError as e:
                 log.warning("sandbox: could not start the fork server (%s); starting an interpreter per snippet", e)
                 return None
@@ -219,19 +290,29 @@ def _fork_server(python: str) -> ForkServer | None:
 def _close_servers() -> None:
     for server in list(_servers.values()):
         server.close()
+    for jail in list(_jails.values()):
+        jail.close()
 
 
 atexit.register(_close_servers)
 
 
 def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = None,
-        drop_privileges: bool = True, fork_server: bool = True) -> SandboxResult:
+        drop_privileges: bool = True, fork_server: bool = True, jail: str | None = None,
+        allow_root_without_jail: bool = False) -> SandboxResult:
     """Run `code` as a script in a sandboxed process and return what happened.
 
-    `python` defaults to the current interpreter (only its standard library is used).
-    `drop_privileges`: when root, run as `nobody` if possible (see the module docstring).
-    `fork_server`: fork the process from the fork server (default) rather than start a new interpreter."""
+    `python` defaults to the current interpreter (only its standard library is used). `jail`: "bwrap" or "none"
+    (default: as `configure` set it, "bwrap" unless changed); "none" as root also needs `allow_root_without_jail`
+    (here or in `configure`). Without the jail only: `drop_privileges` (when root,
+    run as `nobody` if the interpreter allows) and `fork_server` (fork from the fork server rather than start a new
+    interpreter)."""
     python = python or sys.executable
+    jail = jail or _settings["jail"]
+    if jail == "bwrap":
+        return _run_jailed(code, limits, python)
+    _check_setting(jail, allow_root_without_jail or _settings["allow_root_without_jail"])
+    _warn_unjailed(jail)
     ids = _unprivileged_ids(python) if drop_privileges else None
     server = _fork_server(python) if fork_server else None
     if server is not None:
@@ -239,6 +320,10 @@ def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = 
             return _run_forked(server, code, limits, ids)
         except RuntimeError as e:  # the server died or hung: this snippet gets a fresh interpreter
             log.warning("sandbox: %s; running the snippet in a new interpreter", e)
+    return _run_fresh(code, limits, python, ids)
+
+
+def _run_fresh(code: str, limits: SandboxLimits, python: str, ids: tuple[int, int] | None) -> SandboxResult:
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="unigrad-sandbox-"))
     try:
         Path(workdir, "snippet.py").write_text(code, encoding="utf-8")
@@ -274,7 +359,8 @@ def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = 
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_forked(server: ForkServer, code: str, limits: SandboxLimits, ids: tuple[int, int] | None) -> SandboxResult:
+def _run_forked(server: SnippetServer, code: str, limits: SandboxLimits,
+                ids: tuple[int, int] | None) -> SandboxResult:
     # base/work: the snippet's (chowned to the sandbox user); base/out: its stdout and stderr, created by the child
     # before it drops privileges, in a directory only the server's user can enter.
     base = os.path.realpath(tempfile.mkdtemp(prefix="unigrad-sandbox-"))
@@ -282,20 +368,17 @@ def _run_forked(server: ForkServer, code: str, limits: SandboxLimits, ids: tuple
         workdir, outdir = os.path.join(base, "work"), os.path.join(base, "out")
         os.mkdir(workdir)
         os.mkdir(outdir, 0o700)
-        Path(workdir, "snippet.py").write_text(code, encoding="utf-8")
         if ids is not None:
             os.chmod(base, 0o711)  # the sandbox user may pass through to work/, not list base or enter out/
-            for path in (workdir, os.path.join(workdir, "snippet.py")):
-                os.chown(path, *ids)
-        rlimits = _rlimits(limits)
-        env = _child_env(workdir)
-        request = {"workdir": workdir, "limits": rlimits, "env": env, "timeout": limits.timeout, "ids": ids,
+            os.chown(workdir, *ids)
+        request = {"code": code, "workdir": workdir, "limits": _rlimits(limits), "env": _child_env(workdir),
+                   "timeout": limits.timeout, "ids": ids,
                    "stdout": os.path.join(outdir, "stdout"), "stderr": os.path.join(outdir, "stderr")}
         future = server.submit(request)
         try:
             reply = future.result(timeout=limits.timeout + 5)  # the server kills the child at limits.timeout
         except TimeoutError:
-            server.proc.kill()  # stopped or stuck: it is replaced on the next call
+            server.kill()  # stopped or stuck: it is replaced on the next call
             raise RuntimeError(f"sandbox fork server did not answer within {limits.timeout + 5:.0f} s") from None
         if "error" in reply:  # it could not fork (e.g. EAGAIN): a failed run, as when an interpreter cannot start
             log.warning("sandbox: could not fork: %s", reply["error"])

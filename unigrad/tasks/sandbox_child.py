@@ -1,20 +1,26 @@
-"""What runs inside a sandbox child; `sandbox.py` passes this file's text to `python -I -S -B -c`.
+"""What runs inside the sandbox; `sandbox.py` passes this file's text to `python -I -S -B -c`.
 
-Order matters: resource limits first (soft = hard, so the snippet cannot raise them again), then
-read (and delete) the snippet file, then install an audit hook (which can never be removed from Python), then run
-the snippet. The hook refuses, with PermissionError: processes (fork, exec, spawn, system,
-Popen, kill), sockets and network clients, ctypes, deleting / renaming / chmod-ing
-files, changing directory, setting rlimits, gc introspection, opening files for writing outside
-the working directory or for reading outside it and the standard library, and opening anything
-but regular files and directories inside it. A few calls CPython does not audit (mkfifo, mknod,
-setsid, ...) are deleted from `os` first.
+Three ways in (the last argument says which):
+- `--jail-server`: a long-lived server inside the bubblewrap jail (`sandbox_jail.py`). For each snippet it builds a
+  sub-jail (`_spawn_jailed`): a process that unshares a new mount, PID and IPC namespace, mounts a fresh size-capped
+  tmpfs on /work, opens the snippet's output files in /io and then hides /io under an empty read-only tmpfs, and
+  forks the snippet's process, which is PID 1 of its own namespace. That process drops every capability (bounding
+  set, effective, permitted), takes the unprivileged uid when the jail runs as real root, sets no_new_privs and
+  its rlimits, loads the seccomp filter (built outside by `sandbox_jail.py`), then does what `main` does.
+- `--fork-server`: the same server without the jail or sub-jails, for `sandbox.jail=none`: a plain fork per snippet.
+- a JSON config: one snippet in a fresh interpreter (`sandbox.jail=none` with `fork_server=False`).
 
-The hook is written to survive a snippet that patches modules: everything it uses is bound as a
-default argument (re-binding a function's defaults or code is itself an audited event it
-refuses), and path checks use only string methods, never `os.path`. Audit hooks are still not a
-security boundary against a determined attacker (see PEP 578); rlimits, the process group kill,
-the minimal environment and, when running as root, an unprivileged uid are the other layers.
-This file must not import unigrad: it runs under `-I -S` with only the standard library.
+Inside every snippet process, in this order: resource limits (soft = hard, so they cannot be raised again), then the
+audit hook (which can never be removed from Python), then the snippet. The hook is the second layer, a tripwire:
+it refuses, with PermissionError, process creation and signals, sockets and network clients, ctypes and other
+dangerous C modules (under any package name or file name), sub-interpreters, deleting / renaming / chmod-ing files,
+changing directory, setting rlimits, gc introspection, and file access outside the working directory and the
+standard library. A few calls CPython does not audit (mkfifo, mknod, setsid, pidfd_send_signal, ...) are deleted from
+their modules first. The boundary is the kernel's (namespaces, seccomp, uid, rlimits): see docs/sandbox.md.
+
+The hook is written to survive a snippet that patches modules: everything it uses is bound as a default argument
+(re-binding a function's defaults or code is itself an audited event it refuses), and path checks use only string
+methods, never `os.path`. This file must not import unigrad: it runs under `-I -S` with only the standard library.
 """
 
 import builtins
@@ -28,7 +34,8 @@ BLOCKED_EVENTS = frozenset(
     pty.spawn signal.pthread_kill os.remove os.rmdir os.rename os.link os.symlink
     os.truncate os.chmod os.chown os.chdir os.chroot os.chflags os.lchflags os.mkfifo os.mknod os.utime
     os.setxattr os.removexattr os.putenv os.unsetenv os.startfile resource.setrlimit resource.prlimit
-    gc.get_objects gc.get_referrers gc.get_referents sys._current_frames webbrowser.open""".split()
+    gc.get_objects gc.get_referrers gc.get_referents sys._current_frames webbrowser.open
+    cpython.PyInterpreterState_New cpython.run_command cpython.run_file cpython.run_module""".split()
 )
 BLOCKED_PREFIXES = (
     "socket.", "ctypes.", "_ctypes.", "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.",
@@ -37,13 +44,15 @@ BLOCKED_PREFIXES = (
 )
 BLOCKED_MODULES = frozenset(
     """ctypes _ctypes socket _socket ssl _ssl subprocess _posixsubprocess multiprocessing _multiprocessing
-    _posixshmem concurrent asyncio select selectors mmap pty tty termios fcntl gc sqlite3 _sqlite3
-    urllib.request http.client http.server xmlrpc.client
-    ftplib smtplib webbrowser _testcapi _testinternalcapi _testbuffer _xxsubinterpreters
-    _xxinterpchannels""".split()
+    _posixshmem concurrent asyncio _asyncio select selectors mmap pty tty termios fcntl gc sqlite3 _sqlite3
+    urllib.request http.client http.server xmlrpc.client ftplib smtplib webbrowser _testcapi _testinternalcapi
+    _testbuffer _testmultiphase _testimportmultiple _testclinic _xxsubinterpreters _xxinterpchannels
+    _xxtestfuzz""".split()
 )
-# File-system and process calls that CPython (3.11) does not audit; removed from os / posix.
-UNAUDITED = ("mkfifo", "mknod", "chroot", "setsid", "setpgid", "setuid", "setgid", "setreuid", "setregid")
+# Calls that CPython (3.11) does not audit; removed from their modules (best effort: the kernel is the boundary).
+UNAUDITED = {"os": ("mkfifo", "mknod", "chroot", "setsid", "setpgid", "setuid", "setgid", "setreuid", "setregid",
+                    "setresuid", "setresgid", "setgroups", "pidfd_open"),
+             "signal": ("pidfd_send_signal",)}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -76,8 +85,14 @@ def _make_hook(root, readable):
         if event in _events or event.startswith(_prefixes):
             raise _deny("sandbox: " + event + " is not allowed")
         if event == "import":
-            if args[0] in _modules or args[0].split(".")[0] in _modules:
-                raise _deny("sandbox: import of " + args[0] + " is not allowed")
+            # Every part of the name (a made-up package can hold a real C module), and the file it loads from
+            # (an extension loaded by path under any name): "_posixsubprocess.cpython-311-x86_64-linux-gnu.so".
+            names = [_str(args[0])] + _str(args[0]).split(".")
+            if _type(args[1]) is _str:
+                names.append(args[1].rsplit("/", 1)[-1].split(".")[0])
+            for name in names:
+                if name in _modules:
+                    raise _deny("sandbox: import of " + _str(args[0]) + " is not allowed")
         elif event == "object.__setattr__":
             if _type(args[0]) is _function:  # rebinding __code__ / __defaults__ could disarm this hook
                 raise _deny("sandbox: changing a function's code or defaults is not allowed")
@@ -115,22 +130,34 @@ def _make_hook(root, readable):
     return hook
 
 
-def confine(config):
-    """Limits, snippet, audit hook: everything between a fresh process and running the snippet. Returns its code."""
-    root = config["workdir"]
-    for name, value in config["limits"].items():
+def _set_limits(limits):
+    for name, value in limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
-    with open(root + "/snippet.py", encoding="utf-8") as f:
-        source = f.read()
-    os.remove(root + "/snippet.py")  # the snippet starts in an empty directory
-    # The standard library (as on sys.path now, before the snippet can change it); "dir/" so that
-    # "dir-evil" does not match "dir".
+
+
+def _arm(root):
+    """The audit hook, after deleting the unaudited calls; from here on the snippet's rules apply."""
+    # The standard library (as on sys.path now, before the snippet can change it); "dir/" so that "dir-evil" does not
+    # match "dir".
     readable = tuple({os.path.realpath(p) + "/" for p in sys.path if p} | {p + "/" for p in sys.path if p})
-    for name in UNAUDITED:  # best effort: a determined snippet can recover them, hence the open() check
-        for module in (os, sys.modules["posix"]):
+    import signal
+
+    for module, names in ((os, UNAUDITED["os"]), (sys.modules["posix"], UNAUDITED["os"]),
+                          (signal, UNAUDITED["signal"]), (sys.modules["_signal"], UNAUDITED["signal"])):
+        for name in names:
             if hasattr(module, name):
                 delattr(module, name)
     sys.addaudithook(_make_hook(root, readable))
+
+
+def confine(config):
+    """Limits, snippet, audit hook: everything between a fresh process and running the snippet. Returns its code."""
+    root = config["workdir"]
+    _set_limits(config["limits"])
+    with open(root + "/snippet.py", encoding="utf-8") as f:
+        source = f.read()
+    os.remove(root + "/snippet.py")  # the snippet starts in an empty directory
+    _arm(root)
     return compile(source, "snippet.py", "exec")
 
 
@@ -140,55 +167,184 @@ def main():
 
 
 # ---------------------------------------------------------------------------------------------------- fork server
-# `python -I -S -B -c <this file> --fork-server` reads one JSON request per line on stdin and forks a child per
-# request. The child leaves the server's code and frames (`_Forked` unwinds them), enters its own session, opens its
-# output files (created exclusively, never through a symlink) and points stdin at /dev/null, closes every other
-# descriptor (the server's pipes included), drops to the request's unprivileged user if there is one, and then does
-# what `main` does, leaving as a fresh interpreter would (`_run_and_exit`). A fork costs about a millisecond where a
-# new interpreter costs tens. The server kills a child's process group at its deadline or
-# once it has exited (before reaping it, so its pid cannot be reused in between) and writes one JSON line per
-# finished child: {"id", "pid", "returncode", "timed_out", "duration"} (or {"id", "error"} if it could not fork).
-# It exits, killing what is left, when stdin closes or anything goes wrong in it.
+# `python -I -S -B -c <this file> --fork-server` (or `--jail-server`, inside the jail) reads one JSON request per line
+# on stdin and starts a child per request. The child leaves the server's code and frames (`_Forked` unwinds them),
+# gets its output files, stdin from /dev/null and no other descriptor, and its own session; in the jail it is also
+# the first process of a new PID, mount and IPC namespace (`_spawn_jailed`). It then becomes the snippet's process
+# (`_enter`, `_drop_privileges`, `_run_and_exit`). The server kills a child at its deadline or once it has exited
+# (before reaping it, so its pid cannot be reused in between): its process group without the jail, its whole PID
+# namespace in it. It writes one JSON line per finished child: {"id", "pid", "returncode", "timed_out", "duration"}
+# (or {"id", "error"} if it could not start one). It exits, killing what is left, when stdin closes or anything goes
+# wrong in it. In the jail, the argument before `--jail-server` is the server's setup: {"uid", "gid", "seccomp" (hex
+# of the snippets' BPF program)}.
 
 
 class _Forked(BaseException):
     """Raised in a freshly forked child: unwinds the server's frames; the child goes on at module level."""
 
 
-def _enter(request):
-    """In a forked child, before `confine`: session, descriptors, user, working directory, environment."""
+class _Kernel:
+    """The few system calls the jail server needs that Python 3.11's `os` lacks, through ctypes. Loaded before any
+    snippet exists; the snippet's process removes every reference to it before the snippet runs."""
+
+    CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 16384, 1 << 18
+    PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 22, 24, 28, 36, 38
+    SECURE_ALL_BITS_LOCKED = 0x2F  # noroot, no_setuid_fixup, keep_caps off, each locked (linux/securebits.h)
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, result, what):
+        if result != 0:
+            errno = self.ctypes.get_errno()
+            raise OSError(errno, what + ": " + os.strerror(errno))
+
+    def unshare(self, flags):
+        self._check(self.libc.unshare(flags), "unshare")
+
+    def mount(self, source, target, fstype, flags, data):
+        c = self.ctypes.c_char_p
+        self._check(self.libc.mount(c(source), c(target.encode()), c(fstype), self.ctypes.c_ulong(flags),
+                                    c(data)), "mount " + target)
+
+    def prctl(self, option, arg):
+        ulong = self.ctypes.c_ulong
+        self._check(self.libc.prctl(option, ulong(arg), ulong(0), ulong(0), ulong(0)), "prctl")
+
+    def drop_capabilities(self):
+        """Bounding set emptied (no exec can ever grant a capability), securebits locked, then no capability left."""
+        last = 0
+        while self.libc.prctl(self.PR_CAPBSET_DROP, self.ctypes.c_ulong(last), 0, 0, 0) == 0:
+            last += 1
+        self.prctl(self.PR_SET_SECUREBITS, self.SECURE_ALL_BITS_LOCKED)
+
+    def clear_capabilities(self):
+        u32 = self.ctypes.c_uint32
+        header = (u32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+        data = (u32 * 6)()  # effective, permitted, inheritable for capabilities 0-31 and 32-63: all zero
+        self._check(self.libc.capset(header, data), "capset")
+
+    def load_seccomp(self, program):
+        """Install a BPF filter (bytes of struct sock_filter); needs no_new_privs."""
+        ctypes = self.ctypes
+
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+        buffer = ctypes.create_string_buffer(program, len(program))
+        prog = Program(len(program) // 8, ctypes.addressof(buffer))
+        self.prctl(self.PR_SET_NO_NEW_PRIVS, 1)
+        self._check(self.libc.prctl(self.PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(prog), 0, 0), "seccomp")
+
+
+def _open_outputs(request):
+    create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    return os.open(request["stdout"], create, 0o600), os.open(request["stderr"], create, 0o600)
+
+
+def _spawn_jailed(request, kernel, setup):
+    """Start the snippet's process in a sub-jail; returns its pid (the server's child, through the subreaper)."""
+    import signal
+
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # the helper: namespaces and mounts (it holds the jail's capabilities), then the snippet's process
+        try:
+            os.close(ready_r)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            k = kernel
+            k.unshare(k.CLONE_NEWNS | k.CLONE_NEWPID | k.CLONE_NEWIPC)
+            k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE, None)
+            size = "size=%d,nr_inodes=%d,mode=0700,uid=%d,gid=%d" % (
+                request["disk_bytes"], request["disk_inodes"], setup["uid"], setup["gid"])
+            k.mount(b"tmpfs", "/work", b"tmpfs", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, size.encode())
+            outputs = _open_outputs(request)
+            k.mount(b"tmpfs", "/io", b"tmpfs", k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, b"size=0")
+            child = os.fork()
+            if child == 0:
+                os.close(ready_w)
+                raise _Forked([request, outputs, setup, kernel])
+            os.write(ready_w, str(child).encode())
+            os._exit(0)
+        except Exception as exc:
+            os.write(ready_w, ("error:" + str(exc)).encode())
+            os._exit(1)
+    os.close(ready_w)
+    answer = b""
+    while True:
+        chunk = os.read(ready_r, 4096)
+        if not chunk:
+            break
+        answer += chunk
+    os.close(ready_r)
+    os.waitpid(helper, 0)
+    text = answer.decode()
+    if not text.isdigit():
+        raise OSError(text[len("error:"):] if text.startswith("error:") else "the sub-jail did not start")
+    return int(text)
+
+
+def _enter(request, outputs):
+    """In a forked child, before its privileges go: session, descriptors, environment."""
     os.setsid()
     null = os.open("/dev/null", os.O_RDONLY)
-    create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    out = os.open(request["stdout"], create, 0o600)  # as the server's user, in a directory the snippet cannot reach
-    err = os.open(request["stderr"], create, 0o600)
-    for fd, target in ((null, 0), (out, 1), (err, 2)):
+    for fd, target in ((null, 0), (outputs[0], 1), (outputs[1], 2)):
         os.dup2(fd, target)
     os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    ids = request.get("ids")
-    if ids:  # so that the snippet cannot signal the server (or the trainer) that run as another user
-        os.setgroups([])
-        os.setgid(ids[1])
-        os.setuid(ids[0])
-    os.chdir(request["workdir"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for name in list(sys.modules):  # the server's own imports (e.g. select) are not the snippet's to reuse
-        if name in BLOCKED_MODULES or name.split(".")[0] in BLOCKED_MODULES:
-            del sys.modules[name]
     sys.argv = ["-c"]
 
 
-def _run_and_exit(code):
+def _drop_privileges(request, setup, kernel):
+    """In the jail: no capability, the unprivileged uid (when the jail runs as real root), rlimits, then the kernel's
+    filter. Without the jail: the request's unprivileged ids, if any (as before), then rlimits."""
+    if kernel is None:
+        ids = request.get("ids")
+        if ids:  # so that the snippet cannot signal the server (or the trainer) that run as another user
+            os.setgroups([])
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+        _set_limits(request["limits"])
+        return
+    kernel.drop_capabilities()
+    if setup["uid"] != os.getuid():
+        os.setgroups([])
+        os.setresgid(setup["gid"], setup["gid"], setup["gid"])
+        os.setresuid(setup["uid"], setup["uid"], setup["uid"])
+    kernel.clear_capabilities()
+    _set_limits(request["limits"])
+    kernel.load_seccomp(bytes.fromhex(setup["seccomp"]))
+
+
+def _forget_the_server():
+    """Nothing of the server's is left for the snippet to reach: its modules that the snippet may not import, its
+    ctypes handle, and its __main__ (the snippet gets a fresh one, as a script would)."""
+    for name in list(sys.modules):
+        if name in BLOCKED_MODULES or name.split(".")[0] in BLOCKED_MODULES:
+            del sys.modules[name]
+    main_module = type(sys)("__main__")
+    main_module.__builtins__ = builtins
+    sys.modules["__main__"] = main_module
+    return main_module.__dict__
+
+
+def _run_and_exit(code, namespace):
     """Run the snippet, then leave as the interpreter would after `-c`, without its finalisation (about 10 ms of
     module teardown per child): the exit status of an uncaught SystemExit or exception, non-daemon threads joined,
-    atexit callbacks run, output flushed (status 120 if that fails), an uncaught KeyboardInterrupt ending by SIGINT."""
+    atexit callbacks run, output flushed (status 120 if that fails), an uncaught KeyboardInterrupt ending by SIGINT
+    (by status 130 in the jail, where the process is its namespace's init and cannot signal itself)."""
     import atexit
     import signal
 
     status, interrupted = 0, False
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+        exec(code, namespace)
     except SystemExit as stop:  # None -> 0, an int -> itself, anything else is printed and gives 1
         if stop.code is None:
             status = 0
@@ -211,16 +367,24 @@ def _run_and_exit(code):
             status = 120 if stream is sys.stdout else status
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGINT)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except OSError:
+            pass
+        status = 130
     os._exit(status)
 
 
-def fork_server():
+def fork_server(jailed):
     import select
     import signal
     import time
 
-    server = os.getpid()
+    kernel = setup = None
+    if jailed:
+        setup = json.loads(sys.argv[-2])
+        kernel = _Kernel()
+        kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)  # a snippet's process becomes ours when its helper exits
     # A child's exit wakes the loop: SIGCHLD writes a byte to this pipe (the handler itself does nothing).
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -246,14 +410,17 @@ def fork_server():
                     request = json.loads(line)
                     start = time.monotonic()
                     try:
-                        pid = os.fork()
+                        if jailed:
+                            pid = _spawn_jailed(request, kernel, setup)
+                        else:
+                            pid = os.fork()
+                            if pid == 0:
+                                signal.set_wakeup_fd(-1)
+                                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                                raise _Forked([request, _open_outputs(request), None, None])
                     except OSError as exc:  # e.g. EAGAIN: this request fails, the server goes on
                         os.write(1, (json.dumps({"id": request["id"], "error": str(exc)}) + "\n").encode())
                         continue
-                    if pid == 0:
-                        signal.set_wakeup_fd(-1)
-                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                        raise _Forked(request)
                     children[pid] = (request["id"], start + request["timeout"], start)
             now = time.monotonic()
             for pid in list(children):
@@ -261,10 +428,7 @@ def fork_server():
                 rid, deadline, start = children[pid]
                 if stdin_open and not exited and now < deadline:
                     continue
-                try:  # the group outlives its leader only if something escaped the fork ban; kill it regardless
-                    os.killpg(pid, 9)
-                except OSError:
-                    pass
+                _kill_child(pid, jailed)
                 status = os.waitpid(pid, 0)[1]
                 del children[pid]
                 returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -272,22 +436,44 @@ def fork_server():
                          "duration": time.monotonic() - start}
                 os.write(1, (json.dumps(reply) + "\n").encode())
     finally:
-        if os.getpid() == server:  # not in a child leaving through _Forked
+        if not isinstance(sys.exc_info()[1], _Forked):  # the server itself is leaving, not a child through _Forked
             for pid in children:
-                try:
-                    os.killpg(pid, 9)
-                except OSError:
-                    pass
+                _kill_child(pid, jailed)
 
 
-if sys.argv[1:] == ["--fork-server"]:
+def _kill_child(pid, jailed):
+    """In the jail the child is its PID namespace's init: killing it ends every process of the namespace. Without
+    the jail, its process group (which outlives its leader only if something escaped the fork ban)."""
     try:
-        fork_server()
-        _request = None
+        if jailed:
+            os.kill(pid, 9)
+        else:
+            os.killpg(pid, 9)
+    except OSError:
+        pass
+
+
+def _become_snippet(child):
+    """The forked child, out of the server's frames: it becomes the snippet's process and never returns."""
+    request, outputs, setup, kernel = child
+    child.clear()  # the caller's reference to the kernel handle goes with it
+    _enter(request, outputs)
+    _drop_privileges(request, setup, kernel)
+    del kernel
+    os.chdir(request["workdir"])  # as the snippet's user: the jail's /work is its own, mode 0700
+    code = compile(request["code"], "snippet.py", "exec")
+    namespace = _forget_the_server()
+    _arm(request["workdir"])
+    _run_and_exit(code, namespace)
+
+
+if sys.argv[-1] in ("--fork-server", "--jail-server"):
+    try:
+        fork_server(sys.argv[-1] == "--jail-server")
+        _child = None
     except _Forked as forked:
-        _request = forked.args[0]
-    if _request is not None:  # a child
-        _enter(_request)
-        _run_and_exit(confine(_request))
+        _child = forked.args[0]
+    if _child is not None:
+        _become_snippet(_child)
 else:
     main()

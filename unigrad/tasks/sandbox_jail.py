@@ -1,0 +1,158 @@
+"""The jail the kernel enforces around model-written code: bubblewrap namespaces, seccomp filters, an unprivileged uid.
+
+One jail per trainer process and interpreter, started on first use: bubblewrap (`bwrap`) runs the snippet server
+(`sandbox_child.py --jail-server`) in new PID, network, IPC, UTS, mount (and cgroup) namespaces, over a read-only root
+that holds only the interpreter, its standard library (site-packages hidden under an empty tmpfs), the shared
+libraries they load (found with `ldd`), /dev/null and /dev/urandom, an empty /work and /io, a host directory where
+the snippets' output files are created. No /proc, no /tmp, no home, no project files. The server keeps four
+capabilities (SYS_ADMIN, SETUID, SETGID, SETPCAP) so that it can build a sub-jail per snippet (see
+sandbox_child.py): its own PID, mount and IPC namespaces, a fresh size-capped tmpfs as working directory, no
+capability, the unprivileged uid and the snippets' seccomp filter.
+
+Who the snippet is on the host: when the trainer runs as root, bwrap runs privileged (no user namespace) and the
+snippet's process takes uid/gid 65534 (nobody) itself, so it is an unprivileged user on the host, not root in a
+namespace. Otherwise bwrap makes a user namespace in which the server is uid 0 and the snippet keeps that uid without
+any capability; on the host that is the trainer's own (unprivileged) uid, and further user namespaces are disabled.
+
+Two seccomp filters, built here with libseccomp (through pyseccomp) for the machine's native architecture (any other
+architecture's system calls kill the process): the server's (loaded by bwrap), which refuses what no part of the jail
+needs (sockets, tracing, other processes' memory, kernel keys, modules, BPF, io_uring, ...), and the snippets'
+(loaded by the snippet's process just before the audit hook), which refuses in addition every way to make a process
+or thread, exec, signal (kill, tgkill, pidfd_*), mount or unshare, change ids or capabilities, raise rlimits, make
+device nodes or memory files. A refused call fails with EPERM (PermissionError in Python).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`; Fedora: `dnf install "
+                "bubblewrap`; Arch: `pacman -S bubblewrap`)")
+OPT_OUT_HINT = ("or run without the jail (not recommended: model-written code then runs with only an audit hook "
+                "and rlimits around it) with sandbox.jail=none")
+NOBODY = 65534
+
+# Neither the server nor a snippet needs these.
+SERVER_DENIED = """socket socketpair ptrace process_vm_readv process_vm_writev process_madvise kcmp pidfd_getfd bpf
+    perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register keyctl add_key request_key
+    init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct quotactl syslog
+    lookup_dcookie open_by_handle_at name_to_handle_at vhangup iopl ioperm uselib sethostname setdomainname
+    settimeofday clock_settime clock_adjtime adjtimex setns pivot_root chroot""".split()
+# A snippet's process also may not make processes or threads, exec, signal, (un)mount, change its ids or
+# capabilities, raise limits, make device nodes or memory files.
+SNIPPET_DENIED = SERVER_DENIED + """fork vfork clone execve execveat kill tkill tgkill rt_sigqueueinfo
+    rt_tgsigqueueinfo pidfd_open pidfd_send_signal unshare mount umount2 open_tree move_mount fsopen fsconfig fsmount
+    fspick mount_setattr setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid capset
+    setrlimit mknod mknodat memfd_create memfd_secret modify_ldt personality migrate_pages move_pages
+    landlock_create_ruleset name_to_handle_at""".split()
+
+
+class JailUnavailable(RuntimeError):
+    """The jail cannot be built here; the message names the cause and the fix."""
+
+
+def seccomp_program(denied: list[str], *, snippet: bool) -> bytes:
+    """A BPF program (bytes of struct sock_filter) that fails the named system calls with EPERM and allows the rest.
+    Names this architecture does not have are skipped. For snippets, clone3 fails with ENOSYS (so that a C library
+    falls back to clone, also refused) and prlimit64 may only read limits."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError) as e:  # pyseccomp loads libseccomp.so.2 at import
+        raise JailUnavailable(f"sandbox: libseccomp cannot be loaded ({e}); install it (Debian/Ubuntu: "
+                              "`apt-get install -y libseccomp2`), " + OPT_OUT_HINT) from None
+    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for name in dict.fromkeys(denied):
+        try:
+            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        except OSError:  # not a system call on this architecture
+            pass
+    if snippet:
+        rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "prlimit64", pyseccomp.Arg(2, pyseccomp.NE, 0))
+    with tempfile.TemporaryFile() as f:
+        rules.export_bpf(f)
+        f.seek(0)
+        return f.read()
+
+
+@functools.cache
+def _interpreter(python: str) -> tuple[str, list[str]]:
+    """(the interpreter's real path, its module directories without site-packages), asked of the interpreter."""
+    probe = "import json, sys; print(json.dumps([sys.executable, [p for p in sys.path if p]]))"
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise JailUnavailable(f"sandbox: the interpreter {python} does not start: {e}") from None
+    executable, paths = json.loads(out.stdout)
+    return os.path.realpath(executable or python), [os.path.realpath(p) for p in paths if os.path.isdir(p)]
+
+
+def _shared_libraries(files: list[str]) -> list[str]:
+    """Every shared library the interpreter and its extension modules load, as `ldd` resolves them."""
+    if not shutil.which("ldd"):
+        raise JailUnavailable("sandbox: `ldd` is needed to find the interpreter's shared libraries (Debian/Ubuntu: "
+                              "package libc-bin), " + OPT_OUT_HINT)
+    libraries: set[str] = set()
+    for start in range(0, len(files), 200):
+        out = subprocess.run(["ldd", *files[start:start + 200]], capture_output=True, text=True, timeout=60).stdout
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith("/") and not word.endswith(":") and os.path.exists(word):
+                    libraries.add(word)
+    return sorted(libraries)
+
+
+@functools.cache
+def read_only_paths(python: str) -> tuple[list[str], list[str]]:
+    """(paths bound read-only at their own place in the jail, directories hidden under an empty tmpfs)."""
+    executable, module_dirs = _interpreter(python)
+    extensions = [str(p) for d in module_dirs for p in Path(d).glob("*.so")]
+    binds = [executable, *module_dirs, *_shared_libraries([executable, *extensions])]
+    hidden = [str(d / name) for d in map(Path, module_dirs) for name in ("site-packages", "dist-packages")
+              if (d / name).is_dir()]
+    return list(dict.fromkeys(binds)), hidden
+
+
+def bwrap_command(python: str, io_dir: str, seccomp_fd: int) -> list[str]:
+    """The bubblewrap command line that starts the jailed snippet server (see the module docstring)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise JailUnavailable("sandbox: bubblewrap (`bwrap`) is not installed; " + INSTALL_HINT + ", " + OPT_OUT_HINT)
+    binds, hidden = read_only_paths(python)
+    argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+            "--chdir", "/", "--cap-drop", "ALL"]
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+        argv += ["--cap-add", cap]
+    if os.geteuid() != 0:
+        argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns"]
+    for path in binds:
+        argv += ["--ro-bind", path, path]
+    for path in hidden:
+        argv += ["--tmpfs", path, "--remount-ro", path]
+    argv += ["--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom",
+             "--dir", "/work", "--bind", io_dir, "/io", "--seccomp", str(seccomp_fd), "--remount-ro", "/"]
+    return argv
+
+
+def snippet_ids() -> tuple[int, int]:
+    """The (uid, gid) a snippet runs as, inside the jail: nobody when the trainer is root, else the namespace's 0
+    (the trainer's own uid on the host)."""
+    return (NOBODY, NOBODY) if os.geteuid() == 0 else (0, 0)
+
+
+def explain_failure(reason: str) -> str:
+    """A jail that did not start: what bwrap said, and what usually fixes it."""
+    fix = INSTALL_HINT
+    if "namespace" in reason.lower() or "operation not permitted" in reason.lower():
+        fix = ("allow user namespaces for this user (e.g. `sysctl -w kernel.unprivileged_userns_clone=1`; on Ubuntu "
+               "24.04 and later `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile "
+               "for bwrap), or run the trainer as root, or inside a container that allows them")
+    return f"sandbox: the jail did not start: {reason or 'no reason given'}. Fix: {fix}; {OPT_OUT_HINT}"
