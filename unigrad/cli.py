@@ -34,6 +34,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
+    from unigrad.tasks.sandbox import JailUnavailable, SandboxError
     from unigrad.train.run import RunStopped, train
 
     config_path, overrides = None, []
@@ -65,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     try:
         train(cfg, output_dir, resume=args.resume)
-    except (FileExistsError, ConfigError) as err:
+    except (FileExistsError, ConfigError, JailUnavailable, SandboxError) as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     except RunStopped as err:
@@ -84,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
     from unigrad.tasks import DEFAULT_MIXTURE, get_tasks
 
     target = Path(args.model)
-    tasks = args.tasks
+    tasks, cfg = args.tasks, None
     model_path, max_new_tokens = args.model, args.max_new_tokens
     if (target / "config.yaml").is_file() and (target / "final").is_dir():  # a run directory
         cfg = load_config(target / "config.yaml")
@@ -98,8 +99,15 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"unigrad eval: {str(err).replace('model.device', '--device')}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec)]
+    from unigrad.tasks.sandbox import JailUnavailable, SandboxError, prepare
+
+    try:  # as the run was configured (a run directory), else the default jail
+        prepare(task_objects, **(cfg.sandbox.model_dump() if cfg is not None else {}))
+    except (JailUnavailable, SandboxError) as err:
+        print(f"unigrad eval: {err}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k,
                    max_new_tokens=max_new_tokens or 32, seed=args.seed)
     if args.json:
@@ -131,6 +139,26 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sandbox_check(args: argparse.Namespace) -> int:
+    from unigrad.tasks.sandbox import JailUnavailable, SandboxError, check, configure
+    from unigrad.tasks.sandbox_attacks import check_attacks
+
+    try:
+        configure(args.jail, allow_root_without_jail=args.allow_root_without_jail)
+        print(check())
+    except (JailUnavailable, SandboxError) as err:
+        print(f"unigrad sandbox-check: {err}", file=sys.stderr)
+        return 2
+    results = check_attacks()
+    for r in results:
+        layers = "with the audit hook   " if r.audit_hook else "kernel layers alone   "
+        print(f"{'contained' if r.contained else 'NOT CONTAINED'}  {layers}{r.name}"
+              + (f"  ({r.evidence})" if r.evidence else ""))
+    failed = sum(not r.contained for r in results)
+    print(f"{len(results) - failed} of {len(results)} attacks contained")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "or mps")
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("sandbox-check", help="prove the code sandbox's jail works here: start it and run the hostile "
+                       "snippets of unigrad.tasks.sandbox_attacks, with and without the audit hook")
+    c.add_argument("--jail", default="bwrap", choices=["bwrap", "none"], help="the containment to check")
+    c.add_argument("--allow-root-without-jail", action="store_true", help="with --jail none as root")
+    c.set_defaults(func=_sandbox_check)
 
     r = sub.add_parser("report", help="plots and an HTML page of a run (works while it is still going)")
     r.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")

@@ -152,6 +152,22 @@ class MonitorSection(_Section):
         return v
 
 
+class SandboxSection(_Section):
+    jail: Literal["bwrap", "none"] = Field(
+        "bwrap", description="how model-written code (the code task) is contained: bwrap = a jail the kernel enforces "
+        "(namespaces, seccomp, an unprivileged uid; needs bubblewrap, see docs/sandbox.md); none = rlimits and an "
+        "audit hook only, which a determined snippet gets past")
+    allow_root_without_jail: bool = Field(
+        False, description="accept jail=none while running as root (refused otherwise)")
+
+    @model_validator(mode="after")
+    def _not_root_without_jail(self) -> SandboxSection:
+        from unigrad.tasks.sandbox import check_setting
+
+        check_setting(self.jail, self.allow_root_without_jail)
+        return self
+
+
 class TrainConfig(_Section):
     objective: str = Field("grpo", description="preset name (see `unigrad presets`) or 'hpt'; 'sft' trains on the "
                            "tasks' demonstrations without sampling, 'luffy' puts each prompt's demonstration into "
@@ -193,6 +209,7 @@ class TrainConfig(_Section):
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     diagnostics: DiagnosticsSection = Field(default_factory=DiagnosticsSection)
     monitors: MonitorSection = Field(default_factory=MonitorSection)
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)
 
     @field_validator("objective")
     @classmethod

@@ -13,9 +13,9 @@ of tests passed instead. Difficulty 1 (default; 39-51% held-out for the ~1 M-par
 model after its short SFT on the 5-task mixture): one operation; 2: two operations, two arguments, lists
 and strings; 3: three-term formulas.
 
-Cost: one sandboxed interpreter per distinct (completion, prompt) in a batch (~30-50 ms each,
-run in parallel); completions that do not parse score 0 without one. Limits per run: 3 s wall
-clock, 2 s CPU, 256 MB address space (`limits=` to change).
+Cost: one sandboxed process per distinct (completion, prompt) in a batch, each in its own sub-jail forked from a
+long-lived jailed server (a few ms each, run in parallel; docs/sandbox.md); completions that do not parse score 0
+without one. Limits per run: 3 s wall clock, 2 s CPU, 256 MB address space (`limits=` to change).
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def _same(a, b) -> bool:
 class CodeTask(SyntheticTask):
     name = "code"
     max_difficulty = 3
+    runs_code = True  # its verifier runs model-written code: training checks the sandbox first
 
     def __init__(self, difficulty: int = 1, n_tests: int = 5, partial_credit: bool = False,
                  limits: SandboxLimits | None = None, max_workers: int | None = None):

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 _CHILD_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text()
 JAILS = ("bwrap", "none")
-__all__ = ["JAILS", "JailUnavailable", "SandboxError", "SandboxLimits", "SandboxResult", "check", "configure", "run",
-           "run_many"]
+__all__ = ["JAILS", "JailUnavailable", "SandboxError", "SandboxLimits", "SandboxResult", "check", "check_setting",
+           "configure", "prepare", "run", "run_many"]
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,12 @@ _warned_unjailed: set[str] = set()
 def configure(jail: str = "bwrap", allow_root_without_jail: bool = False) -> None:
     """Set the process-wide default of `run`'s `jail` (the run config's `sandbox` section). Refuses `jail="none"` as
     root unless `allow_root_without_jail`: a snippet that gets past the audit hook then acts as root."""
-    _check_setting(jail, allow_root_without_jail)
+    check_setting(jail, allow_root_without_jail)
     _settings.update(jail=jail, allow_root_without_jail=allow_root_without_jail)
 
 
-def _check_setting(jail: str, allow_root_without_jail: bool) -> None:
+def check_setting(jail: str, allow_root_without_jail: bool) -> None:
+    """Refuse an unknown jail, and no jail as root unless explicitly allowed."""
     if jail not in JAILS:
         raise SandboxError(f"sandbox.jail must be one of {', '.join(JAILS)}, got {jail!r}")
     if jail == "none" and os.geteuid() == 0 and not allow_root_without_jail:
@@ -173,11 +174,22 @@ def _warn_unjailed(jail: str) -> None:
             "read, open sockets and signal this user's processes if it does")
 
 
+def prepare(tasks: list, jail: str = "bwrap", allow_root_without_jail: bool = False) -> str | None:
+    """Before training or evaluating: set the sandbox up as configured and, if any task runs model-written code,
+    prove that it works (`check`); raises `JailUnavailable` or `SandboxError` otherwise. A line to print, or None."""
+    configure(jail, allow_root_without_jail)
+    if not any(getattr(task, "runs_code", False) for task in tasks):
+        return None
+    if jail == "none":
+        _warn_unjailed(jail)
+    return "sandbox: " + check()
+
+
 def check(jail: str | None = None, python: str | None = None) -> str:
     """Raise `JailUnavailable` or `SandboxError` (naming the cause and the fix) if snippets cannot run as configured;
     else a one-line description of the containment. Runs a snippet in the jail to prove it works."""
     jail = jail or _settings["jail"]
-    _check_setting(jail, _settings["allow_root_without_jail"] or jail == _settings["jail"] == "none")
+    check_setting(jail, _settings["allow_root_without_jail"] or jail == _settings["jail"] == "none")
     if jail == "none":
         return "no jail (sandbox.jail=none): rlimits and an audit hook only"
     probe = run("import os\nprint(os.getuid(), os.getpid())", SandboxLimits(timeout=30), python=python, jail=jail)
@@ -234,14 +246,14 @@ def _jail(python: str) -> _Jail:
         return jail
 
 
-def _run_jailed(code: str, limits: SandboxLimits, python: str) -> SandboxResult:
+def _run_jailed(code: str, limits: SandboxLimits, python: str, audit_hook: bool) -> SandboxResult:
     from unigrad.tasks.sandbox_jail import explain_failure
 
     jail = _jail(python)
     name = uuid.uuid4().hex
     request = {"code": code, "workdir": "/work", "limits": _rlimits(limits), "env": _child_env("/work"),
                "timeout": limits.timeout, "disk_bytes": limits.disk_bytes, "disk_inodes": limits.disk_inodes,
-               "stdout": f"/io/{name}.out", "stderr": f"/io/{name}.err"}
+               "stdout": f"/io/{name}.out", "stderr": f"/io/{name}.err", "audit_hook": audit_hook}
     outputs = [os.path.join(jail.io_dir, f"{name}.{kind}") for kind in ("out", "err")]
     try:
         try:
@@ -299,19 +311,19 @@ atexit.register(_close_servers)
 
 def run(code: str, limits: SandboxLimits = DEFAULT_LIMITS, python: str | None = None,
         drop_privileges: bool = True, fork_server: bool = True, jail: str | None = None,
-        allow_root_without_jail: bool = False) -> SandboxResult:
+        allow_root_without_jail: bool = False, audit_hook: bool = True) -> SandboxResult:
     """Run `code` as a script in a sandboxed process and return what happened.
 
     `python` defaults to the current interpreter (only its standard library is used). `jail`: "bwrap" or "none"
     (default: as `configure` set it, "bwrap" unless changed); "none" as root also needs `allow_root_without_jail`
     (here or in `configure`). Without the jail only: `drop_privileges` (when root,
     run as `nobody` if the interpreter allows) and `fork_server` (fork from the fork server rather than start a new
-    interpreter)."""
+    interpreter). `audit_hook=False` leaves out the audit hook in the jail, for tests of the kernel's layers alone."""
     python = python or sys.executable
     jail = jail or _settings["jail"]
     if jail == "bwrap":
-        return _run_jailed(code, limits, python)
-    _check_setting(jail, allow_root_without_jail or _settings["allow_root_without_jail"])
+        return _run_jailed(code, limits, python, audit_hook)
+    check_setting(jail, allow_root_without_jail or _settings["allow_root_without_jail"])
     _warn_unjailed(jail)
     ids = _unprivileged_ids(python) if drop_privileges else None
     server = _fork_server(python) if fork_server else None

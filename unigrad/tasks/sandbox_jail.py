@@ -133,12 +133,18 @@ def bwrap_command(python: str, io_dir: str, seccomp_fd: int) -> list[str]:
         argv += ["--cap-add", cap]
     if os.geteuid() != 0:
         argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns"]
+    devices = ["/dev/null", "/dev/urandom"]
+    # The directories leading to what is bound: made world-traversable (bwrap would copy /root's 0700 and the like).
+    parents = {str(parent) for path in [*binds, *devices, "/work", "/io"] for parent in Path(path).parents}
+    for directory in sorted(parents - {"/"}, key=lambda d: (d.count("/"), d)):
+        argv += ["--perms", "0755", "--dir", directory]
     for path in binds:
         argv += ["--ro-bind", path, path]
     for path in hidden:
         argv += ["--tmpfs", path, "--remount-ro", path]
-    argv += ["--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom",
-             "--dir", "/work", "--bind", io_dir, "/io", "--seccomp", str(seccomp_fd), "--remount-ro", "/"]
+    for device in devices:
+        argv += ["--dev-bind", device, device]
+    argv += ["--dir", "/work", "--bind", io_dir, "/io", "--seccomp", str(seccomp_fd), "--remount-ro", "/"]
     return argv
 
 

@@ -92,7 +92,7 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
 def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
     from unigrad.eval import evaluate
     from unigrad.models.loading import LoraSettings, load_model_and_tokenizer, save_model
-    from unigrad.tasks import get_tasks
+    from unigrad.tasks import get_tasks, sandbox
 
     output_dir = Path(output_dir)
     try:
@@ -111,6 +111,9 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
             raise ConfigError(f"rollout.engine=vllm: {reason}")
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
+    tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
+    if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
+        _print(console, jail_note)  # the code task's jail works, or the run stops here, before anything is written
     if dist.is_main:
         prepare_output_dir(output_dir, resume)
     dist.barrier()
@@ -129,7 +132,6 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
                                                 device=device)
-    tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
     ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
     learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
     mon = cfg.monitors

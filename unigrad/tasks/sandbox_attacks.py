@@ -1,0 +1,193 @@
+"""Hostile snippets, each trying one way out of the sandbox and printing "ESCAPED: ..." if it got there.
+
+Used by `unigrad sandbox-check` (on any machine: is the jail holding here?) and by tests/test_sandbox.py, which also
+checks each attack from outside (marker files, bystander processes, a listening socket). `check_attacks` runs every
+attack twice: with the audit hook and without it, so that the kernel's layers (namespaces, seccomp, uid, rlimits)
+are shown to hold on their own. Each snippet catches its own errors: a contained attack exits 0 or 1 quietly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The C modules and system calls below are the ones a snippet would reach for; the numbers are x86-64's.
+ATTACKS: dict[str, str] = {
+    "spawn a shell (os.system, fork, posix_spawn)": """
+import os
+for attempt in (lambda: os.system('true') == 0, lambda: os.fork() >= 0,
+                lambda: os.posix_spawn('/bin/sh', ['sh', '-c', 'true'], {}) > 0):
+    try:
+        if attempt():
+            print('ESCAPED: made a process')
+    except Exception:
+        pass
+""",
+    "a stdlib C module under a made-up package name": """
+import importlib.util, os, sys, types
+dynload = [p for p in sys.path if p.endswith('lib-dynload')][0]
+pkg = types.ModuleType('zz'); pkg.__path__ = [dynload]; sys.modules['zz'] = pkg
+try:
+    import zz._posixsubprocess as ps
+    print('loaded', ps)
+    name = [f for f in os.listdir(dynload) if f.startswith('_posixsubprocess')][0]
+    spec = importlib.util.spec_from_file_location('_posixsubprocess', os.path.join(dynload, name))
+    mod = importlib.util.module_from_spec(spec)
+    r, w = os.pipe()
+    pid = mod.fork_exec([b'/bin/sh', b'-c', b'true'], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1,
+                        r, w, True, False, None, None, None, -1, None, False)
+    print('ESCAPED: spawned pid', pid)
+except Exception as e:
+    print(type(e).__name__, e)
+""",
+    "a sub-interpreter (no audit hook inside)": """
+import os
+try:
+    import _xxsubinterpreters as interpreters
+    interp = interpreters.create()
+    interpreters.run_string(interp, "import os\\nif os.system('true') == 0: print('ESCAPED: system in a sub-interpreter')")
+except Exception as e:
+    print(type(e).__name__, e)
+""",
+    "signal or freeze another process (kill, pidfd_send_signal)": """
+import os, signal
+for pid in list(range(-1, 300)):
+    if pid in (0, os.getpid()):
+        continue
+    try:
+        os.kill(pid, 0)
+        print('ESCAPED: could signal pid', pid)
+        break
+    except Exception:
+        pass
+    try:
+        fd = os.pidfd_open(pid)
+        print('ESCAPED: pidfd of pid', pid, fd)
+        break
+    except Exception:
+        pass
+""",
+    "raw system calls through ctypes (fork, socket, ptrace, unshare, mount, x32 ABI)": """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+for name, number, args in (('fork', 57, ()), ('socket', 41, (2, 1, 0)), ('ptrace attach 1', 101, (16, 1, 0, 0)),
+                           ('unshare user', 272, (0x10000000,)), ('umount2 /io', 166, (b'/io', 2)),
+                           ('memfd_create', 319, (b'x', 0))):
+    if libc.syscall(number, *args) >= 0:
+        print('ESCAPED: syscall', name)
+print('x32 fork returned', libc.syscall(0x40000000 | 57))
+""",
+    "open a network connection": """
+import socket
+for family, address in ((socket.AF_INET, ('127.0.0.1', 9)), (socket.AF_INET, ('10.0.0.1', 80)),
+                        (socket.AF_UNIX, '/run/systemd/private')):
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        print('ESCAPED: opened a socket', family)
+        s.connect(address)
+        print('ESCAPED: connected to', address)
+    except Exception:
+        pass
+""",
+    "read files outside (passwd, the trainer's environment and memory, the project)": """
+import os
+for path in ('/etc/passwd', '/etc/shadow', '/proc/1/environ', '/proc/self/status', '/proc/1/mem', '/root/.bashrc', '/home',
+             '/tmp', os.path.expanduser('~/.ssh'), '/usr/bin/sh', '/bin/sh'):
+    try:
+        if os.path.exists(path) or os.access(path, os.R_OK):
+            print('ESCAPED: can see', path)
+    except Exception:
+        pass
+""",
+    "stat, access and readlink of other processes and files": """
+import os
+for path in ('/proc/1/cwd', '/proc/1/exe', '/proc/self/exe', '/etc/hostname', '/var/log'):
+    for probe in (os.stat, os.readlink, lambda p: os.access(p, os.F_OK) or (_ for _ in ()).throw(OSError())):
+        try:
+            probe(path)
+            print('ESCAPED:', getattr(probe, '__name__', 'access'), path)
+        except Exception:
+            pass
+""",
+    "write outside the working directory": """
+import os
+for path in ('/x', '/dev/x', '/root/x', '/tmp/x', '/io/x', '../x'):
+    try:
+        with open(path, 'w') as f:
+            f.write('x')
+        print('ESCAPED: wrote', path)
+    except Exception:
+        pass
+""",
+    "write more than the disk cap (many files)": """
+written = 0
+try:
+    for i in range(64):
+        with open(f'f{i}', 'wb') as f:
+            f.write(b'x' * (1 << 20))
+        written += 1 << 20
+except OSError:
+    pass
+if written > 8 << 20:
+    print('ESCAPED: wrote', written, 'bytes')
+""",
+    "a thread or a daemon that outlives the snippet": """
+import os, threading
+try:
+    threading.Thread(target=lambda: None).start()
+    print('ESCAPED: started a thread')
+except Exception:
+    pass
+try:
+    if os.fork() == 0:
+        os.setsid()
+    else:
+        print('ESCAPED: forked a daemon')
+except Exception:
+    pass
+""",
+    "raise its limits or change its ids": """
+import os, resource
+try:
+    resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    print('ESCAPED: raised RLIMIT_CPU')
+except Exception:
+    pass
+for call in ('setuid', 'setgid'):
+    try:
+        getattr(os, call)(0)
+        if os.getuid() == 0 and call == 'setuid':
+            print('ESCAPED: became uid 0')
+    except Exception:
+        pass
+""",
+    "the trainer's environment variables": """
+import os
+leaked = set(os.environ) - {'PATH', 'LANG', 'LC_ALL', 'HOME', 'TMPDIR'}
+if leaked:
+    print('ESCAPED: environment has', sorted(leaked))
+""",
+}
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    name: str
+    audit_hook: bool
+    contained: bool
+    evidence: str  # the "ESCAPED" lines, or why it could not be judged
+
+
+def check_attacks(audit_hook_modes: tuple[bool, ...] = (True, False), **run_kwargs) -> list[AttackResult]:
+    """Run every attack through `sandbox.run` in each audit-hook mode; an attack is contained when its snippet
+    printed no "ESCAPED" line and did not time out."""
+    from unigrad.tasks.sandbox import SandboxLimits, run
+
+    limits = SandboxLimits(timeout=10, cpu_seconds=5)
+    results = []
+    for hook in audit_hook_modes:
+        for name, code in ATTACKS.items():
+            result = run(code, limits, audit_hook=hook, **run_kwargs)
+            escaped = [line for line in result.stdout.splitlines() if line.startswith("ESCAPED")]
+            evidence = "; ".join(escaped) or ("timed out" if result.timed_out else "")
+            results.append(AttackResult(name, hook, not escaped and not result.timed_out, evidence))
+    return results
