@@ -194,7 +194,8 @@ def test_concurrent_snippets_cannot_touch_each_other():
     # the same batch finish normally and see only their own working directory.
     killer = ("import os\nfor pid in range(-1, 400):\n    try:\n        os.kill(pid, 9)\n    except Exception:\n"
               "        pass\nprint('done')")
-    neighbour = "import os, time\nopen('mine', 'w').write('{i}')\ntime.sleep(0.8)\nprint(os.listdir('.'), open('mine').read())"
+    neighbour = ("import os, time\nopen('mine', 'w').write('{i}')\ntime.sleep(0.8)\n"
+                 "print(os.listdir('.'), open('mine').read())")
     for audit_hook in (True, False):
         results = run_many([killer] + [neighbour.format(i=i) for i in range(5)], FAST, max_workers=6,
                            audit_hook=audit_hook)

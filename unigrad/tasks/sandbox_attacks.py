@@ -44,7 +44,8 @@ import os
 try:
     import _xxsubinterpreters as interpreters
     interp = interpreters.create()
-    interpreters.run_string(interp, "import os\\nif os.system('true') == 0: print('ESCAPED: system in a sub-interpreter')")
+    interpreters.run_string(interp, "import os\\n"
+                                    "if os.system('true') == 0: print('ESCAPED: system in a sub-interpreter')")
 except Exception as e:
     print(type(e).__name__, e)
 """,
@@ -90,8 +91,8 @@ for family, address in ((socket.AF_INET, ('127.0.0.1', 9)), (socket.AF_INET, ('1
 """,
     "read files outside (passwd, the trainer's environment and memory, the project)": """
 import os
-for path in ('/etc/passwd', '/etc/shadow', '/proc/1/environ', '/proc/self/status', '/proc/1/mem', '/root/.bashrc', '/home',
-             '/tmp', os.path.expanduser('~/.ssh'), '/usr/bin/sh', '/bin/sh'):
+for path in ('/etc/passwd', '/etc/shadow', '/proc/1/environ', '/proc/self/status', '/proc/1/mem', '/root/.bashrc',
+             '/home', '/tmp', '/usr/bin/sh', '/bin/sh'):
     try:
         if os.path.exists(path) or os.access(path, os.R_OK):
             print('ESCAPED: can see', path)

@@ -260,7 +260,7 @@ def _spawn_jailed(request, kernel, setup):
             k = kernel
             k.unshare(k.CLONE_NEWNS | k.CLONE_NEWPID | k.CLONE_NEWIPC)
             k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE, None)
-            size = "size=%d,nr_inodes=%d,mode=0700,uid=%d,gid=%d" % (
+            size = "size={},nr_inodes={},mode=0700,uid={},gid={}".format(
                 request["disk_bytes"], request["disk_inodes"], setup["uid"], setup["gid"])
             k.mount(b"tmpfs", "/work", b"tmpfs", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, size.encode())
             outputs = _open_outputs(request)
