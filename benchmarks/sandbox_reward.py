@@ -1,23 +1,27 @@
-"""The code task's reward: `CodeTask.verify` with each program forked from the sandbox's fork server against a new
-interpreter per program, in one run.
+"""The code task's reward with the jail against without it: `CodeTask.verify` on the same completions, in one run.
 
 24 completions of the built-in code task (every third one wrong), about the code share of a default step
-(16 prompts x 8 samples over five tasks, identical programs run once). The two modes alternate round by round, so
-machine drift hits both alike; both must give the same scores.
+(16 prompts x 8 samples over five tasks, identical programs run once). Three ways, alternating round by round so
+that machine drift hits all alike; all must give the same scores:
+- jail: the default (`sandbox.jail=bwrap`): each program in a sub-jail forked from the jailed server;
+- fork server: the unjailed fork server (`sandbox.jail=none`), the code task's path before the jail;
+- interpreter per program: unjailed, a fresh `python -I -S -B` per program.
 
     python benchmarks/sandbox_reward.py [--rounds 15] [--completions 24]
 
-Prints the median time of each and, last, `fork_server_ratio=<fork server median / interpreter median>`.
+Prints the median time of each and, last, `jail_ratio=<jail median / fork-server median>` (the bound is 1.5).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
-from unigrad.tasks import code_task, get_task, sandbox
+from unigrad.tasks import get_task, sandbox
+
+MODES = {"jail": {"jail": "bwrap"}, "fork server": {"jail": "none", "allow_root_without_jail": True},
+         "interpreter per program": {"jail": "none", "allow_root_without_jail": True}}
 
 
 def main() -> None:
@@ -29,25 +33,35 @@ def main() -> None:
     examples = task.examples("train", args.completions, seed=1)
     completions = [ex.answer if i % 3 else ex.answer + "+1" for i, ex in enumerate(examples)]
     expected = [0.0 if i % 3 == 0 else 1.0 for i in range(len(examples))]
-    original = sandbox.run_many
-    times: dict[bool, list[float]] = {True: [], False: []}
+    original_run = sandbox.run
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+
+    def use(mode: str) -> None:
+        sandbox.configure(**MODES[mode])
+        fresh = mode == "interpreter per program"
+        sandbox.run = (lambda code, limits=sandbox.DEFAULT_LIMITS, **kw: original_run(code, limits, fork_server=False,
+                                                                                       **kw)) if fresh else original_run
+
     try:
-        task.verify(completions[:1], examples[:1])  # start the fork server outside the timing
+        for mode in MODES:  # start each server outside the timing
+            use(mode)
+            task.verify(completions[:1], examples[:1])
         for _ in range(args.rounds):
-            for forked in (True, False):
-                code_task.run_many = functools.partial(original, fork_server=forked)
+            for mode in MODES:
+                use(mode)
                 start = time.perf_counter()
                 scores = task.verify(completions, examples)
-                times[forked].append(time.perf_counter() - start)
+                times[mode].append(time.perf_counter() - start)
                 if scores != expected:
-                    raise SystemExit(f"scores differ from the expected ones (fork_server={forked}): {scores}")
+                    raise SystemExit(f"scores differ from the expected ones ({mode}): {scores}")
     finally:
-        code_task.run_many = original
-    forked, fresh = statistics.median(times[True]), statistics.median(times[False])
+        sandbox.run = original_run
+        sandbox.configure()
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
     print(f"verify() on {len(examples)} code completions, medians of {args.rounds} alternating rounds")
-    print(f"fork server:             {forked:.4f} s")
-    print(f"interpreter per program: {fresh:.4f} s")
-    print(f"fork_server_ratio={forked / fresh:.3f}")
+    for mode, median in medians.items():
+        print(f"{mode + ':':25}{median:.4f} s")
+    print(f"jail_ratio={medians['jail'] / medians['fork server']:.3f}")
 
 
 if __name__ == "__main__":

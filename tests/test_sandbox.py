@@ -411,6 +411,44 @@ def test_without_bubblewrap_the_cli_stops_and_names_the_fix(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(), reason="needs root and a system Python")
+def test_the_jail_holds_for_a_trainer_that_is_not_root():
+    # The other way into the jail: bwrap makes a user namespace. The sandbox's modules (stdlib and pyseccomp only)
+    # are copied where uid 65534 can read them (pytest's tmp_path is not), driven by the system's Python as that user.
+    import tempfile
+
+    import pyseccomp
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="unigrad-test-"))
+    try:
+        _check_a_non_root_trainer(tmp_path, pyseccomp.__file__)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _check_a_non_root_trainer(tmp_path: Path, pyseccomp_file: str) -> None:
+    package = tmp_path / "unigrad" / "tasks"
+    package.mkdir(parents=True)
+    for init in (tmp_path / "unigrad" / "__init__.py", package / "__init__.py"):
+        init.touch()
+    for module in ("sandbox", "sandbox_attacks", "sandbox_child", "sandbox_jail", "sandbox_server"):
+        shutil.copy(REPO / "unigrad" / "tasks" / f"{module}.py", package)
+    shutil.copy(pyseccomp_file, tmp_path)
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    driver = ("import os\nfrom unigrad.tasks import sandbox\nfrom unigrad.tasks.sandbox_attacks import check_attacks\n"
+              "print(os.getuid(), sandbox.check())\n"
+              "print(sum(not r.contained for r in check_attacks()), 'escaped')\n"
+              "print(sandbox.run('import os\\nprint(os.getuid(), os.getpid())', audit_hook=False).stdout)")
+    out = subprocess.run(["/usr/bin/python3", "-c", driver], user=65534, group=65534, extra_groups=[], cwd="/",
+                         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("65534 bubblewrap jail") and "in a user namespace" in lines[0]
+    assert lines[1:] == ["0 escaped", "0 1"]  # uid 0 of the namespace (65534 on the host), pid 1 of its own
+
+
 def test_sandbox_check_passes_here():
     out = subprocess.run([sys.executable, "-m", "unigrad.cli", "sandbox-check"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)

@@ -64,7 +64,10 @@ def seccomp_program(denied: list[str], *, snippet: bool) -> bytes:
     falls back to clone, also refused) and prlimit64 may only read limits."""
     try:
         import pyseccomp
-    except (ImportError, OSError) as e:  # pyseccomp loads libseccomp.so.2 at import
+    except ImportError as e:
+        raise JailUnavailable(f"sandbox: {e}: `pip install pyseccomp` (a dependency of unigrad), "
+                              + OPT_OUT_HINT) from None
+    except OSError as e:  # pyseccomp loads libseccomp.so.2 at import
         raise JailUnavailable(f"sandbox: libseccomp cannot be loaded ({e}); install it (Debian/Ubuntu: "
                               "`apt-get install -y libseccomp2`), " + OPT_OUT_HINT) from None
     rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
