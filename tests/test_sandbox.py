@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def jailed_processes() -> list[int]:
-    """Host pids of live processes two PID namespaces below the host's (a snippet's process in its sub-jail)."""
-    found = []
+    """Host pids of live snippet processes of this process's jails: descendants of the bwrap we started that are two
+    PID namespaces below the host's (in a sub-jail). Other test runs' jails on the machine are not counted."""
+    children: dict[int, list[int]] = {}
+    depth: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -39,8 +41,17 @@ def jailed_processes() -> list[int]:
             except OSError:
                 continue
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            if len(fields.get("NSpid", "").split()) >= 3 and "Z" not in fields.get("State", ""):
-                found.append(int(entry.name))
+            if "Z" in fields.get("State", ""):
+                continue
+            children.setdefault(int(fields["PPid"]), []).append(int(entry.name))
+            depth[int(entry.name)] = len(fields.get("NSpid", "").split())
+    found, todo = [], [jail.server.proc.pid for jail in sandbox_module._jails.values()]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            if depth.get(child, 0) >= 3:
+                found.append(child)
     return found
 
 
@@ -50,6 +61,23 @@ def contained_run(code: str, limits: SandboxLimits = FAST, max_seconds: float = 
     assert time.monotonic() - start < max_seconds
     assert jailed_processes() == []  # nothing of any snippet outlives its run
     return result
+
+
+def test_the_process_census_sees_a_running_snippet():
+    # jailed_processes() is what proves that nothing outlives a run: it must see a snippet while one runs.
+    import threading
+
+    run("print(0)", FAST)  # the jail is up
+    seen: list[list[int]] = []
+    worker = threading.Thread(target=run, args=("import time\ntime.sleep(1.0)", FAST))
+    worker.start()
+    deadline = time.monotonic() + 0.9
+    while time.monotonic() < deadline and not seen:
+        seen = [found for found in [jailed_processes()] if found]
+        time.sleep(0.05)
+    worker.join()
+    assert len(seen) == 1 and len(seen[0]) == 1
+    assert jailed_processes() == []
 
 
 # ------------------------------------------------------------------------------------------- honest snippets
