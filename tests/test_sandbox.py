@@ -387,11 +387,11 @@ def test_a_training_step_on_the_code_task_survives_hostile_demonstrations():
     pool = [Example(e.prompt, e.answer, attacks[i % len(attacks)].format(answer=e.answer), "code", e.meta)
             for i, e in enumerate(task.examples("train", 8, seed=0))]
     tok = step_context().tokenizer
-    ctx = step_context(objective="luffy", tasks=[task], pools=[pool],
+    ctx = step_context(objective="luffy", guidance=True, tasks=[task], pools=[pool],
                        pool_prompt_ids=[[encode_prompt(tok, e.prompt) for e in pool]],
                        sampler=TaskSampler([len(pool)], seed=1, names=["code"]))
     metrics, _ = train_step(ctx, 0)
-    assert metrics["reward/code"] == 0.0 and not marker.exists()
+    assert metrics["guidance/reward"] == 0.0 and not marker.exists()  # the demonstration rows, run and scored
     assert jailed_processes() == []
     assert task.verify([pool[0].answer], [pool[0]]) == [1.0]  # the same prompt, answered honestly
 
