@@ -77,6 +77,28 @@ for name, number, args in (('fork', 57, ()), ('socket', 41, (2, 1, 0)), ('ptrace
         print('ESCAPED: syscall', name)
 print('x32 fork returned', libc.syscall(0x40000000 | 57))
 """,
+    "kernel memory outside the rlimits (SysV IPC, message queues, AIO, POSIX timers)": """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+ctx = ctypes.c_ulong(0)
+for name, result in (('shmget', lambda: libc.shmget(0, 1 << 20, 0o1600)),
+                     ('semget', lambda: libc.semget(0, 8, 0o1600)), ('msgget', lambda: libc.msgget(0, 0o1600)),
+                     ('mq_open', lambda: libc.syscall(240, b'q', 0o100, 0o600, None)),
+                     ('io_setup', lambda: libc.syscall(206, 64, ctypes.byref(ctx))),
+                     ('timer_create', lambda: libc.syscall(222, 1, None, ctypes.byref(ctx)))):
+    if result() >= 0:
+        print('ESCAPED:', name)
+""",
+    "grow a file past its limit, watch files, sync the host (fallocate, inotify, sync)": """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.fallocate(1, 1, ctypes.c_long(0), ctypes.c_long(1 << 30)) == 0:
+    print('ESCAPED: fallocate on stdout')
+if libc.inotify_init1(0) >= 0:
+    print('ESCAPED: inotify')
+if libc.syscall(162) == 0:
+    print('ESCAPED: sync')
+""",
     "open a network connection": """
 import socket
 for family, address in ((socket.AF_INET, ('127.0.0.1', 9)), (socket.AF_INET, ('10.0.0.1', 80)),

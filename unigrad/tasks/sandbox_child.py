@@ -442,13 +442,18 @@ def fork_server(jailed):
 
 
 def _kill_child(pid, jailed):
-    """In the jail the child is its PID namespace's init: killing it ends every process of the namespace. Without
-    the jail, its process group (which outlives its leader only if something escaped the fork ban)."""
-    try:
-        if jailed:
+    """In the jail the child is its PID namespace's init: killing it ends every process of the namespace; if that
+    fails the server stops (the jail's PID namespace, and every snippet in it, ends with it) rather than wait for a
+    child it cannot end. Without the jail, its process group (which outlives its leader only if something escaped
+    the fork ban)."""
+    if jailed:
+        try:
             os.kill(pid, 9)
-        else:
-            os.killpg(pid, 9)
+        except ProcessLookupError:
+            pass
+        return
+    try:
+        os.killpg(pid, 9)
     except OSError:
         pass
 

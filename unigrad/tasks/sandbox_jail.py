@@ -4,10 +4,11 @@ One jail per trainer process and interpreter, started on first use: bubblewrap (
 (`sandbox_child.py --jail-server`) in new PID, network, IPC, UTS, mount (and cgroup) namespaces, over a read-only root
 that holds only the interpreter, its standard library (site-packages hidden under an empty tmpfs), the shared
 libraries they load (found with `ldd`), /dev/null and /dev/urandom, an empty /work and /io, a host directory where
-the snippets' output files are created. No /proc, no /tmp, no home, no project files. The server keeps four
-capabilities (SYS_ADMIN, SETUID, SETGID, SETPCAP) so that it can build a sub-jail per snippet (see
-sandbox_child.py): its own PID, mount and IPC namespaces, a fresh size-capped tmpfs as working directory, no
-capability, the unprivileged uid and the snippets' seccomp filter.
+the snippets' output files are created. No /proc, no /tmp, no home, no project files. The server keeps five
+capabilities (SYS_ADMIN, SETUID, SETGID, SETPCAP, and KILL: a snippet runs as another uid, and must be killable at
+its deadline) so that it can build and end a sub-jail per snippet (see sandbox_child.py): its own PID, mount and
+IPC namespaces, a fresh size-capped tmpfs as working directory, no capability, the unprivileged uid and the
+snippets' seccomp filter.
 
 Who the snippet is on the host: when the trainer runs as root, bwrap runs privileged (no user namespace) and the
 snippet's process takes uid/gid 65534 (nobody) itself, so it is an unprivileged user on the host, not root in a
@@ -19,7 +20,9 @@ architecture's system calls kill the process): the server's (loaded by bwrap), w
 needs (sockets, tracing, other processes' memory, kernel keys, modules, BPF, io_uring, ...), and the snippets'
 (loaded by the snippet's process just before the audit hook), which refuses in addition every way to make a process
 or thread, exec, signal (kill, tgkill, pidfd_*), mount or unshare, change ids or capabilities, raise rlimits, make
-device nodes or memory files. A refused call fails with EPERM (PermissionError in Python).
+device nodes or memory files, allocate kernel memory outside its rlimits (SysV IPC, message queues, AIO), grow a file
+with fallocate, watch files (inotify), sync the host's disks or make POSIX timers. A refused call fails with EPERM
+(PermissionError in Python).
 """
 
 from __future__ import annotations
@@ -49,9 +52,17 @@ SERVER_DENIED = """socket socketpair ptrace process_vm_readv process_vm_writev p
 # capabilities, raise limits, make device nodes or memory files.
 SNIPPET_DENIED = SERVER_DENIED + """fork vfork clone execve execveat kill tkill tgkill rt_sigqueueinfo
     rt_tgsigqueueinfo pidfd_open pidfd_send_signal unshare mount umount2 open_tree move_mount fsopen fsconfig fsmount
-    fspick mount_setattr setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid capset
-    setrlimit mknod mknodat memfd_create memfd_secret modify_ldt personality migrate_pages move_pages
-    landlock_create_ruleset name_to_handle_at""".split()
+    fspick mount_setattr listmount statmount setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid
+    setfsgid capset setrlimit mknod mknodat memfd_create memfd_secret modify_ldt personality migrate_pages move_pages
+    landlock_create_ruleset name_to_handle_at
+    shmget shmat shmdt shmctl semget semop semtimedop semctl msgget msgsnd msgrcv msgctl mq_open mq_unlink
+    mq_timedsend mq_timedreceive mq_notify mq_getsetattr io_setup io_destroy io_submit io_cancel io_getevents
+    io_pgetevents fallocate inotify_init inotify_init1 inotify_add_watch fanotify_init fanotify_mark sync syncfs
+    timer_create""".split()
+# Why the second half: SysV IPC, POSIX message queues and AIO allocate kernel memory that RLIMIT_AS does not count
+# (a fresh IPC namespace has the kernel's generous defaults); fallocate grows the output files past RLIMIT_FSIZE (it
+# is only checked when the size changes); inotify would watch the host's reads of the bound standard library; sync
+# stalls the whole host's writeback; POSIX timers queue signals against the (shared) uid's pending-signal limit.
 
 
 class JailUnavailable(RuntimeError):
@@ -132,7 +143,7 @@ def bwrap_command(python: str, io_dir: str, seccomp_fd: int) -> list[str]:
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
             "--chdir", "/", "--cap-drop", "ALL"]
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL"):
         argv += ["--cap-add", cap]
     if os.geteuid() != 0:
         argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns"]
