@@ -11,6 +11,7 @@ from unigrad.rollout.base import Rollout
 from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.train.batching import SequenceBatch, encode_completion, pad_pairs
 from unigrad.train.demonstrations import with_demonstrations
+from unigrad.train.routing import TrainingMode
 from unigrad.train.step import decode_completions, train_step
 
 
@@ -48,7 +49,7 @@ def demonstration_rows(ctx):
 
 
 def test_sft_objective_trains_on_demonstrations_without_sampling():
-    ctx = step_context(objective="sft", demonstrations_only=True)
+    ctx = step_context(objective="sft", mode=TrainingMode("all"))
     seen = observe(ctx)
     state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
     metrics, samples = train_step(ctx, 1)
@@ -69,7 +70,7 @@ def test_sft_objective_trains_on_demonstrations_without_sampling():
 
 
 def test_luffy_guidance_puts_the_demonstration_in_each_group():
-    ctx = step_context(objective="luffy", guidance=True)
+    ctx = step_context(objective="luffy", mode=TrainingMode("in_group"))
     length_rewards(ctx)
     seen = observe(ctx)
     state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}

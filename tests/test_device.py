@@ -62,11 +62,12 @@ def test_a_learner_on_the_gpu_gets_the_gradient_of_the_cpu(hpt):
     from step_helpers import flat_grad, length_rewards, step_context
 
     from unigrad.rollout.transformers_engine import TransformersEngine
+    from unigrad.train.routing import TrainingMode
     from unigrad.train.step import train_step
 
     grads, metrics = [], []
     for device in ("cpu", "cuda"):
-        ctx = step_context(objective="dr_grpo" if hpt else "grpo", hybrid_gamma=0.0 if hpt else None)
+        ctx = step_context(objective="dr_grpo" if hpt else "grpo", mode=TrainingMode("failed" if hpt else "none"))
         ctx.learner.model.to(device)  # parameters move in place: the optimizer keeps them
         tok = ctx.tokenizer
         ctx.engine = TransformersEngine(ctx.learner.model, tok.pad_token_id, tok.eos_token_id, device="cpu")

@@ -259,6 +259,18 @@ def test_infinite_loop_is_killed_at_the_wall_clock_timeout():
     assert result.duration < 3
 
 
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["with-audit-hook", "kernel-alone"])
+def test_a_sleeping_snippet_is_killed_at_the_wall_clock_timeout(audit_hook):
+    # CPU time would never stop it: only the wall clock does (the jail's server must be able to kill a snippet that
+    # runs as another uid).
+    limits = SandboxLimits(timeout=1.0, cpu_seconds=60)
+    results = run_many(["import time\ntime.sleep(30)"] + ["print('ok')"] * 3, limits, max_workers=2,
+                       audit_hook=audit_hook)
+    assert results[0].timed_out and results[0].returncode == -9 and results[0].duration < 2.5
+    assert [r.stdout for r in results[1:]] == ["ok\n"] * 3  # its neighbours are unharmed
+    assert jailed_processes() == []
+
+
 def test_the_total_bytes_written_are_capped():
     code = ("n = 0\ntry:\n    for i in range(100):\n        with open(f'f{i}', 'wb') as f:\n"
             "            f.write(b'x' * 500_000)\n        n += 500_000\nexcept OSError as e:\n    print(n, e.errno)")
@@ -376,6 +388,7 @@ def test_a_training_step_on_the_code_task_survives_hostile_demonstrations():
 
     from unigrad.data.samplers import TaskSampler
     from unigrad.train.batching import encode_prompt
+    from unigrad.train.routing import TrainingMode
     from unigrad.train.step import train_step
 
     task = get_task("code")
@@ -387,7 +400,7 @@ def test_a_training_step_on_the_code_task_survives_hostile_demonstrations():
     pool = [Example(e.prompt, e.answer, attacks[i % len(attacks)].format(answer=e.answer), "code", e.meta)
             for i, e in enumerate(task.examples("train", 8, seed=0))]
     tok = step_context().tokenizer
-    ctx = step_context(objective="luffy", guidance=True, tasks=[task], pools=[pool],
+    ctx = step_context(objective="luffy", mode=TrainingMode("in_group"), tasks=[task], pools=[pool],
                        pool_prompt_ids=[[encode_prompt(tok, e.prompt) for e in pool]],
                        sampler=TaskSampler([len(pool)], seed=1, names=["code"]))
     metrics, _ = train_step(ctx, 0)

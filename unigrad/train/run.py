@@ -36,6 +36,7 @@ from unigrad.train.distributed import (
 )
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
+from unigrad.train.routing import TrainingMode
 from unigrad.train.step import StepContext, train_step
 from unigrad.train.trackers import open_trackers
 
@@ -247,9 +248,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
-        hybrid_gamma=cfg.hybrid.gamma if cfg.is_hybrid else None, demonstrations_only=cfg.objective == "sft",
-        guidance=cfg.uses_guidance, rl_coef=cfg.hybrid.rl_coef if cfg.is_hybrid else 1.0,
-        sft_coef=cfg.hybrid.sft_coef, seed=cfg.seed, samples_per_step=cfg.samples_per_step,
+        mode=TrainingMode.from_config(cfg), seed=cfg.seed, samples_per_step=cfg.samples_per_step,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
 

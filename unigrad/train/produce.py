@@ -1,0 +1,143 @@
+"""The producing half of a step: prompts -> rollouts -> rewards -> advantages -> routing, ending in a `Batch`.
+
+- Prompts: the sampler picks (task, example) pairs, the same on every process; each process takes its block. For
+  per-task gradient accounting, each task's prompts are dealt into two halves on the steps that measure the cross
+  term (`unigrad.train.plan.task_halves`).
+- Rollouts: G completions per prompt with the engine's own log-probs; each prompt has its own random stream, the
+  one it has in a single process. With demonstrations in the group (LUFFY) G - 1 are sampled and the prompt's
+  demonstration is the G-th; with demonstrations only (SFT) nothing is sampled.
+- Rewards from the verifiers (NaN = unscorable; counted, advantage 0); demonstration rows are scored too.
+- Advantages over the whole batch (the rewards of every process).
+- Routing (`unigrad.train.routing`) into loss components, whose normalisers are then summed over processes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from unigrad.objective import compute_advantages
+from unigrad.objective.aggregation import Normalisers
+from unigrad.rollout.base import Rollout, SamplingParams, prompt_stream_seeds
+from unigrad.tasks.base import Example, Task
+from unigrad.train.batch import Batch
+from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
+from unigrad.train.distributed import Distributed
+from unigrad.train.plan import task_halves
+from unigrad.train.routing import route
+
+
+@dataclass
+class Produced:
+    """What the step reports about the rows it produced (metrics and samples); `learn` never reads it."""
+
+    examples: list[Example]  # (P,) this process's prompts
+    texts: list[str]  # (N,) decoded completions
+    rollout: Rollout  # (N,) rows, demonstration rows included (LUFFY)
+    off_policy: torch.Tensor  # (N,) bool: demonstration rows
+    rewards: torch.Tensor  # (N,)
+    row_task: torch.Tensor  # (N,)
+    all_rewards: torch.Tensor  # (N_all,) over every process
+    all_row_task: torch.Tensor  # (N_all,)
+    all_advantages: torch.Tensor  # (N_all,)
+    prompt_task: torch.Tensor  # (P,)
+    sft_prompt: torch.Tensor  # (P,) bool
+    time_rollout: float
+    time_reward: float
+
+
+def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
+    """One step's batch from `ctx` (a `unigrad.train.step.StepContext`), and what it reports."""
+    dist, mode = ctx.dist, ctx.mode
+    picks = ctx.sampler.sample(ctx.prompts_per_step)
+    lo, hi = dist.block(len(picks))
+    prompt_half = torch.zeros(len(picks), dtype=torch.long)
+    if ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step):
+        prompt_half = task_halves(torch.tensor([t for t, _ in picks]))
+    prompt_half, picks = prompt_half[lo:hi], picks[lo:hi]
+    examples = [ctx.pools[t][i] for t, i in picks]
+    prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
+    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
+
+    t0 = time.perf_counter()
+    ro, off_policy = _rollouts(ctx, step, lo, hi, prompt_ids, examples)
+    t_rollout = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    texts = decode_completions(ctx.tokenizer, ro)
+    row_task = prompt_task[ro.group_ids]  # (N,)
+    rewards = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task)
+    t_reward = time.perf_counter() - t0
+
+    obj = ctx.objective
+    all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
+    all_adv = compute_advantages(all_rewards, dist.cat(ro.group_ids + lo), obj.advantage, task_ids=all_row_task,
+                                 per_task=obj.per_task_advantage, eps=obj.advantage_eps)  # (N_all,)
+    first_row = lo * ctx.num_generations
+    adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
+
+    routed = route(mode, obj, ro, off_policy, adv, rewards, examples, prompt_ids, ctx.tokenizer)
+    for comp in routed.components:  # the whole batch's normalisers, before any loss is formed
+        comp.normalisers = global_normalisers(dist, comp.normalisers)
+    temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
+    batch = Batch(routed.components, prompt_task, prompt_half, ctx.sampling.max_new_tokens, temperature,
+                  policy_version)
+    return batch, Produced(examples, texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task, all_adv,
+                           prompt_task, routed.sft_prompt, t_rollout, t_reward)
+
+
+def _rollouts(ctx, step: int, lo: int, hi: int, prompt_ids: list[list[int]],
+              examples: list[Example]) -> tuple[Rollout, torch.Tensor]:
+    """This process's rows and (N,) bool marking the demonstration rows among them."""
+    mode = ctx.mode
+    step_seed = ctx.seed * 1_000_003 + step
+    sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": step_seed,
+                                 "prompt_seeds": prompt_stream_seeds(step_seed, hi - lo, offset=lo)})
+    if not mode.samples:
+        ro = no_rollout()
+    else:
+        ro = ctx.engine.generate(prompt_ids, mode.sampled_per_prompt(ctx.num_generations), sampling).to("cpu")
+    off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)  # (N,)
+    if mode.demonstrations == "in_group":
+        check_demonstrations(examples, "LUFFY-style guidance")
+        ro, off_policy = with_demonstrations(ro, demonstration_batch(ctx.tokenizer, prompt_ids, examples),
+                                             ctx.tokenizer.pad_token_id)
+    return ro, off_policy
+
+
+def decode_completions(tokenizer, ro: Rollout) -> list[str]:
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+
+
+def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor) -> torch.Tensor:
+    """Rewards (N,) float32; a verifier that raises makes its task's rewards NaN (counted, skipped)."""
+    rewards = torch.full((len(texts),), float("nan"))
+    for k, task in enumerate(tasks):
+        rows = torch.nonzero(row_task == k).flatten().tolist()
+        if not rows:
+            continue
+        try:
+            values = task.verify([texts[r] for r in rows], [examples[r] for r in rows])
+        except Exception as err:  # noqa: BLE001 - a user verifier must not kill the run
+            warnings.warn(f"verifier of task {task.name!r} raised {err!r}; its rewards this step are NaN",
+                          stacklevel=2)
+            continue
+        if len(values) != len(rows):
+            raise ValueError(
+                f"verifier of task {task.name!r} returned {len(values)} rewards for {len(rows)} completions"
+            )
+        rewards[rows] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+    return rewards
+
+
+def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:
+    """The whole batch's normalisers: this process's (None = no rows) summed over processes; None if all empty."""
+    if not dist.active:
+        return local
+    local = local or Normalisers(0.0, 0.0)
+    total = dist.sum_(torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.float64)).tolist()
+    return Normalisers(*total) if total[1] > 0 else None
