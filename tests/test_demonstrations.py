@@ -1,4 +1,4 @@
-"""Demonstrations in the step (issue 8): objective=sft trains on them without sampling, LUFFY-style guidance
+"""Demonstrations in the step: objective=sft trains on them without sampling, LUFFY-style guidance
 puts each one into its prompt's group. Each step's gradient is checked against a from-scratch computation."""
 
 import pytest

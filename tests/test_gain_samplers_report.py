@@ -1,4 +1,4 @@
-"""Learning gain, the adaptive task samplers, Spearman correlation and the run report (issue 4)."""
+"""Learning gain, the adaptive task samplers, Spearman correlation and the run report."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Mismatch metrics on tensors with a known answer (issue 5)."""
+"""Mismatch metrics on tensors with a known answer."""
 
 import math
 

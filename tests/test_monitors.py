@@ -1,5 +1,5 @@
 """Stability alarms fire on planted conditions and stay quiet on a healthy run; a run that stops
-itself leaves a checkpoint (issue 5)."""
+itself leaves a checkpoint."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Per-task gradient accounting (issue 4): the maths on known vectors, and the real step's g_k
+"""Per-task gradient accounting: the maths on known vectors, and the real step's g_k
 against a from-scratch computation on a real (random, tiny) Llama."""
 
 import math

@@ -1,4 +1,4 @@
-"""The verl adapter (issue 7): unigrad presets behind verl's policy-loss signature, and metrics from a verl batch.
+"""The verl adapter: unigrad presets behind verl's policy-loss signature, and metrics from a verl batch.
 
 The first tests need no verl: they call the adapter's loss as verl would, including the data-parallel case. The
 others call verl's own entry points (registry, its built-in losses, DataProto) and run where verl is installed

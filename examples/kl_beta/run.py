@@ -1,4 +1,5 @@
-"""The KL coefficient beta in {0, 0.001, 0.04} on the same long GRPO run (seed 003's question).
+"""The KL coefficient beta in {0, 0.001, 0.04} on the same long GRPO run (the question of community reports
+on long TRL GRPO runs).
 
     python examples/kl_beta/run.py                       # 3 betas, 600 steps, seed 0
     python examples/kl_beta/run.py --steps 30 --doc /tmp/st.md

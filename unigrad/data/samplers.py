@@ -6,7 +6,7 @@ checkpoint can save it and a resumed run draws exactly the same prompts as an un
 Samplers (`sampler.name` in the config):
 - `uniform` (or fixed `task_weights`): constant task probabilities.
 - `size`: probability proportional to each task's training pool size.
-- `gradient`: proportional to an EMA of ||g_k||^2 (`grad/<task>/sq_norm`), the experiment of seed 000
+- `gradient`: proportional to an EMA of ||g_k||^2 (`grad/<task>/sq_norm`), the experiment of arXiv 2510.19178
   (arXiv 2510.19178), which found it does not help.
 - `learning_progress`: proportional to an EMA of |learning gain| (`gain/<task>`).
 - `balanced`: uniform sampling; the step rescales each task's gradient to a common norm instead
@@ -22,7 +22,7 @@ How a step's k slots are dealt (`sampler.draw`):
   exactly k p_t on average; the slots are then shuffled. The per-step task mix has the least variance
   the probabilities allow, each task's per-step gradient comes from a steadier number of prompts, and
   per-task micro-batches are fuller (fewer learner calls when task gradients are measured).
-- `independent`: each slot draws its task independently (multinomial counts), as in seed 000's experiment.
+- `independent`: each slot draws its task independently (multinomial counts), as in the experiment of arXiv 2510.19178.
 """
 
 from __future__ import annotations

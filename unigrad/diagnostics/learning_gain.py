@@ -1,4 +1,4 @@
-"""Learning gain per task (seed 000, arXiv 2510.19178):
+"""Learning gain per task (arXiv 2510.19178):
 
     Gain_k(t) = (1/s) sum_{i=1..s} R_k(t+i) - (1/s) sum_{i=1..s} R_k(t-i)
 

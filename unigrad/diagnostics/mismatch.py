@@ -1,4 +1,4 @@
-"""Train-inference mismatch (seed 002, IcePop, arXiv 2510.18855; DESIGN.md section 7).
+"""Train-inference mismatch (the problem IcePop corrects: Ring-1T, arXiv 2510.18855).
 
 The rollout engine samples y_t from pi_infer and reports log pi_infer(y_t); the trainer computes
 log pi_train(y_t) for the same tokens. With rho_t = pi_train(y_t) / pi_infer(y_t) (the ratio the

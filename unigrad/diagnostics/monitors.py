@@ -1,4 +1,5 @@
-"""Stability monitors and alarms (seeds 002 and 003; DESIGN.md section 7).
+"""Stability monitors and alarms (IcePop's train–inference mismatch, arXiv 2510.18855; community
+reports of grad-norm growth in long TRL GRPO runs).
 
 Each step's metrics go through `StabilityMonitor.check`, which returns the alarms that fire:
 
@@ -12,7 +13,7 @@ Each step's metrics go through `StabilityMonitor.check`, which returns the alarm
 | `nonfinite`        | the step was skipped for a non-finite loss or gradient                  | always   |
 | `grad_cap`         | the step was skipped because its grad norm exceeded grad_norm_cap       | off      |
 | `beta_zero`        | (once, at the start) beta = 0 on a run longer than beta_zero_steps;     | 1000     |
-|                    | seed 003 found a small beta (0.001) tames grad-norm growth              |          |
+|                    | community reports: a small beta (0.001) tames grad-norm growth          |          |
 
 An alarm is logged as `alarm/<name>` = 1 on its step, appended to `alarms.jsonl` with its message,
 and shown in the progress bar. Alarms named in `stop_on` stop the run after a checkpoint; a run

@@ -1,4 +1,4 @@
-"""Per-task gradients of one optimizer step (seed 000, arXiv 2510.19178; DESIGN.md section 7).
+"""Per-task gradients of one optimizer step (arXiv 2510.19178).
 
 g is the step's full gradient and g_k the gradient of the same loss restricted to task k's
 samples, with the step's global normalisers, so that sum_k g_k = g exactly. The step runs one

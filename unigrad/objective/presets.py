@@ -50,7 +50,8 @@ PRESETS: dict[str, Preset] = {
             ratio="token", stabiliser="clip", epsilon=0.2, advantage="whiten", aggregation="token_mean",
         ),
         _preset("grpo", "DeepSeekMath (GRPO)", "https://arxiv.org/abs/2402.03300",
-                "beta = 0 by default (TRL and DAPO practice); seed 003 suggests 0.001 for long runs.", **_GRPO),
+                "beta = 0 by default (TRL and DAPO practice); community reports on long TRL "
+                "runs suggest 0.001.", **_GRPO),
         _preset(
             "dr_grpo", "Understanding R1-Zero-Like Training (Dr. GRPO)", "https://arxiv.org/abs/2503.20783",
             "No std in the advantage, no per-sequence length normaliser: sum / (B * L_max).",

@@ -101,7 +101,7 @@ class Objective(BaseModel):
     )
 
     # -- regularisers ---------------------------------------------------------------------------
-    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (seed 003 suggests 0.001)")
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (long-run reports suggest 0.001)")
     kl_estimator: KLEstimator = Field("k3", description="k1 | k2 | k3 (Schulman's estimators)")
     kl_clamp: float | None = Field(10.0, gt=0, description="clamp the per-token KL to +-this; None disables")
     kl_ratio_weighted: bool = Field(

@@ -1,7 +1,7 @@
 """`unigrad report RUN_DIR`: PNG plots and one self-contained HTML page from metrics.jsonl.
 
 Reads whatever the run has written so far (a run still going is fine: an unfinished last line is
-ignored). Sections: per-task squared gradient norm ||g_k||^2 over steps (log scale, as in seed 000's
+ignored). Sections: per-task squared gradient norm ||g_k||^2 over steps (log scale, as in arXiv 2510.19178's
 figure), the max/min ratio of ||g_k||^2, learning gain (post hoc, window s from the run's config),
 reward per task, and Spearman correlations of ||g_k||^2 with learning gain, |advantage|, reward,
 prompt length and response length: pooled over all (task, step) points, across the tasks' run

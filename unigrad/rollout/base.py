@@ -1,4 +1,4 @@
-"""The rollout-engine protocol (DESIGN.md section 5) and the `Rollout` it returns."""
+"""The rollout-engine protocol and the `Rollout` it returns."""
 
 from __future__ import annotations
 

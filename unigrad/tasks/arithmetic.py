@@ -3,8 +3,8 @@
 Prompt "23+58-17", demonstration "64". Difficulty: 1 = a 2-digit and a 1-digit number ("47+8");
 2 = two 2-digit numbers ("47+38"); 3 = three ("23+58-17"); 4 = four. The default (1) is the
 level a ~1 M-parameter char model reaches partially after a short SFT (400 steps of 64 on the
-5-task mixture): 7% held-out greedy; two 2-digit numbers gave 3% (alone, ~50%: DESIGN.md
-section 9), and three stay near 10% even when trained alone.
+5-task mixture): 7% held-out greedy; two 2-digit numbers gave 3% (~50% when trained alone), and three
+stay near 10% even when trained alone.
 """
 
 from __future__ import annotations
