@@ -91,11 +91,84 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
-    from unigrad.eval import evaluate
-    from unigrad.models.loading import LoraSettings, load_model_and_tokenizer, save_model
-    from unigrad.tasks import get_tasks, sandbox
+    """Train as `cfg` says into `output_dir` (continuing its last checkpoint with `resume`): evaluate before, loop
+    over steps with checkpoints, save final/, evaluate after."""
+    from unigrad.models.loading import LoraSettings, load_model_and_tokenizer
 
     output_dir = Path(output_dir)
+    cfg, dist, device, tasks, console = _prepare(cfg, output_dir, resume, console)
+    lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
+                                                device=device)
+    ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
+    mon = cfg.monitors
+    monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
+                               grad_spike_window=mon.grad_spike_window, entropy_min_ratio=mon.entropy_min_ratio,
+                               clip_fraction_max=mon.clip_fraction_max)
+    run = Run(cfg, ctx, output_dir, console, tokenizer, tasks, dropped, gain, monitor)
+    start = _restore(run, resume)
+    before = _evaluation_before(run)
+    if dist.is_main:
+        trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
+        run.logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
+    try:
+        last = _loop(run, start)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+    after = _finish(run, last)
+    if before is not None and after is not None:
+        _print(console, before_after_table(before, after))
+    return RunResult(output_dir, last, before, after)
+
+
+@dataclass
+class Run:
+    """What a run holds while it trains: the step's context and everything around the steps."""
+
+    cfg: TrainConfig
+    ctx: StepContext
+    output_dir: Path
+    console: Any
+    tokenizer: Any
+    tasks: list[Task]
+    dropped: dict[str, int]  # training prompts dropped per task (longer than the context)
+    gain: LearningGainTracker
+    monitor: StabilityMonitor
+    logger: RunLogger | None = None
+
+    def extras(self) -> dict[str, Any]:
+        """The state checkpointed beside model, optimizer and sampler."""
+        out = {"learning_gain": self.gain, "monitor": self.monitor}
+        if self.ctx.learner.weight_average is not None:
+            out["weight_average"] = self.ctx.learner.weight_average
+        return out
+
+    def evaluate(self, name: str) -> dict[str, Any] | None:
+        """Held-out evaluation of the current weights, written to `name`.json (rank 0; None on the others)."""
+        from unigrad.eval import evaluate
+
+        dist, cfg = self.ctx.dist, self.cfg
+        whole = self.ctx.learner.whole_model()  # sharded: gathered on every process
+        if not dist.is_main:  # rank 0 evaluates; the others wait for it
+            dist.barrier()
+            return None
+        res = evaluate(whole, self.tokenizer, self.tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
+                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True)
+        (self.output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
+        dist.barrier()
+        return res
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(self.output_dir, step, self.ctx.learner, self.ctx.sampler, keep=self.cfg.keep_checkpoints,
+                        extra=self.extras(), write=self.ctx.dist.is_main)
+
+
+def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
+    """Everything before the model loads: device, processes, checks that refuse a run early, the run directory,
+    seeds, config.yaml. Returns (cfg, dist, device, tasks, console)."""
+    from unigrad.tasks import get_tasks, sandbox
+
     try:
         device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto
     except ValueError as err:
@@ -129,75 +202,52 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
            + "".join(f"\n{note}" for note in launcher_notes)
            + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
               if cfg.sharding == "fsdp" and not dist.active else ""))
+    return cfg, dist, device, tasks, console
 
-    lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
-                                                device=device)
-    ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
-    learner, engine, sampler = ctx.learner, ctx.engine, ctx.sampler
-    mon = cfg.monitors
-    monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
-                               grad_spike_window=mon.grad_spike_window, entropy_min_ratio=mon.entropy_min_ratio,
-                               clip_fraction_max=mon.clip_fraction_max)
-    extras = {"learning_gain": gain, "monitor": monitor}  # checkpointed beside model, optimizer and sampler
-    if learner.weight_average is not None:
-        extras["weight_average"] = learner.weight_average
 
+def _restore(run: Run, resume: bool) -> int:
+    """The step to continue from (0 for a new run): the last checkpoint's state restored, logs cut back to it."""
+    ctx, dist, out = run.ctx, run.ctx.dist, run.output_dir
     start = 0
-    if resume and list_checkpoints(output_dir):
-        start = load_latest_checkpoint(output_dir, learner, sampler, extra=extras)
-        engine.load_weights(learner.full_state_dict())
-        _print(console, f"resumed from step {start}")
+    if resume and list_checkpoints(out):
+        start = load_latest_checkpoint(out, ctx.learner, ctx.sampler, extra=run.extras())
+        ctx.engine.load_weights(ctx.learner.full_state_dict())
+        _print(run.console, f"resumed from step {start}")
     if dist.is_main:
-        truncate_jsonl(output_dir / "metrics.jsonl", start)
-        truncate_jsonl(output_dir / "samples.jsonl", start)
-        truncate_jsonl(output_dir / "alarms.jsonl", start)
+        for name in ("metrics.jsonl", "samples.jsonl", "alarms.jsonl"):
+            truncate_jsonl(out / name, start)
     if start == 0 and dist.is_main:
-        for alarm in StabilityMonitor.start_alarms(ctx.objective.beta, cfg.max_steps, mon.beta_zero_steps):
-            _record_alarm(output_dir, alarm, console)
+        for alarm in StabilityMonitor.start_alarms(ctx.objective.beta, run.cfg.max_steps,
+                                                   run.cfg.monitors.beta_zero_steps):
+            _record_alarm(out, alarm, run.console)
+    return start
 
-    def run_eval(name: str) -> dict[str, Any] | None:
-        whole = learner.whole_model()  # sharded: gathered on every process
-        if not dist.is_main:  # rank 0 evaluates; the others wait for it
-            dist.barrier()
-            return None
-        res = evaluate(whole, tokenizer, tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
-                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True)
-        (output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
-        dist.barrier()
-        return res
 
-    before = None
-    if cfg.eval.before_after:
-        path = output_dir / "eval_before.json"
-        if dist.sum_float(float(dist.is_main and path.exists())) > 0:  # resumed: rank 0 has it
-            before = json.loads(path.read_text()) if dist.is_main else None
-        else:
-            before = run_eval("eval_before")
+def _evaluation_before(run: Run) -> dict[str, Any] | None:
+    """The held-out evaluation before training (read back when a resumed run already has it)."""
+    if not run.cfg.eval.before_after:
+        return None
+    dist, path = run.ctx.dist, run.output_dir / "eval_before.json"
+    if dist.sum_float(float(dist.is_main and path.exists())) > 0:  # resumed: rank 0 has it
+        return json.loads(path.read_text()) if dist.is_main else None
+    return run.evaluate("eval_before")
 
-    logger = None
-    if dist.is_main:
-        trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
-        logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
-    try:
-        last = _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extras)
-    finally:
-        if logger is not None:
-            logger.close()
 
-    save_checkpoint(output_dir, last, learner, sampler, keep=cfg.keep_checkpoints, extra=extras, write=dist.is_main)
+def _finish(run: Run, last: int) -> dict[str, Any] | None:
+    """The last checkpoint, final/ (the weights' moving average when kept), and the evaluation after training."""
+    from unigrad.models.loading import save_model
+
+    learner, cfg = run.ctx.learner, run.cfg
+    run.checkpoint(last)
     if learner.weight_average is not None:  # the checkpoint keeps the live weights (for --resume); final/ the average
         learner.weight_average.copy_to_params()
-        _print(console, f"final/ holds the moving average of the weights (optim.weight_ema_decay="
-                        f"{cfg.optim.weight_ema_decay}, {learner.weight_average.steps} steps)")
+        _print(run.console, f"final/ holds the moving average of the weights (optim.weight_ema_decay="
+                            f"{cfg.optim.weight_ema_decay}, {learner.weight_average.steps} steps)")
     whole = learner.whole_model()
-    if dist.is_main:
-        save_model(whole, tokenizer, output_dir / "final")
-    dist.barrier()
-    after = run_eval("eval_after") if cfg.eval.before_after else None
-    if before is not None and after is not None:
-        _print(console, before_after_table(before, after))
-    return RunResult(output_dir, last, before, after)
+    if run.ctx.dist.is_main:
+        save_model(whole, run.tokenizer, run.output_dir / "final")
+    run.ctx.dist.barrier()
+    return run.evaluate("eval_after") if cfg.eval.before_after else None
 
 
 def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], dist: Distributed = SINGLE):
@@ -269,62 +319,68 @@ def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | 
     return out
 
 
-def _loop(ctx, cfg, output_dir, logger, start, console, run_eval, dropped, extras) -> int:
+def _loop(run: Run, start: int) -> int:
     """Train from step `start` + 1; returns the last step done. Raises RunStopped (after a checkpoint) when
     an alarm in monitors.stop_on fires or too many steps were skipped for non-finite values."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    cfg, ctx, console = run.cfg, run.ctx, run.console
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}")]
     started = time.monotonic()
     with Progress(*columns, console=console, transient=False, disable=console is False) as progress:
         bar = progress.add_task("train", total=cfg.max_steps, completed=start, status="")
-        dist = ctx.dist
         for step in range(start + 1, cfg.max_steps + 1):
             over = bool(cfg.max_minutes) and time.monotonic() - started > 60 * cfg.max_minutes
-            if dist.sum_float(float(over)) > 0:  # every process stops at the same step
+            if ctx.dist.sum_float(float(over)) > 0:  # every process stops at the same step
                 _print(console, f"time budget of {cfg.max_minutes} min reached after step {step - 1}")
                 return step - 1
-            try:
-                metrics, samples = train_step(ctx, step)
-            except NonFiniteLogits as err:
-                done = list_checkpoints(output_dir)
-                raise RunStopped(f"run stopped at step {step}: {err} (after the optimizer step of step {step - 1}). "
-                                 + (f"The latest checkpoint is {done[-1]}; " if done else "There is no checkpoint; ")
-                                 + "lower optim.lr or optim.max_grad_norm, or set monitors.grad_norm_cap, and "
-                                   "continue with --resume.") from err
-            metrics.update(extras["learning_gain"].update(step, metrics))  # gain/<task> of step - s
-            ctx.sampler.update(metrics)
-            alarms = extras["monitor"].check(step, metrics)
-            if step == 1:
-                metrics.update({f"prompts/too_long/{k}": float(v) for k, v in dropped.items()})
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
-                res = run_eval(f"eval_step_{step:06d}") or {}
-                metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()
-                                if k.startswith("pass@")})
+            metrics, samples = _step(run, step)
+            alarms = run.monitor.check(step, metrics)
             for alarm in alarms:
                 metrics[f"alarm/{alarm.name}"] = 1.0
-                if dist.is_main:
-                    _record_alarm(output_dir, alarm, progress.console if console is not False else False)
-            if logger is not None:
-                logger.log(step, metrics, samples)
+                if ctx.dist.is_main:
+                    _record_alarm(run.output_dir, alarm, progress.console if console is not False else False)
+            if run.logger is not None:
+                run.logger.log(step, metrics, samples)
             status = (f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy/mean']:.3f} "
                       if "reward/mean" in metrics else "") + f"loss {metrics['loss']:+.4f}"
             if alarms:
                 status += " [red]alarm: " + ", ".join(a.name for a in alarms) + "[/red]"
             progress.update(bar, advance=1, status=status)
             stop = [a.message for a in alarms if a.name in cfg.monitors.stop_on]
-            if extras["monitor"].nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
-                stop.append(f"{extras['monitor'].nonfinite_steps} steps were skipped for non-finite losses or "
+            if run.monitor.nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
+                stop.append(f"{run.monitor.nonfinite_steps} steps were skipped for non-finite losses or "
                             f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
             if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):  # rank 0 writes
-                save_checkpoint(output_dir, step, ctx.learner, ctx.sampler, keep=cfg.keep_checkpoints, extra=extras,
-                                write=dist.is_main)
+                run.checkpoint(step)
             if stop:
                 raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)
-                                 + f". A checkpoint of step {step} is in {output_dir}/checkpoints; "
+                                 + f". A checkpoint of step {step} is in {run.output_dir}/checkpoints; "
                                    "fix the cause and continue with --resume.")
     return cfg.max_steps
+
+
+def _step(run: Run, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One training step and what the run adds to its metrics (learning gain, the sampler's update, the first
+    step's dropped prompts, a scheduled evaluation)."""
+    cfg = run.cfg
+    try:
+        metrics, samples = train_step(run.ctx, step)
+    except NonFiniteLogits as err:
+        done = list_checkpoints(run.output_dir)
+        raise RunStopped(f"run stopped at step {step}: {err} (after the optimizer step of step {step - 1}). "
+                         + (f"The latest checkpoint is {done[-1]}; " if done else "There is no checkpoint; ")
+                         + "lower optim.lr or optim.max_grad_norm, or set monitors.grad_norm_cap, and "
+                           "continue with --resume.") from err
+    metrics.update(run.gain.update(step, metrics))  # gain/<task> of step - s
+    run.ctx.sampler.update(metrics)
+    if step == 1:
+        metrics.update({f"prompts/too_long/{k}": float(v) for k, v in run.dropped.items()})
+    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
+        res = run.evaluate(f"eval_step_{step:06d}") or {}
+        metrics.update({f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if k.startswith("pass@")})
+    return metrics, samples
 
 
 def _record_alarm(output_dir: Path, alarm, console) -> None:
