@@ -250,7 +250,7 @@ class TrainConfig(_Section):
             obj = self.resolved_objective()
         except ObjectiveError as err:
             raise ValueError(str(err)) from None
-        if not obj.masked_tokens_in_denominator and obj.correction in ("icepop", "seq_mask"):
+        if not obj.masked_tokens_in_denominator and obj.correction_zeroes_tokens:
             # The step's normalisers are counted before the learner's forward pass, when the tokens a
             # correction will zero are not known yet; the library function supports it, the loop not yet.
             raise ValueError("objective_args.masked_tokens_in_denominator=false is not supported by the trainer yet")

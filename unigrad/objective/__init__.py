@@ -8,14 +8,14 @@
 from unigrad.objective.advantages import ESTIMATORS, compute_advantages
 from unigrad.objective.aggregation import AGGREGATIONS, Normalisers, aggregate, count_normalisers
 from unigrad.objective.corrections import BehaviourWeights, behaviour_weights
-from unigrad.objective.loss import METRICS, LossOutputs, batch_normalisers, compute_policy_loss
+from unigrad.objective.loss import METRICS, LossInputs, LossOutputs, batch_normalisers, compute_policy_loss, policy_loss
 from unigrad.objective.presets import PRESETS, ObjectiveError, Preset, get_preset, resolve_objective
 from unigrad.objective.regularisers import entropy_from_logits, kl_penalty
 from unigrad.objective.spec import Objective
 
 __all__ = [
     "AGGREGATIONS", "ESTIMATORS", "METRICS", "PRESETS",
-    "BehaviourWeights", "LossOutputs", "Normalisers", "Objective", "ObjectiveError", "Preset",
+    "BehaviourWeights", "LossInputs", "LossOutputs", "Normalisers", "Objective", "ObjectiveError", "Preset",
     "aggregate", "batch_normalisers", "behaviour_weights", "compute_advantages", "compute_policy_loss",
-    "count_normalisers", "entropy_from_logits", "get_preset", "kl_penalty", "resolve_objective",
+    "count_normalisers", "entropy_from_logits", "get_preset", "kl_penalty", "policy_loss", "resolve_objective",
 ]

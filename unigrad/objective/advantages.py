@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std", "whiten", "reinforce", "sft")
+from unigrad.objective.registry import ADVANTAGE
 
 
 def _segment_stats(values: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor):
@@ -57,8 +57,7 @@ def compute_advantages(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Advantages (N,) from rewards (N,); see the module docstring for each estimator."""
-    if method not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {method!r}; valid: {', '.join(ESTIMATORS)}")
+    estimator = ADVANTAGE[method].function  # an unknown name is an error naming the valid ones
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     rewards = rewards.float()
@@ -67,36 +66,66 @@ def compute_advantages(
         group_ids = torch.zeros(n, dtype=torch.long, device=rewards.device)
     if group_ids.shape != rewards.shape:
         raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
+    if method == "sft":
+        return torch.ones_like(rewards)  # demonstrations: A = 1 whatever the reward says, never re-standardised
     valid = torch.isfinite(rewards)
     zero = torch.zeros_like(rewards)
-    groups = _dense_ids(group_ids)
-    batch = torch.zeros_like(groups)
-
-    if method == "sft":
-        return torch.ones_like(rewards)  # demonstrations: A = 1 whatever the reward says
-    if method == "reinforce":
-        adv = rewards
-    elif method == "whiten":
-        _, mean_b, std_b = _segment_stats(rewards, valid, batch)
-        adv = (rewards - mean_b) / (std_b + eps)
-    else:
-        count_g, mean_g, std_g = _segment_stats(rewards, valid, groups)
-        centred = rewards - mean_g
-        if method == "grpo":
-            adv = centred / (std_g + eps)
-        elif method == "dr_grpo":
-            adv = centred
-        elif method == "rloo":
-            # R_i - (sum_g - R_i)/(n-1) = n/(n-1) * (R_i - mean_g); 0 for a group of one.
-            adv = torch.where(count_g > 1, centred * count_g / (count_g - 1).clamp(min=1), zero)
-        else:  # batch_std
-            _, _, std_b = _segment_stats(rewards, valid, batch)
-            adv = centred / (std_b + eps)
-    adv = torch.where(valid, adv, zero)
-
+    adv = torch.where(valid, estimator(rewards, valid, _dense_ids(group_ids), eps), zero)
     if per_task:
         if task_ids is None:
             raise ValueError("per_task=True needs task_ids")
         _, mean_t, std_t = _segment_stats(adv, valid, _dense_ids(task_ids))
         adv = torch.where(valid, (adv - mean_t) / (std_t + eps), zero)
     return adv
+
+
+def _centred(rewards, valid, groups):
+    count_g, mean_g, std_g = _segment_stats(rewards, valid, groups)
+    return count_g, rewards - mean_g, std_g
+
+
+def _batch_std(rewards, valid) -> torch.Tensor:
+    return _segment_stats(rewards, valid, torch.zeros(len(rewards), dtype=torch.long, device=rewards.device))[2]
+
+
+@ADVANTAGE.register("grpo", formula=lambda o: "A = (R − mean_g)/(std_g + ε)")
+def _grpo(rewards, valid, groups, eps):
+    _, centred, std_g = _centred(rewards, valid, groups)
+    return centred / (std_g + eps)
+
+
+@ADVANTAGE.register("dr_grpo", formula=lambda o: "A = R − mean_g")
+def _dr_grpo(rewards, valid, groups, eps):
+    return _centred(rewards, valid, groups)[1]
+
+
+@ADVANTAGE.register("rloo", formula=lambda o: "A = R − mean of the others in g")
+def _rloo(rewards, valid, groups, eps):
+    # R_i - (sum_g - R_i)/(n-1) = n/(n-1) * (R_i - mean_g); 0 for a group of one.
+    count_g, centred, _ = _centred(rewards, valid, groups)
+    return torch.where(count_g > 1, centred * count_g / (count_g - 1).clamp(min=1), torch.zeros_like(rewards))
+
+
+@ADVANTAGE.register("batch_std", formula=lambda o: "A = (R − mean_g)/(std_batch + ε)")
+def _batch_std_advantage(rewards, valid, groups, eps):
+    return _centred(rewards, valid, groups)[1] / (_batch_std(rewards, valid) + eps)
+
+
+@ADVANTAGE.register("whiten", formula=lambda o: "A = (R − mean_batch)/(std_batch + ε)")
+def _whiten(rewards, valid, groups, eps):
+    batch = torch.zeros(len(rewards), dtype=torch.long, device=rewards.device)
+    _, mean_b, std_b = _segment_stats(rewards, valid, batch)
+    return (rewards - mean_b) / (std_b + eps)
+
+
+@ADVANTAGE.register("reinforce", formula=lambda o: "A = R")
+def _reinforce(rewards, valid, groups, eps):
+    return rewards
+
+
+@ADVANTAGE.register("sft", formula=lambda o: "A = 1")
+def _sft(rewards, valid, groups, eps):
+    return torch.ones_like(rewards)
+
+
+ESTIMATORS = ADVANTAGE.names()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+from unigrad.objective.registry import AGGREGATION
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,41 @@ def aggregate(
     num_sequences: float,
     max_length: float | None = None,
 ) -> torch.Tensor:
-    """Scalar loss from per-token losses.  per_token, mask: (B, T); masked entries are ignored."""
+    """Scalar loss from per-token losses by the registered aggregation.  per_token, mask: (B, T); masked entries
+    are ignored."""
+    reduce = AGGREGATION[mode].function
     masked = torch.where(mask, per_token, torch.zeros_like(per_token))  # (B, T), NaN-safe
-    if mode == "token_mean":
-        return masked.sum() / max(num_tokens, 1.0)
-    if mode == "seq_mean_token_mean":
-        per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (B,)
-        return per_seq.sum() / max(num_sequences, 1.0)
-    if mode == "seq_mean_token_sum":
-        return masked.sum() / max(num_sequences, 1.0)
-    if mode == "seq_mean_token_sum_norm":
-        if max_length is None:
-            raise ValueError(
-                "seq_mean_token_sum_norm (Dr. GRPO) needs max_length: the generation budget L_max, not the padded width"
-            )
-        return masked.sum() / (max(num_sequences, 1.0) * max_length)
-    raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+    return reduce(masked, mask, num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length)
+
+
+@AGGREGATION.register("token_mean", formula=lambda o: "Σ ℓ / N_tok" + (
+    " (this micro-batch)" if o.normaliser_scope == "local" else ""),
+    label=lambda o: "token_mean" + (" (local)" if o.normaliser_scope == "local" else ""))
+def _token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
+    return masked.sum() / max(num_tokens, 1.0)
+
+
+@AGGREGATION.register("seq_mean_token_mean", formula=lambda o: "Σ_i (Σ_t ℓ / |y_i|) / N_seq")
+def _seq_mean_token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
+    per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (B,)
+    return per_seq.sum() / max(num_sequences, 1.0)
+
+
+@AGGREGATION.register("seq_mean_token_sum", formula=lambda o: "Σ ℓ / N_seq")
+def _seq_mean_token_sum(masked, mask, *, num_tokens, num_sequences, max_length):
+    return masked.sum() / max(num_sequences, 1.0)
+
+
+@AGGREGATION.register("seq_mean_token_sum_norm", formula=lambda o: "Σ ℓ / (N_seq · L_max)")
+def _seq_mean_token_sum_norm(masked, mask, *, num_tokens, num_sequences, max_length):
+    if max_length is None:
+        raise ValueError(
+            "seq_mean_token_sum_norm (Dr. GRPO) needs max_length: the generation budget L_max, not the padded width"
+        )
+    return masked.sum() / (max(num_sequences, 1.0) * max_length)
+
+
+AGGREGATIONS = AGGREGATION.names()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

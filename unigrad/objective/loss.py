@@ -29,6 +29,7 @@ from unigrad.objective.aggregation import Normalisers, aggregate, count_normalis
 from unigrad.objective.corrections import behaviour_weights
 from unigrad.objective.presets import ObjectiveError, resolve_objective
 from unigrad.objective.ratios import compute_ratio, shaped_probability
+from unigrad.objective.registry import RATIO
 from unigrad.objective.regularisers import kl_penalty
 from unigrad.objective.spec import Objective
 from unigrad.objective.stabilisers import stabilise
@@ -112,6 +113,24 @@ def _off_policy_tokens(off_policy_mask: torch.Tensor | None, mask: torch.Tensor)
     return off_policy_mask.bool() & mask
 
 
+@dataclass
+class LossInputs:
+    """The tensors of one (micro-)batch's policy loss; every one (B, T) like `logprobs` unless noted."""
+
+    logprobs: torch.Tensor  # log pi_theta of the sampled tokens, with grad
+    mask: torch.Tensor  # bool (or 0/1): tokens that count
+    advantages: torch.Tensor  # (B,) per sequence or (B, T) per token; constants
+    old_logprobs: torch.Tensor | None = None  # log pi_old, detached; None = on-policy (old = sg(logprobs))
+    infer_logprobs: torch.Tensor | None = None  # the rollout engine's; needed by the behaviour corrections
+    ref_logprobs: torch.Tensor | None = None  # the reference model's; needed when beta > 0
+    entropy: torch.Tensor | None = None  # per-token entropy with grad; needed when entropy_coef > 0
+    off_policy_mask: torch.Tensor | None = None  # (B,) or (B, T) bool: demonstration tokens (LUFFY's route)
+    token_weights: torch.Tensor | None = None  # constant weights of each token's policy term
+    max_length: int | None = None  # L_max, the generation budget (seq_mean_token_sum_norm needs it)
+    num_tokens: float | None = None  # normalisers of the whole optimizer batch; default: this call's counts
+    num_sequences: float | None = None
+
+
 def compute_policy_loss(
     logprobs: torch.Tensor,
     mask: torch.Tensor,
@@ -153,6 +172,19 @@ def compute_policy_loss(
         LossOutputs with `.loss` (scalar) and `.metrics` (floats, names in `METRICS`).
     """
     obj = resolve_objective(objective, **overrides)
+    return policy_loss(LossInputs(
+        logprobs, mask, advantages, old_logprobs=old_logprobs, infer_logprobs=infer_logprobs,
+        ref_logprobs=ref_logprobs, entropy=entropy, off_policy_mask=off_policy_mask, token_weights=token_weights,
+        max_length=max_length, num_tokens=num_tokens, num_sequences=num_sequences), obj)
+
+
+def policy_loss(inputs: LossInputs, obj: Objective) -> LossOutputs:
+    """The policy loss of one (micro-)batch under `obj`: typed inputs (`LossInputs`) in, `LossOutputs` out.
+    `compute_policy_loss` is the same with keyword arguments and a preset name or overrides."""
+    logprobs, mask, advantages = inputs.logprobs, inputs.mask, inputs.advantages
+    old_logprobs, infer_logprobs, ref_logprobs = inputs.old_logprobs, inputs.infer_logprobs, inputs.ref_logprobs
+    entropy, off_policy_mask, token_weights = inputs.entropy, inputs.off_policy_mask, inputs.token_weights
+    max_length, num_tokens, num_sequences = inputs.max_length, inputs.num_tokens, inputs.num_sequences
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
@@ -183,7 +215,7 @@ def compute_policy_loss(
         epsilon=obj.epsilon, epsilon_high=obj.epsilon_upper, dual_clip_c=obj.dual_clip_c,
         tau_pos=obj.tau_pos, tau_neg=obj.tau_neg, cispo_max=obj.cispo_max,
     )  # (B, T)
-    if obj.ratio == "self":
+    if "is_self" in RATIO[obj.ratio].traits:
         policy = -adv * logp  # same gradient as -A*pi/sg(pi); its value is the NLL, which is what users log
     if off is not None:
         off_term = shaped_probability(logp, obj.shaping) if obj.off_policy_ratio == "none" else logp
@@ -279,7 +311,7 @@ def batch_normalisers(
     """
     obj = resolve_objective(objective, **overrides)
     mask = _as_bool_mask(mask, mask.shape)
-    if obj.masked_tokens_in_denominator or obj.correction in ("none", "tis", "seq_tis"):
+    if obj.masked_tokens_in_denominator or not obj.correction_zeroes_tokens:
         return count_normalisers(mask)
     if old_logprobs is None or infer_logprobs is None:
         raise ObjectiveError("masked_tokens_in_denominator=False needs old_logprobs and infer_logprobs to count")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from unigrad.objective.registry import RATIO
+
 
 def masked_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the unmasked tokens of each row; rows with no token give 0.  (B, T) -> (B, 1)"""
@@ -66,6 +68,36 @@ def shaped_probability(logp: torch.Tensor, shaping: float | None) -> torch.Tenso
     return p if shaping is None else p / (p + shaping)
 
 
+def _f(o) -> str:
+    return "p" if o.shaping is None else f"p/(p+{o.shaping:g})"
+
+
+@RATIO.register("token", traits=("uses_old_logprobs",), formula=lambda o: "r = π/π_old")
+def _token(logp, old, mask, *, shaping, clamp):
+    return token_ratio(logp, old, clamp)
+
+
+@RATIO.register("sequence", traits=("uses_old_logprobs",), formula=lambda o: "r = s_i = exp(mean_t log(π/π_old))")
+def _sequence(logp, old, mask, *, shaping, clamp):
+    return sequence_ratio(logp, old, mask, clamp)
+
+
+@RATIO.register("sequence_token", traits=("uses_old_logprobs",), formula=lambda o: "r = sg(s_i)·π/sg(π)")
+def _sequence_token(logp, old, mask, *, shaping, clamp):
+    return sequence_token_ratio(logp, old, mask, clamp)
+
+
+@RATIO.register("self", traits=("is_self",), formula=lambda o: "r = π/sg(π)")
+def _self(logp, old, mask, *, shaping, clamp):
+    return self_ratio(logp)
+
+
+@RATIO.register("none", formula=lambda o: f"r = f(π), f(p) = {_f(o)}",
+                label=lambda o: "none" if o.shaping is None else f"none, f(p)=p/(p+{o.shaping:g})")
+def _none(logp, old, mask, *, shaping, clamp):
+    return shaped_probability(logp, shaping)
+
+
 def compute_ratio(
     level: str,
     logp: torch.Tensor,
@@ -75,15 +107,5 @@ def compute_ratio(
     shaping: float | None = None,
     clamp: float | None = 20.0,
 ) -> torch.Tensor:
-    """Dispatch on the ratio level name.  (B, T)"""
-    if level == "token":
-        return token_ratio(logp, old, clamp)
-    if level == "sequence":
-        return sequence_ratio(logp, old, mask, clamp)
-    if level == "sequence_token":
-        return sequence_token_ratio(logp, old, mask, clamp)
-    if level == "self":
-        return self_ratio(logp)
-    if level == "none":
-        return shaped_probability(logp, shaping)
-    raise ValueError(f"unknown ratio level {level!r}")
+    """The registered ratio level's r.  (B, T)"""
+    return RATIO[level].function(logp, old, mask, shaping=shaping, clamp=clamp)

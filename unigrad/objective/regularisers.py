@@ -15,25 +15,35 @@ from __future__ import annotations
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from unigrad.objective.registry import KL_ESTIMATOR
 
 
 def kl_penalty(
     logp: torch.Tensor, ref: torch.Tensor, estimator: str = "k3", clamp: float | None = 10.0
 ) -> torch.Tensor:
-    """Per-token KL estimate (B, T) with gradient through logp."""
-    d = ref - logp
-    if estimator == "k1":
-        kl = -d
-    elif estimator == "k2":
-        kl = 0.5 * d * d
-    elif estimator == "k3":
-        if clamp is not None:
-            d = d.clamp(-20.0, 20.0)
-        kl = torch.exp(d) - d - 1
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+    """Per-token KL estimate (B, T) by the registered estimator, with gradient through logp."""
+    kl = KL_ESTIMATOR[estimator].function(ref - logp, clamp)
     return kl if clamp is None else kl.clamp(-clamp, clamp)
+
+
+@KL_ESTIMATOR.register("k1", formula=lambda o: "KL_t = −d")
+def _k1(d, clamp):
+    return -d
+
+
+@KL_ESTIMATOR.register("k2", formula=lambda o: "KL_t = d²/2")
+def _k2(d, clamp):
+    return 0.5 * d * d
+
+
+@KL_ESTIMATOR.register("k3", formula=lambda o: "KL_t = e^d − d − 1")
+def _k3(d, clamp):
+    if clamp is not None:
+        d = d.clamp(-20.0, 20.0)
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS = KL_ESTIMATOR.names()
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

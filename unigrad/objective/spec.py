@@ -16,14 +16,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RatioLevel = Literal["token", "sequence", "sequence_token", "self", "none"]
-Stabiliser = Literal["none", "clip", "dual_clip", "soft_gate", "cispo"]
-Correction = Literal["none", "tis", "icepop", "seq_tis", "seq_mask"]
+# The parts' modules register their choices; each field below allows exactly the registered names.
+from unigrad.objective import advantages, aggregation, corrections, ratios, regularisers, stabilisers  # noqa: F401
+from unigrad.objective.registry import ADVANTAGE, AGGREGATION, CORRECTION, KL_ESTIMATOR, RATIO, STABILISER
+
+RatioLevel = RATIO.literal()
+Stabiliser = STABILISER.literal()
+Correction = CORRECTION.literal()
 SequenceRatioForm = Literal["geometric", "product"]
-AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo", "batch_std", "whiten", "reinforce", "sft"]
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+AdvantageEstimator = ADVANTAGE.literal()
+Aggregation = AGGREGATION.literal()
 NormaliserScope = Literal["global", "local"]
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = KL_ESTIMATOR.literal()
 OffPolicyRatio = Literal["none", "self"]
 
 
@@ -117,7 +121,12 @@ class Objective(BaseModel):
     @property
     def uses_old_logprobs(self) -> bool:
         """Whether the ratio depends on pi_old (otherwise old log-probs are irrelevant)."""
-        return self.ratio in ("token", "sequence", "sequence_token")
+        return "uses_old_logprobs" in RATIO[self.ratio].traits
+
+    @property
+    def correction_zeroes_tokens(self) -> bool:
+        """Whether the behaviour correction can take tokens out of the loss (IcePop's band, seq_mask)."""
+        return "zeroes_tokens" in CORRECTION[self.correction].traits
 
     @property
     def needs_infer_logprobs(self) -> bool:
@@ -129,12 +138,12 @@ class Objective(BaseModel):
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> Objective:
-        if self.ratio in ("self", "none") and self.stabiliser != "none":
+        if "uses_old_logprobs" not in RATIO[self.ratio].traits and self.stabiliser != "none":
             raise ValueError(
                 f"ratio={self.ratio!r} has no pi_old to stabilise against; use stabiliser='none' "
                 f"(got {self.stabiliser!r})"
             )
-        if self.stabiliser in ("clip", "dual_clip") and self.epsilon >= 1:
+        if "clips" in STABILISER[self.stabiliser].traits and self.epsilon >= 1:
             raise ValueError(f"epsilon must be < 1 for clipping (got {self.epsilon})")
         if self.tis_floor is not None and self.tis_floor > self.tis_cap:
             raise ValueError(f"tis_floor ({self.tis_floor}) must not exceed tis_cap ({self.tis_cap})")
@@ -145,27 +154,11 @@ class Objective(BaseModel):
         return self
 
     def parts(self) -> dict[str, str]:
-        """The part choices with their active parameters, for tables and logs."""
-        ratio = self.ratio
-        if self.ratio == "none" and self.shaping is not None:
-            ratio = f"none, f(p)=p/(p+{self.shaping:g})"
-        stab = {
-            "none": "none",
-            "clip": f"clip [{1 - self.epsilon:g}, {1 + self.epsilon_upper:g}]",
-            "dual_clip": f"dual_clip [{1 - self.epsilon:g}, {1 + self.epsilon_upper:g}], c={self.dual_clip_c:g}",
-            "soft_gate": f"soft_gate tau+={self.tau_pos:g} tau-={self.tau_neg:g}",
-            "cispo": f"cispo min(r, {self.cispo_max:g})",
-        }[self.stabiliser]
-        corr = {
-            "none": "none",
-            "tis": f"tis C={self.tis_cap:g}",
-            "icepop": f"icepop [{self.icepop_low:g}, {self.icepop_high:g}]",
-            "seq_tis": f"seq_tis ({self.correction_form}) C={self.tis_cap:g}",
-            "seq_mask": f"seq_mask ({self.correction_form}) [{self.icepop_low:g}, {self.icepop_high:g}]",
-        }[self.correction]
-        agg = self.aggregation + (" (local)" if self.normaliser_scope == "local" else "")
-        out = {"ratio": ratio, "stabiliser": stab, "correction": corr, "advantage": self.advantage,
-               "aggregation": agg}
+        """The part choices with their active parameters (the registries' labels), for tables and logs."""
+        out = {"ratio": RATIO[self.ratio].label(self), "stabiliser": STABILISER[self.stabiliser].label(self),
+               "correction": CORRECTION[self.correction].label(self),
+               "advantage": ADVANTAGE[self.advantage].label(self),
+               "aggregation": AGGREGATION[self.aggregation].label(self)}
         if self.off_policy_ratio is not None:
             shaped = f", f(p)=p/(p+{self.shaping:g})" if self.shaping is not None else ""
             out["off_policy"] = f"{self.off_policy_ratio}{shaped}"

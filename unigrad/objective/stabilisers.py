@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from unigrad.objective.registry import STABILISER
+
 
 def no_stabiliser(ratio: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return -ratio * adv, {}
@@ -64,6 +66,32 @@ def cispo(
     return loss, {"clip/truncated_fraction": ratio.detach() > cispo_max}
 
 
+def _bounds(o) -> str:
+    return f"{1 - o.epsilon:g}, {1 + o.epsilon_upper:g}"
+
+
+STABILISER.register("none", formula=lambda o: "ℓ = −r·A")(
+    lambda ratio, adv, logp, p: no_stabiliser(ratio, adv))
+STABILISER.register(
+    "clip", traits=("clips",), formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A)",
+    label=lambda o: f"clip [{_bounds(o)}]", metrics=("clip/low_fraction", "clip/high_fraction", "clip/region_fraction"),
+)(lambda ratio, adv, logp, p: clipped(ratio, adv, p["epsilon"], p["epsilon_high"]))
+STABILISER.register(
+    "dual_clip", traits=("clips",),
+    formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A), ≤ {o.dual_clip_c:g}·|A| if A<0",
+    label=lambda o: f"dual_clip [{_bounds(o)}], c={o.dual_clip_c:g}",
+    metrics=("clip/low_fraction", "clip/high_fraction", "clip/region_fraction", "clip/dual_fraction"),
+)(lambda ratio, adv, logp, p: dual_clipped(ratio, adv, p["epsilon"], p["epsilon_high"], p["dual_clip_c"]))
+STABILISER.register(
+    "soft_gate", formula=lambda o: f"ℓ = −σ(τ(r−1))·(4/τ)·A, τ = {o.tau_pos:g} if A>0 else {o.tau_neg:g}",
+    label=lambda o: f"soft_gate tau+={o.tau_pos:g} tau-={o.tau_neg:g}", metrics=("gate/weight_mean",),
+)(lambda ratio, adv, logp, p: soft_gated(ratio, adv, p["tau_pos"], p["tau_neg"]))
+STABILISER.register(
+    "cispo", formula=lambda o: f"ℓ = −sg(min(r, {o.cispo_max:g}))·A·log π",
+    label=lambda o: f"cispo min(r, {o.cispo_max:g})", metrics=("clip/truncated_fraction",),
+)(lambda ratio, adv, logp, p: cispo(ratio, adv, logp, p["cispo_max"]))
+
+
 def stabilise(
     name: str,
     ratio: torch.Tensor,
@@ -77,15 +105,7 @@ def stabilise(
     tau_neg: float,
     cispo_max: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Dispatch on the stabiliser name; returns (per-token loss (B, T), metric indicators)."""
-    if name == "none":
-        return no_stabiliser(ratio, adv)
-    if name == "clip":
-        return clipped(ratio, adv, epsilon, epsilon_high)
-    if name == "dual_clip":
-        return dual_clipped(ratio, adv, epsilon, epsilon_high, dual_clip_c)
-    if name == "soft_gate":
-        return soft_gated(ratio, adv, tau_pos, tau_neg)
-    if name == "cispo":
-        return cispo(ratio, adv, logp, cispo_max)
-    raise ValueError(f"unknown stabiliser {name!r}")
+    """The registered stabiliser's (per-token loss (B, T), metric indicators)."""
+    params = {"epsilon": epsilon, "epsilon_high": epsilon_high, "dual_clip_c": dual_clip_c, "tau_pos": tau_pos,
+              "tau_neg": tau_neg, "cispo_max": cispo_max}
+    return STABILISER[name].function(ratio, adv, logp, params)

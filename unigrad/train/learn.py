@@ -2,7 +2,7 @@
 
 One loop, one code path for every loss component: for each micro-batch of the plan (`unigrad.train.plan`), the
 learner's log-probs under the sampling temperature, the reference's when the component's objective has beta > 0,
-`compute_policy_loss` with the component's objective and its whole-batch normalisers, backward with its
+`policy_loss` with the component's objective and its whole-batch normalisers, backward with its
 coefficient. Per-task gradients are collected at the end of each accounting group. Then the clip and the optimizer
 step, `num_iterations` times over the same batch:
 - with num_iterations = 1 the "old" log-probs are the learner's own, detached (no extra pass);
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.diagnostics.mismatch import mismatch_metrics
-from unigrad.objective import compute_policy_loss
+from unigrad.objective import LossInputs, policy_loss
 from unigrad.train.batch import Batch, LossComponent
 from unigrad.train.distributed import Distributed
 from unigrad.train.learner import Learner
@@ -112,14 +112,13 @@ def _forward_backward(p: _Pass, batch: Batch, learner: Learner, keep_old: bool) 
     if obj.beta > 0 and p.ref is None:
         p.ref = learner.reference_logprobs(mb, batch.temperature)
     off = comp.off_policy
-    out = compute_policy_loss(
-        logp, mb.completion_mask, comp.advantages[rows].to(device), obj, old_logprobs=p.old,
+    out = policy_loss(LossInputs(
+        logp, mb.completion_mask, comp.advantages[rows].to(device), old_logprobs=p.old,
         infer_logprobs=comp.infer_logprobs[rows, :width].to(device) if obj.needs_infer_logprobs else None,
-        ref_logprobs=p.ref, max_length=batch.max_length if comp.sampled else None,
-        num_tokens=comp.normalisers.num_tokens, num_sequences=comp.normalisers.num_sequences,
-        entropy=entropy if comp.sampled else None,
+        ref_logprobs=p.ref, entropy=entropy if comp.sampled else None,
         off_policy_mask=off[rows, None].to(device) & mb.completion_mask if off is not None else None,
-    )
+        max_length=batch.max_length if comp.sampled else None,
+        num_tokens=comp.normalisers.num_tokens, num_sequences=comp.normalisers.num_sequences), obj)
     (comp.coef * out.loss).backward()
     if keep_old and p.old is None:
         p.old = logp.detach()

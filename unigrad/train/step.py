@@ -1,7 +1,7 @@
 """One training step, as an outline of named phases.
 
     produce (unigrad.train.produce): task sampler -> rollouts -> verifiers -> advantages -> routing -> Batch
-    learn   (unigrad.train.learn):   micro-batch plan -> log-probs -> compute_policy_loss -> backward
+    learn   (unigrad.train.learn):   micro-batch plan -> log-probs -> policy_loss -> backward
                                      -> grad clip -> optimizer step (num_iterations times)
     sync:    the rollout engine takes the new weights
     report:  metrics of the whole batch, and a few samples
