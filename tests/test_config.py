@@ -16,7 +16,9 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.tasks == ["arithmetic"]
     again = tmp_path / "again.yaml"
     again.write_text(config_to_yaml(cfg))
-    assert load_config(again) == cfg  # the saved config reproduces the run
+    saved = load_config(again)  # the saved config reproduces the run: the same settings and the same objective
+    assert saved.model_copy(update={"objective_args": cfg.objective_args}) == cfg
+    assert saved.resolved_objective() == cfg.resolved_objective()
 
 
 @pytest.mark.parametrize(
@@ -94,3 +96,63 @@ def test_sampler_combinations_that_make_no_sense_are_refused():
 def test_sharding_with_lora_is_refused():
     with pytest.raises(ConfigError, match="sharding=fsdp with model.lora_r > 0 is not supported yet"):
         load_config(None, ["sharding=fsdp", "model.lora_r=4"])
+
+
+def test_a_saved_config_records_every_part_of_the_resolved_objective(tmp_path, monkeypatch):
+    import dataclasses
+
+    from unigrad.objective import presets
+
+    for objective in ("grpo", "hpt", "luffy"):
+        cfg = load_config(None, [f"objective={objective}", "objective_args.epsilon_high=0.3"])
+        path = tmp_path / f"{objective}.yaml"
+        path.write_text(config_to_yaml(cfg))
+        saved = load_config(path)
+        assert saved.resolved_objective() == cfg.resolved_objective()
+        assert set(saved.objective_args) == set(presets.OBJECTIVE_FIELDS)
+    # A preset whose defaults change later: the saved run keeps the objective it trained with.
+    grpo = presets.PRESETS["grpo"]
+    changed = dataclasses.replace(grpo, objective=grpo.objective.model_copy(update={"epsilon": 0.1}))
+    monkeypatch.setitem(presets.PRESETS, "grpo", changed)
+    presets._resolve_cached.cache_clear()
+    try:
+        assert load_config(None, ["objective=grpo"]).resolved_objective().epsilon == 0.1
+        assert load_config(tmp_path / "grpo.yaml").resolved_objective().epsilon == 0.2
+    finally:
+        presets._resolve_cached.cache_clear()
+
+
+def test_a_config_yaml_written_before_the_resolved_objective_still_loads(tmp_path):
+    # The form of config.yaml before it recorded the resolved objective: the preset's name and no objective_args.
+    path = tmp_path / "config.yaml"
+    path.write_text("objective: dapo\nobjective_args: {}\nmax_steps: 7\nsampler:\n  name: balanced\n")
+    cfg = load_config(path)
+    assert cfg.objective == "dapo" and cfg.max_steps == 7 and cfg.resolved_objective().epsilon_high == 0.28
+
+
+def test_train_help_lists_every_config_key_with_its_description():
+    import typing
+
+    from pydantic import BaseModel
+
+    from unigrad.cli import build_parser
+    from unigrad.config import TrainConfig
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    text = train.format_help()
+    keys = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, prefix + name + ".")
+            else:
+                assert field.description, f"{prefix}{name} has no description"
+                keys.append((prefix + name, field))
+
+    walk(TrainConfig, "")
+    for key, field in keys:
+        assert f"  {key} (" in text and field.description in text, key
+    assert "optim.beta2 (float, >=0 <1; default 0.99)" in text
+    assert typing.get_args(TrainConfig.model_fields["sharding"].annotation) == ("none", "fsdp")

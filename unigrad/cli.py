@@ -168,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=160, help="table width in characters")
     p.set_defaults(func=_presets)
 
-    t = sub.add_parser("train", help="post-train a model (default: the embedded unigrad-tiny)")
+    from unigrad.config import config_help
+
+    t = sub.add_parser("train", help="post-train a model (default: the embedded unigrad-tiny)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (set in the YAML file or as key=value; sections as section.key=value):\n"
+                              + config_help())
     t.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
                    help="an optional YAML config, then dotted overrides such as objective=dapo rollout.temperature=0.8")
     t.add_argument("--output-dir", help="run directory (default: runs/<objective>-seed<seed>)")

@@ -32,7 +32,7 @@ class ModelSection(_Section):
                       "experts twin), an HF model id or a local path")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="learner dtype")
     lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 trains all weights")
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is alpha / r times B A)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
                         description="learner and rollout device: auto (cuda:LOCAL_RANK if CUDA is available, else "
                                     "cpu), cpu, cuda, cuda:N or mps")
@@ -41,7 +41,7 @@ class ModelSection(_Section):
 class RolloutSection(_Section):
     num_generations: int = Field(8, ge=1, description="G: completions per prompt")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this mass")
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     max_new_tokens: int = Field(32, ge=1, description="L_max, also Dr. GRPO's normaliser")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -61,9 +61,9 @@ class RolloutSection(_Section):
 
 class OptimSection(_Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (the main risk for tiny models)")
-    weight_decay: float = Field(0.0, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2")
     max_grad_norm: float = Field(1.0, gt=0, description="clip the global grad norm to this")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -183,23 +183,23 @@ class TrainConfig(_Section):
         "tasks' verifiers; returns of None / NaN / raising count as unscorable (NaN, advantage 0)",
     )
     train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, description="rollout steps to train (each makes num_iterations optimizer steps)")
     max_minutes: float = Field(0.0, ge=0, description="also stop after this much training time (0 = off)")
     task_weights: dict[str, float] = Field(
         default_factory=dict,
         description="relative sampling weight per task name (tasks not named weigh 1.0); e.g. {arithmetic: 3}")
-    prompts_per_step: int = Field(16, ge=1)
+    prompts_per_step: int = Field(16, ge=1, description="prompts per rollout step (num_generations completions each)")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward pass")
     num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (GRPO's mu)")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the task pools, the sampler, the rollouts and torch")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory (the oldest go)")
     samples_per_step: int = Field(4, ge=0, description="completions logged to samples.jsonl per step")
     threads: int = Field(0, ge=0, description="torch threads (0 = leave torch's default)")
     sharding: Literal["none", "fsdp"] = Field(
         "none", description="learner over several processes: none = a full replica of model and optimizer on each "
         "(gradients all-reduced); fsdp = parameters, gradients and AdamW state sharded with torch FSDP2")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="also write TensorBoard event files to the run directory")
     report_to: list[str] = Field(default_factory=list,
                                  description="also send metrics to these trackers: wandb, mlflow, trackio")
     rollout: RolloutSection = Field(default_factory=RolloutSection)
@@ -366,4 +366,31 @@ def validate_config(data: dict[str, Any]) -> TrainConfig:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, with `objective_args` holding every field of the resolved objective: a saved run
+    reproduces even if a preset's defaults change later (and loads as any config does)."""
+    data = cfg.model_dump(mode="json")
+    resolved = cfg.resolved_objective().model_dump(mode="json")
+    data["objective_args"] = {k: resolved[k] for k in OBJECTIVE_FIELDS}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def config_help() -> str:
+    """Every config key with its type, default, bounds and description, from `TrainConfig` (for --help)."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, prefix + name + ".")
+                continue
+            default = field.default_factory() if field.default_factory is not None else field.default
+            bounds = " ".join(f"{op}{getattr(m, attr)}" for m in field.metadata
+                              for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                              if getattr(m, attr, None) is not None)
+            type_text = str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
+            head = f"{prefix}{name} ({type_text}{', ' + bounds if bounds else ''}; default {default!r})"
+            lines.append(f"  {head}\n      {field.description}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
