@@ -226,12 +226,13 @@ class TrainConfig(_Section):
         check_installed(v)
         return v
 
+
     @field_validator("task_weights")
     @classmethod
     def _weights_valid(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if not w >= 0 or w == float("inf")}
-        if bad:
-            raise ValueError(f"task weights must be finite and >= 0, got {bad}")
+        from unigrad.data.samplers import task_weight_list
+
+        task_weight_list(v)  # the values here, under their key; the sampler and the names below and at load
         return v
 
     @field_validator("tasks")
@@ -278,8 +279,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _sampler_consistent(self) -> TrainConfig:
-        if self.task_weights and self.sampler.name not in ("uniform", "balanced", "pcgrad"):
-            raise ValueError(f"task_weights cannot be combined with sampler.name={self.sampler.name!r}")
+        from unigrad.data.samplers import task_weight_list
+
+        task_weight_list(self.task_weights, sampler=self.sampler.name)  # values and sampler; names once tasks load
         needs = self.sampler.name in ("gradient", "balanced", "pcgrad")
         if needs and self.diagnostics.task_gradients is False:
             raise ValueError(f"sampler.name={self.sampler.name!r} needs diagnostics.task_gradients")

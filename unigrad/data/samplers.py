@@ -183,18 +183,40 @@ class LearningProgressSampler(_EmaSampler):
 
 DRAWS = ["stratified", "independent"]
 SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"]
+WEIGHTED_SAMPLERS = ("uniform", "balanced", "pcgrad")  # the ones that take fixed task weights
+
+
+def task_weight_list(weights: dict[str, float], names: list[str] | None = None,
+                     sampler: str = "uniform") -> list[float] | None:
+    """The one check of `task_weights` ({task name: weight}; unnamed tasks weigh 1.0): finite, >= 0, a sampler
+    that takes them and, given the run's task `names`, only those names and a positive total. Returns the weights
+    in the order of `names` (None when no weights are set or no names are given)."""
+    bad = {k: w for k, w in weights.items() if not w >= 0 or w == float("inf")}
+    if bad:
+        raise ValueError(f"task weights must be finite and >= 0, got {bad}")
+    if weights and sampler not in WEIGHTED_SAMPLERS:
+        raise ValueError(f"task_weights cannot be combined with sampler.name={sampler!r}")
+    if not weights or names is None:
+        return None
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"task_weights names {unknown}, which are not among this run's tasks {names}")
+    out = [float(weights.get(name, 1.0)) for name in names]
+    if sum(out) <= 0:
+        raise ValueError("task_weights: at least one task needs a positive weight")
+    return out
 
 
 def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
                   weights: list[float] | None = None, ema_decay: float = 0.9,
                   exploration: float = 0.1, draw: str = "stratified") -> TaskSampler:
     """The sampler called `name` (one of SAMPLERS); `balanced` and `pcgrad` sample uniformly (or by `weights`)."""
-    if name in ("uniform", "balanced", "pcgrad"):
+    if name in WEIGHTED_SAMPLERS:
         sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names, draw=draw)
         sampler.name = name
         return sampler
     if weights is not None:
-        raise ValueError(f"task_weights cannot be combined with the {name!r} sampler")
+        raise ValueError(f"task_weights cannot be combined with sampler.name={name!r}")
     if name == "size":
         return SizeProportionalSampler(pool_sizes, seed, names=names, draw=draw)
     if name == "gradient":

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import Rollout, SamplingParams, resolve_prompt_seeds
+from .padding import widen
 
 
 def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -28,10 +29,10 @@ def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     width = max(p.completion_ids.shape[1] for p in parts)
 
     def left(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+        return widen(t, prompt_width, "left", value)
 
     def right(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        return widen(t, width, "right", value)
 
     offsets, groups = 0, []
     for p in parts:

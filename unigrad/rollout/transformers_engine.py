@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
+from .padding import pad_rows
 from .sampling import select_next_tokens
 from .static_decoder import StaticCacheDecoder, unsupported_reason
 
@@ -176,12 +177,7 @@ class TransformersEngine:
         index_of: dict[tuple[int, ...], int] = {}
         which = [index_of.setdefault(tuple(p), len(index_of)) for p in prompts]
         distinct = list(index_of)
-        prompt_len = max(len(p) for p in distinct)
-        ids = torch.full((len(distinct), prompt_len), pad, dtype=torch.long)
-        mask = torch.zeros(len(distinct), prompt_len, dtype=torch.bool)
-        for i, p in enumerate(distinct):
-            ids[i, prompt_len - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, prompt_len - len(p) :] = True
+        ids, mask = pad_rows(distinct, "left", pad)
         ids, mask = ids.to(dev), mask.to(dev)
         row_src = torch.tensor(which, dtype=torch.long, device=dev).repeat_interleave(n)  # (N,) distinct prompt of row
         rows, max_new = row_src.shape[0], max(0, sampling.max_new_tokens)

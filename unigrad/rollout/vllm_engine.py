@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
+from .padding import pad_rows
 
 
 class VLLMUnavailable(RuntimeError):
@@ -156,21 +157,9 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: in
                                  f"of the EOS ids {sorted(eos)} last")
             rows.append((tokens, logprobs, not stopped))
 
-    prompt_len = max(len(p) for p in prompts)
-    width = max((len(t) for t, _, _ in rows), default=0)
-    num = len(rows)
-    prompt_ids = torch.full((num, prompt_len), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros(num, prompt_len, dtype=torch.bool)
-    completion_ids = torch.full((num, width), pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros(num, width, dtype=torch.bool)
-    infer_logprobs = torch.zeros(num, width, dtype=torch.float32)
-    for r, (tokens, logprobs, _) in enumerate(rows):
-        prompt = prompts[r // n]
-        prompt_ids[r, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        prompt_mask[r, prompt_len - len(prompt):] = True
-        completion_ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        completion_mask[r, : len(tokens)] = True
-        infer_logprobs[r, : len(tokens)] = torch.tensor(logprobs, dtype=torch.float32)
+    prompt_ids, prompt_mask = pad_rows([prompts[r // n] for r in range(len(rows))], "left", pad_token_id)
+    completion_ids, completion_mask = pad_rows([t for t, _, _ in rows], "right", pad_token_id)
+    infer_logprobs, _ = pad_rows([lp for _, lp, _ in rows], "right", 0.0, dtype=torch.float32)
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, infer_logprobs=infer_logprobs,

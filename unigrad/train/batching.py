@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unigrad.rollout.padding import pad_rows
+
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The user message through the tokenizer's chat template, ending with the assistant header."""
@@ -54,20 +56,10 @@ class SequenceBatch:
 
 
 def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SequenceBatch:
-    """Left-pad prompts and right-pad completions into a `SequenceBatch`."""
-    n = len(prompts)
-    p_len = max(len(p) for p in prompts)
-    t_len = max(1, max(len(c) for c in completions))
-    prompt_ids = torch.full((n, p_len), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
-    completion_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((n, t_len), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        prompt_ids[i, p_len - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[i, p_len - len(p):] = True
-        if c:
-            completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            completion_mask[i, : len(c)] = True
+    """Left-pad prompts and right-pad completions into a `SequenceBatch` (at least one completion column)."""
+    prompt_ids, prompt_mask = pad_rows(prompts, "left", pad_id)
+    completion_ids, completion_mask = pad_rows(completions, "right", pad_id,
+                                               width=max(1, max(len(c) for c in completions)))
     return SequenceBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from unigrad.rollout.base import Rollout
+from unigrad.rollout.padding import widen
 from unigrad.tasks.base import Example
 from unigrad.train.batching import SequenceBatch, encode_completion, pad_pairs
 
@@ -53,22 +54,20 @@ def with_demonstrations(ro: Rollout, demos: SequenceBatch, pad_id: int) -> tuple
     p_len = max(ro.prompt_ids.shape[1], demos.prompt_ids.shape[1])
     t_len = max(ro.completion_ids.shape[1], demos.completion_ids.shape[1])
 
-    def widen(x: torch.Tensor, width: int, left: bool, fill) -> torch.Tensor:
-        extra = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype)
-        return torch.cat([extra, x] if left else [x, extra], dim=1)
-
     def interleave(sampled: torch.Tensor, demo: torch.Tensor) -> torch.Tensor:
         """(P*n, ...) and (P, ...) -> (P*(n+1), ...) with each prompt's demonstration after its n rows."""
         return torch.cat([sampled.reshape(num_prompts, n, *sampled.shape[1:]), demo[:, None]], dim=1).flatten(0, 1)
 
     out = Rollout(
-        prompt_ids=interleave(widen(ro.prompt_ids, p_len, True, pad_id), widen(demos.prompt_ids, p_len, True, pad_id)),
-        prompt_mask=interleave(widen(ro.prompt_mask, p_len, True, False), widen(demos.prompt_mask, p_len, True, False)),
-        completion_ids=interleave(widen(ro.completion_ids, t_len, False, pad_id),
-                                  widen(demos.completion_ids, t_len, False, pad_id)),
-        completion_mask=interleave(widen(ro.completion_mask, t_len, False, False),
-                                   widen(demos.completion_mask, t_len, False, False)),
-        infer_logprobs=interleave(widen(ro.infer_logprobs, t_len, False, 0.0), torch.zeros(num_prompts, t_len)),
+        prompt_ids=interleave(widen(ro.prompt_ids, p_len, "left", pad_id),
+                              widen(demos.prompt_ids, p_len, "left", pad_id)),
+        prompt_mask=interleave(widen(ro.prompt_mask, p_len, "left", False),
+                               widen(demos.prompt_mask, p_len, "left", False)),
+        completion_ids=interleave(widen(ro.completion_ids, t_len, "right", pad_id),
+                                  widen(demos.completion_ids, t_len, "right", pad_id)),
+        completion_mask=interleave(widen(ro.completion_mask, t_len, "right", False),
+                                   widen(demos.completion_mask, t_len, "right", False)),
+        infer_logprobs=interleave(widen(ro.infer_logprobs, t_len, "right", 0.0), torch.zeros(num_prompts, t_len)),
         group_ids=torch.arange(num_prompts).repeat_interleave(n + 1),
         truncated=interleave(ro.truncated, torch.zeros(num_prompts, dtype=torch.bool)),
     )

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from unigrad.rollout.padding import widen
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -41,8 +43,7 @@ class Distributed:
 
     def block(self, total: int) -> tuple[int, int]:
         """This process's [lo, hi) share of `total` items (contiguous; `total` must divide evenly)."""
-        if total % self.world:
-            raise ValueError(f"prompts_per_step={total} must be a multiple of the number of processes ({self.world})")
+        check_prompts_split(total, self.world)
         size = total // self.world
         return self.rank * size, (self.rank + 1) * size
 
@@ -77,7 +78,7 @@ class Distributed:
         parts = self.gather(tensor.cpu())
         if tensor.dim() == 2:
             width = max(t.shape[1] for t in parts)
-            parts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in parts]
+            parts = [widen(t, width, "right", 0) for t in parts]
         return torch.cat(parts, dim=0).to(tensor.device)
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:

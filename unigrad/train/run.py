@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
-from unigrad.data.samplers import build_sampler
+from unigrad.data.samplers import build_sampler, task_weight_list
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
@@ -279,7 +279,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be distinct, got {names}")
     sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
-                            weights=task_weights(tasks, cfg.task_weights), ema_decay=cfg.sampler.ema_decay,
+                            weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name),
+                            ema_decay=cfg.sampler.ema_decay,
                             exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
     account = cfg.diagnostics.task_gradients
     if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
@@ -305,18 +306,12 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     return ctx, gain, dropped
 
 
-def task_weights(tasks: list[Task], weights: dict[str, float]) -> list[float] | None:
+def task_weights(tasks: list[Task], weights: dict[str, float], sampler: str = "uniform") -> list[float] | None:
     """Sampling weight per loaded task from the config's {name: weight} (default 1.0)."""
-    if not weights:
-        return None
-    names = [t.name for t in tasks]
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise ConfigError(f"task_weights names {unknown}, which are not among this run's tasks {names}")
-    out = [float(weights.get(name, 1.0)) for name in names]
-    if sum(out) <= 0:
-        raise ConfigError("task_weights: at least one task needs a positive weight")
-    return out
+    try:
+        return task_weight_list(weights, [t.name for t in tasks], sampler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _loop(run: Run, start: int) -> int:
