@@ -54,6 +54,7 @@ def test_rollout_to_moves_every_tensor_and_is_a_no_op_in_place():
     assert all(t.device.type == "meta" for t in vars(meta).values())
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hpt", [False, True])
 def test_a_learner_on_the_gpu_gets_the_gradient_of_the_cpu(hpt):

@@ -177,6 +177,7 @@ def filtered_teacher_forced(model, rollout, sampling):
     return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1) * rollout.completion_mask
 
 
+@pytest.mark.gpu
 @needs_vllm
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)])
 def test_vllm_logprobs_are_those_of_the_filtered_sampling_distribution(top_k, top_p):
@@ -193,6 +194,7 @@ def test_vllm_logprobs_are_those_of_the_filtered_sampling_distribution(top_k, to
     assert torch.equal(again.completion_ids, r.completion_ids)  # per-prompt seeds: reproducible
 
 
+@pytest.mark.gpu
 @needs_vllm
 def test_vllm_takes_the_learners_weights():
     engine = VLLMEngine(tiny_llama(0), PAD, EOS, dtype=torch.float32, gpu_memory_utilization=0.2)
