@@ -50,7 +50,7 @@ def main() -> None:
                 "halves_every_step": ["diagnostics.task_gradients=true", "diagnostics.cross_every=1"]}
     for name, overrides in variants.items():
         # Uniform task sampling in all: the default's gradient-balanced update needs the accounting itself.
-        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]", "sampler.name=uniform", *overrides])
+        cfg = load_config(DEFAULT_YAML, [f"tasks=[{','.join(TASKS)}]", "gradients.combine=sum", *overrides])
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
         tasks = [t for spec in cfg.tasks for t in get_tasks(spec)]
         contexts[name], _, _ = build_step_context(cfg, model, tokenizer, tasks)

@@ -22,6 +22,9 @@ from unigrad.report.study import run_many, write_page
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "gradient_imbalance.yaml"
 SAMPLERS = ["uniform", "gradient", "balanced"]
+# Each compared setting as config overrides: two task samplers, and uniform sampling with balanced task gradients.
+SETTINGS = {"uniform": ["sampler.name=uniform"], "gradient": ["sampler.name=gradient"],
+            "balanced": ["sampler.name=uniform", "gradients.combine=balanced"]}
 
 
 
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
-    jobs = {(s, seed): (out / f"{s}-seed{seed}", CONFIG, [f"sampler.name={s}", f"seed={seed}",
+    jobs = {(s, seed): (out / f"{s}-seed{seed}", CONFIG, [*SETTINGS[s], f"seed={seed}",
                                                           f"max_steps={args.steps}", *args.extra])
             for s in args.samplers for seed in args.seeds}
     done = run_many(jobs, args.parallel)

@@ -88,9 +88,9 @@ def test_sampler_combinations_that_make_no_sense_are_refused():
     with pytest.raises(ConfigError, match="task_weights cannot be combined with sampler.name='gradient'"):
         load_config(None, ["sampler.name=gradient", "task_weights={arithmetic: 2}"])
     with pytest.raises(ConfigError, match="needs diagnostics.task_gradients"):
-        load_config(None, ["sampler.name=balanced", "diagnostics.task_gradients=false"])
-    cfg = load_config(None, ["sampler.name=balanced", "task_weights={arithmetic: 2}"])
-    assert cfg.sampler.name == "balanced" and cfg.diagnostics.task_gradients is None
+        load_config(None, ["gradients.combine=balanced", "diagnostics.task_gradients=false"])
+    cfg = load_config(None, ["gradients.combine=balanced", "task_weights={arithmetic: 2}"])
+    assert cfg.gradients.combine == "balanced" and cfg.diagnostics.task_gradients is None
 
 
 def test_sharding_with_lora_is_refused():
@@ -122,12 +122,36 @@ def test_a_saved_config_records_every_part_of_the_resolved_objective(tmp_path, m
         presets._resolve_cached.cache_clear()
 
 
-def test_a_config_yaml_written_before_the_resolved_objective_still_loads(tmp_path):
-    # The form of config.yaml before it recorded the resolved objective: the preset's name and no objective_args.
-    path = tmp_path / "config.yaml"
-    path.write_text("objective: dapo\nobjective_args: {}\nmax_steps: 7\nsampler:\n  name: balanced\n")
-    cfg = load_config(path)
+def test_a_config_yaml_written_before_this_version_still_loads_as_a_run_directory(tmp_path):
+    # The form of config.yaml before it recorded the resolved objective (the preset's name, no objective_args) and
+    # before gradients.combine (the combination spelled as a sampler).
+    from unigrad.config import load_run_config
+
+    (tmp_path / "config.yaml").write_text("objective: dapo\nobjective_args: {}\nmax_steps: 7\nsampler:\n"
+                                          "  name: balanced\n  balance_target: 2.0\n")
+    cfg = load_run_config(tmp_path)
     assert cfg.objective == "dapo" and cfg.max_steps == 7 and cfg.resolved_objective().epsilon_high == 0.28
+    assert (cfg.sampler.name, cfg.gradients.combine, cfg.gradients.balance_target) == ("uniform", "balanced", 2.0)
+
+
+@pytest.mark.parametrize("old, new", [("sampler.name=balanced", "gradients.combine=balanced"),
+                                      ("sampler.name=pcgrad", "gradients.combine=pcgrad"),
+                                      ("sampler.balance_target=2", "gradients.balance_target")])
+def test_the_old_spelling_of_gradient_combination_is_refused_naming_the_new_key(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
+        load_config(None, [old])
+    path = tmp_path / "mine.yaml"
+    key, value = old.split("=")
+    path.write_text(f"sampler:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
+        load_config(path)  # a config the user writes is not migrated
+
+
+def test_the_default_config_combines_task_gradients_by_balancing_and_samples_uniformly():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "default.yaml")
+    assert (cfg.sampler.name, cfg.gradients.combine) == ("uniform", "balanced")
 
 
 def test_train_help_lists_every_config_key_with_its_description():

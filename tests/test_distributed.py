@@ -75,7 +75,7 @@ def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
 @pytest.mark.parametrize("objective,extra", [
     ("grpo", ()),  # seq_mean_token_mean: sequence normaliser summed over processes
     ("dapo", ()),  # token_mean: token normaliser summed over processes
-    ("grpo", ("sampler.name=balanced",)),  # per-task gradients reduced before they are rescaled
+    ("grpo", ("gradients.combine=balanced",)),  # per-task gradients reduced before they are rescaled
 ])
 def test_two_processes_equal_one(run, objective, extra):
     """Replicated and sharded (FSDP) learners over two processes against one process."""
@@ -114,7 +114,7 @@ def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
 def test_sharded_resume_continues_as_an_uninterrupted_run(setup, run, tmp_path):
     """Checkpoint of a sharded learner (model and AdamW state gathered on rank 0), then --resume on two processes."""
     model, reward = setup
-    extra = ("sampler.name=balanced", "sharding=fsdp")
+    extra = ("gradients.combine=balanced", "sharding=fsdp")
     _, whole = run(2, "grpo", extra)  # also one of test_two_processes_equal_one's runs
     train(tmp_path, "cut", 2, model, reward, "grpo", (*extra, "max_steps=1"))
     resumed = train(tmp_path, "cut", 2, model, reward, "grpo", extra, resume=True)

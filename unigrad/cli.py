@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from unigrad.config import load_config
+    from unigrad.config import load_run_config
     from unigrad.eval import evaluate
     from unigrad.models.loading import load_model_and_tokenizer
     from unigrad.tasks import DEFAULT_MIXTURE, get_tasks
@@ -88,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     tasks, cfg = args.tasks, None
     model_path, max_new_tokens = args.model, args.max_new_tokens
     if (target / "config.yaml").is_file() and (target / "final").is_dir():  # a run directory
-        cfg = load_config(target / "config.yaml")
+        cfg = load_run_config(target)
         model_path = str(target / "final")
         tasks = tasks or cfg.tasks
         max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens

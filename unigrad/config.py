@@ -102,15 +102,37 @@ class EvalSection(_Section):
 class SamplerSection(_Section):
     """Which task each prompt slot draws from (unigrad/data/samplers.py)."""
 
-    name: Literal["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"] = Field(
+    name: Literal["uniform", "size", "gradient", "learning_progress"] = Field(
         "uniform", description="uniform (or fixed task_weights), size, gradient (proportional to an EMA of "
-        "||g_k||^2), learning_progress (to an EMA of |gain|), balanced (uniform sampling, each task's gradient "
-        "rescaled to a common norm), pcgrad (uniform sampling, conflicting task gradients projected apart)")
+        "||g_k||^2), learning_progress (to an EMA of |gain|)")
     draw: Literal["stratified", "independent"] = Field(
         "stratified", description="how a step's prompt slots get their tasks: stratified (systematic sampling, each "
         "task gets floor or ceil of its expected count) or independent (one draw per slot)")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the adaptive samplers' statistic")
     exploration: float = Field(0.1, ge=0, le=1, description="uniform share mixed into adaptive samplers")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") in GRADIENT_COMBINATIONS:
+            raise ValueError(f"sampler.name={data['name']!r} is now gradients.combine={data['name']} (how per-task "
+                             "gradients are combined is its own key, apart from the task sampler: e.g. "
+                             f"sampler.name=uniform gradients.combine={data['name']})")
+        if isinstance(data, dict) and "balance_target" in data:
+            raise ValueError("sampler.balance_target is now gradients.balance_target")
+        return data
+
+
+GRADIENT_COMBINATIONS = ("balanced", "pcgrad")  # the combinations besides the plain sum
+
+
+class GradientsSection(_Section):
+    """How the tasks' gradients become the step's update (unigrad/diagnostics/task_gradients.py)."""
+
+    combine: Literal["sum", "balanced", "pcgrad"] = Field(
+        "sum", description="sum (the plain gradient of the batch), balanced (each task's gradient rescaled to a "
+        "common norm) or pcgrad (conflicting task gradients projected apart); the last two measure per-task "
+        "gradients")
     balance_target: float | None = Field(
         None, gt=0, description="balanced: common norm of every task gradient (None = their mean)")
 
@@ -207,6 +229,7 @@ class TrainConfig(_Section):
     hybrid: HybridSection = Field(default_factory=HybridSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     sampler: SamplerSection = Field(default_factory=SamplerSection)
+    gradients: GradientsSection = Field(default_factory=GradientsSection)
     diagnostics: DiagnosticsSection = Field(default_factory=DiagnosticsSection)
     monitors: MonitorSection = Field(default_factory=MonitorSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
@@ -282,9 +305,11 @@ class TrainConfig(_Section):
         from unigrad.data.samplers import task_weight_list
 
         task_weight_list(self.task_weights, sampler=self.sampler.name)  # values and sampler; names once tasks load
-        needs = self.sampler.name in ("gradient", "balanced", "pcgrad")
-        if needs and self.diagnostics.task_gradients is False:
-            raise ValueError(f"sampler.name={self.sampler.name!r} needs diagnostics.task_gradients")
+        if self.diagnostics.task_gradients is False:
+            if self.sampler.name == "gradient":
+                raise ValueError("sampler.name='gradient' needs diagnostics.task_gradients")
+            if self.gradients.combine != "sum":
+                raise ValueError(f"gradients.combine={self.gradients.combine!r} needs diagnostics.task_gradients")
         return self
 
     @model_validator(mode="after")
@@ -335,8 +360,30 @@ def _set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Config from an optional YAML file plus `key.sub=value` overrides (YAML-typed values)."""
+def migrate_saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's config.yaml in today's spelling: runs saved before gradients.combine existed said
+    `sampler.name: balanced | pcgrad` and `sampler.balance_target` (refused in a config a user writes)."""
+    sampler = data.get("sampler")
+    if not isinstance(sampler, dict):
+        return data
+    sampler, gradients = dict(sampler), dict(data.get("gradients") or {})
+    if sampler.get("name") in GRADIENT_COMBINATIONS:
+        gradients["combine"], sampler["name"] = sampler["name"], "uniform"
+    if "balance_target" in sampler:
+        gradients["balance_target"] = sampler.pop("balance_target")
+    return {**data, "sampler": sampler, **({"gradients": gradients} if gradients else {})}
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run directory was trained with (its config.yaml, in any spelling this version has written)."""
+    path = Path(run_dir) / "config.yaml"
+    return load_config(path, migrate=True)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                migrate: bool = False) -> TrainConfig:
+    """Config from an optional YAML file plus `key.sub=value` overrides (YAML-typed values). `migrate`: the file is
+    a saved run's config.yaml, read in today's spelling (`migrate_saved_config`)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -345,7 +392,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
+        data = migrate_saved_config(loaded) if migrate else loaded
     for item in overrides or []:
         keys, value = parse_override(item)
         _set_dotted(data, keys, value)

@@ -6,13 +6,11 @@ checkpoint can save it and a resumed run draws exactly the same prompts as an un
 Samplers (`sampler.name` in the config):
 - `uniform` (or fixed `task_weights`): constant task probabilities.
 - `size`: probability proportional to each task's training pool size.
-- `gradient`: proportional to an EMA of ||g_k||^2 (`grad/<task>/sq_norm`), the experiment of arXiv 2510.19178
-  (arXiv 2510.19178), which found it does not help.
+- `gradient`: proportional to an EMA of ||g_k||^2 (`grad/<task>/sq_norm`), the experiment of arXiv 2510.19178,
+  which found it does not help.
 - `learning_progress`: proportional to an EMA of |learning gain| (`gain/<task>`).
-- `balanced`: uniform sampling; the step rescales each task's gradient to a common norm instead
-  (see `unigrad.diagnostics.task_gradients.balanced_sum`).
-- `pcgrad`: uniform sampling; the step projects conflicting task gradients apart before summing
-  (`unigrad.diagnostics.task_gradients.projected_sum`).
+How the tasks' gradients are then combined is a separate setting (`gradients.combine`: sum, balanced, pcgrad;
+`unigrad.diagnostics.task_gradients`).
 The adaptive ones mix in a uniform share `exploration` so that no task starves, and stay uniform
 until every task has a measurement.
 
@@ -90,6 +88,8 @@ class TaskSampler:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") in ("balanced", "pcgrad"):  # checkpoints from when the combinations were samplers
+            state = {**state, "name": "uniform"}
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint holds a {state.get('name')!r} sampler, this run uses {self.name!r}")
         version, internal, gauss = state["rng"]
@@ -182,8 +182,8 @@ class LearningProgressSampler(_EmaSampler):
 
 
 DRAWS = ["stratified", "independent"]
-SAMPLERS = ["uniform", "size", "gradient", "learning_progress", "balanced", "pcgrad"]
-WEIGHTED_SAMPLERS = ("uniform", "balanced", "pcgrad")  # the ones that take fixed task weights
+SAMPLERS = ["uniform", "size", "gradient", "learning_progress"]
+WEIGHTED_SAMPLERS = ("uniform",)  # the ones that take fixed task weights
 
 
 def task_weight_list(weights: dict[str, float], names: list[str] | None = None,
@@ -210,11 +210,9 @@ def task_weight_list(weights: dict[str, float], names: list[str] | None = None,
 def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
                   weights: list[float] | None = None, ema_decay: float = 0.9,
                   exploration: float = 0.1, draw: str = "stratified") -> TaskSampler:
-    """The sampler called `name` (one of SAMPLERS); `balanced` and `pcgrad` sample uniformly (or by `weights`)."""
+    """The sampler called `name` (one of SAMPLERS); `uniform` takes fixed `weights`."""
     if name in WEIGHTED_SAMPLERS:
-        sampler = TaskSampler(pool_sizes, seed, weights=weights, names=names, draw=draw)
-        sampler.name = name
-        return sampler
+        return TaskSampler(pool_sizes, seed, weights=weights, names=names, draw=draw)
     if weights is not None:
         raise ValueError(f"task_weights cannot be combined with sampler.name={name!r}")
     if name == "size":

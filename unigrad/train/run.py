@@ -284,10 +284,10 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                             exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
     account = cfg.diagnostics.task_gradients
     if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
-        account = len(tasks) > 1 or cfg.sampler.name in ("gradient", "balanced", "pcgrad")
-    task_gradients = TaskGradients(learner.params, balance=cfg.sampler.name == "balanced",
-                                   balance_target=cfg.sampler.balance_target,
-                                   project=cfg.sampler.name == "pcgrad", cross_every=cfg.diagnostics.cross_every,
+        account = len(tasks) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.combine != "sum"
+    task_gradients = TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
+                                   balance_target=cfg.gradients.balance_target,
+                                   project=cfg.gradients.combine == "pcgrad", cross_every=cfg.diagnostics.cross_every,
                                    reduce=dist.sum_ if dist.active else None,
                                    task_names=names if dist.active else None,
                                    sharded=learner.sharded) if account else None
