@@ -101,3 +101,17 @@ def test_stratified_sampler_deals_even_counts_and_independent_does_not():
     assert uneven > 10  # multinomial counts are rarely exactly even
     with pytest.raises(ValueError, match="unknown draw"):
         TaskSampler([1], draw="poisson")
+
+
+def test_a_checkpoint_of_a_balanced_run_resumes_with_the_uniform_sampler_it_now_is():
+    # Before gradients.combine, `balanced` and `pcgrad` were sampler names, saved in the sampler's checkpoint state.
+    from unigrad.data.samplers import TaskSampler
+
+    before = TaskSampler([5, 7], seed=3, names=["a", "b"])
+    before.sample(4)
+    state = {**before.state_dict(), "name": "balanced"}
+    after = TaskSampler([5, 7], seed=0, names=["a", "b"])
+    after.load_state_dict(state)
+    assert after.sample(6) == before.sample(6)
+    with pytest.raises(ValueError, match="'size' sampler"):
+        after.load_state_dict({**state, "name": "size"})
