@@ -63,11 +63,6 @@ def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return SequenceBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
-def micro_batches(n: int, size: int) -> list[torch.Tensor]:
-    """Row indices of consecutive micro-batches of at most `size` rows."""
-    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def length_grouped_micro_batches(batch: SequenceBatch, size: int,
                                  groups: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices of micro-batches of at most `size` rows, rows of similar length together (sorted by
