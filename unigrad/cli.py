@@ -72,6 +72,10 @@ def _train(args: argparse.Namespace) -> int:
     except RunStopped as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 3
+    except OSError as err:  # a full disk, a directory without write permission: the path and what to do
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"unigrad train: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")
     return 0
 

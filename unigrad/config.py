@@ -8,7 +8,9 @@ printed at the start of a run and saved as `config.yaml` in the run directory.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import UnionType as _UnionType
 from typing import Any, Literal
 
 import yaml
@@ -25,6 +27,26 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """`max_steps=true` would otherwise be read as 1: a boolean is refused wherever a number is expected."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and _numeric(field.annotation):
+                    raise ValueError(f"{name}: expected a number, got the boolean {value}")
+        return data
+
+
+def _numeric(annotation: Any) -> bool:
+    """int or float (or either with None), and no bool among the choices."""
+    import typing
+
+    choices = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else (
+        annotation,)
+    return bool(set(choices) & {int, float}) and bool not in choices
 
 
 class ModelSection(_Section):
@@ -313,6 +335,19 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _groups_have_members(self) -> TrainConfig:
+        from unigrad.objective.registry import ADVANTAGE
+
+        advantage = self.resolved_objective().advantage
+        grouped = "needs_groups" in ADVANTAGE[advantage].traits
+        if self.objective != "sft" and self.rollout.num_generations < 2 and grouped:
+            raise ValueError(f"rollout.num_generations=1 with the {advantage!r} advantage: it compares each completion "
+                             "with the others of its prompt's group, so a group of one gets advantage 0 and the run "
+                             "trains nothing. Use rollout.num_generations >= 2, or an estimator without groups "
+                             "(objective_args.advantage=reinforce or whiten)")
+        return self
+
+    @model_validator(mode="after")
     def _demonstration_modes_consistent(self) -> TrainConfig:
         if self.is_hybrid and resolve_objective(self.hybrid.rl_objective).off_policy_ratio is not None:
             raise ValueError(f"hybrid.rl_objective={self.hybrid.rl_objective!r} takes demonstrations itself; "
@@ -360,6 +395,20 @@ def _set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the second would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def migrate_saved_config(data: dict[str, Any]) -> dict[str, Any]:
     """A run directory's config.yaml in today's spelling: runs saved before gradients.combine existed said
     `sampler.name: balanced | pcgrad` and `sampler.balance_target` (refused in a config a user writes)."""
@@ -389,7 +438,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = migrate_saved_config(loaded) if migrate else loaded
@@ -410,7 +462,12 @@ def validate_config(data: dict[str, Any]) -> TrainConfig:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{key}: {msg}")
+            if key == "config":  # a check of the whole config: its message names the keys
+                problems.append(msg)
+            elif re.match(r"^\w+: ", msg) and not e["loc"][-1:] == (msg.split(":")[0],):  # a section's check
+                problems.append(f"{key}.{msg}")
+            else:
+                problems.append(f"{key}: {msg}")
         raise ConfigError("invalid config: " + "; ".join(problems)) from None
 
 

@@ -88,25 +88,25 @@ def _batch_std(rewards, valid) -> torch.Tensor:
     return _segment_stats(rewards, valid, torch.zeros(len(rewards), dtype=torch.long, device=rewards.device))[2]
 
 
-@ADVANTAGE.register("grpo", formula=lambda o: "A = (R − mean_g)/(std_g + ε)")
+@ADVANTAGE.register("grpo", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_g + ε)")
 def _grpo(rewards, valid, groups, eps):
     _, centred, std_g = _centred(rewards, valid, groups)
     return centred / (std_g + eps)
 
 
-@ADVANTAGE.register("dr_grpo", formula=lambda o: "A = R − mean_g")
+@ADVANTAGE.register("dr_grpo", traits=("needs_groups",), formula=lambda o: "A = R − mean_g")
 def _dr_grpo(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1]
 
 
-@ADVANTAGE.register("rloo", formula=lambda o: "A = R − mean of the others in g")
+@ADVANTAGE.register("rloo", traits=("needs_groups",), formula=lambda o: "A = R − mean of the others in g")
 def _rloo(rewards, valid, groups, eps):
     # R_i - (sum_g - R_i)/(n-1) = n/(n-1) * (R_i - mean_g); 0 for a group of one.
     count_g, centred, _ = _centred(rewards, valid, groups)
     return torch.where(count_g > 1, centred * count_g / (count_g - 1).clamp(min=1), torch.zeros_like(rewards))
 
 
-@ADVANTAGE.register("batch_std", formula=lambda o: "A = (R − mean_g)/(std_batch + ε)")
+@ADVANTAGE.register("batch_std", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_batch + ε)")
 def _batch_std_advantage(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1] / (_batch_std(rewards, valid) + eps)
 

@@ -7,7 +7,7 @@ A part's module registers each of its choices once, next to its function:
 
 Traits name what other code asks of a part: a ratio "uses_old_logprobs" (it needs pi_old, and only then a
 stabiliser to clip it against) or "is_self" (SFT's form); a stabiliser "clips" (needs epsilon < 1); a correction
-"zeroes_tokens" (it can take tokens out of the loss).
+"zeroes_tokens" (it can take tokens out of the loss); an advantage "needs_groups" (a group of one gets 0).
 
 Everything else reads from here: the allowed values of `Objective`'s fields (`Registry.literal`), the dispatch in
 each part's module, `Objective.parts()` (the labels), the composed formulas of `unigrad presets` and of the table in

@@ -2,7 +2,10 @@
 
 Layout: DIR/checkpoints/step_000050/state.pt. A checkpoint directory is first written under a
 temporary name and then renamed, so a kill at any moment leaves either the previous complete
-checkpoint or the new complete one, never a half-written file that `--resume` would load.
+checkpoint or the new complete one, never a half-written file that `--resume` would load. final/ is
+published the same way (`publish`). What a killed write leaves (`.tmp-*`) is removed when a run starts or
+resumes (`remove_stale_temporaries`); a write that fails (a full disk, no permission) is reported with its path
+and the free space (`WriteFailed`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,55 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step_(\d{6,})$")
+_STALE = re.compile(r"^\.(tmp|old)-")
+
+
+class WriteFailed(OSError):
+    """A checkpoint or final/ that could not be written; the message names the path and the free space."""
+
+
+def write_failed(path: Path, err: OSError) -> WriteFailed:
+    try:
+        free = f"{shutil.disk_usage(_existing_parent(path)).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = err.strerror or str(err)
+    return WriteFailed(err.errno or 0, f"could not write {path}: {reason} ({free}); make room or choose another "
+                                       "--output-dir, then continue with --resume")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the complete directory `tmp` appear as `final`, replacing an older `final` (never half of either)."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """What killed writes left in a run directory (`.tmp-*`, `.old-*` beside final/ and the checkpoints), removed.
+    If final/ itself is missing because a kill came between the two renames of `publish`, its old copy is restored."""
+    removed = []
+    for folder in (Path(root), _dir(Path(root))):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not _STALE.match(path.name):
+                continue
+            target = folder / path.name.split("-")[1] if path.name.startswith(".old-") else None
+            if target is not None and not target.exists():
+                os.replace(path, target)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _dir(root: Path) -> Path:
@@ -51,12 +103,17 @@ def save_checkpoint(
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()},
     }
-    torch.save(state, tmp / "state.pt")
-    with open(tmp / "state.pt", "rb") as f:
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError ("unexpected pos ...")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            full = shutil.disk_usage(_existing_parent(final)).free < 2**20
+            err = OSError(28, "no space left on device") if full else OSError(0, str(err))
+        raise write_failed(final, err) from err
+    publish(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batching import encode_prompt
-from unigrad.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from unigrad.train.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    publish,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_failed,
+)
 from unigrad.train.device import resolve_device
 from unigrad.train.distributed import (
     SINGLE,
@@ -185,7 +193,10 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
             raise ConfigError(f"rollout.engine=vllm: {reason}")
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
-    tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]  # a file may hold several tasks
+    try:  # a file may hold several tasks; an unknown task, a missing file or reward function stops the run here
+        tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]
+    except (ValueError, OSError, ImportError, AttributeError) as err:
+        raise ConfigError(f"tasks / reward: {err}") from err
     if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
         _print(console, jail_note)  # the code task's jail works, or the run stops here, before anything is written
     if dist.is_main:
@@ -208,6 +219,9 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
 def _restore(run: Run, resume: bool) -> int:
     """The step to continue from (0 for a new run): the last checkpoint's state restored, logs cut back to it."""
     ctx, dist, out = run.ctx, run.ctx.dist, run.output_dir
+    if dist.is_main and (stale := remove_stale_temporaries(out)):
+        _print(run.console, f"removed {len(stale)} unfinished write(s) a killed run left: "
+                            + ", ".join(p.name for p in stale))
     start = 0
     if resume and list_checkpoints(out):
         start = load_latest_checkpoint(out, ctx.learner, ctx.sampler, extra=run.extras())
@@ -244,8 +258,14 @@ def _finish(run: Run, last: int) -> dict[str, Any] | None:
         _print(run.console, f"final/ holds the moving average of the weights (optim.weight_ema_decay="
                             f"{cfg.optim.weight_ema_decay}, {learner.weight_average.steps} steps)")
     whole = learner.whole_model()
-    if run.ctx.dist.is_main:
-        save_model(whole, run.tokenizer, run.output_dir / "final")
+    if run.ctx.dist.is_main:  # written aside, then renamed: a kill never leaves half a final/
+        tmp = run.output_dir / f".tmp-final-{os.getpid()}"
+        try:
+            save_model(whole, run.tokenizer, tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(run.output_dir / "final", err) from err
+        publish(tmp, run.output_dir / "final")
     run.ctx.dist.barrier()
     return run.evaluate("eval_after") if cfg.eval.before_after else None
 

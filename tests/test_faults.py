@@ -1,0 +1,93 @@
+"""Faults and bad input met through the real CLI: configs that cannot train are refused before anything loads, what a
+killed write leaves is cleaned up, final/ appears whole or not at all, a full disk is reported with its path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from unigrad.config import ConfigError, load_config
+
+
+def cli(*args, cwd, **kw):
+    env = {**os.environ, "UNIGRAD_CACHE": str(cwd), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "unigrad.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600, **kw)
+
+
+def tiny_run(model) -> list[str]:
+    return [f"model.name={model}", "tasks=[arithmetic]", "max_steps=2", "prompts_per_step=2",
+            "rollout.num_generations=2", "rollout.max_new_tokens=4", "train_pool_size=20", "eval.before_after=false",
+            "threads=1", "save_every=1"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=true", "max_steps: expected a number, got the boolean True"),
+    ("rollout.temperature=false", "rollout.temperature: expected a number"),
+    ("rollout.num_generations=1", "a group of one gets advantage 0"),
+    ("tasks=[arithmetc]", "unknown task 'arithmetc'"),
+    ("tasks=[/nonexistent/data.jsonl]", "/nonexistent/data.jsonl: no such file"),
+    ("reward=/nonexistent/reward.py:score", "no such file /nonexistent/reward.py"),
+])
+def test_configs_that_cannot_train_are_refused_before_anything_is_made(override, message, tmp_path):
+    res = cli("train", override, "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 3\nseed: 1\nmax_steps: 30\n")
+    with pytest.raises(ConfigError, match="the key 'max_steps' is given twice"):
+        load_config(path)
+    assert load_config(None, ["rollout.num_generations=1", "objective_args.advantage=reinforce"]).max_steps == 100
+
+
+def test_unfinished_writes_of_a_killed_run_are_removed_when_it_resumes(small_model, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", *tiny_run(small_model), "--output-dir", out, cwd=tmp_path).returncode == 0
+    stale = [out / "checkpoints" / ".tmp-step_000003-999", out / ".tmp-final-999"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"x" * 4096)
+    res = cli("train", *tiny_run(small_model), "max_steps=3", "--output-dir", out, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "removed 2 unfinished write(s)" in res.stdout
+    assert not any(p.exists() for p in stale)
+    assert (out / "final" / "config.json").is_file() and not list(out.glob(".*"))
+
+
+def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from unigrad.train.checkpoint import publish, remove_stale_temporaries
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    new = tmp_path / ".tmp-final-1"
+    new.mkdir()
+    (new / "weights").write_text("new")
+    publish(new, final)
+    assert (final / "weights").read_text() == "new" and not new.exists() and len(list(tmp_path.iterdir())) == 1
+    # A kill between publish's two renames leaves no final/ but its old copy: the next start puts it back.
+    (tmp_path / "final").rename(tmp_path / ".old-final-7")
+    remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "final" / "weights").read_text() == "new"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounts a small tmpfs (root)")
+def test_a_full_disk_is_reported_with_the_path_and_the_free_space(small_model, tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
+    try:
+        res = cli("train", *tiny_run(small_model), "--output-dir", disk / "run", cwd=tmp_path)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "could not write" in res.stderr and str(disk / "run") in res.stderr and "MiB free there" in res.stderr
+        assert "no space left on device" in res.stderr and "unexpected pos" not in res.stderr
+        assert not list((disk / "run").glob("**/.tmp-*"))  # the failed write left nothing behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
