@@ -31,14 +31,16 @@ def setup(small_model, tmp_path_factory) -> tuple[Path, Path]:
     return small_model, reward
 
 
-def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective: str, extra=(), resume=False):
+def train(tmp: Path, out: str, nproc: int, model: Path, reward: Path, objective: str, extra=(), resume=False,
+          override=()):
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp), "OMP_NUM_THREADS": "1"}
     args = [f"model.name={model}", f"objective={objective}", "max_steps=2", "tasks=[arithmetic,countdown]",
             f"reward={reward}:digits", "prompts_per_step=4", "rollout.num_generations=4",
             "rollout.max_new_tokens=10", "train_pool_size=40", "micro_batch_size=3", "threads=1", "seed=1",
             "eval.before_after=false", "save_every=0", *extra]
     res = subprocess.run([sys.executable, "-m", "unigrad.cli", "train", *args, "--output-dir", str(tmp / out),
-                          "--nproc", str(nproc), *(["--resume"] if resume else [])],
+                          "--nproc", str(nproc), *(["--resume"] if resume else []),
+                          *[f"--override={item}" for item in override]],
                          capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +119,8 @@ def test_sharded_resume_continues_as_an_uninterrupted_run(setup, run, tmp_path):
     extra = ("gradients.combine=balanced", "sharding=fsdp")
     _, whole = run(2, "grpo", extra)  # also one of test_two_processes_equal_one's runs
     train(tmp_path, "cut", 2, model, reward, "grpo", (*extra, "max_steps=1"))
-    resumed = train(tmp_path, "cut", 2, model, reward, "grpo", extra, resume=True)
+    resumed = train(tmp_path, "cut", 2, model, reward, "grpo", (*extra, "max_steps=1"), resume=True,
+                    override=("max_steps=2",))
     assert [r["step"] for r in resumed] == [1, 2]
     assert_same_metrics(whole, resumed)
 

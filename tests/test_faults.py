@@ -54,7 +54,7 @@ def test_unfinished_writes_of_a_killed_run_are_removed_when_it_resumes(small_mod
     for folder in stale:
         folder.mkdir()
         (folder / "state.pt").write_bytes(b"x" * 4096)
-    res = cli("train", *tiny_run(small_model), "max_steps=3", "--output-dir", out, "--resume", cwd=tmp_path)
+    res = cli("train", "--output-dir", out, "--resume", "--override", "max_steps=3", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "removed 2 unfinished write(s)" in res.stdout
     assert not any(p.exists() for p in stale)
@@ -91,3 +91,28 @@ def test_a_full_disk_is_reported_with_the_path_and_the_free_space(small_model, t
         assert not list((disk / "run").glob("**/.tmp-*"))  # the failed write left nothing behind
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_resume_continues_with_the_runs_own_config_or_refuses(small_model, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", *tiny_run(small_model), "--output-dir", out, cwd=tmp_path).returncode == 0
+    saved = (out / "config.yaml").read_bytes()
+    # Settings that change the training: refused, each listed, config.yaml untouched.
+    res = cli("train", *tiny_run(small_model), "objective=dapo", "optim.lr=0.01", "--output-dir", out, "--resume",
+              cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "optim.lr: 0.0001 in the run, 0.01 given" in res.stderr and "objective: 'grpo' in the run" in res.stderr
+    assert (out / "config.yaml").read_bytes() == saved
+    # --override only for the keys a resumed run may change.
+    res = cli("train", "--output-dir", out, "--resume", "--override", "optim.lr=0.1", cwd=tmp_path)
+    assert res.returncode == 2 and "--override optim.lr: a resumed run can only change" in res.stderr
+    assert cli("train", "--output-dir", out, "--override", "max_steps=3", cwd=tmp_path).returncode == 2
+    # The same settings again, or none: continues; max_steps through --override.
+    res = cli("train", *tiny_run(small_model), "--output-dir", out, "--resume", "--override", "max_steps=3",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from step 2" in res.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # A directory without a run is an error, not a fresh start.
+    res = cli("train", *tiny_run(small_model), "--output-dir", tmp_path / "typo", "--resume", cwd=tmp_path)
+    assert res.returncode == 2 and "holds no run" in res.stderr and not (tmp_path / "typo").exists()

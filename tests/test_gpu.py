@@ -183,9 +183,10 @@ def cli_train(tmp: Path, out: str, model: Path, reward: Path, steps: int, resume
             "prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=10", "train_pool_size=40",
             "micro_batch_size=8", "seed=3", "save_every=2", "eval.before_after=false", "model.device=cuda",
             "optim.lr=1e-3"]
-    res = subprocess.run([sys.executable, "-c", launcher, "train", *args, "--output-dir", str(tmp / out),
-                          *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=tmp, env=env,
-                         timeout=300)
+    # Resumed: the run's own config, with a longer max_steps (the one setting a resumed run changes here).
+    given = ["--resume", f"--override=max_steps={steps}"] if resume else args
+    res = subprocess.run([sys.executable, "-c", launcher, "train", *given, "--output-dir", str(tmp / out)],
+                         capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
     return res.stdout, [{k: v for k, v in r.items() if not k.startswith(("time/", "lr"))} for r in rows]

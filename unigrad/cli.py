@@ -45,10 +45,14 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(item)
     try:
         cfg = load_config(config_path, overrides)
+        output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
+        if args.override and not args.resume:
+            raise ConfigError("--override is for --resume (a new run takes its settings as key=value)")
+        if args.resume:
+            cfg = _resumed_config(output_dir, cfg if config_path or overrides else None, args.override or [])
     except ConfigError as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
-    output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
     if args.nproc > 1:  # refused before any process starts (train() checks again under torchrun or accelerate)
         from unigrad.train.distributed import check_prompts_split
 
@@ -60,7 +64,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start N processes of this same command
         import subprocess
 
-        argv = ["train", *args.items, "--output-dir", str(output_dir), *(["--resume"] if args.resume else [])]
+        argv = ["train", *args.items, "--output-dir", str(output_dir), *(["--resume"] if args.resume else []),
+                *[f"--override={item}" for item in args.override or []]]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "unigrad.cli", *argv]
         return subprocess.call(cmd)
@@ -78,6 +83,17 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")
     return 0
+
+
+def _resumed_config(output_dir: Path, given, overrides: list[str]):
+    """The config to continue `output_dir` with (unigrad.config.resume_config); a directory without a run is an
+    error, not a fresh start."""
+    from unigrad.config import ConfigError, load_run_config, resume_config
+
+    if not (output_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {output_dir} holds no run (no config.yaml there); check the path, or start "
+                          "a new run without --resume")
+    return resume_config(load_run_config(output_dir), given, overrides, output_dir)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -181,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
                    help="an optional YAML config, then dotted overrides such as objective=dapo rollout.temperature=0.8")
     t.add_argument("--output-dir", help="run directory (default: runs/<objective>-seed<seed>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint, "
+                   "with its own config (settings that differ from it are refused)")
+    t.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="with --resume: change max_steps, max_minutes, logging, eval.* or monitors.* of the run")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (torchrun; or launch with torchrun / accelerate)")
     t.set_defaults(func=_train)
