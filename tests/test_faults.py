@@ -116,3 +116,23 @@ def test_resume_continues_with_the_runs_own_config_or_refuses(small_model, tmp_p
     # A directory without a run is an error, not a fresh start.
     res = cli("train", *tiny_run(small_model), "--output-dir", tmp_path / "typo", "--resume", cwd=tmp_path)
     assert res.returncode == 2 and "holds no run" in res.stderr and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("body, error", [
+    ("raise RuntimeError('grader offline')", "RuntimeError: grader offline"),
+    ("raise SystemExit(0)", "raised SystemExit"),
+    ("return [None] * len(completions)", "rewards were NaN or None"),
+    ("import time\n    time.sleep(30)", "took longer than reward_timeout=1 s"),
+])
+def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(body, error, small_model, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text(f"def score(prompts, completions, **kw):\n    {body}\n")
+    out = tmp_path / "run"
+    res = cli("train", *tiny_run(small_model), "max_steps=6", f"reward={reward}:score", "reward_timeout=1",
+              "--output-dir", out, cwd=tmp_path)
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "every reward of task 'arithmetic' was unscorable for 3 steps in a row" in res.stderr
+    assert error in res.stderr and "--resume" in res.stderr
+    rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rewards/nan_count/arithmetic"] for r in rows] == [4.0, 4.0, 4.0]  # 2 prompts x 2 completions
+    assert (out / "checkpoints" / "step_000003").is_dir()

@@ -185,6 +185,9 @@ class MonitorSection(_Section):
                                         "(HPT's code uses 80); None = never")
     max_nonfinite_steps: int = Field(3, ge=1, description="stop (with a checkpoint) after this many skipped "
                                      "non-finite steps")
+    max_unscorable_steps: int = Field(
+        3, ge=1, description="stop the run (after a checkpoint) when a task's rewards are all unscorable (NaN, "
+        "None, an error, a timeout) this many steps in a row")
     stop_on: list[str] = Field(default_factory=list, description=f"alarms that stop the run: {', '.join(ALARMS)}")
 
     @field_validator("stop_on")
@@ -226,6 +229,8 @@ class TrainConfig(_Section):
         None, description="a TRL-style reward function 'module:function' or 'file.py:function' replacing the "
         "tasks' verifiers; returns of None / NaN / raising count as unscorable (NaN, advantage 0)",
     )
+    reward_timeout: float = Field(300.0, gt=0, description="seconds a task's verifier (or reward function) may take "
+                                  "in one step; past it, that step's rewards of the task are unscorable")
     train_pool_size: int = Field(2000, ge=1, description="training prompts drawn per task")
     max_steps: int = Field(100, ge=1, description="rollout steps to train (each makes num_iterations optimizer steps)")
     max_minutes: float = Field(0.0, ge=0, description="also stop after this much training time (0 = off)")

@@ -96,11 +96,13 @@ class RewardFunctionTask:
         for key in dict.fromkeys(k for e in examples for k in e.meta):
             if key not in columns and key not in ("prompts", "completions"):
                 columns[key] = [e.meta.get(key) for e in examples]
+        self.last_error = None
         try:
             out = self.func(prompts=[e.prompt for e in examples], completions=list(completions), **columns)
         except Exception as e:
             log.warning("reward function %s raised %s: %s; all %d rewards are NaN", self.func_name,
                         type(e).__name__, e, n)
+            self.last_error = f"reward function {self.func_name} raised {type(e).__name__}: {e}"
             return [math.nan] * n
         if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
             got = f"{len(out)} values" if hasattr(out, "__len__") else type(out).__name__

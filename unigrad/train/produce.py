@@ -45,6 +45,7 @@ class Produced:
     all_advantages: torch.Tensor  # (N_all,)
     prompt_task: torch.Tensor  # (P,)
     sft_prompt: torch.Tensor  # (P,) bool
+    reward_errors: dict[str, str]  # {task: what made its rewards unscorable this step} (this process's)
     time_rollout: float
     time_reward: float
 
@@ -69,7 +70,8 @@ def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
     t0 = time.perf_counter()
     texts = decode_completions(ctx.tokenizer, ro)
     row_task = prompt_task[ro.group_ids]  # (N,)
-    rewards = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task)
+    rewards, reward_errors = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
+                                   ctx.reward_timeout)
     t_reward = time.perf_counter() - t0
 
     obj = ctx.objective
@@ -86,7 +88,7 @@ def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
     batch = Batch(routed.components, prompt_task, prompt_half, ctx.sampling.max_new_tokens, temperature,
                   policy_version)
     return batch, Produced(examples, texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task, all_adv,
-                           prompt_task, routed.sft_prompt, t_rollout, t_reward)
+                           prompt_task, routed.sft_prompt, reward_errors, t_rollout, t_reward)
 
 
 def _rollouts(ctx, step: int, lo: int, hi: int, prompt_ids: list[list[int]],
@@ -113,25 +115,62 @@ def decode_completions(tokenizer, ro: Rollout) -> list[str]:
             for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True)]
 
 
-def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor) -> torch.Tensor:
-    """Rewards (N,) float32; a verifier that raises makes its task's rewards NaN (counted, skipped)."""
+def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor,
+          timeout: float | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """(rewards (N,) float32, {task name: what went wrong}). A verifier that raises (SystemExit included), takes
+    longer than `timeout` seconds or returns something that is not a number leaves those rewards NaN (unscorable:
+    counted, advantage 0) and says why."""
     rewards = torch.full((len(texts),), float("nan"))
+    errors: dict[str, str] = {}
     for k, task in enumerate(tasks):
         rows = torch.nonzero(row_task == k).flatten().tolist()
         if not rows:
             continue
-        try:
-            values = task.verify([texts[r] for r in rows], [examples[r] for r in rows])
-        except Exception as err:  # noqa: BLE001 - a user verifier must not kill the run
-            warnings.warn(f"verifier of task {task.name!r} raised {err!r}; its rewards this step are NaN",
-                          stacklevel=2)
+        values, error = _verify(task, [texts[r] for r in rows], [examples[r] for r in rows], timeout)
+        if error is None and getattr(task, "last_error", None):  # a reward function that raised, caught inside
+            error = task.last_error
+        if values is None:
+            errors[task.name] = error
+            warnings.warn(f"verifier of task {task.name!r}: {error}; its rewards this step are NaN", stacklevel=2)
             continue
         if len(values) != len(rows):
             raise ValueError(
                 f"verifier of task {task.name!r} returned {len(values)} rewards for {len(rows)} completions"
             )
-        rewards[rows] = torch.tensor([float("nan") if v is None else float(v) for v in values])
-    return rewards
+        converted = []
+        for v in values:
+            try:
+                converted.append(float("nan") if v is None else float(v))
+            except (TypeError, ValueError):
+                converted.append(float("nan"))
+                error = error or f"returned a {type(v).__name__} ({v!r:.40}) where a number was expected"
+        rewards[rows] = torch.tensor(converted)
+        if error is not None:
+            errors[task.name] = error
+    return rewards, errors
+
+
+def _verify(task: Task, texts: list[str], examples: list[Example], timeout: float | None):
+    """(values, None) or (None, the error): `task.verify` in a thread, so that a verifier that hangs or calls
+    sys.exit cannot take the step with it (a hung one is left running in the background; its result is ignored)."""
+    import threading
+
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            result["values"] = task.verify(texts, examples)
+        except BaseException as err:  # noqa: BLE001 - SystemExit too: a user verifier must not end the run
+            result["error"] = f"raised {type(err).__name__}: {err}"
+
+    worker = threading.Thread(target=call, name=f"verify-{task.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return None, f"took longer than reward_timeout={timeout:g} s"
+    if "error" in result:
+        return None, result["error"]
+    return result["values"], None
 
 
 def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:

@@ -11,7 +11,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,7 @@ class Run:
     gain: LearningGainTracker
     monitor: StabilityMonitor
     logger: RunLogger | None = None
+    unscorable: dict[str, int] = field(default_factory=dict)  # steps in a row with no scorable reward, per task
 
     def extras(self) -> dict[str, Any]:
         """The state checkpointed beside model, optimizer and sampler."""
@@ -320,6 +321,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
         mode=TrainingMode.from_config(cfg), seed=cfg.seed, samples_per_step=cfg.samples_per_step,
+        reward_timeout=cfg.reward_timeout,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
 
@@ -364,6 +366,7 @@ def _loop(run: Run, start: int) -> int:
                 status += " [red]alarm: " + ", ".join(a.name for a in alarms) + "[/red]"
             progress.update(bar, advance=1, status=status)
             stop = [a.message for a in alarms if a.name in cfg.monitors.stop_on]
+            stop += _unscorable(run, metrics)
             if run.monitor.nonfinite_steps >= cfg.monitors.max_nonfinite_steps:
                 stop.append(f"{run.monitor.nonfinite_steps} steps were skipped for non-finite losses or "
                             f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
@@ -374,6 +377,22 @@ def _loop(run: Run, start: int) -> int:
                                  + f". A checkpoint of step {step} is in {run.output_dir}/checkpoints; "
                                    "fix the cause and continue with --resume.")
     return cfg.max_steps
+
+
+def _unscorable(run: Run, metrics: dict[str, float]) -> list[str]:
+    """Why the run must stop: tasks whose rewards have been all unscorable for monitors.max_unscorable_steps steps
+    in a row (a reward function that fails every time trains nothing, silently)."""
+    limit, reasons = run.cfg.monitors.max_unscorable_steps, []
+    for task in run.tasks:
+        flag = metrics.get(f"rewards/unscorable/{task.name}")
+        if flag is None:
+            continue
+        run.unscorable[task.name] = run.unscorable.get(task.name, 0) + 1 if flag else 0
+        if run.unscorable[task.name] >= limit:
+            error = run.ctx.reward_errors.get(task.name, "its rewards were NaN or None")
+            reasons.append(f"every reward of task {task.name!r} was unscorable for {limit} steps in a row "
+                           f"(monitors.max_unscorable_steps); last error: {error}")
+    return reasons
 
 
 def _step(run: Run, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,8 @@ class StepContext:
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
     grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
     dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
+    reward_timeout: float | None = None  # seconds a task's verifier may take per step (None = no limit)
+    reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
 
 
 def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -87,6 +89,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
 
     # 4. Report: the batch's metrics (gathered from every process), the learner's, timings, a few samples.
     metrics = produced_metrics(names, produced, ctx.dist)
+    ctx.reward_errors = produced.reward_errors
     metrics.update(learned)
     metrics.update({"time/rollout": produced.time_rollout, "time/reward": produced.time_reward,
                     "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start})
@@ -102,6 +105,12 @@ def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[s
                            dist.cat(ro.completion_mask.sum(-1))[sampled], dist.cat(ro.prompt_mask.sum(-1))[sampled],
                            dist.cat(ro.truncated)[sampled], dist.cat(p.sft_prompt), dist.cat(p.prompt_task),
                            p.all_advantages[sampled])
+    rewards, row_task = p.all_rewards[sampled], p.all_row_task[sampled]
+    for k, name in enumerate(names):  # unscorable rewards per task, logged whenever the task had rows
+        rows = row_task == k
+        if rows.any():
+            metrics[f"rewards/nan_count/{name}"] = float((~torch.isfinite(rewards[rows])).sum())
+            metrics[f"rewards/unscorable/{name}"] = float(not torch.isfinite(rewards[rows]).any())
     if (~sampled).any():
         metrics["guidance/reward"] = p.all_rewards[~sampled].nanmean().item()
         metrics["guidance/advantage"] = p.all_advantages[~sampled].mean().item()
