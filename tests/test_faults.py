@@ -136,3 +136,31 @@ def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(
     rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rewards/nan_count/arithmetic"] for r in rows] == [4.0, 4.0, 4.0]  # 2 prompts x 2 completions
     assert (out / "checkpoints" / "step_000003").is_dir()
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_an_interrupt_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(signum, code, small_model,
+                                                                                    tmp_path):
+    import json
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [a for a in tiny_run(small_model) if not a.startswith(("max_steps", "save_every"))]
+    proc = subprocess.Popen([sys.executable, "-m", "unigrad.cli", "train", *args, "max_steps=500", "save_every=0",
+                             "--output-dir", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in stderr, stderr[-2000:]
+    done = len(metrics.read_text().splitlines())
+    assert f"interrupted after step {done}" in stderr and f"--output-dir {out} --resume" in stderr
+    assert (out / "checkpoints" / f"step_{done:06d}").is_dir()  # every finished step is kept
+    res = cli("train", "--output-dir", out, "--resume", "--override", f"max_steps={done + 1}", cwd=tmp_path)
+    assert res.returncode == 0 and f"resumed from step {done}" in res.stdout, res.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, done + 2))

@@ -35,7 +35,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
     from unigrad.tasks.sandbox import JailUnavailable, SandboxError
-    from unigrad.train.run import RunStopped, train
+    from unigrad.train.run import RunInterrupted, RunStopped, train
 
     config_path, overrides = None, []
     for item in args.items:
@@ -77,6 +77,13 @@ def _train(args: argparse.Namespace) -> int:
     except RunStopped as err:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 3
+    except RunInterrupted as err:  # the conventional 128 + signal
+        print(f"unigrad train: {err}", file=sys.stderr)
+        return 128 + err.signal
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"unigrad train: interrupted; continue from the last checkpoint with: unigrad train --output-dir "
+              f"{output_dir} --resume", file=sys.stderr)
+        return 130
     except OSError as err:  # a full disk, a directory without write permission: the path and what to do
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"unigrad train: {err.strerror or err}{where}", file=sys.stderr)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,50 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class RunStopped(RuntimeError):
     """The run stopped itself (an alarm in monitors.stop_on, or too many non-finite steps) after a checkpoint."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM: the current step was finished and checkpointed; `signal` is the signal's number."""
+
+    def __init__(self, message: str, signal: int) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
+class _Interrupts:
+    """While a run trains: the first SIGINT or SIGTERM asks it to stop after the current step (with a checkpoint);
+    a second one ends the process at once (SIGINT: KeyboardInterrupt; SIGTERM: the default action). Only in the main
+    thread, where Python delivers signals."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.received is not None:  # the second one: no more waiting
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -120,7 +165,8 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
         trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
         run.logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
-        last = _loop(run, start)
+        with _Interrupts() as run.interrupts:
+            last = _loop(run, start)
     finally:
         if run.logger is not None:
             run.logger.close()
@@ -145,6 +191,7 @@ class Run:
     monitor: StabilityMonitor
     logger: RunLogger | None = None
     unscorable: dict[str, int] = field(default_factory=dict)  # steps in a row with no scorable reward, per task
+    interrupts: _Interrupts | None = None  # SIGINT / SIGTERM received while training
 
     def extras(self) -> dict[str, Any]:
         """The state checkpointed beside model, optimizer and sampler."""
@@ -372,6 +419,12 @@ def _loop(run: Run, start: int) -> int:
                             f"gradients (monitors.max_nonfinite_steps={cfg.monitors.max_nonfinite_steps})")
             if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):  # rank 0 writes
                 run.checkpoint(step)
+            received = run.interrupts.received if run.interrupts is not None else None
+            if ctx.dist.sum_float(float(received or 0)) > 0 and not stop:  # any process interrupted: all stop here
+                run.checkpoint(step)
+                raise RunInterrupted(f"interrupted after step {step}; a checkpoint of it is in "
+                                     f"{run.output_dir}/checkpoints. Continue with: unigrad train --output-dir "
+                                     f"{run.output_dir} --resume", received or 2)
             if stop:
                 raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)
                                  + f". A checkpoint of step {step} is in {run.output_dir}/checkpoints; "
