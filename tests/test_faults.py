@@ -164,3 +164,37 @@ def test_an_interrupt_finishes_the_step_writes_a_checkpoint_and_says_how_to_resu
     res = cli("train", "--output-dir", out, "--resume", "--override", f"max_steps={done + 1}", cwd=tmp_path)
     assert res.returncode == 0 and f"resumed from step {done}" in res.stdout, res.stderr[-2000:]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, done + 2))
+
+
+def test_eval_of_a_run_uses_its_own_reward_function(small_model, tmp_path):
+    import json
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def always(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    out = tmp_path / "run"
+    assert cli("train", *tiny_run(small_model), f"reward={reward}:always", "--output-dir", out,
+               cwd=tmp_path).returncode == 0
+    res = cli("eval", out, "--prompts", "6", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["arithmetic"]["pass@1"] == 1.0  # not the verifier's 0
+
+
+def test_eval_takes_each_test_prompt_once_and_leaves_out_what_does_not_fit(small_model):
+    from unigrad.eval import evaluate
+    from unigrad.models.loading import load_model_and_tokenizer
+    from unigrad.tasks import Example
+
+    class Tiny:
+        name = "tiny"
+
+        def examples(self, split, n, seed=0):
+            prompts = ["1+1", "2+2", "x" * 300]  # three distinct prompts, the last longer than the context
+            return [Example(prompts[i % 3], "2", "2", "tiny") for i in range(n)]
+
+        def verify(self, completions, examples):
+            return [0.0] * len(completions)
+
+    model, tokenizer = load_model_and_tokenizer(str(small_model))
+    with pytest.warns(UserWarning, match="holds 3 distinct prompts"):
+        res = evaluate(model, tokenizer, [Tiny()], 10, max_new_tokens=4)
+    assert res["tiny"]["n"] == 2.0 and res["tiny"]["distinct_prompts"] == 3.0 and res["tiny"]["too_long"] == 1.0

@@ -126,7 +126,8 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"unigrad eval: {str(err).replace('model.device', '--device')}", file=sys.stderr)
         return 2
-    task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec)]
+    reward = cfg.reward if cfg is not None and not args.tasks else None  # the run's own reward function
+    task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec, reward=reward)]
     from unigrad.tasks.sandbox import JailUnavailable, SandboxError, prepare
 
     try:  # as the run was configured (a run directory), else the default jail

@@ -7,6 +7,7 @@ A completion counts as correct when its reward is >= 1 (full marks).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -38,12 +39,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for task in tasks:
-        examples = task.examples("test", prompts_per_task, seed=seed)
-        prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+        examples, prompts, notes = _test_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens)
+        if not examples:
+            raise ValueError(f"task {task.name!r}: no test prompt fits the model's context of {context} tokens "
+                             f"with max_new_tokens={max_new_tokens}")
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
                           SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size)
-        row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples))}
+        row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
         if per_prompt:
             row["correct"] = greedy.int().tolist()
         if pass_k > 0:
@@ -56,6 +60,32 @@ def evaluate(
     results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
     model.train(was_training)
     return results
+
+
+def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int):
+    """(examples, prompt ids, notes) of a task's test split: each distinct prompt once (asking for more than the split
+    holds evaluates what it holds: `distinct_prompts` says how many), and prompts that cannot fit the model's context
+    with max_new_tokens left out and counted (`too_long`), never truncated."""
+    examples, seen = [], set()
+    for ex in task.examples("test", wanted, seed=seed):
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            examples.append(ex)
+    notes: dict[str, float] = {}
+    if len(examples) < wanted:
+        notes["distinct_prompts"] = float(len(examples))
+        warnings.warn(f"task {task.name!r}: its test split holds {len(examples)} distinct prompts; evaluating those "
+                      f"(asked for {wanted})", stacklevel=3)
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    if context is not None:
+        fits = [len(p) + max_new_tokens <= context for p in prompts]
+        if not all(fits):
+            notes["too_long"] = float(fits.count(False))
+            warnings.warn(f"task {task.name!r}: {fits.count(False)} test prompts do not fit the model's context "
+                          f"({context} tokens with max_new_tokens={max_new_tokens}); left out", stacklevel=3)
+            examples = [ex for ex, ok in zip(examples, fits, strict=True) if ok]
+            prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+    return examples, prompts, notes
 
 
 def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size) -> torch.Tensor:
