@@ -109,14 +109,18 @@ class RunResult:
 
 
 def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: int | None):
-    """Training examples per task with their prompt ids; over-long prompts are dropped and counted."""
+    """Training examples per task with their prompt ids; over-long prompts are dropped and counted. Each distinct
+    prompt is tokenised once (a small file's examples repeat to fill the pool; a long prompt is costly to encode)."""
     pools, pool_ids, dropped = [], [], {}
+    encoded: dict[str, list[int]] = {}
     for k, task in enumerate(tasks):
         examples = task.examples("train", cfg.train_pool_size, seed=cfg.seed + k)
         kept: list[Example] = []
         ids: list[list[int]] = []
         for ex in examples:
-            p = encode_prompt(tokenizer, ex.prompt)
+            if ex.prompt not in encoded:
+                encoded[ex.prompt] = encode_prompt(tokenizer, ex.prompt)
+            p = encoded[ex.prompt]
             if context_length is not None and len(p) + cfg.rollout.max_new_tokens > context_length:
                 dropped[task.name] = dropped.get(task.name, 0) + 1
                 continue
