@@ -198,3 +198,19 @@ def test_eval_takes_each_test_prompt_once_and_leaves_out_what_does_not_fit(small
     with pytest.warns(UserWarning, match="holds 3 distinct prompts"):
         res = evaluate(model, tokenizer, [Tiny()], 10, max_new_tokens=4)
     assert res["tiny"]["n"] == 2.0 and res["tiny"]["distinct_prompts"] == 3.0 and res["tiny"]["too_long"] == 1.0
+
+
+def test_errors_are_one_message_naming_the_input_and_the_fix_with_the_traceback_behind_debug(small_model, tmp_path):
+    run_dir = tmp_path / "unfinished"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("max_steps: 3\n")
+    res = cli("eval", run_dir, "--tasks", "arithmetic", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "holds no model" in res.stderr and "run directory without final/" in res.stderr
+    assert "sentencepiece" not in res.stderr and "--debug" in res.stderr
+    empty = tmp_path / "notamodel"
+    empty.mkdir()
+    res = cli("eval", empty, "--tasks", "arithmetic", cwd=tmp_path)
+    assert res.returncode == 2 and "give a model directory in HF format" in res.stderr
+    res = cli("--debug", "eval", empty, "--tasks", "arithmetic", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "ModelNotFoundError" in res.stderr

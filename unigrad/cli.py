@@ -189,6 +189,7 @@ def _sandbox_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("presets", help="list the objective presets (name, parts, defaults, paper)")
     p.add_argument("--markdown", action="store_true", help="print the docs table as Markdown")
@@ -239,8 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every error a user can meet is one or two lines naming the input and the fix (exit code 2 for bad input);
+    `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, ImportError, LookupError) as err:
+        print(f"unigrad {args.command}: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

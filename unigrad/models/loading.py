@@ -91,6 +91,11 @@ def load_model_and_tokenizer(
     else:
         source = name
     local = Path(source).is_dir()
+    if local and not (Path(source) / "config.json").is_file():
+        hint = ("it is a run directory without final/ (the run has not finished: continue it with --resume)"
+                if (Path(source) / "config.yaml").is_file() else "give a model directory in HF format, a run "
+                f"directory with final/, or {TINY_NAME!r}")
+        raise ModelNotFoundError(f"{source} holds no model (no config.json there): {hint}")
     # Offline (HF_HUB_OFFLINE=1): only the local HF cache is tried, so a missing model fails at once.
     options = {"local_files_only": True} if not local and _hub_offline() else {}
     try:
