@@ -1,6 +1,6 @@
 """One GRPO step of unigrad against one of TRL's GRPOTrainer, interleaved in one process.
 
-Setup (issue 6, `--shape tiny`, the default): a 1.06 M-parameter char-level Llama (hidden 128, 4 layers, 4 heads,
+Setup (`--shape tiny`, the default): a 1.06 M-parameter char-level Llama (hidden 128, 4 layers, 4 heads,
 tied embeddings; random weights, so every completion runs to the token budget in both), 2 arithmetic prompts x 8
 samples x 16 new tokens per step, temperature 1, no top-k/top-p, GRPO loss (sequence mean of token means),
 beta 0, one iteration, AdamW lr 1e-6, grad clip 1.0, float32 on the CPU. Both load the same saved

@@ -542,7 +542,24 @@ import importlib, importlib.metadata as md, json
 from packaging.requirements import Requirement
 names, site = %(names)r, %(site)r
 env_conflicts, import_errors, versions = [], {}, {}
-for name in names:
+
+
+def check_requires(name, dist, missing_is_conflict):
+    for line in dist.requires or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = md.version(req.name)
+        except md.PackageNotFoundError:
+            if missing_is_conflict:
+                env_conflicts.append(f"{name} requires {line!r}: not installed")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            env_conflicts.append(f"{name} requires {line!r}: {have} installed")
+
+
+for name in names:  # the carried packages: each must be the carried copy, with its requirements met
     try:
         dist = md.distribution(name)
     except md.PackageNotFoundError:
@@ -551,32 +568,14 @@ for name in names:
     where = str(dist.locate_file(""))
     if not where.startswith(site):
         env_conflicts.append(f"{name} {dist.version} is the image's ({where}), not the carried one")
-    for line in dist.requires or []:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        try:
-            have = md.version(req.name)
-        except md.PackageNotFoundError:
-            env_conflicts.append(f"{name} requires {line!r}: not installed"); continue
-        if req.specifier and not req.specifier.contains(have, prereleases=True):
-            env_conflicts.append(f"{name} requires {line!r}: {have} installed")
-for dist in ("torch", "transformers", "accelerate", "peft", "tokenizers", "huggingface-hub", "numpy"):
+    check_requires(name, dist, True)
+for name in ("torch", "transformers", "accelerate", "peft", "tokenizers", "huggingface-hub", "numpy"):  # the image's
     try:
-        d = md.distribution(dist)
+        dist = md.distribution(name)
     except md.PackageNotFoundError:
         continue
-    versions[dist] = d.version
-    for line in d.requires or []:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        try:
-            have = md.version(req.name)
-        except md.PackageNotFoundError:
-            continue
-        if req.specifier and not req.specifier.contains(have, prereleases=True):
-            env_conflicts.append(f"{dist} requires {line!r}: {have} installed")
+    versions[name] = dist.version
+    check_requires(name, dist, False)
 for module in ("pydantic", "pytest", "datasets", "trl", "unigrad.config", "unigrad.cli"):
     try:
         importlib.import_module(module)
