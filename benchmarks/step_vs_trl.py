@@ -168,6 +168,7 @@ def unigrad_context(path: Path, s: Settings):
                              f"prompts_per_step={s.prompts}", f"rollout.num_generations={s.samples}",
                              f"rollout.max_new_tokens={s.new_tokens}", "rollout.temperature=1.0",
                              f"micro_batch_size={s.micro_batch}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
+                             "optim.schedule=constant",
                              f"model.device={s.device}"])
     model, tok = load_model_and_tokenizer(str(path), device=s.device)
     ctx, _, _ = build_step_context(cfg, model, tok, get_tasks("arithmetic"))

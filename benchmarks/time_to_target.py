@@ -61,7 +61,8 @@ def run_unigrad(model_dir: Path, task, target: float, args) -> Clock:
     cfg = load_config(None, [f"model.name={model_dir}", "tasks=[arithmetic]", "objective=grpo", f"seed={SEED}",
                              f"prompts_per_step={PROMPTS}", f"rollout.num_generations={G}",
                              f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
-                             f"micro_batch_size={PROMPTS * G}", f"optim.lr={LR}", "optim.max_grad_norm=1.0"])
+                             f"micro_batch_size={PROMPTS * G}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
+                             "optim.schedule=constant"])
     model, tok = load_model_and_tokenizer(str(model_dir))
     torch.manual_seed(SEED)
     ctx, _, _ = build_step_context(cfg, model, tok, [task])

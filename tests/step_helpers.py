@@ -38,7 +38,7 @@ def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "
     model = small_char_llama(tok, seed)
     tasks = [t for spec in TASKS for t in get_tasks(spec)]
     pools = [t.examples("train", POOL, seed=k) for k, t in enumerate(tasks)]
-    learner = Learner(model, OptimSection(lr=1e-3))
+    learner = Learner(model, OptimSection(lr=1e-3, schedule="constant"))
     return StepContext(**{
         "tokenizer": tok, "learner": learner, "engine": TransformersEngine(model, tok.pad_token_id, tok.eos_token_id),
         "tasks": tasks, "pools": pools, "pool_prompt_ids": [[encode_prompt(tok, e.prompt) for e in p] for p in pools],

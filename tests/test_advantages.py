@@ -81,6 +81,18 @@ def test_grpo_eps_differs_from_trl():
     assert compute_advantages(rewards, ids, "grpo", eps=1e-4)[0].item() == pytest.approx(0.5 / (std + 1e-4), rel=1e-7)
 
 
+@pytest.mark.parametrize("method", ["grpo", "batch_std", "whiten"])
+def test_large_rewards_are_standardised_like_small_ones(method):
+    """Scale-free estimators give the same advantages for rewards x 1e20 (in float32 the group's squared deviations
+    overflow to inf and the advantages silently become 0)."""
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.0, 2.0, 0.5])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    small = compute_advantages(rewards, groups, method)
+    large = compute_advantages(rewards * 1e20, groups, method)
+    assert small.abs().min() > 0.1 and small.dtype == large.dtype == torch.float32
+    torch.testing.assert_close(large, small)
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown advantage estimator 'grpoo'.*grpo, dr_grpo"):
         compute_advantages(R([1.0]), None, "grpoo")

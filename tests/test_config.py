@@ -93,6 +93,28 @@ def test_sampler_combinations_that_make_no_sense_are_refused():
     assert cfg.gradients.combine == "balanced" and cfg.diagnostics.task_gradients is None
 
 
+def test_the_built_in_defaults_are_the_example_config():
+    """`unigrad train` with no arguments runs the tuned configuration that examples/default.yaml writes out."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "default.yaml"
+    assert load_config(None) == load_config(example)
+    assert load_config(None).task_weights == {"arithmetic": 2.0}
+
+
+def test_defaults_that_depend_on_other_keys():
+    # arithmetic's default weight only where it is trained and the sampler takes weights; a weight given is kept
+    assert load_config(None, ["tasks=[countdown, code]"]).task_weights == {}
+    assert load_config(None, ["sampler.name=gradient"]).task_weights == {}
+    assert load_config(None, ["task_weights={code: 3}"]).task_weights == {"code": 3.0}
+    assert load_config(None, ["tasks=[arithmetic, code]"]).task_weights == {"arithmetic": 2.0}
+    # balanced by default, the plain sum when per-task accounting is turned off
+    assert load_config(None).gradients.combine == "balanced"
+    assert load_config(None, ["diagnostics.task_gradients=false"]).gradients.combine == "sum"
+    assert load_config(None, ["diagnostics.task_gradients=false", "gradients.balance_target=2"]).gradients.combine \
+        == "sum"
+
+
 def test_sharding_with_lora_is_refused():
     with pytest.raises(ConfigError, match="sharding=fsdp with model.lora_r > 0 is not supported yet"):
         load_config(None, ["sharding=fsdp", "model.lora_r=4"])

@@ -123,3 +123,22 @@ def test_demonstration_modes_are_validated(tmp_path):
     assert load_config(None, ["objective=luffy"]).uses_guidance
     assert not load_config(None, ["objective=grpo"]).uses_guidance
     assert not load_config(None, ["objective=hpt"]).uses_guidance
+
+
+def test_a_demonstration_is_encoded_once_however_often_it_is_drawn():
+    """A long demonstration drawn at every step is tokenised the first time only; the ids are the tokenizer's."""
+    from unigrad.models.tokenizer import build_char_tokenizer
+
+    tok, calls = build_char_tokenizer(model_max_length=256), []
+
+    class Counting(type(tok)):
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return super().__call__(*args, **kwargs)
+
+    counting = build_char_tokenizer(model_max_length=256)
+    counting.__class__ = Counting
+    text = "12 + 30 = 42 " * 200
+    first = encode_completion(counting, text)
+    assert encode_completion(counting, text) == first and calls == [text]
+    assert first == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

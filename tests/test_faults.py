@@ -44,7 +44,7 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
     path.write_text("max_steps: 3\nseed: 1\nmax_steps: 30\n")
     with pytest.raises(ConfigError, match="the key 'max_steps' is given twice"):
         load_config(path)
-    assert load_config(None, ["rollout.num_generations=1", "objective_args.advantage=reinforce"]).max_steps == 100
+    assert load_config(None, ["rollout.num_generations=1", "objective_args.advantage=reinforce"]).max_steps == 680
 
 
 def test_unfinished_writes_of_a_killed_run_are_removed_when_it_resumes(small_model, tmp_path):
@@ -122,6 +122,7 @@ def test_resume_continues_with_the_runs_own_config_or_refuses(small_model, tmp_p
     ("raise RuntimeError('grader offline')", "RuntimeError: grader offline"),
     ("raise SystemExit(0)", "raised SystemExit"),
     ("return [None] * len(completions)", "rewards were NaN or None"),
+    ("return [1e308] * len(completions)", "returned 1e+308, beyond the float32 range"),
     ("import time\n    time.sleep(30)", "took longer than reward_timeout=1 s"),
 ])
 def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(body, error, small_model, tmp_path):

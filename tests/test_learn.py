@@ -30,7 +30,7 @@ LR = 0.05
 def setup(objective: str, temperature: float, max_length: int = 10, **overrides):
     tok = build_char_tokenizer(model_max_length=256)
     model = small_char_llama(tok, seed=3)
-    learner = Learner(model, OptimSection(lr=LR, max_grad_norm=1e9, weight_decay=0.0),
+    learner = Learner(model, OptimSection(lr=LR, max_grad_norm=1e9, weight_decay=0.0, schedule="constant"),
                       keep_reference=resolve_objective(objective, **overrides).beta > 0)
     learner.optimizer = torch.optim.SGD(learner.params, lr=LR)  # update = -LR * gradient
     learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)

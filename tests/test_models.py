@@ -204,6 +204,19 @@ def test_hub_id_gives_clear_error(monkeypatch):
         load_model_and_tokenizer("no-such-org/no-such-model-unigrad")
 
 
+def test_hub_id_without_a_reachable_hub_fails_at_once_and_names_offline_mode(monkeypatch):
+    """Without HF_HUB_OFFLINE and without a network, transformers retries for about 50 s; a quick probe of the hub
+    sends the load to the local cache at once, and the message says how to skip the probe."""
+    from unigrad.models.loading import _hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    if _hub_reachable("no-such-org/no-such-model-unigrad"):
+        pytest.skip("a model hub is reachable from this machine")
+    with pytest.raises(ModelNotFoundError, match="no model hub is reachable from here .set HF_HUB_OFFLINE=1"):
+        load_model_and_tokenizer("no-such-org/no-such-model-unigrad")
+
+
 # ----------------------------------------------------------------------------------------------- LoRA
 
 

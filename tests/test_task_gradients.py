@@ -171,7 +171,7 @@ def test_learner_optimizer_step_equals_plain_adamw():
     a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     b.load_state_dict(a.state_dict())
     start = a.weight.detach().clone()
-    optim = OptimSection(lr=1e-2, weight_decay=0.1, max_grad_norm=100.0)
+    optim = OptimSection(lr=1e-2, weight_decay=0.1, max_grad_norm=100.0, schedule="constant")
     learner = Learner(a, optim)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(optim.beta1, optim.beta2), weight_decay=0.1)
     for step in range(3):

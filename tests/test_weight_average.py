@@ -12,7 +12,7 @@ def test_average_is_the_normalised_weighted_sum_of_every_steps_weights():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     d = 0.7
-    learner = Learner(model, OptimSection(lr=0.05, weight_ema_decay=d))
+    learner = Learner(model, OptimSection(lr=0.05, weight_ema_decay=d, schedule="constant"))
     seen = []  # the weights after each optimizer step that changed them
     for step in range(5):
         model.weight.grad = torch.full_like(model.weight, float("nan")) if step == 2 else torch.randn(2, 3)
@@ -61,4 +61,4 @@ def test_config_checks_the_decay():
         validate_config({"optim": {"weight_ema_decay": 1.0}})
     with pytest.raises(ConfigError, match="weight_ema_decay"):
         validate_config({"sharding": "fsdp", "optim": {"weight_ema_decay": 0.9}})
-    assert Learner(torch.nn.Linear(2, 1), OptimSection()).weight_average is None  # off by default
+    assert Learner(torch.nn.Linear(2, 1), OptimSection(schedule="constant")).weight_average is None  # off by default

@@ -96,19 +96,23 @@ def load_model_and_tokenizer(
                 if (Path(source) / "config.yaml").is_file() else "give a model directory in HF format, a run "
                 f"directory with final/, or {TINY_NAME!r}")
         raise ModelNotFoundError(f"{source} holds no model (no config.json there): {hint}")
-    # Offline (HF_HUB_OFFLINE=1): only the local HF cache is tried, so a missing model fails at once.
-    options = {"local_files_only": True} if not local and _hub_offline() else {}
+    # Offline (HF_HUB_OFFLINE=1), or no hub reachable: only the local HF cache is tried, so a missing model fails
+    # at once instead of after transformers' retries (about 50 s).
+    offline = not local and (_hub_offline() or not _hub_reachable(source))
+    options = {"local_files_only": True} if offline else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
     except OSError as e:
         if local:
             raise
-        where = "the hub is switched off (HF_HUB_OFFLINE)" if options else "no model hub is reachable from here"
+        where = ("the hub is switched off (HF_HUB_OFFLINE)" if _hub_offline() else
+                 "no model hub is reachable from here (set HF_HUB_OFFLINE=1 to skip the check)" if offline else
+                 "the id may not exist")
         raise ModelNotFoundError(
-            f"could not load model {name!r}: it is not a local directory, and loading it as a model hub id failed "
-            f"({where}, or the id does not exist) and it is not in the local HF cache. Pass a local directory in "
-            f"HF format, or {TINY_NAME!r} for the embedded default. Cause: {type(e).__name__}: {e}"
+            f"could not load model {name!r}: it is not a local directory, loading it as a model hub id failed "
+            f"({where}) and it is not in the local HF cache. Pass a local directory in HF format, or "
+            f"{TINY_NAME!r} for the embedded default. Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
     _complete_tokenizer(tokenizer)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
@@ -151,6 +155,23 @@ def is_peft_model(model) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency of this module's LoRA path only
         return False
     return isinstance(model, PeftModel)
+
+
+def _hub_reachable(model_id: str, timeout: float = 5.0) -> bool:
+    """Whether the model hub answers a question about `model_id` within `timeout` seconds (any HTTP answer counts,
+    a missing id included: transformers then reports it). False on a connection error or a timeout."""
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # pragma: no cover
+        return True
+    try:
+        HfApi().model_info(model_id, timeout=timeout)
+    except HfHubHTTPError:
+        return True
+    except Exception:  # noqa: BLE001 - connection refused, name resolution, timeouts: the transports' own types
+        return False
+    return True
 
 
 def _hub_offline() -> bool:

@@ -60,14 +60,16 @@ def compute_advantages(
     estimator = ADVANTAGE[method].function  # an unknown name is an error naming the valid ones
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    rewards = rewards.float()
+    # Statistics in float64 (where the device has it): in float32 the squares of rewards beyond ~1e19 overflow and
+    # a group's std becomes inf, which would silently zero its advantages. The result is float32.
+    rewards = rewards.to(torch.float32 if rewards.device.type == "mps" else torch.float64)
     n = rewards.shape[0]
     if group_ids is None:
         group_ids = torch.zeros(n, dtype=torch.long, device=rewards.device)
     if group_ids.shape != rewards.shape:
         raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
     if method == "sft":
-        return torch.ones_like(rewards)  # demonstrations: A = 1 whatever the reward says, never re-standardised
+        return torch.ones_like(rewards, dtype=torch.float32)  # demonstrations: A = 1, never re-standardised
     valid = torch.isfinite(rewards)
     zero = torch.zeros_like(rewards)
     adv = torch.where(valid, estimator(rewards, valid, _dense_ids(group_ids), eps), zero)
@@ -76,7 +78,7 @@ def compute_advantages(
             raise ValueError("per_task=True needs task_ids")
         _, mean_t, std_t = _segment_stats(adv, valid, _dense_ids(task_ids))
         adv = torch.where(valid, (adv - mean_t) / (std_t + eps), zero)
-    return adv
+    return adv.float()
 
 
 def _centred(rewards, valid, groups):

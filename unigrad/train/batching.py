@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,14 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
-    """A demonstration as completion tokens, ended by EOS like a sampled completion."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids) + [tokenizer.eos_token_id]
+    """A demonstration as completion tokens, ended by EOS like a sampled completion. Each text is encoded once per
+    tokenizer (a demonstration is drawn again and again over a run)."""
+    return list(_encoded(tokenizer, text))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _encoded(tokenizer, text: str) -> tuple[int, ...]:
+    return (*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
 
 
 @dataclass

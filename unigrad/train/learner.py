@@ -44,6 +44,9 @@ class Learner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        if optim.schedule != "constant" and total_steps < 1:
+            raise ValueError(f"optim.schedule={optim.schedule!r} decays over the run's optimizer steps: give "
+                             "total_steps (or optim.schedule='constant')")
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = _adamw(self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                 weight_decay=optim.weight_decay)

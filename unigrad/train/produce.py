@@ -115,11 +115,14 @@ def decode_completions(tokenizer, ro: Rollout) -> list[str]:
             for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True)]
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor,
           timeout: float | None = None) -> tuple[torch.Tensor, dict[str, str]]:
     """(rewards (N,) float32, {task name: what went wrong}). A verifier that raises (SystemExit included), takes
-    longer than `timeout` seconds or returns something that is not a number leaves those rewards NaN (unscorable:
-    counted, advantage 0) and says why."""
+    longer than `timeout` seconds or returns something that is not a number, or not a finite float32, leaves those
+    rewards NaN (unscorable: counted, advantage 0) and says why."""
     rewards = torch.full((len(texts),), float("nan"))
     errors: dict[str, str] = {}
     for k, task in enumerate(tasks):
@@ -144,6 +147,9 @@ def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task
             except (TypeError, ValueError):
                 converted.append(float("nan"))
                 error = error or f"returned a {type(v).__name__} ({v!r:.40}) where a number was expected"
+            if abs(converted[-1]) > FLOAT32_MAX:  # inf, or a finite reward that float32 cannot hold
+                error = error or f"returned {converted[-1]:g}, beyond the float32 range of rewards (|r| <= 3.4e38)"
+                converted[-1] = float("nan")
         rewards[rows] = torch.tensor(converted)
         if error is not None:
             errors[task.name] = error

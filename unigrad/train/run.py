@@ -355,8 +355,9 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                             ema_decay=cfg.sampler.ema_decay,
                             exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
     account = cfg.diagnostics.task_gradients
-    if account is None:  # auto: on for a multi-task run and for the samplers that feed on it
-        account = len(tasks) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.combine != "sum"
+    if account is None:  # auto: on for a multi-task run and for what feeds on it (with one task, balanced to the
+        # mean norm and pcgrad leave the gradient as it is; a fixed balance_target rescales it)
+        account = len(tasks) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.balance_target is not None
     task_gradients = TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
                                    balance_target=cfg.gradients.balance_target,
                                    project=cfg.gradients.combine == "pcgrad", cross_every=cfg.diagnostics.cross_every,
