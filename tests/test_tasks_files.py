@@ -77,6 +77,18 @@ def test_malformed_jsonl_row_names_the_file_and_row(tmp_path):
         load_file_tasks(path)
 
 
+def test_text_that_is_not_utf8_names_the_file_and_row(tmp_path):
+    path = write_jsonl(tmp_path / "latin1.jsonl", CAPITALS[:2], [])
+    with path.open("ab") as f:
+        f.write('{"prompt": "Capitale de la Norv\u00e8ge ?", "answer": "Oslo"}\n'.encode("latin-1"))  # e-grave: 0xe8
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: row 3: not UTF-8 text .*re-encode the file as UTF-8"):
+        load_file_tasks(path)
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes('[{"prompt": "Norv\u00e8ge", "answer": "Oslo"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text"):
+        load_file_tasks(whole)
+
+
 def test_missing_or_bad_column_names_the_file_and_row(tmp_path):
     path = write_jsonl(tmp_path / "gap.jsonl", CAPITALS[:3] + [{"prompt": "Where?"}])
     with pytest.raises(ValueError, match=r"gap\.jsonl: row 4: missing column 'answer'"):

@@ -39,15 +39,24 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                             "re-encode the file as UTF-8") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return list(enumerate(rows, start=1))
     if suffix != ".jsonl":
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: row {lineno}: not UTF-8 text (byte {e.start} of the row: "
+                                 f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
