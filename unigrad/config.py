@@ -76,6 +76,15 @@ class RolloutSection(_Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm], a CUDA GPU)"
     )
+    dynamic_sampling: bool | None = Field(
+        None, description="DAPO's dynamic sampling: drop groups whose rewards are all equal and draw new prompts until "
+        "the step has prompts_per_step (at most max_resample more rounds); None = on with objective=dapo")
+    max_resample: int = Field(3, ge=0, description="dynamic sampling: rounds of new draws after the first")
+    overlong_buffer: int | None = Field(
+        None, ge=0, description="DAPO's soft overlong punishment: a completion longer than max_new_tokens minus this "
+        "many tokens loses up to overlong_penalty, linearly to the budget (0 = off); None = a fifth of "
+        "max_new_tokens with objective=dapo (the paper: 4096 of 20480), else 0")
+    overlong_penalty: float = Field(1.0, ge=0, description="the overlong punishment at the budget (DAPO: 1)")
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vllm engine: share of the GPU vLLM may take (weights + KV cache)"
     )
@@ -90,7 +99,12 @@ class OptimSection(_Section):
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="after the warmup: constant, or linear / cosine decay reaching min_lr_ratio * lr at "
-        "max_steps x num_iterations optimizer steps (a time budget that ends the run first leaves it part-way)")
+        "max_steps x num_iterations x optim.mini_batches optimizer steps (a time budget that ends the run first "
+        "leaves it part-way)")
+    mini_batches: int = Field(
+        1, ge=1, description="optimizer steps per epoch over a rollout batch, each on 1/mini_batches of its prompts "
+        "(groups whole, reshuffled every epoch) with that mini-batch's own normalisers; 1 = one update per epoch "
+        "(on-policy). docs/offpolicy.md")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of a decaying schedule, as a fraction of lr")
     weight_ema_decay: float = Field(
         0.0, ge=0, lt=1, description="0: off. Else the decay of an exponential moving average of the weights, which "
@@ -241,7 +255,8 @@ class TrainConfig(_Section):
         "Default: {arithmetic: 2} when arithmetic is among the tasks and the sampler takes weights, else {}")
     prompts_per_step: int = Field(16, ge=1, description="prompts per rollout step (num_generations completions each)")
     micro_batch_size: int = Field(32, ge=1, description="sequences per forward/backward pass")
-    num_iterations: int = Field(1, ge=1, description="optimizer steps per generated batch (GRPO's mu)")
+    num_iterations: int = Field(1, ge=1, description="epochs over each generated batch (GRPO's mu), each of "
+                                "optim.mini_batches optimizer steps")
     seed: int = Field(0, description="seeds the task pools, the sampler, the rollouts and torch")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory (the oldest go)")
@@ -365,6 +380,33 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _dapo_trainer_options(self) -> TrainConfig:
+        """DAPO's two trainer options default to on with its preset; both need sampled groups to act on."""
+        rollout = self.rollout
+        if rollout.dynamic_sampling is None:
+            rollout.dynamic_sampling = self.objective == "dapo"
+        if rollout.overlong_buffer is None:
+            rollout.overlong_buffer = max(1, rollout.max_new_tokens // 5) if self.objective == "dapo" else 0
+        if rollout.overlong_buffer > rollout.max_new_tokens:
+            raise ValueError(f"rollout.overlong_buffer={rollout.overlong_buffer} is longer than rollout.max_new_tokens="
+                             f"{rollout.max_new_tokens}")
+        if rollout.dynamic_sampling and (self.objective == "sft" or self.is_hybrid):
+            raise ValueError(f"rollout.dynamic_sampling drops groups whose rewards are all equal; objective="
+                             f"{self.objective!r} trains on demonstrations (HPT sends exactly those all-wrong groups "
+                             "to SFT): set rollout.dynamic_sampling=false")
+        return self
+
+    @model_validator(mode="after")
+    def _mini_batches_fit(self) -> TrainConfig:
+        if self.optim.mini_batches > self.prompts_per_step:
+            raise ValueError(f"optim.mini_batches={self.optim.mini_batches} needs at least one prompt per mini-batch: "
+                             f"prompts_per_step={self.prompts_per_step} is fewer")
+        if self.optim.mini_batches > 1 and self.sharding == "fsdp":
+            raise ValueError("optim.mini_batches > 1 with sharding=fsdp is not supported yet (the proximal pass "
+                             "is not aligned over processes): use sharding=none")
+        return self
+
+    @model_validator(mode="after")
     def _groups_have_members(self) -> TrainConfig:
         from unigrad.objective.registry import ADVANTAGE
 
@@ -386,6 +428,11 @@ class TrainConfig(_Section):
             raise ValueError(f"objective={self.objective!r} puts the demonstration into each group as one of its "
                              "rollout.num_generations rows, so it needs rollout.num_generations >= 2")
         return self
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (where a decaying learning rate reaches its floor)."""
+        return self.max_steps * self.num_iterations * self.optim.mini_batches
 
     @property
     def uses_guidance(self) -> bool:

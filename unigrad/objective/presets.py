@@ -59,7 +59,8 @@ PRESETS: dict[str, Preset] = {
         ),
         _preset(
             "dapo", "DAPO", "https://arxiv.org/abs/2503.14476",
-            "Clip-higher and token-level mean; dynamic sampling and overlong shaping are trainer options.",
+            "Clip-higher and token-level mean; the trainer adds dynamic sampling and overlong reward shaping "
+            "(rollout.dynamic_sampling, rollout.overlong_buffer; on by default with this preset).",
             **{**_GRPO, "epsilon_high": 0.28, "aggregation": "token_mean"},
         ),
         _preset(
@@ -93,6 +94,13 @@ PRESETS: dict[str, Preset] = {
             "https://arxiv.org/abs/2510.18855",
             "Double-sided token mask: rho outside [0.5, 5] gets weight 0 (slime defaults to [0, 2]).",
             **{**_GRPO, "correction": "icepop", "icepop_low": 0.5, "icepop_high": 5.0},
+        ),
+        _preset(
+            "decoupled_ppo", "AReaL: A Large-Scale Asynchronous Reinforcement Learning System (decoupled PPO)",
+            "https://arxiv.org/abs/2505.24298",
+            "Clip current against the proximal policy, weigh by proximal/behaviour and drop tokens above 5 (AReaL's "
+            "behav_imp_weight_cap in its example configs); for stale or mini-batched data.",
+            **{**_GRPO, "aggregation": "token_mean", "correction": "icepop", "icepop_low": 0.0, "icepop_high": 5.0},
         ),
         _preset(
             "luffy", "Learning to Reason under Off-Policy Guidance (LUFFY)", "https://arxiv.org/abs/2504.14945",

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from unigrad.objective import Objective
+from unigrad.objective import Objective, batch_normalisers
 from unigrad.objective.aggregation import Normalisers
 from unigrad.train.batching import SequenceBatch
+from unigrad.train.distributed import Distributed
 
 
 @dataclass
@@ -45,4 +46,31 @@ class Batch:
     prompt_half: torch.Tensor  # (P,) accounting half of each prompt (per-task gradients; 0 when not measured)
     max_length: int  # L_max, the generation budget (Dr. GRPO's normaliser)
     temperature: float  # the sampling temperature, under which the learner scores the tokens
-    policy_version: int  # optimizer steps taken by the weights that sampled it
+    policy_version: int  # the behaviour policy's version: rollout steps trained before its weights sampled it
+    first_prompt: int = 0  # global index of this process's first prompt (its prompts are a contiguous block)
+    num_prompts: int | None = None  # prompts of the whole step over every process (None = this process's)
+
+    @property
+    def total_prompts(self) -> int:
+        return len(self.prompt_task) if self.num_prompts is None else self.num_prompts
+
+    def local_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
+        """This process's indices of those of the step's global prompt indices `prompts` that it holds."""
+        lo, hi = self.first_prompt, self.first_prompt + len(self.prompt_task)
+        return prompts[(prompts >= lo) & (prompts < hi)] - lo
+
+
+def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:
+    """The whole batch's normalisers: this process's (None = no rows) summed over processes; None if all empty."""
+    if not dist.active:
+        return local
+    local = local or Normalisers(0.0, 0.0)
+    total = dist.sum_(torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.float64)).tolist()
+    return Normalisers(*total) if total[1] > 0 else None
+
+
+def rows_normalisers(comp: LossComponent, rows: torch.Tensor, dist: Distributed) -> Normalisers | None:
+    """The normalisers of `rows` of `comp` (a mini-batch's share on this process), summed over processes: each
+    optimizer step divides by the counts of its own mini-batch. Every process must call it."""
+    local = batch_normalisers(comp.sequences.completion_mask[rows], comp.objective) if len(rows) else None
+    return global_normalisers(dist, local)

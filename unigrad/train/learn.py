@@ -1,13 +1,23 @@
-"""The learning half of a step: a `Batch` in, the update made and its metrics out.
+"""The learning half of a step: a `Batch` in, the updates made and their metrics out.
 
-One loop, one code path for every loss component: for each micro-batch of the plan (`unigrad.train.plan`), the
+Three policies take part (named as in decoupled PPO, AReaL arXiv 2505.24298):
+- behaviour: the rollout engine's, whose log-probs it reported when it sampled the rows (`infer_logprobs`);
+- proximal: the learner's weights before this batch's first update, whose log-probs anchor the clip;
+- current: the weights being trained.
+The objective's correction (TIS, IcePop, ...) weighs proximal against behaviour; its stabiliser clips current
+against proximal.
+
+The batch is trained in `num_iterations` epochs of `mini_batches` optimizer steps each. Every optimizer step takes
+a disjoint mini-batch of the step's prompts (groups whole; `unigrad.train.plan.mini_batch_prompts`, reshuffled each
+epoch from a seed) and divides by that mini-batch's own normalisers. For each micro-batch of its plan: the
 learner's log-probs under the sampling temperature, the reference's when the component's objective has beta > 0,
-`policy_loss` with the component's objective and its whole-batch normalisers, backward with its
-coefficient. Per-task gradients are collected at the end of each accounting group. Then the clip and the optimizer
-step, `num_iterations` times over the same batch:
-- with num_iterations = 1 the "old" log-probs are the learner's own, detached (no extra pass);
-- with num_iterations > 1 they are the detached log-probs of the first iteration, which ran before any update.
-The mismatch metrics compare the engine's log-probs of the sampled rows with the learner's of the first iteration.
+`policy_loss`, backward with the component's coefficient; per-task gradients are collected at the end of each
+accounting group; then the clip and the optimizer step.
+
+The proximal log-probs cost nothing when every row is first trained before any update (one mini-batch): the first
+optimizer step's own pass is then the proximal pass, and with one epoch the loss takes it as its own detached copy
+(ratio 1). With several mini-batches, the rows of all but the first are scored once by a no-grad pass before the
+first update. The mismatch metrics compare the engine's log-probs of the sampled rows with the proximal ones.
 """
 
 from __future__ import annotations
@@ -19,77 +29,114 @@ import torch
 
 from unigrad.diagnostics.mismatch import mismatch_metrics
 from unigrad.objective import LossInputs, policy_loss
-from unigrad.train.batch import Batch, LossComponent
+from unigrad.objective.aggregation import Normalisers
+from unigrad.train.batch import Batch, LossComponent, rows_normalisers
 from unigrad.train.distributed import Distributed
 from unigrad.train.learner import Learner
 from unigrad.train.metrics import merge_loss_metrics
-from unigrad.train.plan import aligned_plan, micro_batch_plan
+from unigrad.train.plan import aligned_plan, component_rows, micro_batch_plan, mini_batch_prompts
 
 
 @dataclass
 class LearnSettings:
-    """What `learn` needs besides the batch (fixed for a run)."""
+    """What `learn` needs besides the batch (fixed for a run, except the shuffle seed)."""
 
     micro_batch_size: int
-    num_iterations: int = 1
-    grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
+    num_iterations: int = 1  # epochs over the batch
+    grad_norm_cap: float | None = None  # skip an optimizer step whose pre-clip grad norm exceeds this
+    mini_batches: int = 1  # optimizer steps per epoch, each on 1/mini_batches of the prompts
+    shuffle_seed: int = 0  # seeds the deal of prompts into mini-batches (with the epoch)
 
 
-@dataclass
-class _Pass:
-    """One micro-batch's learner pass, as the loop needs it."""
+class RowCache:
+    """Per-row (n, T) values of one loss component, filled row by row (log-probs of a policy that does not change
+    during the step: the proximal or the reference)."""
 
-    component: LossComponent
-    rows: torch.Tensor
-    old: torch.Tensor | None = None  # first iteration's log-probs (num_iterations > 1)
-    ref: torch.Tensor | None = None  # the reference's log-probs (beta > 0), computed once
+    def __init__(self, shape: torch.Size):
+        self.values = torch.zeros(shape)
+        self.filled = torch.zeros(shape[0], dtype=torch.bool)
+
+    def get(self, rows: torch.Tensor, width: int, device) -> torch.Tensor | None:
+        """(b, width) values of `rows`, or None unless every one of them is filled."""
+        return self.values[rows, :width].to(device) if bool(self.filled[rows].all()) else None
+
+    def put(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self.values[rows, :values.shape[1]] = values.detach().float().cpu()
+        self.filled[rows] = True
 
 
 def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distributed,
-          task_gradients=None, task_names: list[str] | None = None, measure_from: int = 0) -> dict[str, float]:
-    """Train on `batch` (num_iterations optimizer steps); returns the step's learner metrics.
+          task_gradients=None, task_names: list[str] | None = None) -> dict[str, float]:
+    """Train on `batch` (num_iterations x mini_batches optimizer steps); returns the step's learner metrics.
     `task_gradients` (unigrad.diagnostics.task_gradients) measures per-task gradients, named by `task_names`."""
     t0 = time.perf_counter()
-    plan = micro_batch_plan(batch, settings.micro_batch_size, per_task=task_gradients is not None)
-    if learner.sharded:  # every learner pass is a collective: all processes run the same sequence
-        plan = aligned_plan(plan, dist)
-    passes = [None if rows is None else _Pass(batch.components[c], rows) for _, c, rows in plan]
-    measured = [(torch.zeros(c.sequences.completion_ids.shape), torch.zeros(c.sequences.completion_ids.shape))
-                if c.sampled else None for c in batch.components]  # (n, T) learner log-probs and entropy
-    loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
-    nonfinite_loss, idle_passes = False, 0
-    for iteration in range(settings.num_iterations):
-        for i, (group, c, rows) in enumerate(plan):
-            if rows is None:  # sharded: another process has a micro-batch here
-                learner.idle_pass()
-                idle_passes += 1
-            else:
-                out = _forward_backward(passes[i], batch, learner, keep_old=settings.num_iterations > 1)
-                nonfinite_loss |= not torch.isfinite(out["loss"]).item()
-                if iteration == 0 and measured[c] is not None:
-                    width = out["logp"].shape[1]
-                    measured[c][0][rows, :width], measured[c][1][rows, :width] = out["logp"], out["entropy"]
-                loss_metrics.append({f"{passes[i].component.name}/{k}": v for k, v in out["metrics"].items()})
-            if task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
-                n_rows = sum(len(r) for g, _, r in plan if g == group and r is not None)
-                task_gradients.collect(task_names[group[0]], group[1], n_rows)
-        if task_gradients is not None:
-            measured_grads = task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum), over processes
-            grad_metrics = grad_metrics or measured_grads  # the first iteration's: the fresh batch
-        elif not learner.sharded:  # sharded: FSDP has summed them in the backward passes
-            dist.sum_gradients(learner.params)
-        t1 = time.perf_counter()
-        norm, status = learner.clip_and_step(settings.grad_norm_cap)
-        grad_norms.append(norm)
-        statuses.append(status)
-        t_optim += time.perf_counter() - t1
+    comps = batch.components
+    epochs, pieces = settings.num_iterations, settings.mini_batches
+    shapes = [c.sequences.completion_ids.shape for c in comps]
+    needs_proximal = epochs > 1 or pieces > 1
+    proximal = [RowCache(s) for s in shapes] if needs_proximal else None
+    reference = [RowCache(s) for s in shapes]
+    measured = [(RowCache(s), RowCache(s)) if c.sampled else None for c, s in zip(comps, shapes, strict=True)]
 
-    metrics = merge_loss_metrics(sum(dist.gather(loss_metrics), []), settings.num_iterations)
+    schedule = [[batch.local_prompts(p) for p in mini_batch_prompts(
+        batch.total_prompts, pieces, settings.shuffle_seed * 1_000_003 + epoch)] if pieces > 1 else [None]
+        for epoch in range(epochs)]
+    t_proximal = 0.0
+    if pieces > 1:  # the proximal log-probs of the rows the first optimizer step does not train
+        t1 = time.perf_counter()
+        first = component_rows(batch, schedule[0][0])
+        rest = [torch.nonzero(~torch.isin(torch.arange(len(c)), f)).flatten() for c, f in zip(comps, first,
+                                                                                            strict=True)]
+        _proximal_pass(batch, learner, rest, settings.micro_batch_size, proximal, measured)
+        t_proximal = time.perf_counter() - t1
+
+    loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
+    nonfinite_loss, idle_passes, updates = False, 0, 0
+    for epoch_pieces in schedule:
+        for prompts in epoch_pieces:
+            plan = micro_batch_plan(batch, settings.micro_batch_size, per_task=task_gradients is not None,
+                                    prompts=prompts)
+            if learner.sharded:  # every learner pass is a collective: all processes run the same sequence
+                plan = aligned_plan(plan, dist)
+            normalisers = [c.normalisers for c in comps] if prompts is None else \
+                [rows_normalisers(c, rows, dist) for c, rows in zip(comps, component_rows(batch, prompts),
+                                                                        strict=True)]
+            for i, (group, c, rows) in enumerate(plan):
+                if rows is None:  # sharded: another process has a micro-batch here
+                    learner.idle_pass()
+                    idle_passes += 1
+                else:
+                    out = _forward_backward(comps[c], rows, normalisers[c], batch, learner,
+                                            proximal[c] if proximal else None, reference[c])
+                    nonfinite_loss |= not torch.isfinite(out["loss"]).item()
+                    if updates == 0:  # weights untouched: this pass is the proximal one
+                        if proximal is not None:
+                            proximal[c].put(rows, out["logp"])
+                        if measured[c] is not None:
+                            measured[c][0].put(rows, out["logp"])
+                            measured[c][1].put(rows, out["entropy"])
+                    loss_metrics.append({f"{comps[c].name}/{k}": v for k, v in out["metrics"].items()})
+                if task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
+                    n_rows = sum(len(r) for g, _, r in plan if g == group and r is not None)
+                    task_gradients.collect(task_names[group[0]], group[1], n_rows)
+            if task_gradients is not None:
+                measured_grads = task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
+                grad_metrics = grad_metrics or measured_grads  # the first optimizer step's: the fresh weights
+            elif not learner.sharded:  # sharded: FSDP has summed them in the backward passes
+                dist.sum_gradients(learner.params)
+            t1 = time.perf_counter()
+            norm, status = learner.clip_and_step(settings.grad_norm_cap)
+            grad_norms.append(norm)
+            statuses.append(status)
+            t_optim += time.perf_counter() - t1
+            updates += 1
+
+    metrics = merge_loss_metrics(sum(dist.gather(loss_metrics), []), epochs, updates)
     metrics.update(grad_metrics)
     metrics.update(_mismatch(batch, measured, dist))
     if learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
         metrics["sharding/idle_passes"] = dist.sum_float(float(idle_passes))
-    metrics["loss"] = sum(c.coef * metrics.get(f"{c.name}/loss", 0.0) for c in batch.components)
+    metrics["loss"] = sum(c.coef * metrics.get(f"{c.name}/loss", 0.0) for c in comps)
     metrics.update({
         "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms),
         "skipped/nonfinite": float(statuses.count("nonfinite")),
@@ -97,36 +144,63 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
         "skipped/grad_cap": float(statuses.count("grad_cap")),
         "lr": learner.lr, "time/learner": time.perf_counter() - t0 - t_optim, "time/optimizer": t_optim,
     })
+    if updates > 1:
+        metrics.update({"grad_norm/mean": sum(grad_norms) / updates, "optimizer_steps": float(updates)})
+    if pieces > 1:
+        metrics["time/proximal"] = t_proximal
     return metrics
 
 
-def _forward_backward(p: _Pass, batch: Batch, learner: Learner, keep_old: bool) -> dict:
+def _forward_backward(comp: LossComponent, rows: torch.Tensor, normalisers: Normalisers | None, batch: Batch,
+                      learner: Learner, proximal: RowCache | None, reference: RowCache) -> dict:
     """One micro-batch: log-probs, loss, backward. Returns the loss, its metrics and the (detached, CPU)
     log-probs and entropy of the pass."""
     device = learner.device  # bookkeeping stays on the CPU; each micro-batch's loss is formed here
-    comp, rows = p.component, p.rows
     obj = comp.objective
     mb = comp.sequences.rows(rows).trimmed().to(device)  # (b, T'), T' <= T: this micro-batch's own padding only
     width = mb.completion_ids.shape[1]
     logp, entropy = learner.logprobs(mb, batch.temperature)  # (b, T') each
-    if obj.beta > 0 and p.ref is None:
-        p.ref = learner.reference_logprobs(mb, batch.temperature)
+    ref = None
+    if obj.beta > 0:
+        ref = reference.get(rows, width, device)
+        if ref is None:
+            ref = learner.reference_logprobs(mb, batch.temperature)
+            reference.put(rows, ref)
     off = comp.off_policy
     out = policy_loss(LossInputs(
-        logp, mb.completion_mask, comp.advantages[rows].to(device), old_logprobs=p.old,
+        logp, mb.completion_mask, comp.advantages[rows].to(device),
+        old_logprobs=proximal.get(rows, width, device) if proximal is not None else None,
         infer_logprobs=comp.infer_logprobs[rows, :width].to(device) if obj.needs_infer_logprobs else None,
-        ref_logprobs=p.ref, entropy=entropy if comp.sampled else None,
+        ref_logprobs=ref, entropy=entropy if comp.sampled else None,
         off_policy_mask=off[rows, None].to(device) & mb.completion_mask if off is not None else None,
         max_length=batch.max_length if comp.sampled else None,
-        num_tokens=comp.normalisers.num_tokens, num_sequences=comp.normalisers.num_sequences), obj)
+        num_tokens=normalisers.num_tokens, num_sequences=normalisers.num_sequences), obj)
     (comp.coef * out.loss).backward()
-    if keep_old and p.old is None:
-        p.old = logp.detach()
     return {"loss": out.loss, "metrics": out.metrics, "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu()}
 
 
+@torch.no_grad()
+def _proximal_pass(batch: Batch, learner: Learner, rows: list[torch.Tensor], micro_batch_size: int,
+                   proximal: list[RowCache], measured: list) -> None:
+    """The learner's log-probs (and entropy) of `rows` of each component under the weights before any update."""
+    from unigrad.train.batching import length_grouped_micro_batches
+
+    for c, (comp, idx) in enumerate(zip(batch.components, rows, strict=True)):
+        if not len(idx):
+            continue
+        for piece in length_grouped_micro_batches(comp.sequences.rows(idx), micro_batch_size,
+                                                  groups=comp.row_prompt[idx]):
+            r = idx[piece]
+            logp, entropy = learner.logprobs(comp.sequences.rows(r).trimmed(), batch.temperature)
+            proximal[c].put(r, logp)
+            if measured[c] is not None:
+                measured[c][0].put(r, logp)
+                measured[c][1].put(r, entropy)
+
+
 def _mismatch(batch: Batch, measured: list, dist: Distributed) -> dict[str, float]:
-    """The engine's log-probs against the learner's, on the engine's own samples (gathered over processes)."""
+    """The engine's log-probs against the learner's proximal ones, on the engine's own samples (gathered over
+    processes)."""
     for comp, pair in zip(batch.components, measured, strict=True):
         if pair is None or comp.infer_logprobs is None:
             continue
@@ -135,7 +209,7 @@ def _mismatch(batch: Batch, measured: list, dist: Distributed) -> dict[str, floa
             mask = mask & ~comp.off_policy[:, None]
         mask = dist.cat(mask)
         if mask.any():
-            return mismatch_metrics(dist.cat(pair[0]), dist.cat(comp.infer_logprobs), mask,
-                                    entropy=dist.cat(pair[1]), low=comp.objective.icepop_low,
+            return mismatch_metrics(dist.cat(pair[0].values), dist.cat(comp.infer_logprobs), mask,
+                                    entropy=dist.cat(pair[1].values), low=comp.objective.icepop_low,
                                     high=comp.objective.icepop_high)
     return {}

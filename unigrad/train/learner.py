@@ -50,7 +50,7 @@ class Learner:
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = _adamw(self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                 weight_decay=optim.weight_decay)
-        # Counted in optimizer steps; `total_steps` (the run's max_steps x num_iterations) ends a decaying schedule.
+        # Counted in optimizer steps; `total_steps` (the run's optimizer steps) ends a decaying schedule.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, warmup=optim.warmup_steps, total=total_steps, schedule=optim.schedule,
             min_ratio=optim.min_lr_ratio))

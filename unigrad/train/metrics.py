@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 
-def merge_loss_metrics(records: list[dict[str, float]], num_iterations: int = 1) -> dict[str, float]:
-    """Combine `compute_policy_loss` metrics of all micro-batches (and iterations) of a step.
+def merge_loss_metrics(records: list[dict[str, float]], num_iterations: int = 1,
+                       optimizer_steps: int | None = None) -> dict[str, float]:
+    """Combine `compute_policy_loss` metrics of all micro-batches (and optimizer steps) of a step.
 
-    Loss terms already carry the whole-batch normalisers, so they add up (then average over
-    iterations); min / max reduce; every other metric is a token-weighted mean.
+    Loss terms already carry their optimizer step's normalisers, so they add up within an optimizer step (then
+    average over the `optimizer_steps`, default `num_iterations`); token counts add up over one epoch (every row
+    once per iteration); min / max reduce; every other metric is a token-weighted mean.
     """
+    optimizer_steps = optimizer_steps or num_iterations
     out: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
@@ -19,7 +22,7 @@ def merge_loss_metrics(records: list[dict[str, float]], num_iterations: int = 1)
             if leaf == "tokens":
                 out[key] = out.get(key, 0.0) + value / num_iterations
             elif leaf.startswith("loss"):
-                out[key] = out.get(key, 0.0) + value / num_iterations
+                out[key] = out.get(key, 0.0) + value / optimizer_steps
             elif key.endswith("/min"):
                 out[key] = min(out.get(key, value), value)
             elif key.endswith("/max"):

@@ -34,15 +34,37 @@ def task_halves(prompt_task: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def micro_batch_plan(batch: Batch, micro_batch_size: int, per_task: bool) -> list[Pass]:
+def mini_batch_prompts(num_prompts: int, mini_batches: int, seed: int) -> list[torch.Tensor]:
+    """The step's prompts (global indices 0 .. num_prompts-1) dealt into `mini_batches` disjoint mini-batches, one
+    per optimizer step: a seeded shuffle cut into consecutive pieces whose sizes differ by at most one. A prompt's
+    group stays whole. One mini-batch is the whole step, in order (no shuffle)."""
+    if not 1 <= mini_batches <= num_prompts:
+        raise ValueError(f"{mini_batches} mini-batches of {num_prompts} prompts: each needs at least one prompt")
+    if mini_batches == 1:
+        return [torch.arange(num_prompts)]
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
+    return [piece.sort().values for piece in torch.tensor_split(order, mini_batches)]
+
+
+def component_rows(batch: Batch, prompts: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each component's rows that answer one of `prompts` (this process's prompt indices; None = every row)."""
+    if prompts is None:
+        return [torch.arange(len(c)) for c in batch.components]
+    return [torch.nonzero(torch.isin(c.row_prompt, prompts)).flatten() for c in batch.components]
+
+
+def micro_batch_plan(batch: Batch, micro_batch_size: int, per_task: bool,
+                     prompts: torch.Tensor | None = None) -> list[Pass]:
     """Micro-batches as (group, component, rows), consecutive per group, components in order within a group.
+    `prompts`: only the rows of these prompts (this process's indices; a mini-batch), None = all of them.
 
     Without per-task gradients there is one group (None). With them a group is (task index, half), the halves
     from `task_halves` over the whole step's prompts (so processes agree): the two halves are disjoint samples of
     the task for the cross estimate; on steps without the cross term every half is 0."""
     comps = batch.components
+    chosen = component_rows(batch, prompts)
     if not per_task:
-        groups = [(None, [torch.arange(len(c)) for c in comps])]
+        groups = [(None, chosen)]
     else:
         row_prompt = torch.cat([c.row_prompt for c in comps]) if comps else torch.zeros(0, dtype=torch.long)
         half = batch.prompt_half[row_prompt].clone()
@@ -52,9 +74,12 @@ def micro_batch_plan(batch: Batch, micro_batch_size: int, per_task: bool) -> lis
             half[rows] = 0
             half[rows[1::2]] = 1
         bounds = torch.tensor([0] + [len(c) for c in comps]).cumsum(0).tolist()
-        groups = [((k, h), [torch.nonzero((row_task[a:b] == k) & (half[a:b] == h)).flatten()
+        member = torch.zeros(len(row_task), dtype=torch.bool)
+        for a, rows in zip(bounds[:-1], chosen, strict=True):
+            member[a + rows] = True
+        groups = [((k, h), [torch.nonzero((row_task[a:b] == k) & (half[a:b] == h) & member[a:b]).flatten()
                             for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-                  for k in row_task.unique().tolist() for h in (0, 1)]
+                  for k in row_task[member].unique().tolist() for h in (0, 1)]
     plan: list[Pass] = []
     for group, indices in groups:
         for c, idx in enumerate(indices):

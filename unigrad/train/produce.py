@@ -7,6 +7,10 @@
   one it has in a single process. With demonstrations in the group (LUFFY) G - 1 are sampled and the prompt's
   demonstration is the G-th; with demonstrations only (SFT) nothing is sampled.
 - Rewards from the verifiers (NaN = unscorable; counted, advantage 0); demonstration rows are scored too.
+- DAPO's dynamic sampling (`rollout.dynamic_sampling`, `unigrad.train.dynamic_sampling`): groups whose rewards are
+  all equal are dropped and more prompts drawn until the step has its prompts. DAPO's overlong shaping
+  (`rollout.overlong_buffer`, `unigrad.objective.shaping`) adds its length penalty to the rewards the advantages
+  see; the metrics report the verifiers' rewards.
 - Advantages over the whole batch (the rewards of every process).
 - Routing (`unigrad.train.routing`) into loss components, whose normalisers are then summed over processes.
 """
@@ -20,12 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.objective import compute_advantages
-from unigrad.objective.aggregation import Normalisers
+from unigrad.objective.shaping import overlong_penalty
 from unigrad.rollout.base import Rollout, SamplingParams, prompt_stream_seeds
 from unigrad.tasks.base import Example, Task
-from unigrad.train.batch import Batch
+from unigrad.train.batch import Batch, global_normalisers
 from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
-from unigrad.train.distributed import Distributed
 from unigrad.train.plan import task_halves
 from unigrad.train.routing import route
 
@@ -48,6 +51,7 @@ class Produced:
     reward_errors: dict[str, str]  # {task: what made its rewards unscorable this step} (this process's)
     time_rollout: float
     time_reward: float
+    sampling_metrics: dict[str, float]  # dynamic sampling's counts and the overlong penalty (when on)
 
 
 def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
@@ -55,29 +59,37 @@ def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
     dist, mode = ctx.dist, ctx.mode
     picks = ctx.sampler.sample(ctx.prompts_per_step)
     lo, hi = dist.block(len(picks))
+    drawn = draw(ctx, step, picks[lo:hi], stream_offset=lo)
+    sampling_metrics: dict[str, float] = {}
+    if ctx.dynamic_sampling:  # one process (checked when the run starts): lo = 0, hi = len(picks)
+        from unigrad.train.dynamic_sampling import refill
+
+        drawn, picks, sampling_metrics = refill(ctx, step, drawn, picks)
+        lo, hi = 0, len(picks)
     prompt_half = torch.zeros(len(picks), dtype=torch.long)
     if ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step):
         prompt_half = task_halves(torch.tensor([t for t, _ in picks]))
-    prompt_half, picks = prompt_half[lo:hi], picks[lo:hi]
-    examples = [ctx.pools[t][i] for t, i in picks]
-    prompt_task = torch.tensor([t for t, _ in picks])  # (P,) this process's prompts
-    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
-
-    t0 = time.perf_counter()
-    ro, off_policy = _rollouts(ctx, step, lo, hi, prompt_ids, examples)
-    t_rollout = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    texts = decode_completions(ctx.tokenizer, ro)
+    prompt_half = prompt_half[lo:hi]
+    examples, prompt_ids, ro, off_policy = drawn.examples, drawn.prompt_ids, drawn.rollout, drawn.off_policy
+    prompt_task = torch.tensor([t for t, _ in drawn.picks], dtype=torch.long)  # (P,) this process's prompts
     row_task = prompt_task[ro.group_ids]  # (N,)
-    rewards, reward_errors = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
-                                   ctx.reward_timeout)
-    t_reward = time.perf_counter() - t0
+    rewards = drawn.rewards
+    trained_rewards = rewards
+    if ctx.overlong_buffer:  # DAPO's soft overlong punishment, on sampled rows; the verifier's reward is reported
+        penalty = overlong_penalty(ro.completion_mask.sum(-1), ctx.sampling.max_new_tokens, ctx.overlong_buffer,
+                                   ctx.overlong_penalty) * ~off_policy
+        trained_rewards = rewards + penalty
+        sampled = ~dist.cat(off_policy)
+        all_penalty = dist.cat(penalty)[sampled]
+        sampling_metrics["rewards/overlong_penalty"] = all_penalty.mean().item() if len(all_penalty) else 0.0
+        sampling_metrics["rewards/overlong_fraction"] = (all_penalty < 0).float().mean().item() \
+            if len(all_penalty) else 0.0
 
     obj = ctx.objective
     all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
-    all_adv = compute_advantages(all_rewards, dist.cat(ro.group_ids + lo), obj.advantage, task_ids=all_row_task,
-                                 per_task=obj.per_task_advantage, eps=obj.advantage_eps)  # (N_all,)
+    all_adv = compute_advantages(dist.cat(trained_rewards), dist.cat(ro.group_ids + lo), obj.advantage,
+                                 task_ids=all_row_task, per_task=obj.per_task_advantage,
+                                 eps=obj.advantage_eps)  # (N_all,)
     first_row = lo * ctx.num_generations
     adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
 
@@ -86,18 +98,53 @@ def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
         comp.normalisers = global_normalisers(dist, comp.normalisers)
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
     batch = Batch(routed.components, prompt_task, prompt_half, ctx.sampling.max_new_tokens, temperature,
-                  policy_version)
-    return batch, Produced(examples, texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task, all_adv,
-                           prompt_task, routed.sft_prompt, reward_errors, t_rollout, t_reward)
+                  policy_version, first_prompt=lo, num_prompts=len(picks))
+    return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
+                           all_adv, prompt_task, routed.sft_prompt, drawn.errors, drawn.time_rollout,
+                           drawn.time_reward, sampling_metrics)
 
 
-def _rollouts(ctx, step: int, lo: int, hi: int, prompt_ids: list[list[int]],
+@dataclass
+class Drawn:
+    """Prompts of this process, their rows and the verifiers' rewards: what one draw (or several, merged) made."""
+
+    picks: list[tuple[int, int]]  # (P,) (task index, example index)
+    examples: list[Example]  # (P,)
+    prompt_ids: list[list[int]]  # (P,) chat-templated token ids
+    rollout: Rollout  # (N,) rows, demonstration rows included (LUFFY)
+    off_policy: torch.Tensor  # (N,) bool: demonstration rows
+    texts: list[str]  # (N,) decoded completions
+    rewards: torch.Tensor  # (N,) the verifiers' (NaN = unscorable)
+    errors: dict[str, str]  # {task: what made its rewards unscorable}
+    time_rollout: float = 0.0
+    time_reward: float = 0.0
+
+
+def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int) -> Drawn:
+    """Roll out and score `picks` (this process's). Prompt i of them samples from the step's random stream
+    `stream_offset + i`: the streams of a step are numbered in draw order over every process."""
+    examples = [ctx.pools[t][i] for t, i in picks]
+    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
+    t0 = time.perf_counter()
+    ro, off_policy = _rollouts(ctx, step, stream_offset, prompt_ids, examples)
+    t_rollout = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = decode_completions(ctx.tokenizer, ro)
+    row_task = torch.tensor([t for t, _ in picks], dtype=torch.long)[ro.group_ids]  # (N,)
+    rewards, errors = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
+                            ctx.reward_timeout)
+    return Drawn(list(picks), examples, prompt_ids, ro, off_policy, texts, rewards, errors, t_rollout,
+                 time.perf_counter() - t0)
+
+
+def _rollouts(ctx, step: int, stream_offset: int, prompt_ids: list[list[int]],
               examples: list[Example]) -> tuple[Rollout, torch.Tensor]:
     """This process's rows and (N,) bool marking the demonstration rows among them."""
     mode = ctx.mode
     step_seed = ctx.seed * 1_000_003 + step
     sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": step_seed,
-                                 "prompt_seeds": prompt_stream_seeds(step_seed, hi - lo, offset=lo)})
+                                 "prompt_seeds": prompt_stream_seeds(step_seed, len(prompt_ids),
+                                                                     offset=stream_offset)})
     if not mode.samples:
         ro = no_rollout()
     else:
@@ -177,12 +224,3 @@ def _verify(task: Task, texts: list[str], examples: list[Example], timeout: floa
     if "error" in result:
         return None, result["error"]
     return result["values"], None
-
-
-def global_normalisers(dist: Distributed, local: Normalisers | None) -> Normalisers | None:
-    """The whole batch's normalisers: this process's (None = no rows) summed over processes; None if all empty."""
-    if not dist.active:
-        return local
-    local = local or Normalisers(0.0, 0.0)
-    total = dist.sum_(torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.float64)).tolist()
-    return Normalisers(*total) if total[1] > 0 else None

@@ -43,6 +43,7 @@ from unigrad.train.distributed import (
     check_prompts_split,
     init_distributed,
 )
+from unigrad.train.dynamic_sampling import AllGroupsUniform
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.routing import TrainingMode
@@ -235,6 +236,9 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
         raise ConfigError(str(err)) from err
     dist = init_distributed(device)  # one process unless launched by --nproc, torchrun or accelerate
     check_prompts_split(cfg.prompts_per_step, dist.world)
+    if dist.active and cfg.rollout.dynamic_sampling:
+        raise ConfigError("rollout.dynamic_sampling runs in one process for now (its extra draws are not dealt over "
+                          "processes): drop --nproc, or set rollout.dynamic_sampling=false")
     launched_sharding, launcher_notes = accelerate_launch_settings(dict(os.environ), cfg.sharding)
     if launched_sharding != cfg.sharding:
         cfg = validate_config({**cfg.model_dump(), "sharding": launched_sharding})
@@ -330,7 +334,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
-                      shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.max_steps * cfg.num_iterations)
+                      shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.optimizer_steps)
     whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
     if cfg.rollout.engine == "vllm":  # one vLLM instance in this process, on its GPU, synced every step
         from unigrad.rollout.vllm_engine import VLLMEngine
@@ -372,8 +376,11 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
         micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
-        mode=TrainingMode.from_config(cfg), seed=cfg.seed, samples_per_step=cfg.samples_per_step,
-        reward_timeout=cfg.reward_timeout,
+        mini_batches=cfg.optim.mini_batches, mode=TrainingMode.from_config(cfg), seed=cfg.seed,
+        samples_per_step=cfg.samples_per_step,
+        reward_timeout=cfg.reward_timeout, dynamic_sampling=bool(cfg.rollout.dynamic_sampling),
+        max_resample=cfg.rollout.max_resample, overlong_buffer=cfg.rollout.overlong_buffer or 0,
+        overlong_penalty=cfg.rollout.overlong_penalty,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
 
@@ -459,6 +466,10 @@ def _step(run: Run, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
     cfg = run.cfg
     try:
         metrics, samples = train_step(run.ctx, step)
+    except AllGroupsUniform as err:
+        done = list_checkpoints(run.output_dir)
+        raise RunStopped(f"run stopped at step {step}: {err} (in a new run: --resume continues with the same "
+                         "settings)" + (f"; the latest checkpoint is {done[-1]}" if done else "")) from err
     except NonFiniteLogits as err:
         done = list_checkpoints(run.output_dir)
         raise RunStopped(f"run stopped at step {step}: {err} (after the optimizer step of step {step - 1}). "

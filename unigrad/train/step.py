@@ -1,8 +1,8 @@
 """One training step, as an outline of named phases.
 
     produce (unigrad.train.produce): task sampler -> rollouts -> verifiers -> advantages -> routing -> Batch
-    learn   (unigrad.train.learn):   micro-batch plan -> log-probs -> policy_loss -> backward
-                                     -> grad clip -> optimizer step (num_iterations times)
+    learn   (unigrad.train.learn):   mini-batches -> micro-batch plan -> log-probs -> policy_loss -> backward
+                                     -> grad clip -> optimizer step (num_iterations x mini_batches times)
     sync:    the rollout engine takes the new weights
     report:  metrics of the whole batch, and a few samples
 
@@ -59,13 +59,18 @@ class StepContext:
     prompts_per_step: int
     num_generations: int
     micro_batch_size: int
-    num_iterations: int = 1
+    num_iterations: int = 1  # epochs over each batch
+    mini_batches: int = 1  # optimizer steps per epoch
     mode: TrainingMode = TrainingMode()  # how demonstrations enter the step (SFT, HPT, LUFFY), and the weights
     seed: int = 0
     samples_per_step: int = 0
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
     grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
     dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, draw more (unigrad.train.dynamic_sampling)
+    max_resample: int = 3  # dynamic sampling's rounds after the first
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last tokens before the budget (0 = off)
+    overlong_penalty: float = 1.0
     reward_timeout: float | None = None  # seconds a task's verifier may take per step (None = no limit)
     reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
 
@@ -78,8 +83,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     # 1. Produce: the step's batch, sampled by the weights of the previous step (policy version step - 1).
     batch, produced = produce(ctx, step, policy_version=step - 1)
 
-    # 2. Learn: num_iterations optimizer steps on it.
-    settings = LearnSettings(ctx.micro_batch_size, ctx.num_iterations, ctx.grad_norm_cap)
+    # 2. Learn: num_iterations epochs of mini_batches optimizer steps on it.
+    settings = LearnSettings(ctx.micro_batch_size, ctx.num_iterations, ctx.grad_norm_cap, ctx.mini_batches,
+                             shuffle_seed=ctx.seed * 1_000_003 + step)
     learned = learn(batch, ctx.learner, settings, ctx.dist, ctx.task_gradients, names)
 
     # 3. The rollout engine takes the new weights.
@@ -89,6 +95,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
 
     # 4. Report: the batch's metrics (gathered from every process), the learner's, timings, a few samples.
     metrics = produced_metrics(names, produced, ctx.dist)
+    metrics.update(produced.sampling_metrics)
     ctx.reward_errors = produced.reward_errors
     metrics.update(learned)
     metrics.update({"time/rollout": produced.time_rollout, "time/reward": produced.time_reward,

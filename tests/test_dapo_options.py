@@ -1,0 +1,107 @@
+"""DAPO's two trainer options (arXiv 2503.14476): overlong reward shaping and dynamic sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from step_helpers import step_context
+from test_faults import cli, tiny_run
+
+from unigrad.config import load_config
+from unigrad.objective import compute_advantages
+from unigrad.objective.shaping import overlong_penalty, uniform_groups
+from unigrad.train.dynamic_sampling import AllGroupsUniform
+from unigrad.train.produce import produce
+
+
+def test_overlong_penalty_follows_the_papers_formula_at_its_boundaries():
+    # L_max = 20, L_cache = 5: no penalty up to 15 tokens, then (15 - |y|) / 5, reaching -1 at 20; -1 beyond.
+    lengths = torch.tensor([0, 14, 15, 16, 18, 19, 20, 21])
+    want = [0.0, 0.0, 0.0, -0.2, -0.6, -0.8, -1.0, -1.0]
+    assert overlong_penalty(lengths, 20, 5).tolist() == pytest.approx(want)
+    assert overlong_penalty(lengths, 20, 5, factor=0.5).tolist() == pytest.approx([0.5 * w for w in want])
+    assert overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 8  # off
+    with pytest.raises(ValueError, match="between 0 and the budget"):
+        overlong_penalty(lengths, 20, 21)
+
+
+def test_uniform_groups_are_those_without_a_contrast_among_scorable_rewards():
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, nan, 1.0, nan, 0.5])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    # group 3 has one scorable reward (nothing to compare), group 4 likewise
+    assert uniform_groups(rewards, groups, 5).tolist() == [True, False, True, True, True]
+
+
+def test_the_dapo_preset_turns_both_options_on_and_other_presets_leave_them_off():
+    dapo = load_config(None, ["objective=dapo", "rollout.max_new_tokens=40"])
+    assert dapo.rollout.dynamic_sampling is True and dapo.rollout.overlong_buffer == 8
+    grpo = load_config(None, ["objective=grpo"])
+    assert grpo.rollout.dynamic_sampling is False and grpo.rollout.overlong_buffer == 0
+    assert load_config(None, ["objective=dapo", "rollout.dynamic_sampling=false"]).rollout.dynamic_sampling is False
+    with pytest.raises(Exception, match="HPT sends exactly those all-wrong groups"):
+        load_config(None, ["objective=hpt", "rollout.dynamic_sampling=true"])
+
+
+def half_uniform_rewards(ctx) -> None:
+    """Prompts whose answer's character codes add up to an even number: every completion scores 1 (a uniform group); the
+    others score by the parity of the completion's character codes, which spreads (most of) their groups."""
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [1.0 if sum(map(ord, e.answer)) % 2 == 0 else float(sum(map(ord, t)) % 2)
+                                               for t, e in zip(texts, examples, strict=True)]
+
+
+def test_dynamic_sampling_replaces_uniform_groups_and_keeps_the_batch_size():
+    ctx = step_context(dynamic_sampling=True, max_resample=8)
+    half_uniform_rewards(ctx)
+    batch, produced = produce(ctx, step=1, policy_version=0)
+    m = produced.sampling_metrics
+    assert len(produced.examples) == ctx.prompts_per_step == batch.total_prompts
+    assert m["dynamic_sampling/missing"] == 0 and m["dynamic_sampling/dropped"] > 0
+    assert m["dynamic_sampling/drawn"] == ctx.prompts_per_step + m["dynamic_sampling/dropped"]
+    assert not uniform_groups(produced.rewards, produced.rollout.group_ids, ctx.prompts_per_step).any()
+    assert produced.rollout.num_sequences == ctx.prompts_per_step * ctx.num_generations
+    assert sum(len(c) for c in batch.components) == produced.rollout.num_sequences
+    # The rows stay aligned with their texts and rewards after the merge: rescoring gives the same rewards.
+    again = [ctx.tasks[0].verify([t], [produced.examples[g]])[0]
+             for t, g in zip(produced.texts, produced.rollout.group_ids.tolist(), strict=True)]
+    assert again == produced.rewards.tolist()
+
+
+def test_without_dynamic_sampling_the_uniform_groups_stay():
+    ctx = step_context()
+    half_uniform_rewards(ctx)
+    _, produced = produce(ctx, step=1, policy_version=0)
+    assert uniform_groups(produced.rewards, produced.rollout.group_ids, ctx.prompts_per_step).any()
+    assert produced.sampling_metrics == {}
+
+
+def test_dynamic_sampling_stops_with_a_clear_message_when_every_group_stays_uniform():
+    ctx = step_context(dynamic_sampling=True, max_resample=2)
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [0.0] * len(texts)
+    with pytest.raises(AllGroupsUniform, match=r"all 18 groups drawn over 3 rounds had equal rewards"):
+        produce(ctx, step=1, policy_version=0)
+
+
+def test_overlong_shaping_reaches_the_advantages_but_not_the_reported_reward():
+    ctx = step_context(overlong_buffer=3)  # budget 6 tokens: 4 -> -1/3, 5 -> -2/3, 6 -> -1
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [1.0] * len(texts)
+    _, produced = produce(ctx, step=1, policy_version=0)
+    lengths = produced.rollout.completion_mask.sum(-1).float()
+    penalty = (-(lengths - 3) / 3).clamp(max=0)
+    assert (penalty < 0).any() and penalty.unique().numel() > 1  # a random model mostly runs to the budget
+    assert produced.rewards.tolist() == [1.0] * len(lengths)  # the verifier's reward, as reported
+    want = compute_advantages(1.0 + penalty, produced.rollout.group_ids, "grpo")
+    torch.testing.assert_close(produced.all_advantages, want)
+    assert produced.sampling_metrics["rewards/overlong_penalty"] == pytest.approx(penalty.mean().item(), abs=1e-6)
+
+
+def test_a_run_whose_groups_all_stay_uniform_stops_through_the_cli(small_model, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text("def zero(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    res = cli("train", *tiny_run(small_model), "objective=dapo", "rollout.max_resample=1", f"reward={reward}:zero",
+              "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "had equal rewards" in res.stderr and "rollout.dynamic_sampling=false" in res.stderr

@@ -1,0 +1,133 @@
+"""Off-policy updates: mini-batches, the proximal policy, and what changes between objectives once ratios move.
+
+The toy batch of test_learn (two prompts of two rows each, plain SGD, no clipping of the grad norm): with
+`mini_batches=2` the first optimizer step trains one prompt's rows at the proximal weights (ratio 1), the second
+trains the other prompt's rows after that update, its ratio measured against log-probs taken before any update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_learn import ADVANTAGES, LR, assert_close, learned_update, row_logprobs, setup
+
+from unigrad.train.learn import LearnSettings
+from unigrad.train.plan import mini_batch_prompts
+
+ROWS = {0: [0, 1], 1: [2, 3]}  # the toy's prompts and their rows
+EPS = 0.2  # grpo's clip range
+
+
+def sgd(learner, lr: float) -> None:
+    """Plain SGD at a constant rate: the update is -lr times the gradient."""
+    learner.optimizer = torch.optim.SGD(learner.params, lr=lr)
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+
+
+def clipped_surrogate(logp: torch.Tensor, proximal: torch.Tensor, advantage: float) -> torch.Tensor:
+    """PPO's per-token objective, written out: min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(logp - proximal)."""
+    ratio = torch.exp(logp - proximal)
+    return torch.minimum(ratio * advantage, ratio.clamp(1 - EPS, 1 + EPS) * advantage)
+
+
+def test_two_mini_batches_match_two_hand_derived_updates():
+    """Update 1: prompt p's rows at theta_0, ratio 1, divided by its own 2 sequences. Update 2: prompt q's rows at
+    theta_1, ratio pi_theta1 / pi_theta0 (the proximal log-probs are from before update 1), divided by its 2."""
+    model, learner, batch = setup("grpo", temperature=1.0)
+    sgd(learner, LR)
+    seed = 5
+    first, second = (int(p) for p in mini_batch_prompts(2, 2, seed))
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    proximal = [lp.detach() for lp in row_logprobs(model, 1.0)]
+
+    def step_loss(prompt):
+        rows = row_logprobs(model, 1.0)
+        return -sum(clipped_surrogate(rows[i], proximal[i], float(ADVANTAGES[i])).mean() for i in ROWS[prompt]) / 2
+
+    model.zero_grad()
+    step_loss(first).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+    theta1_ratios = torch.cat([torch.exp(row_logprobs(model, 1.0)[i] - proximal[i]) for i in ROWS[second]]).detach()
+    model.zero_grad()
+    step_loss(second).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+    want = [p.detach() - t for p, t in zip(model.parameters(), theta0, strict=True)]
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), theta0, strict=True):
+            p.copy_(t)
+    model.zero_grad(set_to_none=True)
+
+    got, metrics = learned_update(model, learner, batch, LearnSettings(micro_batch_size=64, mini_batches=2,
+                                                                        shuffle_seed=seed))
+    assert_close(got, want)
+    assert metrics["optimizer_steps"] == 2.0
+    # Ratios: 1 on the first step's tokens, pi_theta1 / pi_theta0 on the second's (what its loss used).
+    assert abs(theta1_ratios - 1).max() > 1e-3
+    assert metrics["rl/ratio/max"] == pytest.approx(max(1.0, float(theta1_ratios.max())), rel=1e-5)
+    assert metrics["rl/ratio/min"] == pytest.approx(min(1.0, float(theta1_ratios.min())), rel=1e-5)
+
+
+def test_the_second_mini_batch_ratio_is_against_log_probs_from_before_any_update():
+    """The proximal log-probs of the second mini-batch's rows come from a pass before the first update: scoring
+    them on-policy instead (a fresh detached copy at theta_1) would give ratio 1 there, and every ratio would be 1."""
+    model, learner, batch = setup("grpo", temperature=1.0)
+    sgd(learner, 5.0)
+    _, metrics = learned_update(model, learner, batch, LearnSettings(micro_batch_size=64, mini_batches=2))
+    assert metrics["rl/ratio/max"] > 1.01 or metrics["rl/ratio/min"] < 0.99
+
+
+@pytest.mark.parametrize("mini_batches, epochs, extra_passes", [(1, 1, 0), (1, 2, 0), (2, 1, 1), (2, 2, 1)])
+def test_the_proximal_pass_runs_only_where_a_row_is_first_trained_after_an_update(mini_batches, epochs,
+                                                                                   extra_passes):
+    """One mini-batch: the first optimizer step's own passes give the proximal log-probs (no extra forward). Two:
+    the second mini-batch's rows (one prompt here, one micro-batch) are scored once, before the first update."""
+    model, learner, batch = setup("grpo", temperature=1.0)
+    calls = []
+    forward = learner.logprobs
+
+    def counting(mb, temperature):
+        calls.append(torch.is_grad_enabled())
+        return forward(mb, temperature)
+
+    learner.logprobs = counting
+    learned_update(model, learner, batch, LearnSettings(micro_batch_size=64, mini_batches=mini_batches,
+                                                        num_iterations=epochs))
+    training_passes = epochs * mini_batches  # one micro-batch per mini-batch here
+    assert calls.count(True) == training_passes and calls.count(False) == extra_passes
+
+
+def objective_update(objective: str, mini_batches: int) -> list[torch.Tensor]:
+    model, learner, batch = setup(objective, temperature=1.0)
+    sgd(learner, 2.0)
+    got, _ = learned_update(model, learner, batch, LearnSettings(micro_batch_size=64, mini_batches=mini_batches))
+    return got
+
+
+def test_grpo_gspo_and_sapo_share_the_on_policy_update_and_part_with_mini_batches():
+    """One update per batch: the ratio is 1 and GRPO, GSPO and SAPO (same aggregation here) give one gradient. With
+    two mini-batches the second step's ratios move and the token clip, the sequence clip and the soft gate differ."""
+    def flat(update):
+        return torch.cat([u.flatten() for u in update])
+
+    on_policy = {o: flat(objective_update(o, 1)) for o in ("grpo", "gspo", "sapo")}
+    torch.testing.assert_close(on_policy["gspo"], on_policy["grpo"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(on_policy["sapo"], on_policy["grpo"], rtol=1e-4, atol=1e-7)
+    off_policy = {o: flat(objective_update(o, 2)) for o in ("grpo", "gspo", "sapo")}
+    for a, b in (("grpo", "gspo"), ("grpo", "sapo"), ("gspo", "sapo")):
+        gap = (off_policy[a] - off_policy[b]).norm() / off_policy[a].norm()
+        assert gap > 1e-3, (a, b, float(gap))
+
+
+def test_mini_batches_deal_whole_prompts_and_reshuffle_from_the_seed():
+    pieces = mini_batch_prompts(10, 4, seed=1)
+    assert sorted(torch.cat(pieces).tolist()) == list(range(10))
+    assert sorted(len(p) for p in pieces) == [2, 2, 3, 3]
+    again = mini_batch_prompts(10, 4, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(pieces, again, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(pieces, mini_batch_prompts(10, 4, seed=2), strict=True))
+    assert [p.tolist() for p in mini_batch_prompts(5, 1, seed=3)] == [[0, 1, 2, 3, 4]]  # one: in order
+    with pytest.raises(ValueError, match="at least one prompt"):
+        mini_batch_prompts(3, 4, seed=0)
