@@ -84,10 +84,14 @@ def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path)
     assert not (tmp_path / "run" / "eval_before.json").exists()  # refused before any work
 
 
-def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
+@pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",)], ids=["synchronous", "staleness2"])
+def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, tmp_path):
+    """Asynchronous: the batches in flight at a checkpoint are saved with it; those sampled after it are sampled
+    again, identically, and the engine's worker process does not outlive the killed run."""
     steps = 12
     # With a moving average of the weights: its state is checkpointed too, so final/ must come out the same.
-    args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10", "optim.weight_ema_decay=0.8"]
+    args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10", "optim.weight_ema_decay=0.8",
+            *asynchronous]
     full = tmp_path / "full"
     assert cli("train", *args, "--output-dir", full, cwd=tmp_path).returncode == 0
 
@@ -101,9 +105,15 @@ def test_resume_after_kill_matches_uninterrupted_run(small_model, tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert time.time() < deadline and proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert bool(children) == bool(asynchronous)  # the engine's worker
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(stable(metrics)) < steps, "the kill came too late to test anything"
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, "the engine's worker outlived the killed run"
 
     res = cli("train", *args, "--output-dir", cut, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

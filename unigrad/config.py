@@ -76,6 +76,14 @@ class RolloutSection(_Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm], a CUDA GPU)"
     )
+    max_staleness: int = Field(
+        0, ge=0, description="asynchronous rollouts: the engine, in a worker process, samples up to this many rollout "
+        "steps ahead of the learner (rows at most this many weight versions old); 0 = synchronous. docs/offpolicy.md")
+    engine_threads: int = Field(0, ge=0, description="max_staleness > 0: torch threads of the engine's worker "
+                                "(0 = half the cores, at least 1; the learner then takes the rest unless threads is "
+                                "set)")
+    worker_timeout: float = Field(600.0, gt=0, description="max_staleness > 0: seconds to wait for a rollout before "
+                                  "the run stops with an error")
     dynamic_sampling: bool | None = Field(
         None, description="DAPO's dynamic sampling: drop groups whose rewards are all equal and draw new prompts until "
         "the step has prompts_per_step (at most max_resample more rounds); None = on with objective=dapo")
@@ -394,6 +402,21 @@ class TrainConfig(_Section):
             raise ValueError(f"rollout.dynamic_sampling drops groups whose rewards are all equal; objective="
                              f"{self.objective!r} trains on demonstrations (HPT sends exactly those all-wrong groups "
                              "to SFT): set rollout.dynamic_sampling=false")
+        return self
+
+    @model_validator(mode="after")
+    def _asynchronous_rollouts_supported(self) -> TrainConfig:
+        if not self.rollout.max_staleness:
+            return self
+        refused = {"objective=sft (nothing is sampled)": self.objective == "sft",
+                   "rollout.dynamic_sampling (its extra draws are synchronous)": bool(self.rollout.dynamic_sampling),
+                   "rollout.engine=vllm": self.rollout.engine == "vllm",
+                   "rollout.num_engines > 1": self.rollout.num_engines > 1,
+                   "sharding=fsdp": self.sharding == "fsdp"}
+        for what, present in refused.items():
+            if present:
+                raise ValueError(f"rollout.max_staleness > 0 with {what} is not supported yet: use "
+                                 "rollout.max_staleness=0 (synchronous), or drop the other setting")
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .padding import widen
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -95,3 +97,30 @@ class RolloutEngine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Take the learner's current weights (called after each optimizer step)."""
         ...
+
+
+def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rollouts of consecutive prompt blocks as one: prompts left-padded and completions right-padded to the widest,
+    group ids renumbered in order."""
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def left(t: torch.Tensor, value) -> torch.Tensor:
+        return widen(t, prompt_width, "left", value)
+
+    def right(t: torch.Tensor, value) -> torch.Tensor:
+        return widen(t, width, "right", value)
+
+    offsets, groups = 0, []
+    for p in parts:
+        groups.append(p.group_ids + offsets)
+        offsets += int(p.group_ids.max()) + 1 if p.num_sequences else 0
+    return Rollout(
+        prompt_ids=torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, False) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, pad_token_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, False) for p in parts]),
+        infer_logprobs=torch.cat([right(p.infer_logprobs, 0.0) for p in parts]),
+        group_ids=torch.cat(groups),
+        truncated=torch.cat([p.truncated for p in parts]),
+    )

@@ -18,39 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Rollout, SamplingParams, resolve_prompt_seeds
-from .padding import widen
+from .base import Rollout, SamplingParams, merge_rollouts, resolve_prompt_seeds  # noqa: F401 - re-exported
 
 
-def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Rollouts of consecutive prompt blocks as one: prompts left-padded and completions right-padded to the widest,
-    group ids renumbered in order."""
-    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
-    width = max(p.completion_ids.shape[1] for p in parts)
-
-    def left(t: torch.Tensor, value) -> torch.Tensor:
-        return widen(t, prompt_width, "left", value)
-
-    def right(t: torch.Tensor, value) -> torch.Tensor:
-        return widen(t, width, "right", value)
-
-    offsets, groups = 0, []
-    for p in parts:
-        groups.append(p.group_ids + offsets)
-        offsets += int(p.group_ids.max()) + 1 if p.num_sequences else 0
-    return Rollout(
-        prompt_ids=torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
-        prompt_mask=torch.cat([left(p.prompt_mask, False) for p in parts]),
-        completion_ids=torch.cat([right(p.completion_ids, pad_token_id) for p in parts]),
-        completion_mask=torch.cat([right(p.completion_mask, False) for p in parts]),
-        infer_logprobs=torch.cat([right(p.infer_logprobs, 0.0) for p in parts]),
-        group_ids=torch.cat(groups),
-        truncated=torch.cat([p.truncated for p in parts]),
-    )
-
-
-class _EngineActor:
-    """One engine inside a Ray actor process (wrapped by `ray.remote` on first use)."""
+class EngineHost:
+    """One engine on its own copy of the model, built from (config, state dict): inside a Ray actor process (wrapped
+    by `ray.remote` on first use) or the asynchronous rollout worker (unigrad.rollout.async_worker)."""
 
     def __init__(self, payload, pad_token_id, eos_token_id, dtype, decoder, threads):
         from transformers import AutoModelForCausalLM
@@ -93,7 +66,7 @@ class RayRolloutPool:
         self.pad_token_id = int(pad_token_id)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         payload = ray.put((model.config, state))
-        actor = ray.remote(_EngineActor).options(num_cpus=threads_per_engine, **(actor_options or {}))
+        actor = ray.remote(EngineHost).options(num_cpus=threads_per_engine, **(actor_options or {}))
         self.actors = [actor.remote(payload, pad_token_id, eos_token_id, dtype, decoder, threads_per_engine)
                        for _ in range(num_engines)]
         self.decoder = ray.get(self.actors[0].decoder.remote())

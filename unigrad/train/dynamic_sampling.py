@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from unigrad.objective.shaping import uniform_groups
-from unigrad.rollout.base import Rollout
-from unigrad.rollout.padding import widen
+from unigrad.rollout.base import Rollout, merge_rollouts
 
 
 class AllGroupsUniform(RuntimeError):
@@ -83,19 +82,7 @@ def merge(parts: list, pad_id: int):
 
     if len(parts) == 1:
         return parts[0]
-    p_len = max(d.rollout.prompt_ids.shape[1] for d in parts)
-    t_len = max(d.rollout.completion_ids.shape[1] for d in parts)
-    offsets = torch.tensor([0] + [len(d.picks) for d in parts]).cumsum(0).tolist()
-
-    def cat(name: str, width: int, side: str, value) -> torch.Tensor:
-        return torch.cat([widen(getattr(d.rollout, name), width, side, value) for d in parts])
-
-    ro = Rollout(
-        cat("prompt_ids", p_len, "left", pad_id), cat("prompt_mask", p_len, "left", False),
-        cat("completion_ids", t_len, "right", pad_id), cat("completion_mask", t_len, "right", False),
-        cat("infer_logprobs", t_len, "right", 0.0),
-        torch.cat([d.rollout.group_ids + off for d, off in zip(parts, offsets, strict=False)]),
-        torch.cat([d.rollout.truncated for d in parts]))
+    ro = merge_rollouts([d.rollout for d in parts], pad_id)
     errors: dict[str, str] = {}
     for d in parts:
         errors.update(d.errors)

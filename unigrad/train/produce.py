@@ -54,12 +54,18 @@ class Produced:
     sampling_metrics: dict[str, float]  # dynamic sampling's counts and the overlong penalty (when on)
 
 
-def produce(ctx, step: int, policy_version: int) -> tuple[Batch, Produced]:
-    """One step's batch from `ctx` (a `unigrad.train.step.StepContext`), and what it reports."""
+def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Produced]:
+    """One step's batch from `ctx` (a `unigrad.train.step.StepContext`), and what it reports. `ready`: a batch
+    generated ahead (`unigrad.train.pipeline.Pending`, one process) instead of drawing and sampling here."""
     dist, mode = ctx.dist, ctx.mode
-    picks = ctx.sampler.sample(ctx.prompts_per_step)
-    lo, hi = dist.block(len(picks))
-    drawn = draw(ctx, step, picks[lo:hi], stream_offset=lo)
+    if ready is None:
+        picks = ctx.sampler.sample(ctx.prompts_per_step)
+        lo, hi = dist.block(len(picks))
+        drawn = draw(ctx, step, picks[lo:hi], stream_offset=lo)
+    else:
+        picks, lo, hi = ready.picks, 0, len(ready.picks)
+        drawn = draw(ctx, step, picks, stream_offset=0, generated=ready.job.rollout)
+        drawn.time_rollout = ready.job.busy
     sampling_metrics: dict[str, float] = {}
     if ctx.dynamic_sampling:  # one process (checked when the run starts): lo = 0, hi = len(picks)
         from unigrad.train.dynamic_sampling import refill
@@ -120,13 +126,14 @@ class Drawn:
     time_reward: float = 0.0
 
 
-def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int) -> Drawn:
+def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None) -> Drawn:
     """Roll out and score `picks` (this process's). Prompt i of them samples from the step's random stream
-    `stream_offset + i`: the streams of a step are numbered in draw order over every process."""
+    `stream_offset + i`: the streams of a step are numbered in draw order over every process. `generated`: the
+    engine's rows for them, sampled elsewhere with `generation_request`."""
     examples = [ctx.pools[t][i] for t, i in picks]
     prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
     t0 = time.perf_counter()
-    ro, off_policy = _rollouts(ctx, step, stream_offset, prompt_ids, examples)
+    ro, off_policy = _rollouts(ctx, step, stream_offset, picks, examples, generated)
     t_rollout = time.perf_counter() - t0
     t0 = time.perf_counter()
     texts = decode_completions(ctx.tokenizer, ro)
@@ -137,18 +144,26 @@ def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int) -> Dr
                  time.perf_counter() - t0)
 
 
-def _rollouts(ctx, step: int, stream_offset: int, prompt_ids: list[list[int]],
-              examples: list[Example]) -> tuple[Rollout, torch.Tensor]:
-    """This process's rows and (N,) bool marking the demonstration rows among them."""
-    mode = ctx.mode
+def generation_request(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int):
+    """(prompt ids, completions per prompt, sampling parameters) the engine is asked for to roll out `picks`."""
     step_seed = ctx.seed * 1_000_003 + step
     sampling = SamplingParams(**{**ctx.sampling.__dict__, "seed": step_seed,
-                                 "prompt_seeds": prompt_stream_seeds(step_seed, len(prompt_ids),
-                                                                     offset=stream_offset)})
+                                 "prompt_seeds": prompt_stream_seeds(step_seed, len(picks), offset=stream_offset)})
+    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
+    return prompt_ids, ctx.mode.sampled_per_prompt(ctx.num_generations), sampling
+
+
+def _rollouts(ctx, step: int, stream_offset: int, picks: list[tuple[int, int]], examples: list[Example],
+              generated: Rollout | None = None) -> tuple[Rollout, torch.Tensor]:
+    """This process's rows and (N,) bool marking the demonstration rows among them."""
+    mode = ctx.mode
+    prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
     if not mode.samples:
         ro = no_rollout()
+    elif generated is not None:
+        ro = generated.to("cpu")
     else:
-        ro = ctx.engine.generate(prompt_ids, mode.sampled_per_prompt(ctx.num_generations), sampling).to("cpu")
+        ro = ctx.engine.generate(*generation_request(ctx, step, picks, stream_offset)).to("cpu")
     off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)  # (N,)
     if mode.demonstrations == "in_group":
         check_demonstrations(examples, "LUFFY-style guidance")

@@ -23,6 +23,7 @@ from unigrad.data.samplers import build_sampler, task_weight_list
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
+from unigrad.rollout.async_worker import RolloutWorkerDied
 from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
@@ -46,6 +47,7 @@ from unigrad.train.distributed import (
 from unigrad.train.dynamic_sampling import AllGroupsUniform
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
+from unigrad.train.pipeline import RolloutPipeline, thread_split
 from unigrad.train.routing import TrainingMode
 from unigrad.train.step import StepContext, train_step
 from unigrad.train.trackers import open_trackers
@@ -165,17 +167,27 @@ def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=N
                                clip_fraction_max=mon.clip_fraction_max)
     run = Run(cfg, ctx, output_dir, console, tokenizer, tasks, dropped, gain, monitor)
     start = _restore(run, resume)
-    before = _evaluation_before(run)
-    if dist.is_main:
-        trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
-        run.logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
     try:
-        with _Interrupts() as run.interrupts:
-            last = _loop(run, start)
+        if ctx.pipeline is not None:  # the engine's worker starts sampling while the evaluation runs
+            ctx.pipeline.start(start)
+        before = _evaluation_before(run)
+        if dist.is_main:
+            trackers = open_trackers(cfg.report_to, output_dir, cfg.model_dump(mode="json"))
+            run.logger = RunLogger(output_dir, tensorboard=cfg.tensorboard, trackers=trackers)
+        try:
+            with _Interrupts() as run.interrupts:
+                last = _loop(run, start)
+        finally:
+            if run.logger is not None:
+                run.logger.close()
+        after = _finish(run, last)
+    except RolloutWorkerDied as err:
+        done = list_checkpoints(output_dir)
+        raise RunStopped(f"run stopped: {err}. " + (f"The latest checkpoint is {done[-1]}; " if done else "")
+                         + f"continue with: unigrad train --output-dir {output_dir} --resume") from err
     finally:
-        if run.logger is not None:
-            run.logger.close()
-    after = _finish(run, last)
+        if ctx.pipeline is not None:
+            ctx.pipeline.close()
     if before is not None and after is not None:
         _print(console, before_after_table(before, after))
     return RunResult(output_dir, last, before, after)
@@ -201,6 +213,8 @@ class Run:
     def extras(self) -> dict[str, Any]:
         """The state checkpointed beside model, optimizer and sampler."""
         out = {"learning_gain": self.gain, "monitor": self.monitor}
+        if self.ctx.pipeline is not None:  # batches the engine's worker sampled ahead
+            out["rollout_pipeline"] = self.ctx.pipeline
         if self.ctx.learner.weight_average is not None:
             out["weight_average"] = self.ctx.learner.weight_average
         return out
@@ -236,6 +250,9 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
         raise ConfigError(str(err)) from err
     dist = init_distributed(device)  # one process unless launched by --nproc, torchrun or accelerate
     check_prompts_split(cfg.prompts_per_step, dist.world)
+    if dist.active and cfg.rollout.max_staleness:
+        raise ConfigError("rollout.max_staleness > 0 runs in one process for now (one engine worker beside one "
+                          "learner): drop --nproc, or set rollout.max_staleness=0")
     if dist.active and cfg.rollout.dynamic_sampling:
         raise ConfigError("rollout.dynamic_sampling runs in one process for now (its extra draws are not dealt over "
                           "processes): drop --nproc, or set rollout.dynamic_sampling=false")
@@ -258,8 +275,10 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
     if dist.is_main:
         prepare_output_dir(output_dir, resume)
     dist.barrier()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    learner_threads = thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[0] \
+        if cfg.rollout.max_staleness else cfg.threads
+    if learner_threads:
+        torch.set_num_threads(learner_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if dist.is_main:
@@ -351,6 +370,15 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     else:
         engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
                                     decoder=cfg.rollout.decoder, device=learner.device)
+    pipeline = None
+    if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
+        def make_worker():
+            from unigrad.rollout.async_worker import EngineWorker
+
+            return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+                                decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
+                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1])
+        pipeline = make_worker
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be distinct, got {names}")
@@ -383,6 +411,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         overlong_penalty=cfg.rollout.overlong_penalty,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
+    if pipeline is not None:
+        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=pipeline)
 
     return ctx, gain, dropped
 

@@ -73,6 +73,7 @@ class StepContext:
     overlong_penalty: float = 1.0
     reward_timeout: float | None = None  # seconds a task's verifier may take per step (None = no limit)
     reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
+    pipeline: Any = None  # asynchronous rollouts (unigrad.train.pipeline.RolloutPipeline); None = synchronous
 
 
 def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -80,17 +81,25 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     t_start = time.perf_counter()
     names = [t.name for t in ctx.tasks]
 
-    # 1. Produce: the step's batch, sampled by the weights of the previous step (policy version step - 1).
-    batch, produced = produce(ctx, step, policy_version=step - 1)
+    # 1. Produce: the step's batch, sampled by the weights of the previous step (policy version step - 1), or
+    #    (asynchronous rollouts) the batch the engine's worker sampled ahead, at most k versions older.
+    waited = None
+    if ctx.pipeline is not None:
+        ready, waited = ctx.pipeline.take(step)
+        batch, produced = produce(ctx, step, policy_version=ready.version, ready=ready)
+    else:
+        batch, produced = produce(ctx, step, policy_version=step - 1)
 
     # 2. Learn: num_iterations epochs of mini_batches optimizer steps on it.
     settings = LearnSettings(ctx.micro_batch_size, ctx.num_iterations, ctx.grad_norm_cap, ctx.mini_batches,
                              shuffle_seed=ctx.seed * 1_000_003 + step)
     learned = learn(batch, ctx.learner, settings, ctx.dist, ctx.task_gradients, names)
 
-    # 3. The rollout engine takes the new weights.
+    # 3. The rollout engine takes the new weights (asynchronous: the worker too, then it is asked for step + 1 + k).
     t0 = time.perf_counter()
     ctx.engine.load_weights(ctx.learner.full_state_dict())
+    if ctx.pipeline is not None:
+        ctx.pipeline.after_update(step)
     t_sync = time.perf_counter() - t0
 
     # 4. Report: the batch's metrics (gathered from every process), the learner's, timings, a few samples.
@@ -100,7 +109,14 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     metrics.update(learned)
     metrics.update({"time/rollout": produced.time_rollout, "time/reward": produced.time_reward,
                     "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start})
-    return metrics, sample_records(ctx, step, produced)
+    if waited is not None:  # every row of a batch shares its version
+        staleness = float(step - 1 - batch.policy_version)
+        metrics.update({"staleness/mean": staleness, "staleness/max": staleness, "time/learner_wait": waited,
+                        "time/engine_wait": ready.job.idle, "staleness/regenerated": float(ctx.pipeline.regenerated)})
+    samples = sample_records(ctx, step, produced)
+    for record in samples:
+        record["policy_version"] = batch.policy_version  # the weights that sampled it (rollout steps trained)
+    return metrics, samples
 
 
 def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[str, float]:

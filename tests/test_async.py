@@ -1,0 +1,126 @@
+"""Asynchronous rollouts: the engine's worker samples ahead of the learner by at most k weight versions.
+
+The steps run through `train_step` with a real worker process (a spawned copy of the small char Llama). Staleness
+is fixed when a batch is asked for, not when it arrives, so a slow learner or a slow engine changes the waiting,
+never the rows: the metrics of a run do not depend on the timing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from step_helpers import length_rewards, step_context
+
+import unigrad.train.step as step_module
+from unigrad.rollout.async_worker import EngineWorker, RolloutWorkerDied
+from unigrad.train.pipeline import RolloutPipeline, thread_split
+from unigrad.train.step import train_step
+
+
+def run_async(k: int, steps: int, learner_delay: float = 0.0, engine_delay: float = 0.0, monkeypatch=None):
+    """`steps` steps with rollouts k versions ahead; metrics per step, timings dropped. The delays make the learner
+    slower (before each update) or the engine's results later (before each arrives)."""
+    ctx = step_context()
+    length_rewards(ctx)
+    tok = ctx.tokenizer
+    ctx.pipeline = RolloutPipeline(ctx, k, make_worker=lambda: EngineWorker(
+        ctx.learner.model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=120))
+    if learner_delay:
+        learn = step_module.learn
+
+        def slow_learn(*args, **kwargs):
+            time.sleep(learner_delay)
+            return learn(*args, **kwargs)
+
+        monkeypatch.setattr(step_module, "learn", slow_learn)
+    if engine_delay:
+        result = EngineWorker.result
+
+        def late_result(self, future):
+            time.sleep(engine_delay)
+            return result(self, future)
+
+        monkeypatch.setattr(EngineWorker, "result", late_result)
+    ctx.pipeline.start(0)
+    try:
+        rows = [train_step(ctx, step)[0] for step in range(1, steps + 1)]
+    finally:
+        ctx.pipeline.close()
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows], ctx
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_staleness_is_bounded_by_k_and_the_rows_do_not_depend_on_timing(k, monkeypatch):
+    steps = 5
+    fast, _ = run_async(k, steps)
+    slow_learner, _ = run_async(k, steps, learner_delay=0.3, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    slow_engine, _ = run_async(k, steps, engine_delay=0.3, monkeypatch=monkeypatch)
+    for rows in (fast, slow_learner, slow_engine):
+        assert [r["staleness/max"] for r in rows] == [min(step - 1, k) for step in range(1, steps + 1)]
+        assert all(r["staleness/regenerated"] == 0 for r in rows)
+    assert slow_learner == fast and slow_engine == fast
+
+
+def test_k_ahead_samples_with_the_weights_of_k_versions_ago():
+    """Step 3 at k=1 is sampled by version 1: the weights after step 1, not the initial ones (version 0)."""
+    rows, ctx = run_async(1, 3)
+    assert rows[2]["staleness/max"] == 1.0
+    synchronous = step_context()
+    length_rewards(synchronous)
+    sync_rows = [train_step(synchronous, step)[0] for step in range(1, 4)]
+    # Step 1 is on-policy in both; later steps differ (the asynchronous rows come from older weights).
+    assert rows[0]["reward/mean"] == sync_rows[0]["reward/mean"]
+    assert any(rows[s]["rl/entropy"] != sync_rows[s]["rl/entropy"] for s in (1, 2))
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
+    ctx = step_context()
+    tok = ctx.tokenizer
+    worker = EngineWorker(ctx.learner.model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=60)
+    try:
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(RolloutWorkerDied, match="died"):
+            worker.result(worker.submit_generate([[3, 4, 5]], 2, ctx.sampling))
+        assert time.monotonic() - started < 30
+    finally:
+        worker.close()
+
+
+def test_a_worker_that_stops_answering_times_out():
+    ctx = step_context()
+    tok = ctx.tokenizer
+    worker = EngineWorker(ctx.learner.model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=60)
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)  # alive, but silent
+        worker.timeout = 2
+        with pytest.raises(RolloutWorkerDied, match="no result within 2 s"):
+            worker.result(worker.submit_generate([[3, 4, 5]], 2, ctx.sampling))
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.close()
+
+
+def test_thread_split_gives_each_side_a_core_on_two():
+    assert thread_split(0, 0, 2) == (1, 1)
+    assert thread_split(0, 0, 16) == (8, 8)
+    assert thread_split(0, 3, 16) == (13, 3)
+    assert thread_split(4, 0, 16) == (4, 8)
+    assert thread_split(0, 0, 1) == (1, 1)
+
+
+def test_the_pipeline_state_holds_the_batches_in_flight():
+    rows, ctx = run_async(1, 2)
+    # After step 2 the pipeline holds steps 3 and 4 (k + 1 batches), sampled by versions 1 and 2.
+    ctx.pipeline.start(2)  # a fresh worker with the learner's weights (the old one was closed)
+    try:
+        state = ctx.pipeline.state_dict()
+    finally:
+        ctx.pipeline.close()
+    assert sorted((j["step"], j["version"]) for j in state["pending"]) == [(3, 1), (4, 2)]
+    assert all(isinstance(j["rollout"]["completion_ids"], torch.Tensor) for j in state["pending"])

@@ -1,0 +1,121 @@
+"""A rollout engine in its own process, working ahead of the learner: the engine side of asynchronous training.
+
+`EngineWorker` runs one `TransformersEngine` in a process of its own (a `concurrent.futures.ProcessPoolExecutor`
+of one worker, started with `spawn`), so generation runs while the learner trains. Jobs run in the order they are
+submitted: weights sent after a generation was submitted reach the engine after that generation, so each
+generation samples with exactly the weights submitted before it. A generation's result carries what it cost
+(`busy`) and how long the engine sat idle before it (`idle`, the engine waiting for work or weights).
+
+The worker ignores SIGINT (the training process decides what an interrupt does), and a result that does not
+arrive within `timeout` seconds, or a worker that died, raises `RolloutWorkerDied` naming what happened: the
+training loop never waits forever.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import torch
+
+from .base import Rollout, SamplingParams
+
+
+class RolloutWorkerDied(RuntimeError):
+    """The rollout worker process ended, or stopped answering."""
+
+
+@dataclass
+class Generated:
+    """A generation's result: the rows, the seconds the engine spent on them, and the seconds it was idle first."""
+
+    rollout: Rollout
+    busy: float
+    idle: float
+
+
+_ENGINE = None  # the worker process's engine
+_LAST_DONE = 0.0  # when the worker finished its previous job
+
+
+def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads) -> None:
+    global _ENGINE, _LAST_DONE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .ray_pool import EngineHost
+
+    _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
+    _LAST_DONE = time.perf_counter()
+
+
+def _load_weights(state) -> None:
+    global _LAST_DONE
+    _ENGINE.load_weights(state)
+    _LAST_DONE = time.perf_counter()
+
+
+def _generate(prompts, n, sampling) -> Generated:
+    global _LAST_DONE
+    start = time.perf_counter()
+    idle = start - _LAST_DONE
+    rollout = _ENGINE.generate(prompts, n, sampling)
+    _LAST_DONE = time.perf_counter()
+    return Generated(rollout, _LAST_DONE - start, idle)
+
+
+def _ping() -> str:
+    return _ENGINE.decoder()
+
+
+class EngineWorker:
+    """One `TransformersEngine` (a copy of `model`) in a worker process; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id, *, dtype: torch.dtype | None = None,
+                 decoder: str = "auto", threads: int = 1, timeout: float = 600.0) -> None:
+        import multiprocessing
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.timeout = timeout
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start,
+                                         initargs=((model.config, state), pad_token_id, eos_token_id, dtype, decoder,
+                                                   threads))
+        self.decoder = self._wait(self._submit(_ping), "starting")
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id (None before it started or after it ended)."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return next(iter(processes), None)
+
+    def submit_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The engine takes these weights after the jobs submitted before."""
+        self._submit(_load_weights, {k: v.detach().cpu() for k, v in state_dict.items()})
+
+    def submit_generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Future:
+        return self._submit(_generate, prompts, n, sampling)
+
+    def result(self, future: Future) -> Generated:
+        return self._wait(future, "generating")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, fn, *args) -> Future:
+        try:
+            return self._pool.submit(fn, *args)
+        except BrokenProcessPool as err:
+            raise RolloutWorkerDied(f"the rollout worker process has died ({err})") from err
+
+    def _wait(self, future: Future, doing: str):
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            raise RolloutWorkerDied(f"the rollout worker gave no result within {self.timeout:g} s while {doing} "
+                                    "(rollout.worker_timeout)") from None
+        except BrokenProcessPool as err:
+            raise RolloutWorkerDied(f"the rollout worker process died while {doing} ({err}); its last rollouts "
+                                    "are lost") from err
