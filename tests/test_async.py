@@ -124,3 +124,33 @@ def test_the_pipeline_state_holds_the_batches_in_flight():
         ctx.pipeline.close()
     assert sorted((j["step"], j["version"]) for j in state["pending"]) == [(3, 1), (4, 2)]
     assert all(isinstance(j["rollout"]["completion_ids"], torch.Tensor) for j in state["pending"])
+
+
+def shift(model, by: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_weights_sent_to_the_worker_are_a_snapshot_the_learner_cannot_change_afterwards():
+    """The executor pickles a job's arguments in its own thread, later: changing the weights in place right after
+    sending them (the learner's next optimizer step) must not reach the engine."""
+    from unigrad.rollout.transformers_engine import TransformersEngine
+
+    ctx = step_context()
+    tok, model = ctx.tokenizer, ctx.learner.model
+    sampling = type(ctx.sampling)(temperature=1.0, max_new_tokens=6, seed=3)
+    prompts = [[3, 4, 5, 6], [7, 8, 9]]
+    want = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id).generate(prompts, 4, sampling)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    shift(model, 1.0)  # the worker's copy starts from other weights, then is sent the ones `want` used
+    worker = EngineWorker(model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=120)
+    model.load_state_dict(original)
+    try:
+        worker.submit_weights(model.state_dict())
+        shift(model, 5.0)  # the learner moves on at once
+        got = worker.result(worker.submit_generate(prompts, 4, sampling)).rollout
+    finally:
+        worker.close()
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    torch.testing.assert_close(got.infer_logprobs, want.infer_logprobs)

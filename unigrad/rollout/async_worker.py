@@ -4,7 +4,7 @@
 of one worker, started with `spawn`), so generation runs while the learner trains. Jobs run in the order they are
 submitted: weights sent after a generation was submitted reach the engine after that generation, so each
 generation samples with exactly the weights submitted before it. A generation's result carries what it cost
-(`busy`) and how long the engine sat idle before it (`idle`, the engine waiting for work or weights).
+(`busy`) and how long the engine sat idle since the previous generation (`idle`: waiting for work or weights).
 
 The worker ignores SIGINT (the training process decides what an interrupt does), and a result that does not
 arrive within `timeout` seconds, or a worker that died, raises `RolloutWorkerDied` naming what happened: the
@@ -40,6 +40,15 @@ class Generated:
 
 _ENGINE = None  # the worker process's engine
 _LAST_DONE = 0.0  # when the worker finished its previous job
+_IDLE = 0.0  # seconds without a job since the last generation started
+
+
+def _begin() -> float:
+    """A job starts: the gap since the previous one counts as idle."""
+    global _IDLE
+    now = time.perf_counter()
+    _IDLE += now - _LAST_DONE
+    return now
 
 
 def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads) -> None:
@@ -53,14 +62,15 @@ def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads) -> None
 
 def _load_weights(state) -> None:
     global _LAST_DONE
+    _begin()
     _ENGINE.load_weights(state)
     _LAST_DONE = time.perf_counter()
 
 
 def _generate(prompts, n, sampling) -> Generated:
-    global _LAST_DONE
-    start = time.perf_counter()
-    idle = start - _LAST_DONE
+    global _LAST_DONE, _IDLE
+    start = _begin()
+    idle, _IDLE = _IDLE, 0.0
     rollout = _ENGINE.generate(prompts, n, sampling)
     _LAST_DONE = time.perf_counter()
     return Generated(rollout, _LAST_DONE - start, idle)
@@ -92,8 +102,9 @@ class EngineWorker:
         return next(iter(processes), None)
 
     def submit_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """The engine takes these weights after the jobs submitted before."""
-        self._submit(_load_weights, {k: v.detach().cpu() for k, v in state_dict.items()})
+        """The engine takes these weights after the jobs submitted before. They are copied first: the arguments
+        are pickled later, by the executor's own thread, while the learner may already be changing them."""
+        self._submit(_load_weights, {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()})
 
     def submit_generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Future:
         return self._submit(_generate, prompts, n, sampling)
