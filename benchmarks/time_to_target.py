@@ -1,30 +1,38 @@
-"""Wall-clock to a held-out accuracy target on the arithmetic task: unigrad against TRL's GRPOTrainer.
+"""Wall-clock to a held-out accuracy target on the arithmetic task: unigrad (synchronous and asynchronous) against
+TRL's GRPOTrainer, over several seeds.
 
-Both start from the same checkpoint of the embedded `unigrad-tiny` model and train with GRPO on the arithmetic
+All start from the same checkpoint of the embedded `unigrad-tiny` model and train with GRPO on the arithmetic
 task's train split: 8 prompts x 8 samples a step, at most 16 new tokens, temperature 1, beta 0, one optimizer step
 per batch, AdamW lr 1e-4 (betas 0.9 / 0.99, no weight decay, constant schedule), grad clip 1.0, float32 on the
-CPU, seed 0. TRL keeps its own defaults otherwise (including gradient checkpointing). Every `--eval-every` steps
-the clock pauses and the same evaluator (unigrad.eval, greedy, the first 200 held-out prompts) scores the model.
-A run stops when held-out pass@1 reaches the start plus `--gain` (absolute), or after `--max-minutes` of training.
+CPU. TRL keeps its own defaults otherwise (including gradient checkpointing). Three contenders: unigrad
+synchronous (every core for each phase in turn), unigrad with `rollout.max_staleness=1` (the engine in a worker
+process one step ahead; the cores split between engine and learner) and TRL. Every `--eval-every` steps the clock
+pauses and the same evaluator (unigrad.eval, greedy, the first 200 held-out prompts) scores the model; the
+asynchronous run first waits for the rollouts in flight with the clock running, so no generation is done off the
+clock. A run stops when held-out pass@1 reaches the start plus `--gain` (absolute), or after `--max-minutes` of
+training (then it counts as not reached: infinite time).
 
-    python benchmarks/time_to_target.py [--gain 0.10] [--eval-every 25] [--max-minutes 6]
+    python benchmarks/time_to_target.py [--seeds 0 1 2] [--gain 0.10] [--eval-every 25] [--max-minutes 4]
 
-The two runs go one after the other, each with the whole machine. Prints each run's accuracy curve, the training
-seconds to the target (or "not reached"), and last `time_to_target_ratio=<unigrad seconds / TRL seconds>` (nan if
-either did not reach the target).
+Runs go one after the other, each with the whole machine, seed by seed (each seed runs the three contenders in
+turn). Prints each run's accuracy curve and seconds to the target, then each contender's median and range over
+seeds, and last `time_to_target_ratio_vs_trl=<the better unigrad median / TRL's median>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-PROMPTS, G, NEW_TOKENS, LR, SEED = 8, 8, 16, 1e-4, 0
+PROMPTS, G, NEW_TOKENS, LR = 8, 8, 16, 1e-4
+CONTENDERS = ("unigrad", "unigrad k=1", "trl")
 
 
 def held_out(model, tok, task, prompts: int) -> float:
@@ -52,37 +60,54 @@ class Clock:
         return self.reached_at is not None or self.train_seconds >= self.max_seconds
 
 
-def run_unigrad(model_dir: Path, task, target: float, args) -> Clock:
+def run_unigrad(model_dir: Path, task, target: float, args, seed: int, staleness: int = 0) -> Clock:
     from unigrad.config import load_config
     from unigrad.models.loading import load_model_and_tokenizer
+    from unigrad.train.pipeline import thread_split
     from unigrad.train.run import build_step_context
     from unigrad.train.step import train_step
 
-    cfg = load_config(None, [f"model.name={model_dir}", "tasks=[arithmetic]", "objective=grpo", f"seed={SEED}",
+    cfg = load_config(None, [f"model.name={model_dir}", "tasks=[arithmetic]", "objective=grpo", f"seed={seed}",
                              f"prompts_per_step={PROMPTS}", f"rollout.num_generations={G}",
                              f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
                              f"micro_batch_size={PROMPTS * G}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
-                             "optim.schedule=constant"])
+                             "optim.schedule=constant", f"rollout.max_staleness={staleness}"])
     model, tok = load_model_and_tokenizer(str(model_dir))
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     ctx, _, _ = build_step_context(cfg, model, tok, [task])
+    threads = torch.get_num_threads()
+    if staleness:
+        torch.set_num_threads(thread_split(0, 0, os.cpu_count() or 1)[0])
+        ctx.pipeline.start(0)
     clock = Clock(target, args.max_minutes * 60)
     step = 0
-    while True:
-        step += 1
-        train_step(ctx, step)
-        if step % args.eval_every == 0 and clock.checkpoint(step, lambda: held_out(model, tok, task, args.prompts)):
-            return clock
+
+    def evaluate() -> float:
+        return held_out(model, tok, task, args.prompts)
+
+    try:
+        while True:
+            step += 1
+            train_step(ctx, step)
+            if step % args.eval_every == 0:
+                if staleness:  # the rollouts in flight finish on the clock
+                    ctx.pipeline.state_dict()
+                if clock.checkpoint(step, evaluate):
+                    return clock
+    finally:
+        if staleness:
+            ctx.pipeline.close()
+            torch.set_num_threads(threads)
 
 
-def run_trl(model_dir: Path, task, target: float, args, out: Path) -> Clock:
+def run_trl(model_dir: Path, task, target: float, args, out: Path, seed: int) -> Clock:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from unigrad.tasks.base import Example
 
-    examples = task.examples("train", 4096, seed=SEED)
+    examples = task.examples("train", 4096, seed=seed)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": e.prompt}], "answer": e.answer}
                               for e in examples])
 
@@ -109,7 +134,7 @@ def run_trl(model_dir: Path, task, target: float, args, out: Path) -> Clock:
         max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, beta=0.0,
         loss_type="grpo", num_iterations=1, gradient_accumulation_steps=1, max_steps=100_000, max_grad_norm=1.0,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.99, logging_steps=10_000,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=SEED, disable_dropout=True,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=seed, disable_dropout=True,
         dataloader_num_workers=0,
     )
     GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
@@ -126,8 +151,9 @@ def main() -> None:
     ap.add_argument("--gain", type=float, default=0.10, help="target = start pass@1 + this (absolute)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts per evaluation")
-    ap.add_argument("--max-minutes", type=float, default=6.0, help="training-time cap per framework")
-    ap.add_argument("--only", choices=["unigrad", "trl"], help="run one framework only")
+    ap.add_argument("--max-minutes", type=float, default=4.0, help="training-time cap per run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", choices=CONTENDERS, nargs="+", help="run these contenders only")
     args = ap.parse_args()
     model_dir = ensure_tiny()
     task = get_task("arithmetic")
@@ -135,21 +161,27 @@ def main() -> None:
     start = held_out(model, tok, task, args.prompts)
     target = start + args.gain
     print(f"unigrad-tiny, arithmetic: start pass@1 {start:.3f}, target {target:.3f}; {PROMPTS} prompts x {G} "
-          f"samples x {NEW_TOKENS} tokens, GRPO, lr {LR}; torch threads {torch.get_num_threads()}")
-    results = {}
-    for name in ("unigrad", "trl"):
-        if args.only and name != args.only:
-            continue
-        with tempfile.TemporaryDirectory(prefix="unigrad-ttt-") as tmp:
-            clock = run_unigrad(model_dir, task, target, args) if name == "unigrad" else \
-                run_trl(model_dir, task, target, args, Path(tmp))
-        results[name] = clock
-        curve = ", ".join(f"{s}: {acc:.3f} @ {sec:.0f}s" for s, sec, acc in clock.curve)
-        reached = f"{clock.reached_at:.0f} s" if clock.reached_at is not None else "not reached"
-        print(f"{name:<8} to target: {reached}   curve (step: pass@1 @ training seconds): {curve}")
-    seconds = [results[n].reached_at for n in ("unigrad", "trl") if n in results]
-    ratio = seconds[0] / seconds[1] if len(seconds) == 2 and None not in seconds else math.nan
-    print(f"time_to_target_ratio={ratio:.3f}")
+          f"samples x {NEW_TOKENS} tokens, GRPO, lr {LR}; torch threads {torch.get_num_threads()}; seeds {args.seeds}")
+    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS if not args.only or name in args.only}
+    for seed in args.seeds:
+        for name in seconds:
+            with tempfile.TemporaryDirectory(prefix="unigrad-ttt-") as tmp:
+                if name == "trl":
+                    clock = run_trl(model_dir, task, target, args, Path(tmp), seed)
+                else:
+                    clock = run_unigrad(model_dir, task, target, args, seed, staleness=int(name.endswith("k=1")))
+            seconds[name].append(clock.reached_at if clock.reached_at is not None else math.inf)
+            curve = ", ".join(f"{s}: {acc:.3f} @ {sec:.0f}s" for s, sec, acc in clock.curve)
+            reached = f"{clock.reached_at:.0f} s" if clock.reached_at is not None else "not reached"
+            print(f"seed {seed} {name:<12} to target: {reached}   curve (step: pass@1 @ training seconds): {curve}",
+                  flush=True)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    for name, values in seconds.items():
+        print(f"{name:<12} median {medians[name]:.0f} s, range {min(values):.0f}-{max(values):.0f} s over "
+              f"{len(values)} seeds")
+    best = min((m for n, m in medians.items() if n != "trl"), default=math.nan)
+    ratio = best / medians["trl"] if "trl" in medians and math.isfinite(medians["trl"]) else math.nan
+    print(f"time_to_target_ratio_vs_trl={ratio:.3f}")
 
 
 if __name__ == "__main__":

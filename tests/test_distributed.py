@@ -97,6 +97,16 @@ def test_two_processes_equal_one(run, objective, extra):
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_two_processes_equal_one_with_mini_batches(run):
+    """Two mini-batches dealt over the step's global prompt order (each process trains its share of each): every
+    optimizer step's normalisers and gradient are summed over both processes, as one process computes them."""
+    extra = ("optim.mini_batches=2", "objective_args.epsilon=0.05")  # a narrow clip: the second step's ratios bite
+    _, one = run(1, "grpo", extra)
+    assert one[0]["optimizer_steps"] == 2.0 and one[1]["rl/ratio/max"] != 1.0
+    _, two = run(2, "grpo", extra)
+    assert_same_metrics(one, two)
+
+
 def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
     """HPT sends failed prompts to SFT, and per-task accounting groups micro-batches by task, so the processes hold
     different numbers of passes per (task, half, SFT or RL) group; the sharded step pads them with idle passes

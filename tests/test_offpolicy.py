@@ -131,3 +131,28 @@ def test_mini_batches_deal_whole_prompts_and_reshuffle_from_the_seed():
     assert [p.tolist() for p in mini_batch_prompts(5, 1, seed=3)] == [[0, 1, 2, 3, 4]]  # one: in order
     with pytest.raises(ValueError, match="at least one prompt"):
         mini_batch_prompts(3, 4, seed=0)
+
+
+def test_with_four_mini_batches_a_training_step_of_grpo_gspo_and_sapo_differs():
+    """The same rollouts (same seeds) trained by one step of 6 prompts in 4 mini-batches: the three objectives make
+    different updates (with one mini-batch they make the same one, up to rounding)."""
+    from step_helpers import length_rewards, step_context
+
+    from unigrad.train.step import train_step
+
+    def update(objective: str, mini_batches: int) -> torch.Tensor:
+        ctx = step_context(objective=objective, mini_batches=mini_batches)
+        length_rewards(ctx)
+        for group in ctx.learner.optimizer.param_groups:  # large steps: the later mini-batches' ratios move far
+            group["lr"] = 0.02
+        before = torch.cat([p.detach().flatten().clone() for p in ctx.learner.params])
+        metrics, _ = train_step(ctx, 1)
+        assert metrics.get("optimizer_steps", 1.0) == mini_batches
+        return torch.cat([p.detach().flatten() for p in ctx.learner.params]) - before
+
+    one = {o: update(o, 1) for o in ("grpo", "gspo", "sapo")}
+    torch.testing.assert_close(one["gspo"], one["grpo"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(one["sapo"], one["grpo"], rtol=1e-3, atol=1e-6)
+    four = {o: update(o, 4) for o in ("grpo", "gspo", "sapo")}
+    for a, b in (("grpo", "gspo"), ("grpo", "sapo"), ("gspo", "sapo")):
+        assert (four[a] - four[b]).norm() > 1e-2 * four[a].norm(), (a, b)
