@@ -154,6 +154,8 @@ def test_a_config_yaml_written_before_this_version_still_loads_as_a_run_director
     cfg = load_run_config(tmp_path)
     assert cfg.objective == "dapo" and cfg.max_steps == 7 and cfg.resolved_objective().epsilon_high == 0.28
     assert (cfg.sampler.name, cfg.gradients.combine, cfg.gradients.balance_target) == ("uniform", "balanced", 2.0)
+    # Saved before DAPO's trainer options existed: trained without them, resumed without them.
+    assert cfg.rollout.dynamic_sampling is False and cfg.rollout.overlong_buffer == 0
 
 
 @pytest.mark.parametrize("old, new", [("sampler.name=balanced", "gradients.combine=balanced"),

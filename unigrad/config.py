@@ -511,7 +511,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def migrate_saved_config(data: dict[str, Any]) -> dict[str, Any]:
     """A run directory's config.yaml in today's spelling: runs saved before gradients.combine existed said
-    `sampler.name: balanced | pcgrad` and `sampler.balance_target` (refused in a config a user writes)."""
+    `sampler.name: balanced | pcgrad` and `sampler.balance_target` (refused in a config a user writes); runs saved
+    before DAPO's trainer options existed trained without them (today's dapo preset would turn them on)."""
+    rollout = data.get("rollout", {})
+    if isinstance(rollout, dict) and "dynamic_sampling" not in rollout:
+        data = {**data, "rollout": {"dynamic_sampling": False, "overlong_buffer": 0, **rollout}}
     sampler = data.get("sampler")
     if not isinstance(sampler, dict):
         return data

@@ -82,14 +82,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
     rewards = drawn.rewards
     trained_rewards = rewards
     if ctx.overlong_buffer:  # DAPO's soft overlong punishment, on sampled rows; the verifier's reward is reported
-        penalty = overlong_penalty(ro.completion_mask.sum(-1), ctx.sampling.max_new_tokens, ctx.overlong_buffer,
-                                   ctx.overlong_penalty) * ~off_policy
-        trained_rewards = rewards + penalty
-        sampled = ~dist.cat(off_policy)
-        all_penalty = dist.cat(penalty)[sampled]
-        sampling_metrics["rewards/overlong_penalty"] = all_penalty.mean().item() if len(all_penalty) else 0.0
-        sampling_metrics["rewards/overlong_fraction"] = (all_penalty < 0).float().mean().item() \
-            if len(all_penalty) else 0.0
+        trained_rewards = rewards + _overlong_penalty(ctx, ro, off_policy, sampling_metrics)
 
     obj = ctx.objective
     all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
@@ -108,6 +101,17 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
     return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
                            all_adv, prompt_task, routed.sft_prompt, drawn.errors, drawn.time_rollout,
                            drawn.time_reward, sampling_metrics)
+
+
+def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+    """(N,) DAPO's length penalty of this process's sampled rows (0 on demonstration rows); its mean and the share
+    of rows it hits, over every process, go into `metrics`."""
+    penalty = overlong_penalty(ro.completion_mask.sum(-1), ctx.sampling.max_new_tokens, ctx.overlong_buffer,
+                               ctx.overlong_penalty) * ~off_policy
+    sampled = ctx.dist.cat(penalty)[~ctx.dist.cat(off_policy)]
+    metrics["rewards/overlong_penalty"] = sampled.mean().item() if len(sampled) else 0.0
+    metrics["rewards/overlong_fraction"] = (sampled < 0).float().mean().item() if len(sampled) else 0.0
+    return penalty
 
 
 @dataclass
