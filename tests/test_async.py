@@ -92,18 +92,22 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
         worker.close()
 
 
-def test_a_worker_that_stops_answering_times_out():
+def test_a_worker_that_stops_answering_times_out_and_closing_it_ends_its_process():
+    import psutil
+
     ctx = step_context()
     tok = ctx.tokenizer
     worker = EngineWorker(ctx.learner.model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=60)
+    process = psutil.Process(worker.pid)
     try:
         os.kill(worker.pid, signal.SIGSTOP)  # alive, but silent
         worker.timeout = 2
         with pytest.raises(RolloutWorkerDied, match="no result within 2 s"):
             worker.result(worker.submit_generate([[3, 4, 5]], 2, ctx.sampling))
     finally:
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.close()
+        worker.close()  # a pool's own shutdown would wait for the stopped job; the process must go now
+    gone, alive = psutil.wait_procs([process], timeout=10)
+    assert not alive
 
 
 def test_thread_split_gives_each_side_a_core_on_two():
@@ -115,13 +119,19 @@ def test_thread_split_gives_each_side_a_core_on_two():
 
 
 def test_the_pipeline_state_holds_the_batches_in_flight():
-    rows, ctx = run_async(1, 2)
-    # After step 2 the pipeline holds steps 3 and 4 (k + 1 batches), sampled by versions 1 and 2.
-    ctx.pipeline.start(2)  # a fresh worker with the learner's weights (the old one was closed)
+    ctx = step_context()
+    length_rewards(ctx)
+    tok = ctx.tokenizer
+    ctx.pipeline = RolloutPipeline(ctx, 1, make_worker=lambda: EngineWorker(
+        ctx.learner.model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=120))
+    ctx.pipeline.start(0)
     try:
-        state = ctx.pipeline.state_dict()
+        for step in (1, 2):
+            train_step(ctx, step)
+        state = ctx.pipeline.state_dict()  # waits for what is in flight
     finally:
         ctx.pipeline.close()
+    # After step 2 the pipeline holds steps 3 and 4 (k + 1 batches), sampled by versions 1 and 2.
     assert sorted((j["step"], j["version"]) for j in state["pending"]) == [(3, 1), (4, 2)]
     assert all(isinstance(j["rollout"]["completion_ids"], torch.Tensor) for j in state["pending"])
 

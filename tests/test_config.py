@@ -115,6 +115,13 @@ def test_defaults_that_depend_on_other_keys():
         == "sum"
 
 
+def test_asynchronous_rollouts_refuse_what_they_do_not_support_yet():
+    for other in ("model.lora_r=4", "rollout.num_engines=2", "objective=dapo", "sharding=fsdp"):
+        with pytest.raises(ConfigError, match="rollout.max_staleness > 0 with .* is not supported yet"):
+            load_config(None, ["rollout.max_staleness=1", other])
+    assert load_config(None, ["rollout.max_staleness=2"]).rollout.max_staleness == 2
+
+
 def test_sharding_with_lora_is_refused():
     with pytest.raises(ConfigError, match="sharding=fsdp with model.lora_r > 0 is not supported yet"):
         load_config(None, ["sharding=fsdp", "model.lora_r=4"])

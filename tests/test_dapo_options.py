@@ -27,10 +27,10 @@ def test_overlong_penalty_follows_the_papers_formula_at_its_boundaries():
 
 def test_uniform_groups_are_those_without_a_contrast_among_scorable_rewards():
     nan = float("nan")
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, nan, 1.0, nan, 0.5])
-    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    # group 3 has one scorable reward (nothing to compare), group 4 likewise
-    assert uniform_groups(rewards, groups, 5).tolist() == [True, False, True, True, True]
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, nan, 1.0, nan, 0.5, nan, nan])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    # groups 3 and 4 have one scorable reward (nothing to compare); group 5 none: kept, to be counted as unscorable
+    assert uniform_groups(rewards, groups, 6).tolist() == [True, False, True, True, True, False]
 
 
 def test_the_dapo_preset_turns_both_options_on_and_other_presets_leave_them_off():
@@ -82,6 +82,26 @@ def test_dynamic_sampling_stops_with_a_clear_message_when_every_group_stays_unif
         task.verify = lambda texts, examples: [0.0] * len(texts)
     with pytest.raises(AllGroupsUniform, match=r"all 18 groups drawn over 3 rounds had equal rewards"):
         produce(ctx, step=1, policy_version=0)
+
+
+def test_a_verifier_that_never_scores_is_not_filtered_away(small_model, tmp_path):
+    """Dynamic sampling keeps groups no verifier could score, so the run stops on them as it would without it."""
+    reward = tmp_path / "reward.py"
+    reward.write_text("def broken(prompts, completions, **kw):\n    raise RuntimeError('grader offline')\n")
+    res = cli("train", *tiny_run(small_model), "objective=dapo", "max_steps=6", f"reward={reward}:broken",
+              "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "was unscorable for 3 steps in a row" in res.stderr and "grader offline" in res.stderr
+
+
+def test_fewer_prompts_than_mini_batches_after_dynamic_sampling_trains_what_is_there():
+    ctx = step_context(dynamic_sampling=True, max_resample=0, mini_batches=6)
+    half_uniform_rewards(ctx)
+    from unigrad.train.step import train_step
+
+    metrics, _ = train_step(ctx, 1)
+    kept = ctx.prompts_per_step - metrics["dynamic_sampling/missing"]
+    assert 0 < kept < 6 and metrics.get("optimizer_steps", 1.0) == kept
 
 
 def test_overlong_shaping_reaches_the_advantages_but_not_the_reported_reward():

@@ -412,7 +412,8 @@ class TrainConfig(_Section):
                    "rollout.dynamic_sampling (its extra draws are synchronous)": bool(self.rollout.dynamic_sampling),
                    "rollout.engine=vllm": self.rollout.engine == "vllm",
                    "rollout.num_engines > 1": self.rollout.num_engines > 1,
-                   "sharding=fsdp": self.sharding == "fsdp"}
+                   "sharding=fsdp": self.sharding == "fsdp",
+                   "model.lora_r > 0 (the worker's copy is a plain model)": self.model.lora_r > 0}
         for what, present in refused.items():
             if present:
                 raise ValueError(f"rollout.max_staleness > 0 with {what} is not supported yet: use "

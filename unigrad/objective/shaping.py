@@ -12,7 +12,7 @@
   completion's tokens, end-of-sequence token included (what the engine generated).
 - Dynamic sampling (DAPO §3.2): a group whose rewards are all equal (all right or all wrong) has advantage 0 under
   every group-normalised estimator and only dilutes the batch; it is dropped and more prompts are sampled.
-  `uniform_groups` says which groups those are.
+  `uniform_groups` says which groups those are (a group no verifier could score is kept, to be counted).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
 
 
 def uniform_groups(rewards: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(num_groups,) bool: groups whose scorable rewards are all equal, or that have fewer than two of them (no
-    contrast to learn from). NaN rewards (unscorable) are left out."""
-    uniform = torch.ones(num_groups, dtype=torch.bool)
+    """(num_groups,) bool: groups whose scorable rewards are all equal, or that have only one (no contrast to learn
+    from). NaN rewards (unscorable) are left out; a group with none scorable is *not* uniform: it is kept, so that a
+    verifier that fails shows in the unscorable counts and stops the run instead of being filtered away."""
+    uniform = torch.zeros(num_groups, dtype=torch.bool)
     for g in range(num_groups):
         values = rewards[(group_ids == g) & torch.isfinite(rewards)]
-        uniform[g] = len(values) < 2 or bool((values == values[0]).all())
+        uniform[g] = len(values) > 0 and (len(values) < 2 or bool((values == values[0]).all()))
     return uniform

@@ -93,7 +93,11 @@ class EngineWorker:
                                          initializer=_start,
                                          initargs=((model.config, state), pad_token_id, eos_token_id, dtype, decoder,
                                                    threads))
-        self.decoder = self._wait(self._submit(_ping), "starting")
+        try:
+            self.decoder = self._wait(self._submit(_ping), "starting")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def pid(self) -> int | None:
@@ -113,6 +117,11 @@ class EngineWorker:
         return self._wait(future, "generating")
 
     def close(self) -> None:
+        """Stop the worker process now, even in the middle of a job (a pool's own shutdown would wait for the job,
+        and a worker that stopped answering would keep the training process from exiting)."""
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, fn, *args) -> Future:

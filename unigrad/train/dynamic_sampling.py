@@ -1,7 +1,8 @@
 """DAPO's dynamic sampling (arXiv 2503.14476 §3.2): keep drawing until the step's groups all carry a contrast.
 
 A group whose scorable rewards are all equal (every completion right, or every one wrong) gets advantage 0 under
-every group-normalised estimator: it adds nothing to the gradient but its tokens to the normalisers. `refill`
+every group-normalised estimator: it adds nothing to the gradient but its tokens to the normalisers. A group that no
+verifier could score is kept (its task's unscorable count then stops the run as it would without filtering). `refill`
 drops such groups and draws as many new prompts as were dropped, for at most `rollout.max_resample` more rounds;
 each new prompt samples from its own random stream of the step (numbered after the ones drawn before), so a run
 is as reproducible as without it. If the rounds run out with some groups kept, the step trains on fewer prompts
@@ -31,10 +32,11 @@ def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
     from unigrad.train.produce import draw
 
     needed, kept, drawn, dropped, offset = len(picks), [], 0, 0, len(picks)
-    current, current_picks, rounds, t_rollout, t_reward = first, picks, 0, 0.0, 0.0
+    current, current_picks, rounds, t_rollout, t_reward, errors = first, picks, 0, 0.0, 0.0, {}
     while True:
         rounds += 1
         t_rollout, t_reward = t_rollout + current.time_rollout, t_reward + current.time_reward
+        errors.update(current.errors)  # a dropped draw's verifier errors are still reported
         uniform = uniform_groups(current.rewards, current.rollout.group_ids, len(current_picks))
         keep = torch.nonzero(~uniform).flatten()[:needed]
         drawn, dropped = drawn + len(current_picks), dropped + int(uniform.sum())
@@ -56,6 +58,7 @@ def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
             "tasks, or set rollout.dynamic_sampling=false")
     merged = merge(kept, ctx.tokenizer.pad_token_id)
     merged.time_rollout, merged.time_reward = t_rollout, t_reward  # every draw's, the dropped ones' too
+    merged.errors = errors
     return merged, merged.picks, metrics
 
 

@@ -71,7 +71,8 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
     `task_gradients` (unigrad.diagnostics.task_gradients) measures per-task gradients, named by `task_names`."""
     t0 = time.perf_counter()
     comps = batch.components
-    epochs, pieces = settings.num_iterations, settings.mini_batches
+    epochs, pieces = settings.num_iterations, min(settings.mini_batches, batch.total_prompts)  # dynamic sampling
+    # can leave a step with fewer prompts than mini-batches
     shapes = [c.sequences.completion_ids.shape for c in comps]
     needs_proximal = epochs > 1 or pieces > 1
     proximal = [RowCache(s) for s in shapes] if needs_proximal else None

@@ -14,9 +14,9 @@ as deterministic as a synchronous one, whatever the timing. A batch older than k
 were refilled out of order) is regenerated, never trained on, and counted (`staleness/regenerated`).
 
 Rollouts in flight at a checkpoint are waited for and saved with it (prompts, rows, versions), and batches are
-submitted whatever `max_steps` says (the last k are generated and kept for a continuation), so `--resume` (after a
-crash, a kill or raising max_steps) continues exactly as the uninterrupted run would have: nothing trained is lost,
-and the rollouts generated after the last checkpoint are generated again, identically.
+submitted whatever `max_steps` says (the k + 1 past the last step are generated and kept for a continuation), so
+`--resume` (after a crash, a kill or raising max_steps) continues exactly as the uninterrupted run would have:
+nothing trained is lost, and the rollouts generated after the last checkpoint are generated again, identically.
 """
 
 from __future__ import annotations
