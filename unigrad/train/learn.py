@@ -74,10 +74,12 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
     epochs, pieces = settings.num_iterations, min(settings.mini_batches, batch.total_prompts)  # dynamic sampling
     # can leave a step with fewer prompts than mini-batches
     shapes = [c.sequences.completion_ids.shape for c in comps]
+    # The proximal log-probs of every row (the loss's "old" when a row is trained after an update; always the
+    # learner's side of the mismatch metrics), the entropy at the same weights, and the reference's log-probs.
     needs_proximal = epochs > 1 or pieces > 1
-    proximal = [RowCache(s) for s in shapes] if needs_proximal else None
+    proximal = [RowCache(s) for s in shapes]
+    entropy = [RowCache(s) if c.sampled else None for c, s in zip(comps, shapes, strict=True)]
     reference = [RowCache(s) for s in shapes]
-    measured = [(RowCache(s), RowCache(s)) if c.sampled else None for c, s in zip(comps, shapes, strict=True)]
 
     schedule = [[batch.local_prompts(p) for p in mini_batch_prompts(
         batch.total_prompts, pieces, settings.shuffle_seed * 1_000_003 + epoch)] if pieces > 1 else [None]
@@ -88,17 +90,21 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
         first = component_rows(batch, schedule[0][0])
         rest = [torch.nonzero(~torch.isin(torch.arange(len(c)), f)).flatten() for c, f in zip(comps, first,
                                                                                             strict=True)]
-        _proximal_pass(batch, learner, rest, settings.micro_batch_size, proximal, measured)
+        _proximal_pass(batch, learner, rest, settings.micro_batch_size, proximal, entropy)
         t_proximal = time.perf_counter() - t1
 
     loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
-    nonfinite_loss, idle_passes, updates = False, 0, 0
+    nonfinite_loss, idle_passes, updates, whole_plan = False, 0, 0, None
     for epoch_pieces in schedule:
         for prompts in epoch_pieces:
-            plan = micro_batch_plan(batch, settings.micro_batch_size, per_task=task_gradients is not None,
-                                    prompts=prompts)
-            if learner.sharded:  # every learner pass is a collective: all processes run the same sequence
-                plan = aligned_plan(plan, dist)
+            plan = whole_plan if prompts is None else None  # one mini-batch: the same plan every epoch
+            if plan is None:
+                plan = micro_batch_plan(batch, settings.micro_batch_size, per_task=task_gradients is not None,
+                                        prompts=prompts)
+                if learner.sharded:  # every learner pass is a collective: all processes run the same sequence
+                    plan = aligned_plan(plan, dist)
+                if prompts is None:
+                    whole_plan = plan
             normalisers = [c.normalisers for c in comps] if prompts is None else \
                 [rows_normalisers(c, rows, dist) for c, rows in zip(comps, component_rows(batch, prompts),
                                                                         strict=True)]
@@ -108,14 +114,12 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
                     idle_passes += 1
                 else:
                     out = _forward_backward(comps[c], rows, normalisers[c], batch, learner,
-                                            proximal[c] if proximal else None, reference[c])
+                                            proximal[c] if needs_proximal else None, reference[c])
                     nonfinite_loss |= not torch.isfinite(out["loss"]).item()
                     if updates == 0:  # weights untouched: this pass is the proximal one
-                        if proximal is not None:
-                            proximal[c].put(rows, out["logp"])
-                        if measured[c] is not None:
-                            measured[c][0].put(rows, out["logp"])
-                            measured[c][1].put(rows, out["entropy"])
+                        proximal[c].put(rows, out["logp"])
+                        if entropy[c] is not None:
+                            entropy[c].put(rows, out["entropy"])
                     loss_metrics.append({f"{comps[c].name}/{k}": v for k, v in out["metrics"].items()})
                 if task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
                     n_rows = sum(len(r) for g, _, r in plan if g == group and r is not None)
@@ -134,7 +138,7 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
 
     metrics = merge_loss_metrics(sum(dist.gather(loss_metrics), []), epochs, updates)
     metrics.update(grad_metrics)
-    metrics.update(_mismatch(batch, measured, dist))
+    metrics.update(_mismatch(batch, proximal, entropy, dist))
     if learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
         metrics["sharding/idle_passes"] = dist.sum_float(float(idle_passes))
     metrics["loss"] = sum(c.coef * metrics.get(f"{c.name}/loss", 0.0) for c in comps)
@@ -182,7 +186,7 @@ def _forward_backward(comp: LossComponent, rows: torch.Tensor, normalisers: Norm
 
 @torch.no_grad()
 def _proximal_pass(batch: Batch, learner: Learner, rows: list[torch.Tensor], micro_batch_size: int,
-                   proximal: list[RowCache], measured: list) -> None:
+                   proximal: list[RowCache], entropy: list[RowCache | None]) -> None:
     """The learner's log-probs (and entropy) of `rows` of each component under the weights before any update."""
     from unigrad.train.batching import length_grouped_micro_batches
 
@@ -192,25 +196,25 @@ def _proximal_pass(batch: Batch, learner: Learner, rows: list[torch.Tensor], mic
         for piece in length_grouped_micro_batches(comp.sequences.rows(idx), micro_batch_size,
                                                   groups=comp.row_prompt[idx]):
             r = idx[piece]
-            logp, entropy = learner.logprobs(comp.sequences.rows(r).trimmed(), batch.temperature)
+            logp, ent = learner.logprobs(comp.sequences.rows(r).trimmed(), batch.temperature)
             proximal[c].put(r, logp)
-            if measured[c] is not None:
-                measured[c][0].put(r, logp)
-                measured[c][1].put(r, entropy)
+            if entropy[c] is not None:
+                entropy[c].put(r, ent)
 
 
-def _mismatch(batch: Batch, measured: list, dist: Distributed) -> dict[str, float]:
+def _mismatch(batch: Batch, proximal: list[RowCache], entropy: list[RowCache | None],
+              dist: Distributed) -> dict[str, float]:
     """The engine's log-probs against the learner's proximal ones, on the engine's own samples (gathered over
     processes)."""
-    for comp, pair in zip(batch.components, measured, strict=True):
-        if pair is None or comp.infer_logprobs is None:
+    for comp, logp, ent in zip(batch.components, proximal, entropy, strict=True):
+        if ent is None or comp.infer_logprobs is None:
             continue
         mask = comp.sequences.completion_mask
         if comp.off_policy is not None:
             mask = mask & ~comp.off_policy[:, None]
         mask = dist.cat(mask)
         if mask.any():
-            return mismatch_metrics(dist.cat(pair[0].values), dist.cat(comp.infer_logprobs), mask,
-                                    entropy=dist.cat(pair[1].values), low=comp.objective.icepop_low,
+            return mismatch_metrics(dist.cat(logp.values), dist.cat(comp.infer_logprobs), mask,
+                                    entropy=dist.cat(ent.values), low=comp.objective.icepop_low,
                                     high=comp.objective.icepop_high)
     return {}

@@ -370,15 +370,6 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     else:
         engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
                                     decoder=cfg.rollout.decoder, device=learner.device)
-    pipeline = None
-    if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
-        def make_worker():
-            from unigrad.rollout.async_worker import EngineWorker
-
-            return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
-                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1])
-        pipeline = make_worker
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be distinct, got {names}")
@@ -411,8 +402,15 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         overlong_penalty=cfg.rollout.overlong_penalty,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
     )
-    if pipeline is not None:
-        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=pipeline)
+    if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
+        def make_worker():
+            from unigrad.rollout.async_worker import EngineWorker
+
+            return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
+                                decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
+                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1])
+
+        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=make_worker)
 
     return ctx, gain, dropped
 
