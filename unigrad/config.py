@@ -96,6 +96,9 @@ class RolloutSection(_Section):
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vllm engine: share of the GPU vLLM may take (weights + KV cache)"
     )
+    max_turns: int | None = Field(
+        None, ge=1, description="multi-turn tasks: assistant turns per episode at most (None = each task's own "
+        "max_turns; a smaller value caps them). docs/environments.md")
 
 
 class OptimSection(_Section):

@@ -11,8 +11,8 @@ The rollout (`unigrad.rollout.episodes`) keeps the token ids: the learner trains
 sampled, with the observation ids in the context between the turns (and out of the loss).
 
 Tool results are messages with role "tool" (and the tool's "name"); where the tokenizer's chat template has no such
-role (the tiny model's), the rollout shows them as user messages. A `MultiTurnTask` is a `unigrad.tasks.base.Task` (examples with splits, a name) that makes one fresh environment
-per episode. `reset` must be a function of the example alone: the opening messages are the prompt the learner
+role (the tiny model's), the rollout shows them as user messages. A `MultiTurnTask` is a `unigrad.tasks.base.Task`
+(examples with splits, a name) that makes one fresh environment per episode. `reset` must be a function of the example alone: the opening messages are the prompt the learner
 conditions on.
 """
 

@@ -74,6 +74,19 @@ class Rollout:
     #                               distribution actually used (temperature, top-k, top-p); 0 where masked
     group_ids: torch.Tensor  # (N,) long, index of the prompt in the call
     truncated: torch.Tensor  # (N,) bool, stopped by max_new_tokens rather than EOS
+    # (N, T) bool: tokens in the completion that the policy did not write (a multi-turn episode's observations: tool
+    # results, the environment's feedback). They are in the context of the tokens after them and out of every loss
+    # and token count; `completion_mask` is False there. None (single-turn rollouts): no such token.
+    observation_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.observation_mask is None:
+            self.observation_mask = torch.zeros_like(self.completion_mask)
+
+    @property
+    def context_mask(self) -> torch.Tensor:
+        """(N, T) bool: the completion's tokens in context (written by the policy or observed)."""
+        return self.completion_mask | self.observation_mask
 
     @property
     def num_sequences(self) -> int:
@@ -123,4 +136,5 @@ def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         infer_logprobs=torch.cat([right(p.infer_logprobs, 0.0) for p in parts]),
         group_ids=torch.cat(groups),
         truncated=torch.cat([p.truncated for p in parts]),
+        observation_mask=torch.cat([right(p.observation_mask, False) for p in parts]),
     )

@@ -124,6 +124,7 @@ def sequence_logprobs(
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
     share_prompts: bool | None = None,
+    observation_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(N, T) float32 log-probs of each completion token under `model` at `temperature`, 0 where masked.
 
@@ -134,6 +135,8 @@ def sequence_logprobs(
     With `return_entropy`, also returns the (N, T) entropy of that same distribution per position (0 where masked).
     `share_prompts`: rows with identical prompts share one prompt pass (see the module docstring) always (True),
     never (False), or when it saves enough (None, the default).
+    `observation_mask` (N, T) bool: completion tokens that are in the context but not scored (a multi-turn
+    episode's observations); their log-probs are 0 like padding's, and the tokens after them attend to them.
     """
     n, prompt_len = prompt_ids.shape
     t_len = completion_ids.shape[1]
@@ -146,8 +149,9 @@ def sequence_logprobs(
         empty = torch.zeros(n, 0, dtype=torch.float32, device=device)
         return (empty, empty.clone()) if return_entropy else empty
 
+    context = completion_mask.bool() if observation_mask is None else completion_mask.bool() | observation_mask.bool()
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    attention_mask = torch.cat([prompt_mask, context], dim=1).long()
     position_ids = position_ids_from_mask(attention_mask)
     # Logits at position i predict token i + 1: completion token t is predicted at position prompt_len - 1 + t.
     first, last = prompt_len - 1, prompt_len - 1 + t_len
@@ -161,7 +165,7 @@ def sequence_logprobs(
         # Worth a second forward call only when it saves many prompt tokens (a call costs about as much as a
         # couple of hundred tokens of a small model on a CPU).
         if saved > 0 and (share_prompts or saved >= max(SHARE_MIN_SAVED_TOKENS, 0.25 * int(attention_mask.sum()))):
-            states = _shared_prompt_states(split[0], prompt_ids, prompt_mask, completion_ids, completion_mask,
+            states = _shared_prompt_states(split[0], prompt_ids, prompt_mask, completion_ids, context,
                                            first_rows, inverse)
     if states is not None:
         head = split[1]

@@ -37,25 +37,37 @@ class SequenceBatch:
     prompt_ids: torch.Tensor  # (N, P) left-padded
     prompt_mask: torch.Tensor  # (N, P) bool
     completion_ids: torch.Tensor  # (N, T) right-padded
-    completion_mask: torch.Tensor  # (N, T) bool
+    completion_mask: torch.Tensor  # (N, T) bool: the tokens trained on (written by the policy or demonstrated)
+    # (N, T) bool: observed tokens between a multi-turn episode's turns: in context, never trained or counted
+    observation_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.observation_mask is None:
+            self.observation_mask = torch.zeros_like(self.completion_mask)
+
+    @property
+    def context_mask(self) -> torch.Tensor:
+        """(N, T) bool: every real completion token (trained or observed)."""
+        return self.completion_mask | self.observation_mask
 
     def rows(self, index: torch.Tensor) -> SequenceBatch:
         return SequenceBatch(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                             self.completion_mask[index])
+                             self.completion_mask[index], self.observation_mask[index])
 
     def trimmed(self) -> SequenceBatch:
         """The same rows without the columns that are padding in every row (left of the prompts, right
         of the completions), so a micro-batch of short rows costs what its rows need. At least one
         prompt and one completion column stay."""
         p_keep = max(1, int(self.prompt_mask.sum(-1).max())) if len(self) else self.prompt_ids.shape[1]
-        t_keep = max(1, int(self.completion_mask.sum(-1).max())) if len(self) else self.completion_ids.shape[1]
+        t_keep = max(1, int(self.context_mask.sum(-1).max())) if len(self) else self.completion_ids.shape[1]
         p_keep, t_keep = min(p_keep, self.prompt_ids.shape[1]), min(t_keep, self.completion_ids.shape[1])
         return SequenceBatch(self.prompt_ids[:, -p_keep:], self.prompt_mask[:, -p_keep:],
-                             self.completion_ids[:, :t_keep], self.completion_mask[:, :t_keep])
+                             self.completion_ids[:, :t_keep], self.completion_mask[:, :t_keep],
+                             self.observation_mask[:, :t_keep])
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
-                             self.completion_mask.to(device))
+                             self.completion_mask.to(device), self.observation_mask.to(device))
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -77,7 +89,7 @@ def length_grouped_micro_batches(batch: SequenceBatch, size: int,
     With `groups` (N,) (e.g. the prompt of each row), rows of a group stay next to each other: groups are sorted
     by their longest row, so the learner can run each shared prompt once per micro-batch.
     The gradient is the same as with any other grouping: normalisers are global to the step."""
-    lengths = (batch.prompt_mask.sum(-1) + batch.completion_mask.sum(-1)).tolist()
+    lengths = (batch.prompt_mask.sum(-1) + batch.context_mask.sum(-1)).tolist()
     if groups is None:
         order = sorted(range(len(batch)), key=lambda r: (lengths[r], r))
     else:

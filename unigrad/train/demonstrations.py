@@ -70,6 +70,8 @@ def with_demonstrations(ro: Rollout, demos: SequenceBatch, pad_id: int) -> tuple
         infer_logprobs=interleave(widen(ro.infer_logprobs, t_len, "right", 0.0), torch.zeros(num_prompts, t_len)),
         group_ids=torch.arange(num_prompts).repeat_interleave(n + 1),
         truncated=interleave(ro.truncated, torch.zeros(num_prompts, dtype=torch.bool)),
+        observation_mask=interleave(widen(ro.observation_mask, t_len, "right", False),
+                                    torch.zeros(num_prompts, t_len, dtype=torch.bool)),
     )
     off_policy = interleave(torch.zeros(num_prompts * n, dtype=torch.bool), torch.ones(num_prompts, dtype=torch.bool))
     return out, off_policy

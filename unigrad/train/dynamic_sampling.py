@@ -74,7 +74,7 @@ def select_groups(drawn, groups: torch.Tensor):
     return Drawn(
         [drawn.picks[g] for g in index], [drawn.examples[g] for g in index], [drawn.prompt_ids[g] for g in index],
         Rollout(ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows],
-                ro.infer_logprobs[rows], renumber[ro.group_ids[rows]], ro.truncated[rows]),
+                ro.infer_logprobs[rows], renumber[ro.group_ids[rows]], ro.truncated[rows], ro.observation_mask[rows]),
         drawn.off_policy[rows], [drawn.texts[r] for r in rows.tolist()], drawn.rewards[rows], dict(drawn.errors),
         drawn.time_rollout, drawn.time_reward)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.diagnostics.mismatch import mismatch_metrics
+from unigrad.rollout.episodes import turn_index
 from unigrad.objective import LossInputs, policy_loss
 from unigrad.objective.aggregation import Normalisers
 from unigrad.train.batch import Batch, LossComponent, rows_normalisers
@@ -214,7 +215,15 @@ def _mismatch(batch: Batch, proximal: list[RowCache], entropy: list[RowCache | N
             mask = mask & ~comp.off_policy[:, None]
         mask = dist.cat(mask)
         if mask.any():
-            return mismatch_metrics(dist.cat(logp.values), dist.cat(comp.infer_logprobs), mask,
-                                    entropy=dist.cat(ent.values), low=comp.objective.icepop_low,
-                                    high=comp.objective.icepop_high)
+            train, infer = dist.cat(logp.values), dist.cat(comp.infer_logprobs)
+            out = mismatch_metrics(train, infer, mask, entropy=dist.cat(ent.values), low=comp.objective.icepop_low,
+                                   high=comp.objective.icepop_high)
+            observed = dist.cat(comp.sequences.observation_mask)
+            if observed.any():  # multi-turn episodes: the mismatch of each assistant turn
+                turn = turn_index(mask, observed)
+                for k in range(int(turn.max()) + 1):
+                    per_turn = mismatch_metrics(train, infer, turn == k)
+                    out.update({f"mismatch/turn{k + 1}/{key.removeprefix('mismatch/')}": per_turn[key]
+                                for key in ("mismatch/kl_k3", "mismatch/abs_logp_diff_mean") if key in per_turn})
+            return out
     return {}

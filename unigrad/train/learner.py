@@ -68,7 +68,7 @@ class Learner:
         batch = batch.to(self.device)
         forward = self._forward or (lambda *a, **k: sequence_logprobs(self.model, *a, **k))
         return forward(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                       temperature=temperature, return_entropy=True)
+                       temperature=temperature, return_entropy=True, observation_mask=batch.observation_mask)
 
     def idle_pass(self) -> None:
         """A forward and backward pass that adds nothing to the gradient (a one-token row, loss times 0). A sharded
@@ -123,7 +123,8 @@ class Learner:
     def reference_logprobs(self, batch: SequenceBatch, temperature: float) -> torch.Tensor:
         batch = batch.to(self.device)
         logp, _ = sequence_logprobs(self.reference, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                    batch.completion_mask, temperature=temperature, return_entropy=True)
+                                    batch.completion_mask, temperature=temperature, return_entropy=True,
+                                    observation_mask=batch.observation_mask)
         return logp
 
     def clip_and_step(self, grad_norm_cap: float | None = None) -> tuple[float, str]:

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from unigrad.environments.base import is_multi_turn
 from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty
-from unigrad.rollout.base import Rollout, SamplingParams, prompt_stream_seeds
+from unigrad.rollout.base import Rollout, SamplingParams, eos_id_list, prompt_stream_seeds
+from unigrad.rollout.episodes import Episodes, run_episodes
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batch import Batch, global_normalisers
 from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
@@ -38,7 +40,7 @@ class Produced:
     """What the step reports about the rows it produced (metrics and samples); `learn` never reads it."""
 
     examples: list[Example]  # (P,) this process's prompts
-    texts: list[str]  # (N,) decoded completions
+    texts: list[str]  # (N,) decoded completions (a multi-turn episode's whole transcript)
     rollout: Rollout  # (N,) rows, demonstration rows included (LUFFY)
     off_policy: torch.Tensor  # (N,) bool: demonstration rows
     rewards: torch.Tensor  # (N,)
@@ -52,6 +54,7 @@ class Produced:
     time_rollout: float
     time_reward: float
     sampling_metrics: dict[str, float]  # dynamic sampling's counts and the overlong penalty (when on)
+    episodes: Episodes | None = None  # multi-turn runs: turns, tool calls and errors per row
 
 
 def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Produced]:
@@ -100,7 +103,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
                   policy_version, first_prompt=lo, num_prompts=len(picks))
     return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
                            all_adv, prompt_task, routed.sft_prompt, drawn.errors, drawn.time_rollout,
-                           drawn.time_reward, sampling_metrics)
+                           drawn.time_reward, sampling_metrics, drawn.episodes)
 
 
 def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
@@ -128,6 +131,7 @@ class Drawn:
     errors: dict[str, str]  # {task: what made its rewards unscorable}
     time_rollout: float = 0.0
     time_reward: float = 0.0
+    episodes: Episodes | None = None  # multi-turn runs (`unigrad.rollout.episodes`)
 
 
 def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None) -> Drawn:
@@ -137,15 +141,50 @@ def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, gener
     examples = [ctx.pools[t][i] for t, i in picks]
     prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
     t0 = time.perf_counter()
-    ro, off_policy = _rollouts(ctx, step, stream_offset, picks, examples, generated)
+    episodes = None
+    if ctx.multi_turn:  # the environments reward their episodes as they go (part of the rollout's time)
+        ro, episodes = rollout_episodes(ctx, step, stream_offset, picks, examples)
+        off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)
+    else:
+        ro, off_policy = _rollouts(ctx, step, stream_offset, picks, examples, generated)
     t_rollout = time.perf_counter() - t0
     t0 = time.perf_counter()
     texts = decode_completions(ctx.tokenizer, ro)
     row_task = torch.tensor([t for t, _ in picks], dtype=torch.long)[ro.group_ids]  # (N,)
-    rewards, errors = score(ctx.tasks, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
+    # single-turn tasks' rows go to their verifiers; a multi-turn task's rows have their episode's reward
+    single = [task if not is_multi_turn(task) else None for task in ctx.tasks]
+    rewards, errors = score(single, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
                             ctx.reward_timeout)
+    if episodes is not None:
+        from_episode = torch.tensor([is_multi_turn(ctx.tasks[t]) for t in row_task.tolist()], dtype=torch.bool)
+        rewards = torch.where(from_episode, episodes.rewards, rewards)
     return Drawn(list(picks), examples, prompt_ids, ro, off_policy, texts, rewards, errors, t_rollout,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, episodes)
+
+
+def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, int]],
+                     examples: list[Example]) -> tuple[Rollout, Episodes]:
+    """This process's rows as multi-turn episodes (`unigrad.rollout.episodes`): a fresh environment per row of a
+    multi-turn task, reset on its example; rows of single-turn tasks are one-turn episodes."""
+    prompt_ids, n, sampling = generation_request(ctx, step, picks, stream_offset)
+    environments = []
+    for (t, _), example in zip(picks, examples, strict=True):
+        task = ctx.tasks[t]
+        for _ in range(n):
+            env = task.environment(ctx.tool_style) if is_multi_turn(task) else None
+            if env is not None:
+                env.reset(example)
+            environments.append(env)
+    budgets = [episode_turns(ctx.tasks[t], ctx.max_turns) for t, _ in picks]
+    return run_episodes(ctx.engine, ctx.tokenizer, prompt_ids, environments, n, sampling, budgets,
+                        eos_id_list(ctx.tokenizer.eos_token_id), ctx.context_length)
+
+
+def episode_turns(task: Task, max_turns: int | None) -> int:
+    """A task's turn budget: its own `max_turns`, capped by the run's `rollout.max_turns` (single-turn tasks: 1)."""
+    if not is_multi_turn(task):
+        return 1
+    return task.max_turns if max_turns is None else min(task.max_turns, max_turns)
 
 
 def generation_request(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int):
@@ -177,14 +216,17 @@ def _rollouts(ctx, step: int, stream_offset: int, picks: list[tuple[int, int]], 
 
 
 def decode_completions(tokenizer, ro: Rollout) -> list[str]:
-    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-            for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+    """Each row's completion as text; a multi-turn episode's whole transcript (observations and the template's turn
+    markers included) where the row has observations."""
+    has_obs = ro.observation_mask.any(-1).tolist()
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=not obs)
+            for ids, mask, obs in zip(ro.completion_ids, ro.context_mask, has_obs, strict=True)]
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task: torch.Tensor,
+def score(tasks: list[Task | None], texts: list[str], examples: list[Example], row_task: torch.Tensor,
           timeout: float | None = None) -> tuple[torch.Tensor, dict[str, str]]:
     """(rewards (N,) float32, {task name: what went wrong}). A verifier that raises (SystemExit included), takes
     longer than `timeout` seconds or returns something that is not a number, or not a finite float32, leaves those
@@ -193,7 +235,7 @@ def score(tasks: list[Task], texts: list[str], examples: list[Example], row_task
     errors: dict[str, str] = {}
     for k, task in enumerate(tasks):
         rows = torch.nonzero(row_task == k).flatten().tolist()
-        if not rows:
+        if not rows or task is None:  # None: rows scored elsewhere (a multi-turn task's episodes)
             continue
         values, error = _verify(task, [texts[r] for r in rows], [examples[r] for r in rows], timeout)
         if error is None and getattr(task, "last_error", None):  # a reward function that raised, caught inside

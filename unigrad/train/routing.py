@@ -81,7 +81,8 @@ def route(mode: TrainingMode, objective: Objective, ro: Rollout, off_policy: tor
     components = []
     if mode.samples:
         rows = torch.nonzero(~sft_prompt[ro.group_ids]).flatten()  # rows trained by RL
-        sequences = SequenceBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask).rows(rows)
+        sequences = SequenceBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                                  ro.observation_mask).rows(rows)
         components.append(LossComponent(
             "rl", sequences, advantages[rows], ro.group_ids[rows], objective, mode.rl_coef,
             batch_normalisers(sequences.completion_mask, objective) if len(rows) else None,

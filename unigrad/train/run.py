@@ -23,10 +23,13 @@ from unigrad.data.samplers import build_sampler, task_weight_list
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
+from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
 from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.episodes import episode_prompt_ids
 from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
+from unigrad.tools.calls import tool_style
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import (
     list_checkpoints,
@@ -111,7 +114,8 @@ class RunResult:
     eval_after: dict[str, Any] | None
 
 
-def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: int | None):
+def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: int | None,
+                tool_style: str = "plain"):
     """Training examples per task with their prompt ids; over-long prompts are dropped and counted. Each distinct
     prompt is tokenised once (a small file's examples repeat to fill the pool; a long prompt is costly to encode)."""
     pools, pool_ids, dropped = [], [], {}
@@ -121,9 +125,12 @@ def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: 
         kept: list[Example] = []
         ids: list[list[int]] = []
         for ex in examples:
-            if ex.prompt not in encoded:
-                encoded[ex.prompt] = encode_prompt(tokenizer, ex.prompt)
-            p = encoded[ex.prompt]
+            if is_multi_turn(task):  # its environment's opening messages (a system message, tools)
+                p = episode_prompt_ids(task, tokenizer, ex, tool_style)
+            else:
+                if ex.prompt not in encoded:
+                    encoded[ex.prompt] = encode_prompt(tokenizer, ex.prompt)
+                p = encoded[ex.prompt]
             if context_length is not None and len(p) + cfg.rollout.max_new_tokens > context_length:
                 dropped[task.name] = dropped.get(task.name, 0) + 1
                 continue
@@ -270,6 +277,7 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
         tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]
     except (ValueError, OSError, ImportError, AttributeError) as err:
         raise ConfigError(f"tasks / reward: {err}") from err
+    _check_episodes(cfg, tasks)
     if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
         _print(console, jail_note)  # the code task's jail works, or the run stops here, before anything is written
     if dist.is_main:
@@ -289,6 +297,22 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
            + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
               if cfg.sharding == "fsdp" and not dist.active else ""))
     return cfg, dist, device, tasks, console
+
+
+def _check_episodes(cfg: TrainConfig, tasks: list[Task]) -> None:
+    """Refuse what multi-turn episodes do not run with yet."""
+    episodic = [t.name for t in tasks if is_multi_turn(t)]
+    if not episodic:
+        return
+    named = ", ".join(episodic)
+    if cfg.rollout.max_staleness:
+        raise ConfigError(f"multi-turn tasks ({named}) run with synchronous rollouts for now (the engine's worker "
+                          "process does not run environments): set rollout.max_staleness=0")
+    if cfg.rollout.dynamic_sampling:
+        raise ConfigError(f"multi-turn tasks ({named}) do not run with rollout.dynamic_sampling yet: set it to false")
+    if TrainingMode.from_config(cfg).demonstrations != "none":
+        raise ConfigError(f"multi-turn tasks ({named}) have no demonstrations: SFT, HPT and LUFFY-style guidance "
+                          "need them; train them with an RL objective")
 
 
 def _restore(run: Run, resume: bool) -> int:
@@ -349,7 +373,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     """(StepContext, learning-gain tracker, prompts dropped per task) for a model and its tasks."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
-    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model))
+    style = tool_style(tokenizer)
+    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model), style)
     objective = cfg.resolved_objective()
     rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
@@ -401,6 +426,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         max_resample=cfg.rollout.max_resample, overlong_buffer=cfg.rollout.overlong_buffer or 0,
         overlong_penalty=cfg.rollout.overlong_penalty,
         task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
+        max_turns=cfg.rollout.max_turns, tool_style=style, context_length=_context_length(model),
     )
     if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
         def make_worker():

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from unigrad.diagnostics.task_gradients import TaskGradients
+from unigrad.environments.base import is_multi_turn
 from unigrad.objective import Objective
 from unigrad.rollout.base import RolloutEngine, SamplingParams
 from unigrad.tasks.base import Example, Task
@@ -74,6 +75,14 @@ class StepContext:
     reward_timeout: float | None = None  # seconds a task's verifier may take per step (None = no limit)
     reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
     pipeline: Any = None  # asynchronous rollouts (unigrad.train.pipeline.RolloutPipeline); None = synchronous
+    max_turns: int | None = None  # cap on a multi-turn task's assistant turns (None: each task's own)
+    tool_style: str = "plain"  # how tool calls are written: "hf" (chat templates with tools=) or "plain"
+    context_length: int | None = None  # the model's: an episode ends when its next turn would not fit
+
+    @property
+    def multi_turn(self) -> bool:
+        """Some task is multi-turn: rollouts run as episodes."""
+        return any(is_multi_turn(t) for t in self.tasks)
 
 
 def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -134,10 +143,27 @@ def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[s
         if rows.any():
             metrics[f"rewards/nan_count/{name}"] = float((~torch.isfinite(rewards[rows])).sum())
             metrics[f"rewards/unscorable/{name}"] = float(not torch.isfinite(rewards[rows]).any())
+    if p.episodes is not None:
+        metrics.update(episode_metrics(names, p, dist))
     if (~sampled).any():
         metrics["guidance/reward"] = p.all_rewards[~sampled].nanmean().item()
         metrics["guidance/advantage"] = p.all_advantages[~sampled].mean().item()
     return metrics
+
+
+def episode_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[str, float]:
+    """Multi-turn runs: assistant turns, tool calls, tool calls that returned an error, and the episode's length in
+    tokens (its turns and observations), per episode over every process; turns per task too."""
+    e, ro = p.episodes, p.rollout
+    turns, row_task = dist.cat(e.turns).float(), p.all_row_task
+    m = {"episode/turns": turns.mean().item(), "episode/tool_calls": dist.cat(e.tool_calls).float().mean().item(),
+         "episode/tool_errors": dist.cat(e.tool_errors).float().mean().item(),
+         "episode/length": dist.cat(ro.context_mask.sum(-1)).float().mean().item(),
+         "episode/observation_tokens": dist.cat(ro.observation_mask.sum(-1)).float().mean().item()}
+    for k, name in enumerate(names):
+        if (row_task == k).any():
+            m[f"episode/turns/{name}"] = turns[row_task == k].mean().item()
+    return m
 
 
 def sample_records(ctx: StepContext, step: int, p: Produced) -> list[dict[str, Any]]:

@@ -1,0 +1,246 @@
+"""Multi-turn episodes: token in, token out; observations in the context but out of the loss; the episode's reward on
+every assistant turn; max_turns; per-turn seeds. A scripted environment with known transitions, a real engine on a
+random char-level Llama."""
+
+import dataclasses
+
+import pytest
+import torch
+from step_helpers import small_char_llama, step_context
+
+from unigrad.environments.base import StepResult
+from unigrad.models.tokenizer import build_char_tokenizer
+from unigrad.objective import LossInputs, policy_loss, resolve_objective
+from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.episodes import observation_ids, run_episodes, turn_index
+from unigrad.rollout.logprobs import sequence_logprobs
+from unigrad.rollout.transformers_engine import TransformersEngine
+from unigrad.tasks.base import Example
+from unigrad.train.batching import encode_prompt
+from unigrad.train.produce import produce
+
+
+class Scripted:
+    """Observation "seen k" after turn k; reward 0.25 on turn 2 and 1 when it ends on turn `done_at`."""
+
+    def __init__(self, done_at: int = 99, tool_role: bool = False):
+        self.done_at, self.turn, self.tool_role, self.seen = done_at, 0, tool_role, []
+
+    def reset(self, example: Example) -> list[dict]:
+        return [{"role": "user", "content": example.prompt}]
+
+    def step(self, turn: str) -> StepResult:
+        self.turn += 1
+        self.seen.append(turn)
+        done = self.turn >= self.done_at
+        role = {"role": "tool", "name": "t"} if self.tool_role else {"role": "user"}
+        return StepResult([{**role, "content": f"seen {self.turn}"}], reward=1.0 if done else
+                          0.25 if self.turn == 2 else None, done=done, tool_calls=1, tool_errors=int(self.turn == 1))
+
+
+class ScriptedTask:
+    name, multi_turn, tools, description = "scripted", True, (), "a scripted environment"
+
+    def __init__(self, max_turns: int = 3, done_at: int = 99):
+        self.max_turns, self.done_at = max_turns, done_at
+
+    def examples(self, split, n, seed=0):
+        return [Example(f"q{seed}-{i}", "", None, self.name) for i in range(n)]
+
+    def environment(self, tool_style: str = "plain"):
+        return Scripted(self.done_at)
+
+    def tool_schemas(self):
+        return []
+
+
+class Recorder:
+    """An engine that records every call's prompts and sampled rows."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, n, sampling):
+        ro = self.engine.generate(prompts, n, sampling)
+        self.calls.append((prompts, n, sampling, ro))
+        return ro
+
+    def load_weights(self, state_dict):
+        self.engine.load_weights(state_dict)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The random Llama taught, in 60 Adam steps, to end a turn after a few characters (a random model rarely writes
+    its end-of-turn token, so its episodes would all be cut after turn 1)."""
+    tok = build_char_tokenizer(model_max_length=256)
+    model = small_char_llama(tok, seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
+             "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
+    for _ in range(60):
+        for text in texts:
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.zero_grad()
+    return tok, model
+
+
+def _episodes(tok, model, max_turns=(3, 3), done_at=99, n=2, max_new=5, context=None):
+    engine = Recorder(TransformersEngine(model, tok.pad_token_id, tok.eos_token_id))
+    prompts = [encode_prompt(tok, "q0"), encode_prompt(tok, "a longer q1")]
+    envs = [Scripted(done_at) for _ in range(len(prompts) * n)]
+    ro, ep = run_episodes(engine, tok, prompts, envs, n, SamplingParams(temperature=1.0, max_new_tokens=max_new,
+                                                                        seed=7), list(max_turns), [tok.eos_token_id],
+                          context)
+    return engine, envs, ro, ep, prompts
+
+
+def test_trained_ids_are_the_sampled_ids_and_each_turn_sees_exactly_them(setup):
+    tok, model = setup
+    engine, envs, ro, ep, prompts = _episodes(tok, model)
+    n = 2
+    # Rebuild every row from the engine's own calls: turn 1 from the first call, turn k from call k's row.
+    rows = {r: [] for r in range(ro.num_sequences)}
+    trained = {r: [] for r in range(ro.num_sequences)}
+    live = list(range(ro.num_sequences))
+    for k, (call_prompts, _, _, out) in enumerate(engine.calls):
+        if k > 0:  # the context of turn k + 1 is the prompt and every id so far, untouched
+            assert call_prompts == [prompts[r // n] + rows[r] for r in live]
+        for j, r in enumerate(live):
+            sampled = out.completion_ids[j][out.completion_mask[j]].tolist()
+            rows[r] += sampled
+            trained[r] += sampled
+            if not bool(out.truncated[j]) and len(trained[r]) and ep.turns[r] > k + 1:
+                rows[r] += observation_ids(tok, [{"role": "user", "content": f"seen {k + 1}"}], [tok.eos_token_id])
+        live = [r for r in live if ep.turns[r] > k + 1]
+    for r in range(ro.num_sequences):
+        got = ro.completion_ids[r][ro.context_mask[r]].tolist()
+        assert got == rows[r]
+        assert ro.completion_ids[r][ro.completion_mask[r]].tolist() == trained[r]
+        # the environment read each turn's own text
+        turns = [tok.decode(t, skip_special_tokens=True) for t in _split_turns(ro, r)]
+        assert envs[r].seen == turns
+
+
+def _split_turns(ro, r):
+    index = turn_index(ro.completion_mask, ro.observation_mask)[r]
+    return [ro.completion_ids[r][index == k].tolist() for k in range(int(index.max()) + 1)]
+
+
+def test_observation_tokens_are_the_templates_user_turn(setup):
+    tok, _ = setup
+    ids = observation_ids(tok, [{"role": "user", "content": "seen 1"}], [tok.eos_token_id])
+    assert tok.decode(ids) == "<|user|>seen 1<|assistant|>"
+    # a tool result on a template without a tool role is shown as a user message
+    assert observation_ids(tok, [{"role": "tool", "name": "t", "content": "seen 1"}], [tok.eos_token_id]) == ids
+
+
+def test_max_turns_and_done_and_rewards(setup):
+    tok, model = setup
+    _, envs, ro, ep, _ = _episodes(tok, model, max_turns=(3, 2), max_new=4)
+    untruncated = ~ro.truncated
+    # prompt 0 may write 3 turns, prompt 1 two; a turn cut by max_new_tokens ends its episode early
+    assert (ep.turns[:2] <= 3).all() and (ep.turns[2:] <= 2).all()
+    assert (ep.turns[:2][untruncated[:2]] == 3).all() and (ep.turns[2:][untruncated[2:]] == 2).all()
+    expected = torch.tensor([0.25 if t >= 2 else 0.0 for t in ep.turns.tolist()])
+    assert torch.equal(ep.rewards, expected)
+    assert torch.equal(ep.tool_calls, ep.turns) and torch.equal(ep.tool_errors, torch.ones(4, dtype=torch.long))
+    _, _, ro2, ep2, _ = _episodes(tok, model, max_turns=(3, 3), done_at=1, max_new=4)
+    assert (ep2.turns == 1).all() and torch.equal(ep2.rewards, torch.ones(4))
+    assert not ro2.observation_mask.any()
+
+
+def test_episodes_end_when_the_next_turn_would_not_fit(setup):
+    tok, model = setup
+    _, _, ro, ep, prompts = _episodes(tok, model, max_turns=(5, 5), max_new=3, context=40)
+    for r in range(ro.num_sequences):
+        assert len(prompts[r // 2]) + int(ro.context_mask[r].sum()) <= 40
+    assert ep.turns.max() < 5 and ro.truncated.any()
+
+
+def test_observation_tokens_are_context_and_get_no_loss(setup):
+    """The learner's log-probs of the assistant tokens equal an independent full forward over every real token (so
+    the observations are attended to), are 0 on observations, and the loss's gradient is that of the assistant
+    tokens alone."""
+    tok, model = setup
+    _, _, ro, _, _ = _episodes(tok, model, max_turns=(3, 3), max_new=6)
+    assert ro.observation_mask.any()
+    model.zero_grad()
+    logp = sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                             observation_mask=ro.observation_mask, share_prompts=False)
+    assert (logp[ro.observation_mask] == 0).all()
+    logp.sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    expected_sum = 0.0
+    for r in range(ro.num_sequences):  # one row at a time, no padding: a plain causal forward
+        prompt = ro.prompt_ids[r][ro.prompt_mask[r]]
+        comp = ro.completion_ids[r][ro.context_mask[r]]
+        trained = ro.completion_mask[r][ro.context_mask[r]]
+        ids = torch.cat([prompt, comp]).unsqueeze(0)
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        token = lp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(token[trained], logp[r][ro.completion_mask[r]], atol=1e-5)
+        expected_sum = expected_sum + token[trained].sum()
+    expected_sum.backward()
+    for g, p in zip(got, model.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
+    # the bug this guards against: observations out of the attention as well as the loss
+    wrong = sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                              share_prompts=False)
+    later = ro.completion_mask & (turn_index(ro.completion_mask, ro.observation_mask) > 0)
+    assert not torch.allclose(wrong[later], logp.detach()[later], atol=1e-3)
+
+
+def test_the_episodes_advantage_reaches_every_assistant_turn_and_tokens_count_once(setup):
+    """Through produce: the RL component trains every turn's tokens with the row's advantage; its token count is
+    the assistant tokens only."""
+    tok, _ = setup
+    ctx = step_context(tasks=[ScriptedTask(max_turns=3)], pools=[ScriptedTask().examples("train", 20)],
+                       sampling=SamplingParams(temperature=1.0, max_new_tokens=5))
+    ctx.pool_prompt_ids = [[encode_prompt(tok, e.prompt) for e in ctx.pools[0]]]
+    from unigrad.data.samplers import TaskSampler
+    ctx.sampler = TaskSampler([20], seed=1, names=["scripted"])
+    batch, produced = produce(ctx, step=1, policy_version=0)
+    comp = batch.components[0]
+    seqs = comp.sequences
+    assert seqs.observation_mask.any()
+    assert comp.normalisers.num_tokens == float(seqs.completion_mask.sum())
+    assert torch.equal(produced.rewards, produced.episodes.rewards)
+    # the loss's gradient w.r.t. each token's log-prob is -A_i / num_tokens on every trained token of every turn
+    logp = torch.zeros(seqs.completion_ids.shape, requires_grad=True)
+    out = policy_loss(LossInputs(logp, seqs.completion_mask, comp.advantages,
+                                 num_tokens=comp.normalisers.num_tokens,
+                                 num_sequences=comp.normalisers.num_sequences),
+                      resolve_objective("grpo", aggregation="token_mean"))
+    out.loss.backward()
+    expected = -comp.advantages[:, None] / comp.normalisers.num_tokens * seqs.completion_mask
+    assert torch.allclose(logp.grad, expected, atol=1e-7)
+    turns = turn_index(seqs.completion_mask, seqs.observation_mask)
+    moving = comp.advantages != 0
+    assert moving.any()
+    for r in torch.nonzero(moving).flatten().tolist():  # every turn of a row with an advantage gets gradient
+        for k in range(int(turns[r].max()) + 1):
+            assert (logp.grad[r][turns[r] == k] != 0).all()
+
+
+def test_later_turns_draw_from_their_own_streams(setup):
+    """An episode's turns do not depend on which other episodes share the calls: the same prompt alone or beside
+    another gives the same episode."""
+    tok, model = setup
+    engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(11, 12))
+    prompts = [encode_prompt(tok, "q0"), encode_prompt(tok, "other")]
+    both, _ = run_episodes(engine, tok, prompts, [Scripted() for _ in range(4)], 2, sampling, [3, 3],
+                           [tok.eos_token_id])
+    alone, _ = run_episodes(engine, tok, prompts[1:], [Scripted() for _ in range(2)], 2,
+                            dataclasses.replace(sampling, prompt_seeds=(12,)), [3], [tok.eos_token_id])
+    assert both.observation_mask[2:].any()
+    for r in range(2):
+        assert both.completion_ids[2 + r][both.context_mask[2 + r]].tolist() == \
+            alone.completion_ids[r][alone.context_mask[r]].tolist()
