@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy pass@1 and sampled pass@k per task.
+"""Held-out evaluation: greedy pass@1 and sampled pass@k per task (a multi-turn task's by whole episodes: an
+episode counts when its environment's reward reaches full marks).
 
 pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374) with n = k samples
 per prompt at temperature 1, i.e. the fraction of prompts with at least one correct sample.
@@ -12,8 +13,11 @@ from typing import Any
 
 import torch
 
-from unigrad.rollout.base import SamplingParams
+from unigrad.environments.base import is_multi_turn
+from unigrad.rollout.base import SamplingParams, eos_id_list
+from unigrad.rollout.episodes import episode_prompt_ids, run_episodes
 from unigrad.tasks.base import Task
+from unigrad.tools.calls import tool_style
 from unigrad.train.batching import encode_prompt
 
 
@@ -40,20 +44,23 @@ def evaluate(
     model.eval()
     results: dict[str, Any] = {}
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    style = tool_style(tokenizer)
     for task in tasks:
-        examples, prompts, notes = _test_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens)
+        examples, prompts, notes = _test_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens,
+                                                 style)
         if not examples:
             raise ValueError(f"task {task.name!r}: no test prompt fits the model's context of {context} tokens "
                              f"with max_new_tokens={max_new_tokens}")
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
-                          SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size)
+                          SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size,
+                          style, context)
         row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
         if per_prompt:
             row["correct"] = greedy.int().tolist()
         if pass_k > 0:
             sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
                                SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
-                               batch_size)
+                               batch_size, style, context)
             row[f"pass@{pass_k}"] = sampled.view(len(examples), pass_k).any(dim=1).float().mean().item()
         results[task.name] = row
     keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
@@ -62,7 +69,8 @@ def evaluate(
     return results
 
 
-def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int):
+def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
+                  style: str = "plain"):
     """(examples, prompt ids, notes) of a task's test split: each distinct prompt once (asking for more than the split
     holds evaluates what it holds: `distinct_prompts` says how many), and prompts that cannot fit the model's context
     with max_new_tokens left out and counted (`too_long`), never truncated."""
@@ -76,7 +84,8 @@ def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | 
         notes["distinct_prompts"] = float(len(examples))
         warnings.warn(f"task {task.name!r}: its test split holds {len(examples)} distinct prompts; evaluating those "
                       f"(asked for {wanted})", stacklevel=3)
-    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    prompts = [episode_prompt_ids(task, tokenizer, ex, style) if is_multi_turn(task) else
+               encode_prompt(tokenizer, ex.prompt) for ex in examples]
     if context is not None:
         fits = [len(p) + max_new_tokens <= context for p in prompts]
         if not all(fits):
@@ -88,17 +97,26 @@ def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | 
     return examples, prompts, notes
 
 
-def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size) -> torch.Tensor:
-    """Bool (len(examples) * n,): completion j of prompt i at row i * n + j scored full marks."""
+def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size, style: str = "plain",
+             context: int | None = None) -> torch.Tensor:
+    """Bool (len(examples) * n,): completion (or episode) j of prompt i at row i * n + j scored full marks."""
     out = []
     per_call = max(1, batch_size // n)
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start:start + per_call]
-        ro = engine.generate(chunk, n, sampling)
-        texts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
-                 for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
-        exs = [examples[start + g] for g in ro.group_ids.tolist()]
-        rewards = task.verify(texts, exs)
+        exs = [examples[start + p] for p in range(len(chunk)) for _ in range(n)]
+        if is_multi_turn(task):  # whole episodes: an episode's reward is its environment's
+            environments = [task.environment(style) for _ in exs]
+            for env, ex in zip(environments, exs, strict=True):
+                env.reset(ex)
+            _, episodes = run_episodes(engine, tokenizer, chunk, environments, n, sampling,
+                                       [task.max_turns] * len(chunk), eos_id_list(tokenizer.eos_token_id), context)
+            rewards = episodes.rewards.tolist()
+        else:
+            ro = engine.generate(chunk, n, sampling)
+            texts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                     for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
+            rewards = task.verify(texts, exs)
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
 

@@ -1,8 +1,8 @@
 """What a task is: prompts with reference answers and demonstrations, and a verifier.
 
 A task produces `Example`s from a seeded generator (built-in tasks) or a dataset (user tasks),
-in two disjoint splits: "train" and "test" (held out). Its verifier scores a completion
-against an example with a reward in [0, 1].
+in two disjoint splits: "train" and "test" (held out); some tasks (reasoning_gym_task.py) also hold
+out a third, "validation". Its verifier scores a completion against an example with a reward in [0, 1].
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-Split = Literal["train", "test"]
+Split = Literal["train", "validation", "test"]  # "validation" only where a task offers it
 
 
 @dataclass(frozen=True)

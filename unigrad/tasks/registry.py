@@ -3,6 +3,7 @@
     arithmetic | countdown | word_problems | code | table_qa    built-in synthetic tasks
     arithmetic:difficulty=3                                      ... with constructor options
     math:PATH                                                    a math dataset (math_task.py)
+    reasoning_gym:DATASET | reasoning_gym:DATASET,key=value,...  a Reasoning Gym dataset (reasoning_gym_task.py)
     jsonl:PATH | parquet:PATH | PATH.jsonl | PATH.parquet        user tasks (files.py), one per `task`
     ...#NAME                                                     one task of a multi-task file
 
@@ -22,6 +23,7 @@ from unigrad.tasks.code_task import CodeTask
 from unigrad.tasks.countdown import CountdownTask
 from unigrad.tasks.files import load_file_tasks
 from unigrad.tasks.math_task import MathTask
+from unigrad.tasks.reasoning_gym_task import ReasoningGymTask  # imports reasoning_gym only when one is made
 from unigrad.tasks.reward_fn import RewardFunc, RewardFunctionTask, load_reward_function
 from unigrad.tasks.table_qa import TableQATask
 from unigrad.tasks.word_problems import WordProblemsTask
@@ -30,7 +32,8 @@ BUILTIN_TASKS: dict[str, type] = {
     t.name: t for t in (ArithmeticTask, CountdownTask, WordProblemsTask, CodeTask, TableQATask)
 }
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
-SPEC_FORMS = ["math:PATH", "jsonl:PATH", "parquet:PATH", "PATH.jsonl", "PATH.parquet", "<file spec>#TASK"]
+SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "jsonl:PATH", "parquet:PATH", "PATH.jsonl",
+              "PATH.parquet", "<file spec>#TASK"]
 
 
 def list_tasks() -> list[str]:
@@ -64,6 +67,9 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
         tasks = [BUILTIN_TASKS[kind](**{**_options(rest, spec), **options})]
     elif sep and kind == "math":
         tasks = [MathTask(rest, **options)]
+    elif sep and kind == "reasoning_gym":
+        dataset, _, dataset_options = rest.partition(",")
+        tasks = [ReasoningGymTask(dataset.strip(), **{**_options(dataset_options, spec), **options})]
     elif file_kind or path.lower().endswith((".jsonl", ".parquet", ".json")):
         tasks = load_file_tasks(path, **options)
         if wanted:
@@ -71,7 +77,9 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
                 raise ValueError(f"{path} has no task {wanted!r}; it holds: {', '.join(t.name for t in tasks)}")
             tasks = [t for t in tasks if t.name == wanted]
     else:
-        raise ValueError(f"unknown task {spec!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}; "
+        # A YAML list on the command line splits "reasoning_gym:x,k=v" at its comma: say so.
+        hint = " (an option cut off a task spec? quote specs with commas in a list)" if "=" in kind else ""
+        raise ValueError(f"unknown task {spec!r}{hint}; built-in tasks: {', '.join(BUILTIN_TASKS)}; "
                          f"or one of: {', '.join(SPEC_FORMS)}")
     if reward is None:
         return tasks
