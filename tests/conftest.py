@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from step_helpers import small_char_llama
+from step_helpers import small_char_llama, turn_ending_llama
 
 from unigrad.models.tokenizer import build_char_tokenizer
 
@@ -14,5 +14,15 @@ def small_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model")
     tok = build_char_tokenizer(model_max_length=256)
     small_char_llama(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def turn_ending_model(tmp_path_factory) -> Path:
+    """`small_model` taught to end its turns after a few characters: its multi-turn episodes last several turns."""
+    path = tmp_path_factory.mktemp("turn_model")
+    tok = build_char_tokenizer(model_max_length=256)
+    turn_ending_llama(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path

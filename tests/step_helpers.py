@@ -32,6 +32,25 @@ def small_char_llama(tok, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:
+    """`small_char_llama` taught, in 60 Adam steps, to end an assistant turn after a few characters, also after an
+    observation (a random model rarely writes its end-of-turn token, so its multi-turn episodes would all be cut
+    after turn 1)."""
+    model = small_char_llama(tok, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
+             "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
+    for _ in range(60):
+        for text in texts:
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
 def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "grpo", **fields) -> StepContext:
     """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields."""
     tok = build_char_tokenizer(model_max_length=256)

@@ -84,13 +84,17 @@ def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path)
     assert not (tmp_path / "run" / "eval_before.json").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",)], ids=["synchronous", "staleness2"])
-def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, tmp_path):
+@pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",), ("tasks=[guess,countdown_calc]",)],
+                         ids=["synchronous", "staleness2", "multi_turn"])
+def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, turn_ending_model, tmp_path):
     """Asynchronous: the batches in flight at a checkpoint are saved with it; those sampled after it are sampled
-    again, identically, and the engine's worker process does not outlive the killed run."""
+    again, identically, and the engine's worker process does not outlive the killed run. Multi-turn: episodes of
+    several turns (a model that ends its turns) come out the same after the resume."""
     steps = 12
+    multi_turn = "tasks=[guess,countdown_calc]" in asynchronous
+    model = turn_ending_model if multi_turn else small_model
     # With a moving average of the weights: its state is checkpointed too, so final/ must come out the same.
-    args = [*common(small_model, steps), "eval.before_after=false", "keep_checkpoints=10", "optim.weight_ema_decay=0.8",
+    args = [*common(model, steps), "eval.before_after=false", "keep_checkpoints=10", "optim.weight_ema_decay=0.8",
             *asynchronous]
     full = tmp_path / "full"
     assert cli("train", *args, "--output-dir", full, cwd=tmp_path).returncode == 0
@@ -108,7 +112,7 @@ def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, 
     import psutil
 
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert bool(children) == bool(asynchronous)  # the engine's worker
+    assert bool(children) == ("rollout.max_staleness=2" in asynchronous)  # the engine's worker
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(stable(metrics)) < steps, "the kill came too late to test anything"
@@ -119,6 +123,8 @@ def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, 
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from step" in res.stdout
     assert stable(metrics) == stable(full / "metrics.jsonl")
+    if multi_turn:  # the resumed steps ran episodes of more than one turn
+        assert max(m["episode/turns"] for m in stable(metrics)[3:]) > 1.0
     from safetensors.torch import load_file
 
     final_full = load_file(full / "final" / "model.safetensors")

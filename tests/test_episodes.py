@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from step_helpers import small_char_llama, step_context
+from step_helpers import step_context, turn_ending_llama
 
 from unigrad.environments.base import StepResult
 from unigrad.models.tokenizer import build_char_tokenizer
@@ -71,22 +71,8 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def setup():
-    """The random Llama taught, in 60 Adam steps, to end a turn after a few characters (a random model rarely writes
-    its end-of-turn token, so its episodes would all be cut after turn 1)."""
     tok = build_char_tokenizer(model_max_length=256)
-    model = small_char_llama(tok, seed=3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
-             "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
-    for _ in range(60):
-        for text in texts:
-            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad()
-    return tok, model
+    return tok, turn_ending_llama(tok)
 
 
 def _episodes(tok, model, max_turns=(3, 3), done_at=99, n=2, max_new=5, context=None):

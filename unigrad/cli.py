@@ -32,6 +32,20 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    """One line per built-in task: its name, single- or multi-turn, its tools, what it asks."""
+    from unigrad.tasks import task_listing
+    from unigrad.tasks.registry import SPEC_FORMS
+
+    rows = task_listing()
+    width = max(len(r["name"]) for r in rows)
+    tools = max(len(r["tools"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['turns']:<11}  tools: {r['tools']:<{tools}}  {r['description']}")
+    print(f"\nother tasks: {', '.join(SPEC_FORMS)}; tools=[...] turns single-turn tasks into tool-use episodes")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
     from unigrad.tasks.sandbox import JailUnavailable, SandboxError
@@ -109,7 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
     from unigrad.config import load_run_config
     from unigrad.eval import evaluate
     from unigrad.models.loading import load_model_and_tokenizer
-    from unigrad.tasks import DEFAULT_MIXTURE, get_tasks
+    from unigrad.tasks import DEFAULT_MIXTURE, load_tasks
 
     target = Path(args.model)
     tasks, cfg = args.tasks, None
@@ -127,7 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"unigrad eval: {str(err).replace('model.device', '--device')}", file=sys.stderr)
         return 2
     reward = cfg.reward if cfg is not None and not args.tasks else None  # the run's own reward function
-    task_objects = [t for spec in (tasks or DEFAULT_MIXTURE) for t in get_tasks(spec, reward=reward)]
+    task_objects = load_tasks(tasks or DEFAULT_MIXTURE, reward, cfg.tools if cfg is not None and not args.tasks
+                              else args.tools)
     from unigrad.tasks.sandbox import JailUnavailable, SandboxError, prepare
 
     try:  # as the run was configured (a run directory), else the default jail
@@ -137,7 +152,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k,
-                   max_new_tokens=max_new_tokens or 32, seed=args.seed)
+                   max_new_tokens=max_new_tokens or 32, seed=args.seed,
+                   max_turns=cfg.rollout.max_turns if cfg is not None else None)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -214,9 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes on this machine (torchrun; or launch with torchrun / accelerate)")
     t.set_defaults(func=_train)
 
+    k = sub.add_parser("tasks", help="list the built-in tasks: name, single- or multi-turn, tools, description")
+    k.set_defaults(func=_tasks)
+
     e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task")
     e.add_argument("model", help="'unigrad-tiny', a model directory, or a run directory (uses its final/)")
     e.add_argument("--tasks", nargs="+", help="task specs (default: the run's tasks or the default mixture)")
+    e.add_argument("--tools", nargs="+", default=None, help="with --tasks: tools offered to the single-turn tasks "
+                   "(calculator, python, path.py:func), which then run as tool-use episodes")
     e.add_argument("--prompts", type=int, default=200, help="held-out prompts per task")
     e.add_argument("--k", type=int, default=0, help="also report pass@k with k samples at temperature 1")
     e.add_argument("--max-new-tokens", type=int, default=None)

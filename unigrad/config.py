@@ -248,8 +248,13 @@ class TrainConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     tasks: list[str] = Field(
         default_factory=lambda: ["arithmetic", "countdown", "word_problems", "code", "table_qa"],
-        description="task specs: built-in names, math:PATH, jsonl:PATH, parquet:PATH",
+        description="task specs: built-in names (`unigrad tasks` lists them, single- and multi-turn), math:PATH, "
+        "reasoning_gym:DATASET[,key=value,...], jsonl:PATH, parquet:PATH",
     )
+    tools: list[str] = Field(
+        default_factory=list, description="tools offered to every single-turn task, which then runs as episodes of "
+        "tool calls ending in an answer (named <task>+tools): calculator, python (the code sandbox), or a function "
+        "of yours as path.py:func / module:func (schema from its signature and docstring). docs/environments.md")
     reward: str | None = Field(
         None, description="a TRL-style reward function 'module:function' or 'file.py:function' replacing the "
         "tasks' verifiers; returns of None / NaN / raising count as unscorable (NaN, advantage 0)",

@@ -15,7 +15,7 @@ import torch
 
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.base import SamplingParams, eos_id_list
-from unigrad.rollout.episodes import episode_prompt_ids, run_episodes
+from unigrad.rollout.episodes import episode_prompt_ids, episode_turns, run_episodes
 from unigrad.tasks.base import Task
 from unigrad.tools.calls import tool_style
 from unigrad.train.batching import encode_prompt
@@ -32,10 +32,12 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     per_prompt: bool = False,
+    max_turns: int | None = None,
 ) -> dict[str, Any]:
     """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split.
 
-    `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`)."""
+    `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`).
+    `max_turns`: a cap on multi-turn tasks' episodes (None: each task's own `max_turns`)."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
@@ -53,14 +55,14 @@ def evaluate(
                              f"with max_new_tokens={max_new_tokens}")
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
                           SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size,
-                          style, context)
+                          style, context, max_turns)
         row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
         if per_prompt:
             row["correct"] = greedy.int().tolist()
         if pass_k > 0:
             sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
                                SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
-                               batch_size, style, context)
+                               batch_size, style, context, max_turns)
             row[f"pass@{pass_k}"] = sampled.view(len(examples), pass_k).any(dim=1).float().mean().item()
         results[task.name] = row
     keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
@@ -98,7 +100,7 @@ def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | 
 
 
 def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size, style: str = "plain",
-             context: int | None = None) -> torch.Tensor:
+             context: int | None = None, max_turns: int | None = None) -> torch.Tensor:
     """Bool (len(examples) * n,): completion (or episode) j of prompt i at row i * n + j scored full marks."""
     out = []
     per_call = max(1, batch_size // n)
@@ -110,7 +112,8 @@ def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size
             for env, ex in zip(environments, exs, strict=True):
                 env.reset(ex)
             _, episodes = run_episodes(engine, tokenizer, chunk, environments, n, sampling,
-                                       [task.max_turns] * len(chunk), eos_id_list(tokenizer.eos_token_id), context)
+                                       [episode_turns(task, max_turns)] * len(chunk),
+                                       eos_id_list(tokenizer.eos_token_id), context)
             rewards = episodes.rewards.tolist()
         else:
             ro = engine.generate(chunk, n, sampling)

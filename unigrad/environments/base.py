@@ -12,8 +12,8 @@ sampled, with the observation ids in the context between the turns (and out of t
 
 Tool results are messages with role "tool" (and the tool's "name"); where the tokenizer's chat template has no such
 role (the tiny model's), the rollout shows them as user messages. A `MultiTurnTask` is a `unigrad.tasks.base.Task`
-(examples with splits, a name) that makes one fresh environment per episode. `reset` must be a function of the example alone: the opening messages are the prompt the learner
-conditions on.
+(examples with splits, a name) that makes one fresh environment per episode. `reset` must be a function of the
+example alone: the opening messages are the prompt the learner conditions on.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigrad.environments.base import Environment, Message
+from unigrad.environments.base import Environment, Message, is_multi_turn
 from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams, resolve_prompt_seeds
 from unigrad.rollout.padding import pad_rows
 
@@ -180,3 +180,10 @@ def episode_prompt_ids(task, tokenizer, example, tool_style: str) -> list[int]:
     messages = task.environment(tool_style).reset(example)
     tools = task.tool_schemas() if tool_style == "hf" else None
     return encode_messages(tokenizer, renderable(tokenizer, messages), tools=tools or None)
+
+
+def episode_turns(task, max_turns: int | None) -> int:
+    """A task's turn budget: its own `max_turns`, capped by `max_turns` where given (single-turn tasks: 1)."""
+    if not is_multi_turn(task):
+        return 1
+    return task.max_turns if max_turns is None else min(task.max_turns, max_turns)

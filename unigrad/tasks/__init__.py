@@ -5,6 +5,6 @@
 """
 
 from unigrad.tasks.base import Example, Task
-from unigrad.tasks.registry import DEFAULT_MIXTURE, get_task, get_tasks, list_tasks
+from unigrad.tasks.registry import DEFAULT_MIXTURE, get_task, get_tasks, list_tasks, load_tasks, task_listing
 
-__all__ = ["Example", "Task", "get_task", "get_tasks", "list_tasks", "DEFAULT_MIXTURE"]
+__all__ = ["Example", "Task", "get_task", "get_tasks", "list_tasks", "load_tasks", "task_listing", "DEFAULT_MIXTURE"]

@@ -18,6 +18,7 @@ from unigrad.tasks.synthetic import SyntheticTask
 
 class ArithmeticTask(SyntheticTask):
     name = "arithmetic"
+    description = "sums and differences of 2-digit numbers, answered with the bare result"
     max_difficulty = 4
 
     def generate(self, rng: random.Random) -> Example:

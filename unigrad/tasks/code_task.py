@@ -128,6 +128,7 @@ def _same(a, b) -> bool:
 
 class CodeTask(SyntheticTask):
     name = "code"
+    description = "write the expression a one-line Python function returns, checked by hidden tests in the sandbox"
     max_difficulty = 3
     runs_code = True  # its verifier runs model-written code: training checks the sandbox first
 

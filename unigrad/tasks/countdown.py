@@ -63,6 +63,7 @@ def expression_of(completion: str) -> str:
 
 class CountdownTask(SyntheticTask):
     name = "countdown"
+    description = "reach a target from given numbers with + - * /, each number used at most once"
     max_difficulty = 3
 
     def generate(self, rng: random.Random) -> Example:

@@ -1,6 +1,7 @@
 """Task specs, as a user types them, to Task objects.
 
     arithmetic | countdown | word_problems | code | table_qa    built-in synthetic tasks
+    countdown_calc | guess | code_retry                          built-in multi-turn tasks (unigrad.environments)
     arithmetic:difficulty=3                                      ... with constructor options
     math:PATH                                                    a math dataset (math_task.py)
     reasoning_gym:DATASET | reasoning_gym:DATASET,key=value,...  a Reasoning Gym dataset (reasoning_gym_task.py)
@@ -14,9 +15,14 @@ TRL-style reward function (reward_fn.py). Keyword options go to the task's const
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unigrad.environments.base import is_multi_turn
+from unigrad.environments.code_retry import CodeRetryTask
+from unigrad.environments.guess import GuessTask
+from unigrad.environments.tool_use import ToolUseTask, countdown_with_calculator
 from unigrad.tasks.arithmetic import ArithmeticTask
 from unigrad.tasks.base import Task
 from unigrad.tasks.code_task import CodeTask
@@ -31,14 +37,39 @@ from unigrad.tasks.word_problems import WordProblemsTask
 BUILTIN_TASKS: dict[str, type] = {
     t.name: t for t in (ArithmeticTask, CountdownTask, WordProblemsTask, CodeTask, TableQATask)
 }
+# Multi-turn tasks (unigrad.environments): each name makes its task from keyword options (difficulty, max_turns).
+MULTI_TURN_TASKS: dict[str, Callable[..., Task]] = {
+    "countdown_calc": countdown_with_calculator, "guess": GuessTask, "code_retry": CodeRetryTask,
+}
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
 SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "jsonl:PATH", "parquet:PATH", "PATH.jsonl",
               "PATH.parquet", "<file spec>#TASK"]
 
 
 def list_tasks() -> list[str]:
-    """The built-in task names (other tasks are named by the forms in `SPEC_FORMS`)."""
-    return list(BUILTIN_TASKS)
+    """The built-in task names, single-turn then multi-turn (other tasks are named by the forms in `SPEC_FORMS`)."""
+    return [*BUILTIN_TASKS, *MULTI_TURN_TASKS]
+
+
+def task_listing() -> list[dict[str, str]]:
+    """One row per built-in task: name, "single-turn" or "multi-turn", its tools and a one-line description."""
+    rows = []
+    for name in list_tasks():
+        task = get_task(name)
+        rows.append({"name": name, "turns": "multi-turn" if is_multi_turn(task) else "single-turn",
+                     "tools": ", ".join(getattr(task, "tools", ())) or "-",
+                     "description": getattr(task, "description", "")})
+    return rows
+
+
+def load_tasks(specs: list[str], reward: RewardFunc | str | None = None, tools: list[str] | None = None) -> list[Task]:
+    """Every task of `specs`; with `tools`, each single-turn task becomes a tool-use task offering them (an
+    episode of tool calls ending in an answer its verifier scores; named "<task>+tools"). Multi-turn tasks keep
+    their own tools."""
+    tasks = [task for spec in specs for task in get_tasks(spec, reward=reward)]
+    if not tools:
+        return tasks
+    return [task if is_multi_turn(task) else ToolUseTask(task, tuple(tools)) for task in tasks]
 
 
 def _options(text: str, spec: str) -> dict[str, Any]:
@@ -65,6 +96,11 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
         path, _, wanted = path.rpartition("#")
     if kind in BUILTIN_TASKS:
         tasks = [BUILTIN_TASKS[kind](**{**_options(rest, spec), **options})]
+    elif kind in MULTI_TURN_TASKS:
+        if reward is not None:
+            raise ValueError(f"task {kind!r} is multi-turn: its environment rewards the episodes, so a reward "
+                             "function cannot replace its verifier")
+        tasks = [MULTI_TURN_TASKS[kind](**{**_options(rest, spec), **options})]
     elif sep and kind == "math":
         tasks = [MathTask(rest, **options)]
     elif sep and kind == "reasoning_gym":
@@ -79,7 +115,7 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
     else:
         # A YAML list on the command line splits "reasoning_gym:x,k=v" at its comma: say so.
         hint = " (an option cut off a task spec? quote specs with commas in a list)" if "=" in kind else ""
-        raise ValueError(f"unknown task {spec!r}{hint}; built-in tasks: {', '.join(BUILTIN_TASKS)}; "
+        raise ValueError(f"unknown task {spec!r}{hint}; built-in tasks: {', '.join(list_tasks())}; "
                          f"or one of: {', '.join(SPEC_FORMS)}")
     if reward is None:
         return tasks

@@ -24,6 +24,7 @@ METRICS = ["rev", "sales", "users", "units", "cash", "debt"]
 
 class TableQATask(SyntheticTask):
     name = "table_qa"
+    description = "FinQA-like questions over a tiny table given in the prompt"
     max_difficulty = 3
 
     def generate(self, rng: random.Random) -> Example:

@@ -47,6 +47,7 @@ def _action(rng: random.Random, v: int, last: bool) -> tuple[str, list[str], int
 
 class WordProblemsTask(SyntheticTask):
     name = "word_problems"
+    description = "toy multi-step word problems, solved in short written steps"
     max_difficulty = 3
 
     def generate(self, rng: random.Random) -> Example:

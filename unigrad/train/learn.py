@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.diagnostics.mismatch import mismatch_metrics
-from unigrad.rollout.episodes import turn_index
 from unigrad.objective import LossInputs, policy_loss
 from unigrad.objective.aggregation import Normalisers
+from unigrad.rollout.episodes import turn_index
 from unigrad.train.batch import Batch, LossComponent, rows_normalisers
 from unigrad.train.distributed import Distributed
 from unigrad.train.learner import Learner

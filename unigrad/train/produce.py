@@ -27,7 +27,7 @@ from unigrad.environments.base import is_multi_turn
 from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty
 from unigrad.rollout.base import Rollout, SamplingParams, eos_id_list, prompt_stream_seeds
-from unigrad.rollout.episodes import Episodes, run_episodes
+from unigrad.rollout.episodes import Episodes, episode_turns, run_episodes
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batch import Batch, global_normalisers
 from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
@@ -179,12 +179,6 @@ def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, 
     return run_episodes(ctx.engine, ctx.tokenizer, prompt_ids, environments, n, sampling, budgets,
                         eos_id_list(ctx.tokenizer.eos_token_id), ctx.context_length)
 
-
-def episode_turns(task: Task, max_turns: int | None) -> int:
-    """A task's turn budget: its own `max_turns`, capped by the run's `rollout.max_turns` (single-turn tasks: 1)."""
-    if not is_multi_turn(task):
-        return 1
-    return task.max_turns if max_turns is None else min(task.max_turns, max_turns)
 
 
 def generation_request(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int):

@@ -236,7 +236,8 @@ class Run:
             dist.barrier()
             return None
         res = evaluate(whole, self.tokenizer, self.tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
-                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True)
+                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True,
+                       max_turns=cfg.rollout.max_turns)
         (self.output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
         dist.barrier()
         return res
@@ -249,7 +250,7 @@ class Run:
 def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
     """Everything before the model loads: device, processes, checks that refuse a run early, the run directory,
     seeds, config.yaml. Returns (cfg, dist, device, tasks, console)."""
-    from unigrad.tasks import get_tasks, sandbox
+    from unigrad.tasks import load_tasks, sandbox
 
     try:
         device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto
@@ -274,7 +275,7 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
     try:  # a file may hold several tasks; an unknown task, a missing file or reward function stops the run here
-        tasks = [task for spec in cfg.tasks for task in get_tasks(spec, reward=cfg.reward)]
+        tasks = load_tasks(cfg.tasks, cfg.reward, cfg.tools)
     except (ValueError, OSError, ImportError, AttributeError) as err:
         raise ConfigError(f"tasks / reward: {err}") from err
     _check_episodes(cfg, tasks)
