@@ -19,9 +19,10 @@ example alone: the opening messages are the prompt the learner conditions on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from unigrad.tasks.base import Example, Split
+if TYPE_CHECKING:  # unigrad.tasks imports the multi-turn tasks, which import this module
+    from unigrad.tasks.base import Example, Split
 
 Message = dict[str, Any]  # a chat message: {"role": "user" | "system" | "tool" | ..., "content": str, ...}
 

@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from unigrad.environments.base import is_multi_turn
-from unigrad.environments.code_retry import CodeRetryTask
-from unigrad.environments.guess import GuessTask
-from unigrad.environments.tool_use import ToolUseTask, countdown_with_calculator
 from unigrad.tasks.arithmetic import ArithmeticTask
 from unigrad.tasks.base import Task
 from unigrad.tasks.code_task import CodeTask
@@ -37,10 +34,17 @@ from unigrad.tasks.word_problems import WordProblemsTask
 BUILTIN_TASKS: dict[str, type] = {
     t.name: t for t in (ArithmeticTask, CountdownTask, WordProblemsTask, CodeTask, TableQATask)
 }
-# Multi-turn tasks (unigrad.environments): each name makes its task from keyword options (difficulty, max_turns).
-MULTI_TURN_TASKS: dict[str, Callable[..., Task]] = {
-    "countdown_calc": countdown_with_calculator, "guess": GuessTask, "code_retry": CodeRetryTask,
-}
+# Multi-turn tasks (unigrad.environments), made from keyword options (difficulty, max_turns). Imported when one is
+# made: their modules import the single-turn tasks and the tools, which import this package.
+MULTI_TURN_TASKS = ("countdown_calc", "guess", "code_retry")
+
+
+def _multi_turn_task(name: str) -> Callable[..., Task]:
+    from unigrad.environments.code_retry import CodeRetryTask
+    from unigrad.environments.guess import GuessTask
+    from unigrad.environments.tool_use import countdown_with_calculator
+
+    return {"countdown_calc": countdown_with_calculator, "guess": GuessTask, "code_retry": CodeRetryTask}[name]
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
 SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "jsonl:PATH", "parquet:PATH", "PATH.jsonl",
               "PATH.parquet", "<file spec>#TASK"]
@@ -66,6 +70,8 @@ def load_tasks(specs: list[str], reward: RewardFunc | str | None = None, tools: 
     """Every task of `specs`; with `tools`, each single-turn task becomes a tool-use task offering them (an
     episode of tool calls ending in an answer its verifier scores; named "<task>+tools"). Multi-turn tasks keep
     their own tools."""
+    from unigrad.environments.tool_use import ToolUseTask
+
     tasks = [task for spec in specs for task in get_tasks(spec, reward=reward)]
     if not tools:
         return tasks
@@ -100,7 +106,7 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
         if reward is not None:
             raise ValueError(f"task {kind!r} is multi-turn: its environment rewards the episodes, so a reward "
                              "function cannot replace its verifier")
-        tasks = [MULTI_TURN_TASKS[kind](**{**_options(rest, spec), **options})]
+        tasks = [_multi_turn_task(kind)(**{**_options(rest, spec), **options})]
     elif sep and kind == "math":
         tasks = [MathTask(rest, **options)]
     elif sep and kind == "reasoning_gym":
