@@ -73,13 +73,15 @@ def evaluate(
 
 def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
                   style: str = "plain"):
-    """(examples, prompt ids, notes) of a task's test split: each distinct prompt once (asking for more than the split
-    holds evaluates what it holds: `distinct_prompts` says how many), and prompts that cannot fit the model's context
-    with max_new_tokens left out and counted (`too_long`), never truncated."""
+    """(examples, prompt ids, notes) of a task's test split: each distinct prompt (multi-turn: episode) once (asking
+    for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
+    cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated."""
     examples, seen = [], set()
     for ex in task.examples("test", wanted, seed=seed):
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
+        # an episode of a multi-turn task is its prompt and what is hidden behind it (guess: one range, many secrets)
+        key = (ex.prompt, ex.answer) if is_multi_turn(task) else ex.prompt
+        if key not in seen:
+            seen.add(key)
             examples.append(ex)
     notes: dict[str, float] = {}
     if len(examples) < wanted:
