@@ -110,3 +110,25 @@ def test_a_short_multi_turn_run_logs_its_episodes(turn_ending_model, tmp_path):
     assert any("<|user|>" in s["completion"] for s in samples if s["task"] == "guess") or \
         all(m["episode/turns/guess"] == 1 for m in metrics)
     assert torch.isfinite(torch.tensor(metrics[-1]["loss"]))
+
+
+def test_a_user_environment_from_a_file_plays_by_the_protocol():
+    """The worked example of docs/environments.md, loaded as a user types it."""
+    from pathlib import Path
+
+    spec = f"env:{Path(__file__).parents[1] / 'examples' / 'environments' / 'hinted_arithmetic.py'}:HintedArithmetic"
+    task = get_tasks(spec)[0]
+    assert task.name == "hinted_arithmetic" and is_multi_turn(task)
+    example = task.examples("test", 1)[0]
+    answer = int(example.answer)
+    env = task.environment()
+    assert env.reset(example) == [{"role": "user", "content": example.prompt}]
+    first = env.step(str(answer - 1))
+    assert first.observation == [{"role": "user", "content": "no, more"}] and not first.done and not first.reward
+    second = env.step(f"{answer}")
+    assert second.done and second.reward == 0.5
+    with pytest.raises(ValueError, match="lacks"):
+        get_tasks(f"env:{Path(__file__).parents[1] / 'examples' / 'environments' / 'hinted_arithmetic.py'}:"
+                  "HintedEpisode")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        get_tasks("env:/nonexistent/env.py:Task")

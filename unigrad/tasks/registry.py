@@ -2,6 +2,7 @@
 
     arithmetic | countdown | word_problems | code | table_qa    built-in synthetic tasks
     countdown_calc | guess | code_retry                          built-in multi-turn tasks (unigrad.environments)
+    env:PATH.py:NAME | env:module:NAME                           a multi-turn task of yours (docs/environments.md)
     arithmetic:difficulty=3                                      ... with constructor options
     math:PATH                                                    a math dataset (math_task.py)
     reasoning_gym:DATASET | reasoning_gym:DATASET,key=value,...  a Reasoning Gym dataset (reasoning_gym_task.py)
@@ -46,8 +47,8 @@ def _multi_turn_task(name: str) -> Callable[..., Task]:
 
     return {"countdown_calc": countdown_with_calculator, "guess": GuessTask, "code_retry": CodeRetryTask}[name]
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
-SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "jsonl:PATH", "parquet:PATH", "PATH.jsonl",
-              "PATH.parquet", "<file spec>#TASK"]
+SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "env:PATH.py:NAME", "jsonl:PATH", "parquet:PATH",
+              "PATH.jsonl", "PATH.parquet", "<file spec>#TASK"]
 
 
 def list_tasks() -> list[str]:
@@ -64,6 +65,23 @@ def task_listing() -> list[dict[str, str]]:
                      "tools": ", ".join(getattr(task, "tools", ())) or "-",
                      "description": getattr(task, "description", "")})
     return rows
+
+
+def _user_environment(spec: str, **options: Any) -> Task:
+    """A multi-turn task of the user's ("path/to/file.py:NAME" or "module:NAME"): an object with `environment`,
+    `examples`, `name`, `max_turns` and `multi_turn = True`, or a class or function that makes one (called with
+    `options`)."""
+    import inspect
+
+    from unigrad.user_code import load_object
+
+    obj = load_object(spec, "multi-turn task", kind="task")
+    task = obj(**options) if inspect.isclass(obj) or inspect.isfunction(obj) else obj
+    missing = [a for a in ("name", "max_turns", "examples", "environment", "tool_schemas") if not hasattr(task, a)]
+    if missing or not is_multi_turn(task):
+        raise ValueError(f"multi-turn task {spec!r}: {type(task).__name__} lacks "
+                         f"{', '.join(missing) or 'multi_turn = True'} (docs/environments.md: the protocol)")
+    return task
 
 
 def load_tasks(specs: list[str], reward: RewardFunc | str | None = None, tools: list[str] | None = None) -> list[Task]:
@@ -102,6 +120,8 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
         path, _, wanted = path.rpartition("#")
     if kind in BUILTIN_TASKS:
         tasks = [BUILTIN_TASKS[kind](**{**_options(rest, spec), **options})]
+    elif sep and kind == "env":
+        tasks = [_user_environment(rest, **options)]
     elif kind in MULTI_TURN_TASKS:
         if reward is not None:
             raise ValueError(f"task {kind!r} is multi-turn: its environment rewards the episodes, so a reward "

@@ -17,15 +17,12 @@ that raises ValueError naming the function.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import importlib.util
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 from unigrad.tasks.base import Example, Split, Task
+from unigrad.user_code import load_object
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +31,10 @@ RewardFunc = Callable[..., list]
 
 def load_reward_function(spec: str) -> RewardFunc:
     """The function named by "module:function" or "path/to/file.py:function"."""
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise FileNotFoundError(f"reward function {spec!r}: no such file {path}")
-        name = "unigrad_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    func = getattr(module, attr, None)
+    func = load_object(spec, "reward function")
     if not callable(func):
-        raise ValueError(f"reward function {spec!r}: {where} has no function {attr!r}")
+        raise ValueError(f"reward function {spec!r}: {spec.rpartition(':')[0]} has no function "
+                         f"{spec.rpartition(':')[2]!r}")
     return func
 
 

@@ -19,16 +19,12 @@ running.py) and gets `Tool`'s default timeout.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from unigrad.tools.base import Tool
 from unigrad.tools.builtin import BUILTIN_TOOLS
+from unigrad.user_code import load_object
 
 SPEC_FORMS = ("path/to/file.py:function", "package.module:function")
 
@@ -51,35 +47,9 @@ def load_tool(spec: str) -> Tool:
 
 
 def _load_function(spec: str) -> Callable[..., Any]:
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise ValueError(f"tool {spec!r}: expected one of {', '.join(SPEC_FORMS)}")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise ValueError(f"tool {spec!r}: no such file {path}")
-        resolved = path.resolve()
-        name = "unigrad_tool_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
-        module_spec = importlib.util.spec_from_file_location(name, resolved)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"tool {spec!r}: {path} cannot be imported as Python")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look their module up here
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise ValueError(f"tool {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise ValueError(f"tool {spec!r}: cannot import module {where!r}: {e}") from e
-    if not hasattr(module, attr):
-        raise ValueError(f"tool {spec!r}: {where} has no function {attr!r}")
-    function = getattr(module, attr)
+    function = load_object(spec, "tool")
     if not callable(function):
-        raise ValueError(f"tool {spec!r}: {where}:{attr} is not callable")
+        raise ValueError(f"tool {spec!r}: {spec.rpartition(':')[0]}:{spec.rpartition(':')[2]} is not callable")
     return function
 
 
