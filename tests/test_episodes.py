@@ -230,3 +230,22 @@ def test_later_turns_draw_from_their_own_streams(setup):
     for r in range(2):
         assert both.completion_ids[2 + r][both.context_mask[2 + r]].tolist() == \
             alone.completion_ids[r][alone.context_mask[r]].tolist()
+
+
+class Raising(Scripted):
+    def step(self, turn):
+        if self.turn == 1:
+            raise KeyError("the environment's own bug")
+        return super().step(turn)
+
+
+def test_an_environment_that_raises_leaves_its_episode_unscorable(setup):
+    tok, model = setup
+    engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
+    ro, ep = run_episodes(engine, tok, [encode_prompt(tok, "q0")], [Raising(), Scripted()], 2,
+                          SamplingParams(temperature=1.0, max_new_tokens=8, seed=5), [3], [tok.eos_token_id])
+    if ep.turns[0] < 2:  # turn 1 was cut by the budget: the second step never came
+        pytest.skip("no second turn in this draw")
+    assert torch.isnan(ep.rewards[0]) and not torch.isnan(ep.rewards[1])
+    assert "KeyError" in ep.failures[0] and 1 not in ep.failures
+    assert int(ep.turns[0]) == 2  # it ended where it raised

@@ -11,9 +11,11 @@ engine's log-probs of the turns' tokens.
 
 An episode ends when its environment says done, after `max_turns` assistant turns, when a turn is cut by
 `max_new_tokens` before its end-of-turn token (the row is `truncated`; the environment still reads that turn), or
-when the next turn would not fit the model's context (`truncated` too). Turn k > 1 of the episode of sample j of
-prompt p samples from its own random stream, a function of the prompt's stream, j and k, so episodes do not depend on
-which other episodes share the call or how long they ran.
+when the next turn would not fit the model's context (`truncated` too). An environment whose `step` raises ends its
+episode unscorable (reward NaN, what it raised in `Episodes.failures`), as a verifier that raises would.
+
+Turn k > 1 of the episode of sample j of prompt p samples from its own random stream, a function of the prompt's
+stream, j and k, so episodes do not depend on which other episodes share the call or how long they ran.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Episodes:
     turns: torch.Tensor  # (N,) long: assistant turns written
     tool_calls: torch.Tensor  # (N,) long
     tool_errors: torch.Tensor  # (N,) long
+    failures: dict[int, str]  # {row: what its environment raised}: the episode ended there, its reward is NaN
 
 
 def encode_messages(tokenizer, messages: list[Message], tools: list[dict] | None = None,
@@ -117,6 +120,7 @@ def run_episodes(engine: RolloutEngine, tokenizer, prompts: list[list[int]], env
     logps: list[list[float]] = [[] for _ in range(rows)]
     reward = torch.full((rows,), float("nan"))
     turns, calls, errors = (torch.zeros(rows, dtype=torch.long) for _ in range(3))
+    failures: dict[int, str] = {}
     truncated = first.truncated.clone()
     live = list(range(rows))
     turn_rows = first
@@ -132,8 +136,14 @@ def run_episodes(engine: RolloutEngine, tokenizer, prompts: list[list[int]], env
             env = environments[r]
             if env is None:
                 continue
-            result = env.step(tokenizer.decode(sampled, skip_special_tokens=True))
-            reward[r] = (0.0 if torch.isnan(reward[r]) else float(reward[r])) + float(result.reward or 0.0)
+            try:
+                result = env.step(tokenizer.decode(sampled, skip_special_tokens=True))
+                turn_reward = float(result.reward or 0.0)
+            except Exception as err:  # noqa: BLE001 - an environment's bug must not end the run: unscorable
+                failures[r] = f"{type(env).__name__}.step raised {type(err).__name__}: {err}"
+                reward[r] = float("nan")
+                continue
+            reward[r] = (0.0 if torch.isnan(reward[r]) else float(reward[r])) + turn_reward
             calls[r] += result.tool_calls
             errors[r] += result.tool_errors
             if result.done or truncated[r] or turns[r] >= max_turns[r // n]:
@@ -162,7 +172,7 @@ def run_episodes(engine: RolloutEngine, tokenizer, prompts: list[list[int]], env
     infer = pad_rows(logps, "right", 0.0, width=width, dtype=torch.float32)[0]
     rollout = Rollout(first.prompt_ids, first.prompt_mask, completion_ids, context & ~obs_mask, infer,
                       first.group_ids, truncated, observation_mask=obs_mask)
-    return rollout, Episodes(reward, turns, calls, errors)
+    return rollout, Episodes(reward, turns, calls, errors, failures)
 
 
 def turn_index(completion_mask: torch.Tensor, observation_mask: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,9 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
     for comp in routed.components:  # the whole batch's normalisers, before any loss is formed
         comp.normalisers = global_normalisers(dist, comp.normalisers)
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
-    batch = Batch(routed.components, prompt_task, prompt_half, ctx.sampling.max_new_tokens, temperature,
+    # L_max (Dr. GRPO's constant): the generation budget of a row, every turn of the longest episodes
+    max_length = ctx.sampling.max_new_tokens * max(episode_turns(t, ctx.max_turns) for t in ctx.tasks)
+    batch = Batch(routed.components, prompt_task, prompt_half, max_length, temperature,
                   policy_version, first_prompt=lo, num_prompts=len(picks))
     return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
                            all_adv, prompt_task, routed.sft_prompt, drawn.errors, drawn.time_rollout,
@@ -158,6 +160,8 @@ def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, gener
     if episodes is not None:
         from_episode = torch.tensor([is_multi_turn(ctx.tasks[t]) for t in row_task.tolist()], dtype=torch.bool)
         rewards = torch.where(from_episode, episodes.rewards, rewards)
+        for row, failure in episodes.failures.items():
+            errors.setdefault(ctx.tasks[int(row_task[row])].name, failure)
     return Drawn(list(picks), examples, prompt_ids, ro, off_policy, texts, rewards, errors, t_rollout,
                  time.perf_counter() - t0, episodes)
 
