@@ -111,3 +111,38 @@ def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
         assert a["grad_norm"] > 0
         for key in ("loss", "grad_norm", "reward/mean", "response_length/mean", "mismatch/abs_logp_diff_max"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
+    """The episode runner calls nothing but `generate`: multi-turn episodes on the Ray pool are those of one engine."""
+    from step_helpers import turn_ending_llama
+
+    from unigrad.environments.base import StepResult
+    from unigrad.models.tokenizer import build_char_tokenizer
+    from unigrad.rollout.episodes import run_episodes
+    from unigrad.rollout.ray_pool import RayRolloutPool
+    from unigrad.train.batching import encode_prompt
+
+    class Feedback:
+        def __init__(self):
+            self.turn = 0
+
+        def step(self, turn):
+            self.turn += 1
+            return StepResult([{"role": "user", "content": f"seen {self.turn}"}], reward=float(len(turn) % 2))
+
+    tok = build_char_tokenizer(model_max_length=256)
+    m = turn_ending_llama(tok)
+    prompts = [encode_prompt(tok, "q0"), encode_prompt(tok, "q1 longer")]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    pool = RayRolloutPool(m, tok.pad_token_id, tok.eos_token_id, num_engines=2)
+    try:
+        a, ea = run_episodes(pool, tok, prompts, [Feedback() for _ in range(6)], 3, sampling, [3, 3],
+                             [tok.eos_token_id])
+    finally:
+        pool.shutdown()
+    b, eb = run_episodes(TransformersEngine(m, tok.pad_token_id, tok.eos_token_id), tok, prompts,
+                         [Feedback() for _ in range(6)], 3, sampling, [3, 3], [tok.eos_token_id])
+    assert a.observation_mask.any() and torch.equal(a.observation_mask, b.observation_mask)
+    assert_same(a, b)
+    assert torch.equal(ea.rewards, eb.rewards) and torch.equal(ea.turns, eb.turns)

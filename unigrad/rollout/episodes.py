@@ -183,7 +183,6 @@ def turn_index(completion_mask: torch.Tensor, observation_mask: torch.Tensor) ->
     return torch.where(completion_mask, index, torch.full_like(index, -1))
 
 
-
 def episode_prompt_ids(task, tokenizer, example, tool_style: str) -> list[int]:
     """The prompt of a multi-turn task's episode: its environment's opening messages through the chat template,
     with the tools' schemas where the template takes them ("hf" style)."""
