@@ -144,5 +144,8 @@ def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
     b, eb = run_episodes(TransformersEngine(m, tok.pad_token_id, tok.eos_token_id), tok, prompts,
                          [Feedback() for _ in range(6)], 3, sampling, [3, 3], [tok.eos_token_id])
     assert a.observation_mask.any() and torch.equal(a.observation_mask, b.observation_mask)
-    assert_same(a, b)
+    for name in ("prompt_ids", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # later turns' contexts are padded to other widths in the engines' shards: float rounding of the log-probs
+    torch.testing.assert_close(a.infer_logprobs, b.infer_logprobs, atol=1e-5, rtol=0)
     assert torch.equal(ea.rewards, eb.rewards) and torch.equal(ea.turns, eb.turns)

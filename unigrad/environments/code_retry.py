@@ -4,10 +4,10 @@ Turn 1 is the code prompt ("def f(x): return # x plus 3"), answered as in `code`
 `f`). If the answer passes every hidden test the episode ends with reward 1. Otherwise the environment answers with
 one failing case, the first hidden test that fails, as a short user message:
 
-    f(3) should be 6, got 7                  a wrong value
+    f(3) should be 6, got 7                        a wrong value
     f('ab') should be 'AB', got error NameError    the expression raised
-    error: not an expression                 the turn's first line is not one Python expression (no sandbox run)
-    error: timed out / error: no result      the run was killed, or printed nothing we could read
+    error: not an expression                       the first line is not one Python expression (no sandbox run)
+    error: timed out / error: no result            the run was killed, or printed nothing we could read
 
 and the policy tries again. Values are shown as Python literals (ASCII, lists without spaces, cut at 30 characters).
 After `max_turns` (default 2) failing attempts the episode ends with reward 0. A finished episode has no
@@ -15,9 +15,10 @@ observation.
 
 Examples, splits, hidden tests and scoring are `CodeTask`'s (this class is a `CodeTask` under another name): the
 split is by a hash of the prompt text, so a prompt held out from `code` is held out from `code_retry` too. Each
-attempt runs in the same sandbox as `code` (`run_many`: one sandboxed process in the jail, a few ms); an attempt
-that does not parse costs no run. `verify` is `CodeTask.verify`: it scores a single answer as a one-turn episode
-would (and batches the sandbox runs), so code expecting a verifier works.
+attempt runs in the same sandbox as `code` (`run_many`: one sandboxed process in the jail, about 10 ms a step on a
+loaded 2-core machine, as for one `CodeTask.verify` call); an attempt that does not parse costs no run. `verify` is
+`CodeTask.verify`: it scores a single answer as a one-turn episode would (and batches the sandbox runs), so code
+expecting a verifier works.
 """
 
 from __future__ import annotations
