@@ -110,7 +110,7 @@ def test_missing_or_bad_column_names_the_file_and_row(tmp_path):
 
 def test_registry_specs(tmp_path):
     path = write_jsonl(tmp_path / "mix.jsonl", CAPITALS + HALVES)
-    assert list_tasks() == DEFAULT_MIXTURE
+    assert list_tasks() == [*DEFAULT_MIXTURE, "countdown_calc", "guess", "code_retry"]  # single-turn, then multi
     assert [t.name for t in get_tasks(str(path))] == ["capitals", "halves"]
     assert get_task(f"jsonl:{path}#halves").name == "halves"
     assert get_task(f"{path}#capitals").name == "capitals"
