@@ -84,8 +84,9 @@ def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path)
     assert not (tmp_path / "run" / "eval_before.json").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",), ("tasks=[guess,countdown_calc]",)],
-                         ids=["synchronous", "staleness2", "multi_turn"])
+@pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",), ("tasks=[guess,countdown_calc]",),
+                                          ("tasks=[guess,countdown_calc]", "rollout.max_staleness=2")],
+                         ids=["synchronous", "staleness2", "multi_turn", "multi_turn_staleness2"])
 def test_resume_after_kill_matches_uninterrupted_run(asynchronous, small_model, turn_ending_model, tmp_path):
     """Asynchronous: the batches in flight at a checkpoint are saved with it; those sampled after it are sampled
     again, identically, and the engine's worker process does not outlive the killed run. Multi-turn: episodes of

@@ -81,7 +81,7 @@ def test_eval_scores_multi_turn_tasks_by_whole_episodes():
     assert sum(once[task.name]["correct"]) <= sum(row["correct"])  # one guess never wins more than four
 
 
-@pytest.mark.parametrize("setting", ["rollout.max_staleness=1", "rollout.dynamic_sampling=true", "objective=sft",
+@pytest.mark.parametrize("setting", ["rollout.dynamic_sampling=true", "objective=sft",
                                      "objective=hpt"])
 def test_multi_turn_runs_refuse_what_they_do_not_run_with_yet(setting, small_model, tmp_path):
     from unigrad.train.run import train

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,9 +37,11 @@ class Generated:
     rollout: Rollout
     busy: float
     idle: float
+    episodes: Any = None  # multi-turn runs: the episodes' rewards and counts (`unigrad.rollout.episodes.Episodes`)
 
 
 _ENGINE = None  # the worker process's engine
+_EPISODES: dict | None = None  # multi-turn runs: what the worker needs to play episodes (see EngineWorker)
 _LAST_DONE = 0.0  # when the worker finished its previous job
 _IDLE = 0.0  # seconds without a job since the last generation started
 
@@ -51,12 +54,16 @@ def _begin() -> float:
     return now
 
 
-def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads) -> None:
-    global _ENGINE, _LAST_DONE
+def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads, episodes=None) -> None:
+    global _ENGINE, _LAST_DONE, _EPISODES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .ray_pool import EngineHost
 
     _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
+    if episodes is not None:  # the tasks are made here again from their specs (user code cannot be pickled over)
+        from unigrad.tasks import load_tasks
+
+        _EPISODES = {**episodes, "tasks": load_tasks(episodes["specs"], episodes["reward"], episodes["tools"])}
     _LAST_DONE = time.perf_counter()
 
 
@@ -76,6 +83,30 @@ def _generate(prompts, n, sampling) -> Generated:
     return Generated(rollout, _LAST_DONE - start, idle)
 
 
+def _episodes(prompts, n, sampling, prompt_tasks, examples) -> Generated:
+    """Multi-turn episodes of `prompts` (task index and example of each), as the trainer would play them."""
+    global _LAST_DONE, _IDLE
+    from .base import eos_id_list
+    from .episodes import episode_turns, run_episodes
+
+    start = _begin()
+    idle, _IDLE = _IDLE, 0.0
+    setup = _EPISODES
+    tasks, tokenizer = setup["tasks"], setup["tokenizer"]
+    environments = []
+    for t, example in zip(prompt_tasks, examples, strict=True):
+        for _ in range(n):
+            env = tasks[t].environment(setup["tool_style"]) if getattr(tasks[t], "multi_turn", False) else None
+            if env is not None:
+                env.reset(example)
+            environments.append(env)
+    rollout, episodes = run_episodes(_ENGINE, tokenizer, prompts, environments, n, sampling,
+                                     [episode_turns(tasks[t], setup["max_turns"]) for t in prompt_tasks],
+                                     eos_id_list(tokenizer.eos_token_id), setup["context_length"])
+    _LAST_DONE = time.perf_counter()
+    return Generated(rollout, _LAST_DONE - start, idle, episodes)
+
+
 def _ping() -> str:
     return _ENGINE.decoder()
 
@@ -84,7 +115,8 @@ class EngineWorker:
     """One `TransformersEngine` (a copy of `model`) in a worker process; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id, *, dtype: torch.dtype | None = None,
-                 decoder: str = "auto", threads: int = 1, timeout: float = 600.0) -> None:
+                 decoder: str = "auto", threads: int = 1, timeout: float = 600.0,
+                 episodes: dict | None = None) -> None:
         import multiprocessing
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -92,7 +124,7 @@ class EngineWorker:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start,
                                          initargs=((model.config, state), pad_token_id, eos_token_id, dtype, decoder,
-                                                   threads))
+                                                   threads, episodes))
         try:
             self.decoder = self._wait(self._submit(_ping), "starting")
         except BaseException:
@@ -112,6 +144,12 @@ class EngineWorker:
 
     def submit_generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Future:
         return self._submit(_generate, prompts, n, sampling)
+
+    def submit_episodes(self, prompts: list[list[int]], n: int, sampling: SamplingParams, prompt_tasks: list[int],
+                        examples: list) -> Future:
+        """Multi-turn episodes (the worker was made with `episodes`: the tokenizer, task specs, reward, tools, tool
+        style, max_turns and context length it plays them with)."""
+        return self._submit(_episodes, prompts, n, sampling, prompt_tasks, examples)
 
     def result(self, future: Future) -> Generated:
         return self._wait(future, "generating")

@@ -21,12 +21,14 @@ nothing trained is lost, and the rollouts generated after the last checkpoint ar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from unigrad.rollout.async_worker import EngineWorker, Generated
 from unigrad.rollout.base import Rollout
+from unigrad.rollout.episodes import Episodes
 
 
 def thread_split(threads: int, engine_threads: int, cores: int) -> tuple[int, int]:
@@ -95,12 +97,14 @@ class RolloutPipeline:
             if not isinstance(job.job, Generated):
                 job.job = self.worker.result(job.job)
         return {"pending": [{"step": j.step, "version": j.version, "picks": j.picks, "busy": j.job.busy,
-                             "rollout": {k: getattr(j.job.rollout, k) for k in Rollout.__dataclass_fields__}}
+                             "rollout": {k: getattr(j.job.rollout, k) for k in Rollout.__dataclass_fields__},
+                             "episodes": dataclasses.asdict(j.job.episodes) if j.job.episodes is not None else None}
                             for j in self.pending.values()], "regenerated": self.regenerated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = {j["step"]: Pending(j["step"], j["version"], [tuple(p) for p in j["picks"]],
-                                           Generated(Rollout(**j["rollout"]), j["busy"], 0.0))
+                                           Generated(Rollout(**j["rollout"]), j["busy"], 0.0,
+                                                     Episodes(**j["episodes"]) if j.get("episodes") else None))
                         for j in state["pending"]}
         self.regenerated = state.get("regenerated", 0)
 
@@ -112,4 +116,7 @@ class RolloutPipeline:
         from unigrad.train.produce import generation_request
 
         prompts, n, sampling = generation_request(self.ctx, step, picks, stream_offset=0)
+        if self.ctx.multi_turn:  # the worker plays the episodes, environments included
+            return self.worker.submit_episodes(prompts, n, sampling, [t for t, _ in picks],
+                                               [self.ctx.pools[t][i] for t, i in picks])
         return self.worker.submit_generate(prompts, n, sampling)

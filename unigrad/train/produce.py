@@ -67,7 +67,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
         drawn = draw(ctx, step, picks[lo:hi], stream_offset=lo)
     else:
         picks, lo, hi = ready.picks, 0, len(ready.picks)
-        drawn = draw(ctx, step, picks, stream_offset=0, generated=ready.job.rollout)
+        drawn = draw(ctx, step, picks, stream_offset=0, generated=ready.job.rollout, episodes=ready.job.episodes)
         drawn.time_rollout = ready.job.busy
     sampling_metrics: dict[str, float] = {}
     if ctx.dynamic_sampling:  # one process (checked when the run starts): lo = 0, hi = len(picks)
@@ -136,16 +136,17 @@ class Drawn:
     episodes: Episodes | None = None  # multi-turn runs (`unigrad.rollout.episodes`)
 
 
-def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None) -> Drawn:
+def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None,
+         episodes: Episodes | None = None) -> Drawn:
     """Roll out and score `picks` (this process's). Prompt i of them samples from the step's random stream
     `stream_offset + i`: the streams of a step are numbered in draw order over every process. `generated`: the
     engine's rows for them, sampled elsewhere with `generation_request`."""
     examples = [ctx.pools[t][i] for t, i in picks]
     prompt_ids = [ctx.pool_prompt_ids[t][i] for t, i in picks]
     t0 = time.perf_counter()
-    episodes = None
     if ctx.multi_turn:  # the environments reward their episodes as they go (part of the rollout's time)
-        ro, episodes = rollout_episodes(ctx, step, stream_offset, picks, examples)
+        ro, episodes = (generated.to("cpu"), episodes) if generated is not None else \
+            rollout_episodes(ctx, step, stream_offset, picks, examples)
         off_policy = torch.zeros(ro.num_sequences, dtype=torch.bool)
     else:
         ro, off_policy = _rollouts(ctx, step, stream_offset, picks, examples, generated)

@@ -306,9 +306,6 @@ def _check_episodes(cfg: TrainConfig, tasks: list[Task]) -> None:
     if not episodic:
         return
     named = ", ".join(episodic)
-    if cfg.rollout.max_staleness:
-        raise ConfigError(f"multi-turn tasks ({named}) run with synchronous rollouts for now (the engine's worker "
-                          "process does not run environments): set rollout.max_staleness=0")
     if cfg.rollout.dynamic_sampling:
         raise ConfigError(f"multi-turn tasks ({named}) do not run with rollout.dynamic_sampling yet: set it to false")
     if TrainingMode.from_config(cfg).demonstrations != "none":
@@ -433,9 +430,13 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         def make_worker():
             from unigrad.rollout.async_worker import EngineWorker
 
+            episodes = {"tokenizer": tokenizer, "specs": cfg.tasks, "reward": cfg.reward, "tools": cfg.tools,
+                        "tool_style": style, "max_turns": cfg.rollout.max_turns,
+                        "context_length": _context_length(model)} if ctx.multi_turn else None
             return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
                                 decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
-                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1])
+                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1],
+                                episodes=episodes)
 
         ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=make_worker)
 
