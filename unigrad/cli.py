@@ -151,9 +151,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"unigrad eval: {err}", file=sys.stderr)
         return 2
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
-    res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k,
+    res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k, per_prompt=args.per_prompt,
                    max_new_tokens=max_new_tokens or 32, seed=args.seed,
-                   max_turns=cfg.rollout.max_turns if cfg is not None else None)
+                   max_turns=cfg.rollout.max_turns if cfg is not None else None, split=args.split)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -161,13 +161,39 @@ def _eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     keys = list(res["mean"])
-    table = Table(title=f"held-out evaluation of {args.model}")
+    table = Table(title=f"held-out evaluation of {args.model} ({args.split} split)")
     table.add_column("task")
     for k in keys:
         table.add_column(k, justify="right")
     for name, row in res.items():
         table.add_row(name, *[f"{100 * row[k]:.1f}" for k in keys])
     Console().print(table)
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    import time
+
+    from pydantic import ValidationError
+
+    from unigrad.report.seeded_study import Study, load_study
+    from unigrad.report.study_page import write_study_page
+
+    try:
+        spec = load_study(args.file)
+    except (FileNotFoundError, ValueError, ValidationError) as err:
+        print(f"unigrad study: {args.file}: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / "studies" / Path(args.file).stem)
+    study = Study(spec, out, seeds=args.seeds, steps=args.steps, parallel=args.parallel)
+    started = time.time()
+    if not args.page_only:
+        study.run()
+    command = " ".join(["unigrad study", args.file, *(f"--seeds {args.seeds}" for _ in [0] if args.seeds),
+                        *(f"--steps {args.steps}" for _ in [0] if args.steps)])
+    page = write_study_page(study, command, Path(args.doc_root),
+                            None if args.page_only else (time.time() - started) / 60)
+    print(f"study: wrote {page}")
     return 0
 
 
@@ -233,19 +259,35 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("tasks", help="list the built-in tasks: name, single- or multi-turn, tools, description")
     k.set_defaults(func=_tasks)
 
-    e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task")
+    e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task, on the test or validation split")
     e.add_argument("model", help="'unigrad-tiny', a model directory, or a run directory (uses its final/)")
     e.add_argument("--tasks", nargs="+", help="task specs (default: the run's tasks or the default mixture)")
     e.add_argument("--tools", nargs="+", default=None, help="with --tasks: tools offered to the single-turn tasks "
                    "(calculator, python, path.py:func), which then run as tool-use episodes")
     e.add_argument("--prompts", type=int, default=200, help="held-out prompts per task")
+    e.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="test (what results are reported on) or validation (what choices are tuned on)")
     e.add_argument("--k", type=int, default=0, help="also report pass@k with k samples at temperature 1")
     e.add_argument("--max-new-tokens", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N "
                                                     "or mps")
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
+    e.add_argument("--per-prompt", action="store_true", help='with --json: also {task: {"correct": [0 or 1 per '
+                   'prompt, greedy]}}, for paired comparisons of two models on the same prompts')
     e.set_defaults(func=_eval)
+
+    st = sub.add_parser("study", help="run a study file (arms x seeds at fixed steps, held-out evaluation) and write "
+                        "its docs page with intervals over seeds; resumes what a cut-off study left")
+    st.add_argument("file", help="the study's YAML file (examples/studies/*.yaml)")
+    st.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the file's)")
+    st.add_argument("--steps", type=int, help="rollout steps per run (default: the file's; a smaller number is a "
+                    "smoke test, not the study)")
+    st.add_argument("--parallel", type=int, help="runs at once, one torch thread each (default: the file's)")
+    st.add_argument("--out", help="where the runs go (default: runs/studies/<file name>)")
+    st.add_argument("--doc-root", default=".", help="the page is written at DOC_ROOT/<the file's doc>")
+    st.add_argument("--page-only", action="store_true", help="write the page from the runs there, train nothing")
+    st.set_defaults(func=_study)
 
     c = sub.add_parser("sandbox-check", help="prove the code sandbox's jail works here: start it and run the hostile "
                        "snippets of unigrad.tasks.sandbox_attacks, with and without the audit hook")

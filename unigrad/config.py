@@ -144,6 +144,9 @@ class EvalSection(_Section):
     before_after: bool = Field(True, description="evaluate before and after training and print a table")
     every: int = Field(0, ge=0, description="also evaluate every N steps (0 = off)")
     pass_k: int = Field(0, ge=0, description="also report pass@k with k samples at temperature 1 (0 = off)")
+    split: Literal["test", "validation"] = Field(
+        "test", description="the held-out split evaluated: test (what results are reported on) or validation "
+        "(what learning rates, schedules and stopping points are chosen on)")
 
 
 class SamplerSection(_Section):

@@ -33,12 +33,17 @@ def evaluate(
     batch_size: int = 256,
     per_prompt: bool = False,
     max_turns: int | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's test split.
+    """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's `split` ("test", the held-out
+    split numbers are reported on, or "validation", the one choices are tuned on).
 
     `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`).
     `max_turns`: a cap on multi-turn tasks' episodes (None: each task's own `max_turns`)."""
     from unigrad.rollout.transformers_engine import TransformersEngine
+
+    if split not in ("validation", "test"):
+        raise ValueError(f"evaluate: split must be 'validation' or 'test', got {split!r}")
 
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                 device=next(model.parameters()).device)  # where the model is
@@ -48,10 +53,10 @@ def evaluate(
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     style = tool_style(tokenizer)
     for task in tasks:
-        examples, prompts, notes = _test_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens,
-                                                 style)
+        examples, prompts, notes = _held_out_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens,
+                                                     style, split)
         if not examples:
-            raise ValueError(f"task {task.name!r}: no test prompt fits the model's context of {context} tokens "
+            raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {context} tokens "
                              f"with max_new_tokens={max_new_tokens}")
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
                           SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size,
@@ -71,13 +76,13 @@ def evaluate(
     return results
 
 
-def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
-                  style: str = "plain"):
-    """(examples, prompt ids, notes) of a task's test split: each distinct prompt (multi-turn: episode) once (asking
+def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
+                      style: str = "plain", split: str = "test"):
+    """(examples, prompt ids, notes) of a task's held-out `split`: each distinct prompt (multi-turn: episode) once (asking
     for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
     cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated."""
     examples, seen = [], set()
-    for ex in task.examples("test", wanted, seed=seed):
+    for ex in task.examples(split, wanted, seed=seed):
         # an episode of a multi-turn task is its prompt and what is hidden behind it (guess: one range, many secrets)
         key = (ex.prompt, ex.answer) if is_multi_turn(task) else ex.prompt
         if key not in seen:
@@ -86,7 +91,7 @@ def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | 
     notes: dict[str, float] = {}
     if len(examples) < wanted:
         notes["distinct_prompts"] = float(len(examples))
-        warnings.warn(f"task {task.name!r}: its test split holds {len(examples)} distinct prompts; evaluating those "
+        warnings.warn(f"task {task.name!r}: its {split} split holds {len(examples)} distinct prompts; evaluating those "
                       f"(asked for {wanted})", stacklevel=3)
     prompts = [episode_prompt_ids(task, tokenizer, ex, style) if is_multi_turn(task) else
                encode_prompt(tokenizer, ex.prompt) for ex in examples]
@@ -94,7 +99,7 @@ def _test_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | 
         fits = [len(p) + max_new_tokens <= context for p in prompts]
         if not all(fits):
             notes["too_long"] = float(fits.count(False))
-            warnings.warn(f"task {task.name!r}: {fits.count(False)} test prompts do not fit the model's context "
+            warnings.warn(f"task {task.name!r}: {fits.count(False)} {split} prompts do not fit the model's context "
                           f"({context} tokens with max_new_tokens={max_new_tokens}); left out", stacklevel=3)
             examples = [ex for ex, ok in zip(examples, fits, strict=True) if ok]
             prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]

@@ -37,7 +37,7 @@ import random
 from unigrad.environments.base import Message, StepResult
 from unigrad.tasks.base import Example, Split
 from unigrad.tasks.extract import final_number
-from unigrad.tasks.splits import split_of
+from unigrad.tasks.splits import SPLITS, three_way_split_of
 from unigrad.tasks.synthetic import SyntheticTask
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,15 @@ class GuessTask(SyntheticTask):
     def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
         """`n` distinct (range, secret) episodes of `split`, split by the prompt (`SyntheticTask.examples`, but
         distinct by episode: a prompt has several secrets); repeats only once the episodes run out."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}/{self.difficulty}")
         out: list[Example] = []
         seen: set[tuple[str, str]] = set()
         misses, unique = 0, True
         while len(out) < n:
             ex = self.generate(rng)
-            if split_of(ex.prompt) != split or (unique and (ex.prompt, ex.answer) in seen):
+            if three_way_split_of(ex.prompt) != split or (unique and (ex.prompt, ex.answer) in seen):
                 misses += 1
                 if unique and misses > 2000:
                     log.warning("%s: only %d distinct %s episodes found; repeating some", self.name, len(seen), split)

@@ -2,7 +2,10 @@
 
 Columns: `prompt` and `answer` (required), `demonstration` (optional, for SFT / HPT), `task`
 (optional: the task name, so one file can hold several tasks; default: the file's stem), `split`
-(optional: "train" or "test"; rows without it are split by `splits.seeded_split` over prompts).
+(optional: "train", "validation" or "test"; rows without it are split by `splits.seeded_split` over
+prompts, and with the option `validation_fraction` > 0 a seeded share of the remaining prompts becomes
+"validation": `unigrad train tasks=[data.jsonl,validation_fraction=0.1]`). Without either there is no
+validation split and asking for one raises ValueError.
 Any other column is kept in `Example.meta` (a reward function receives it as a keyword).
 
 Bad input fails loudly at load time, never mid-training: a malformed row or a missing column
@@ -23,7 +26,7 @@ from typing import Any
 from unigrad.tasks.base import Example, Split
 from unigrad.tasks.extract import answer_text, normalise
 from unigrad.tasks.mathcheck import looks_like_math, math_equal
-from unigrad.tasks.splits import draw, seeded_split
+from unigrad.tasks.splits import SPLITS, draw, no_validation_error, seeded_split, seeded_validation
 
 VERIFIERS = ("auto", "exact", "math")
 
@@ -84,20 +87,28 @@ class FileTask:
     """One named task over rows of a file; see the module docstring."""
 
     def __init__(self, name: str, examples: list[Example], splits: list[Split | None], verifier: str = "auto",
-                 test_fraction: float = 0.1, split_seed: int = 0):
+                 test_fraction: float = 0.1, split_seed: int = 0, validation_fraction: float = 0.0):
         if verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
         self.name, self.verifier = name, verifier
         unassigned = [e.prompt for e, s in zip(examples, splits, strict=True) if s is None]
         held_out = seeded_split(unassigned, test_fraction, split_seed)
-        self.pools: dict[str, list[Example]] = {"train": [], "test": []}
+        validation = seeded_validation([p for p in unassigned if p not in held_out], validation_fraction, split_seed)
+        self.pools: dict[str, list[Example]] = {s: [] for s in SPLITS}
         for example, split in zip(examples, splits, strict=True):
-            self.pools[split or ("test" if example.prompt in held_out else "train")].append(example)
+            if split is None:
+                split = "test" if example.prompt in held_out else "validation" if example.prompt in validation \
+                    else "train"
+            self.pools[split].append(example)
 
     def __repr__(self) -> str:
-        return f"FileTask({self.name!r}, train={len(self.pools['train'])}, test={len(self.pools['test'])})"
+        return f"FileTask({self.name!r}, " + ", ".join(f"{s}={len(p)}" for s, p in self.pools.items()) + ")"
 
     def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "validation" and n > 0 and not self.pools["validation"]:
+            raise no_validation_error(self.name)
         return draw(self.pools[split], n, seed, f"task {self.name!r}, split {split!r}")
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
@@ -121,7 +132,7 @@ class FileTask:
 
 
 def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: float = 0.1,
-                    split_seed: int = 0) -> list[FileTask]:
+                    split_seed: int = 0, validation_fraction: float = 0.0) -> list[FileTask]:
     """One FileTask per distinct `task` value in the file (in order of first appearance)."""
     path = Path(path)
     rows = read_rows(path)
@@ -137,10 +148,11 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
         demonstration = _cell(row, "demonstration", where, required=False)
         name = _cell(row, "task", where, required=False) or path.stem
         split = row.get("split")
-        if split not in (None, "train", "test"):
-            raise ValueError(f"{where}: column 'split' must be 'train' or 'test', got {split!r}")
+        if split not in (None, *SPLITS):
+            raise ValueError(f"{where}: column 'split' must be one of {SPLITS}, got {split!r}")
         meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "demonstration", "task", "split")}
         examples, splits = grouped[name]
         examples.append(Example(prompt, answer, demonstration, name, meta))
         splits.append(split)
-    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed) for name, (ex, sp) in grouped.items()]
+    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed, validation_fraction)
+            for name, (ex, sp) in grouped.items()]

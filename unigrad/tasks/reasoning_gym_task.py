@@ -46,11 +46,10 @@ from typing import Any
 
 from unigrad.tasks.base import Example, Split
 from unigrad.tasks.extract import answer_text
-from unigrad.tasks.splits import three_way_split_of
+from unigrad.tasks.splits import SPLITS, three_way_split_of
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 CHUNK = 500  # entries per generated dataset (some datasets build all their entries when constructed)
 MAX_MISSES = 2000  # rejected entries in a row before repeats are allowed
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

@@ -4,10 +4,11 @@
     countdown_calc | guess | code_retry                          built-in multi-turn tasks (unigrad.environments)
     env:PATH.py:NAME | env:module:NAME                           a multi-turn task of yours (docs/environments.md)
     arithmetic:difficulty=3                                      ... with constructor options
-    math:PATH                                                    a math dataset (math_task.py)
+    math:PATH | math:PATH,key=value,...                          a math dataset (math_task.py)
     reasoning_gym:DATASET | reasoning_gym:DATASET,key=value,...  a Reasoning Gym dataset (reasoning_gym_task.py)
     jsonl:PATH | parquet:PATH | PATH.jsonl | PATH.parquet        user tasks (files.py), one per `task`
     ...#NAME                                                     one task of a multi-task file
+    PATH.jsonl,validation_fraction=0.1                           file and math tasks take options after a comma
 
 `reward=` ("module:function", "file.py:function" or a callable) replaces the verifier with a
 TRL-style reward function (reward_fn.py). Keyword options go to the task's constructor.
@@ -16,6 +17,7 @@ TRL-style reward function (reward_fn.py). Keyword options go to the task's const
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,11 +112,37 @@ def _options(text: str, spec: str) -> dict[str, Any]:
     return options
 
 
+def _path_options(path: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """"data.jsonl,validation_fraction=0.1" -> ("data.jsonl", {"validation_fraction": 0.1}); a path that exists
+    as written (even with a comma in it) has no options."""
+    if "," not in path or Path(path).exists():
+        return path, {}
+    path, _, text = path.partition(",")
+    return path, _options(text, spec)
+
+
 def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: Any) -> list[Task]:
     """All tasks a spec names (several for a multi-task file)."""
+    try:
+        return _get_tasks(spec, reward, options)
+    except TypeError as err:  # an option the task does not take: a mistake in the spec, said as one
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise ValueError(f"task spec {spec!r}: unknown option {unknown.group(1)!r}") from None
+
+
+def _get_tasks(spec: str, reward: RewardFunc | str | None, options: dict[str, Any]) -> list[Task]:
     kind, sep, rest = spec.partition(":")
     file_kind = bool(sep) and kind in ("jsonl", "parquet", "json")
     path = rest if file_kind else spec
+    is_file = file_kind or any(ext in path.lower() for ext in (".jsonl", ".parquet", ".json"))
+    if sep and kind == "math":
+        rest, spec_options = _path_options(rest, spec)
+        options = {**spec_options, **options}
+    elif is_file and kind not in BUILTIN_TASKS and kind not in ("env", "reasoning_gym"):
+        path, spec_options = _path_options(path, spec)
+        options = {**spec_options, **options}
     wanted = ""
     if "#" in path and not Path(path).exists():
         path, _, wanted = path.rpartition("#")

@@ -1,10 +1,13 @@
-"""Train/test splits and seeded draws shared by all tasks.
+"""Train/validation/test splits and seeded draws shared by all tasks.
 
-Built-in tasks route each prompt by a hash of its text (`split_of`): the split is a property of
-the prompt, so no seed, size or difficulty can put one prompt on both sides. Dataset-backed
-tasks without their own splits use `seeded_split` over *distinct* prompts (duplicated rows land
-on the same side) with at least one prompt held out. `draw` takes n examples from a fixed pool.
-Tasks with a validation split too use `three_way_split_of`, whose test prompts are `split_of`'s.
+Built-in tasks route each prompt by a hash of its text (`three_way_split_of`): the split is a property of
+the prompt, so no seed, size or difficulty can put one prompt in two splits. Its test prompts are exactly
+`split_of`'s (the two-way split the built-in tasks used before they had a validation split), so held-out
+test numbers stay comparable. Dataset-backed tasks without their own splits use `seeded_split` over
+*distinct* prompts (duplicated rows land on the same side) with at least one prompt held out, and
+`seeded_validation` to carve a validation share out of what is left when asked. `draw` takes n examples
+from a fixed pool. Choices (learning rates, schedules, when to stop) are made on "validation"; reported
+numbers are on "test".
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import TypeVar
 from unigrad.tasks.base import Split
 
 T = TypeVar("T")
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 TEST_PERCENT = 20  # share of a built-in task's prompt space held out for evaluation
-VALIDATION_PERCENT = 10  # share held out for validation by tasks with three splits (`three_way_split_of`)
+VALIDATION_PERCENT = 10  # share of a built-in task's prompt space held out for validation (`three_way_split_of`)
 
 
 def split_of(prompt: str, test_percent: int = TEST_PERCENT) -> Split:
@@ -50,6 +54,29 @@ def seeded_split(prompts: list[str], test_fraction: float, seed: int) -> set[str
     random.Random(f"split/{seed}").shuffle(distinct)
     k = min(len(distinct) - 1, max(1, math.ceil(test_fraction * len(distinct))))  # neither side empty
     return set(distinct[:k])
+
+
+def seeded_validation(prompts: list[str], validation_fraction: float, seed: int) -> set[str]:
+    """The prompts to hold out for validation from `prompts` (those left after the test split): a seeded
+    `validation_fraction` of the distinct ones (at least one when the fraction is positive), never all of them."""
+    distinct = sorted(set(prompts))
+    if validation_fraction <= 0:
+        return set()
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    if len(distinct) < 2:
+        raise ValueError(f"validation_fraction={validation_fraction}: {len(distinct)} distinct training prompt(s) "
+                         "left after the test split; too few to hold some out for validation")
+    random.Random(f"validation/{seed}").shuffle(distinct)
+    k = min(len(distinct) - 1, max(1, math.ceil(validation_fraction * len(distinct))))
+    return set(distinct[:k])
+
+
+def no_validation_error(task: str) -> ValueError:
+    """What a task without a validation split says when one is asked of it."""
+    return ValueError(f"task {task!r} has no validation split: give its rows split='validation', or hold a share "
+                      f"of the training prompts out with the option validation_fraction (e.g. "
+                      f"'data.jsonl,validation_fraction=0.1')")
 
 
 def draw(pool: list[T], n: int, seed: int, what: str) -> list[T]:

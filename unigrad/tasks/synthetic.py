@@ -1,9 +1,9 @@
-"""What every built-in synthetic task shares: seeded generation, the train/test split, safe scoring.
+"""What every built-in synthetic task shares: seeded generation, the train/validation/test split, safe scoring.
 
-The split is a property of the prompt, not of the draw: a prompt is held out iff a hash of its
-text falls in the lowest `TEST_PERCENT` buckets (`splits.split_of`). So train and test can never
-share a prompt, whatever the seed, the number of examples or the difficulty, and a test prompt
-stays a test prompt when the generator changes. Each split is drawn from its own random stream (seeded by
+The split is a property of the prompt, not of the draw: a prompt is held out for test iff a hash of its
+text falls in the lowest `TEST_PERCENT` buckets, for validation iff it falls in the next `VALIDATION_PERCENT`
+(`splits.three_way_split_of`). So no two splits can share a prompt, whatever the seed, the number of examples
+or the difficulty, and a test prompt stays a test prompt when the generator changes. Each split is drawn from its own random stream (seeded by
 task, split, seed and difficulty), rejecting prompts of the other split, so `examples(s, n, seed)`
 is a prefix of `examples(s, n + k, seed)`.
 """
@@ -14,7 +14,7 @@ import logging
 import random
 
 from unigrad.tasks.base import Example, Split
-from unigrad.tasks.splits import split_of
+from unigrad.tasks.splits import SPLITS, three_way_split_of
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,15 @@ class SyntheticTask:
 
     def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
         """`n` distinct prompts of `split`; repeats are allowed only once the prompt space runs dry."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}/{self.difficulty}")  # str seeds hash with sha512
         out: list[Example] = []
         seen: set[str] = set()
         misses, unique = 0, True  # misses since the last accepted prompt
         while len(out) < n:
             ex = self.generate(rng)
-            if split_of(ex.prompt) != split or (unique and ex.prompt in seen):
+            if three_way_split_of(ex.prompt) != split or (unique and ex.prompt in seen):
                 misses += 1
                 if unique and misses > 2000:  # the space is (nearly) used up: allow repeats from here on
                     log.warning("%s: only %d distinct %s prompts found; repeating some", self.name, len(seen), split)

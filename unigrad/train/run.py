@@ -237,7 +237,7 @@ class Run:
             return None
         res = evaluate(whole, self.tokenizer, self.tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
                        max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True,
-                       max_turns=cfg.rollout.max_turns)
+                       max_turns=cfg.rollout.max_turns, split=cfg.eval.split)
         (self.output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
         dist.barrier()
         return res

@@ -1,0 +1,269 @@
+"""`unigrad study FILE.yaml`: a comparison pinned to one file, run over seeds, written up as a docs page.
+
+A study file holds everything the study depends on (nothing is read from another config):
+
+    title: GRPO, GSPO, SAPO and CISPO off-policy
+    doc: docs/studies/offpolicy_objectives.md     # the page it writes (hand-written notes below the marker kept)
+    question: what the study asks, in a paragraph (top of the page)
+    seeds: 3                                       # seeds 0 .. seeds-1 (`--seeds N` overrides)
+    steps: 150                                     # fixed rollout steps per run (never wall-clock)
+    parallel: 2                                    # runs at once, one torch thread each
+    eval: {prompts: 200, splits: [validation, test]}
+    baseline: grpo                                 # the arm the others are compared with, seed by seed
+    train: {...}                                   # the whole training config every run starts from
+    arms: {grpo: {objective: grpo}, gspo: {objective: gspo}, ...}   # per arm: overrides of `train`
+    columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
+    curves: [reward/mean, grad_norm]               # plotted per arm, mean over seeds
+
+Each (arm, seed) trains with the real CLI (`unigrad train`) into OUT/ARM/seedK, resuming a run a cut-off study
+left behind and skipping a finished one, then is evaluated with `unigrad eval --per-prompt` on every split in
+`eval.splits` (cached in the run directory). Each model an arm starts from is evaluated once the same way. The page
+reports test numbers (validation numbers are there to choose on): the mean over seeds with a 95% t interval,
+the change against the start checkpoint and the difference against the baseline arm, each with its interval over
+seeds and its paired per-prompt standard error (`unigrad.report.seeds`). A run that stops itself (exit code 3:
+an alarm in `monitors.stop_on`, non-finite steps) is recorded as stopped and counted as a collapse.
+
+Column statistics (`stat(metric)`): mean (over the run's steps), max, min, last (mean of the last tenth),
+growth (mean of the last third / mean of the first third), alarms (how many steps fired `alarm/NAME`; give the
+alarm's name), count (steps where the metric is > 0). Each is computed per run, then summarised over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from unigrad.report.run_report import read_metrics
+from unigrad.report.seeds import collapsed, series
+from unigrad.report.study import run_training
+
+STATS = ("mean", "max", "min", "last", "growth", "alarms", "count")
+COLUMN = re.compile(r"^(\w+)\(([^()]+)\)$")
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: int = Field(200, ge=2, description="held-out prompts per task")
+    splits: list[Literal["validation", "test"]] = Field(["test"], min_length=1)
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str
+    doc: str = Field(description="the page the study writes, relative to the repository root")
+    question: str = ""
+    seeds: int = Field(3, ge=1)
+    steps: int = Field(ge=1, description="rollout steps per run (train.max_steps)")
+    parallel: int = Field(1, ge=1, le=8)
+    eval: EvalSpec = EvalSpec()
+    baseline: str | None = None
+    train: dict[str, Any]
+    arms: dict[str, dict[str, Any]] = Field(min_length=1)
+    columns: dict[str, str] = {}
+    curves: list[str] = []
+    collapse_metric: str = "reward/mean"
+
+    @field_validator("train")
+    @classmethod
+    def _no_budget_in_train(cls, train: dict[str, Any]) -> dict[str, Any]:
+        for key in ("max_steps", "max_minutes", "seed", "output_dir"):
+            if key in train:
+                raise ValueError(f"train.{key}: set by the study (steps, seeds, its output directory); leave it out")
+        return train
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        for label, text in columns.items():
+            m = COLUMN.match(text.strip())
+            if m is None or m.group(1) not in STATS:
+                raise ValueError(f"column {label!r}: expected stat(metric) with stat one of {STATS}, got {text!r}")
+        return columns
+
+    @model_validator(mode="after")
+    def _baseline_is_an_arm(self) -> StudySpec:
+        if self.baseline is not None and self.baseline not in self.arms:
+            raise ValueError(f"baseline {self.baseline!r} is not an arm; arms: {', '.join(self.arms)}")
+        for arm in self.arms:
+            if not re.fullmatch(r"[\w.+-]+", arm):
+                raise ValueError(f"arm name {arm!r}: use letters, digits and _ . + - (it names a directory)")
+        return self
+
+
+def load_study(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {path} not found")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return StudySpec.model_validate(data)
+
+
+def flat_overrides(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """{"optim": {"lr": 1e-4}, "objective": "gspo"} -> ["optim.lr=0.0001", "objective=gspo"] (YAML flow for lists)."""
+    out = []
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += flat_overrides(value, f"{name}.")
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            out.append(f"{name}={text.removesuffix('...').strip()}")
+    return out
+
+
+def _merged(train: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(train))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merged(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def arm_config(spec: StudySpec, arm: str) -> dict[str, Any]:
+    """The training config of one arm: `train` with the arm's overrides (dotted keys allowed) and the budget."""
+    return {**_merged(spec.train, spec.arms[arm]), "max_steps": spec.steps}
+
+
+class Study:
+    """One study file run into `out`: train, evaluate, summarise (the page is written by `study_page`)."""
+
+    def __init__(self, spec: StudySpec, out: str | Path, *, seeds: int | None = None, steps: int | None = None,
+                 parallel: int | None = None, log=print):
+        if steps is not None:
+            spec = spec.model_copy(update={"steps": steps})
+        if seeds is not None:
+            spec = spec.model_copy(update={"seeds": seeds})
+        if parallel is not None:
+            spec = spec.model_copy(update={"parallel": parallel})
+        self.spec, self.out, self.log = spec, Path(out), log
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out / arm / f"seed{seed}"
+
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(arm, seed) for seed in range(self.spec.seeds) for arm in self.spec.arms]
+
+    def run(self) -> None:
+        """Train and evaluate every (arm, seed) not done yet, `parallel` at a time; then the start checkpoints."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for arm in self.spec.arms:  # the pinned config of each arm, next to its runs
+            (self.out / arm).mkdir(exist_ok=True)
+            (self.out / arm / "config.yaml").write_text(yaml.safe_dump(arm_config(self.spec, arm), sort_keys=False))
+        jobs = self.jobs()
+        started = time.time()
+        with ThreadPoolExecutor(self.spec.parallel) as pool:
+            for i, _ in enumerate(pool.map(lambda job: self._one(*job), jobs), start=1):
+                self.log(f"study: {i}/{len(jobs)} runs done ({(time.time() - started) / 60:.1f} min)")
+        for model in sorted({self.model_of(arm) for arm in self.spec.arms}):
+            for split in self.spec.eval.splits:
+                self._evaluate(model, self.start_dir(model), split, self.spec.arms[self._arm_of_model(model)])
+
+    def model_of(self, arm: str) -> str:
+        return str(arm_config(self.spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+
+    def _arm_of_model(self, model: str) -> str:
+        return next(a for a in self.spec.arms if self.model_of(a) == model)
+
+    def start_dir(self, model: str) -> Path:
+        return self.out / "start" / re.sub(r"[^\w.+-]", "_", model)
+
+    def status(self, arm: str, seed: int) -> dict[str, Any]:
+        path = self.run_dir(arm, seed) / "study_status.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _one(self, arm: str, seed: int) -> None:
+        run_dir = self.run_dir(arm, seed)
+        if self.status(arm, seed).get("stopped"):
+            return
+        config = self.out / arm / "config.yaml"
+        threads = ["threads=1"] if self.spec.parallel > 1 else []
+        try:
+            run_training(run_dir, config, [f"seed={seed}", *threads], report=False,
+                         log=Path(f"{run_dir}.log") if self.spec.parallel > 1 else None)
+        except subprocess.CalledProcessError as err:
+            if err.returncode != 3:  # 3: the run stopped itself (an alarm, non-finite steps); anything else is a bug
+                raise RuntimeError(f"study: {arm} seed {seed} failed (exit {err.returncode}); see "
+                                   f"{run_dir}.log or rerun it alone: unigrad train {config} seed={seed} "
+                                   f"--output-dir {run_dir} --resume") from err
+            (run_dir / "study_status.json").write_text(json.dumps({"stopped": f"exit {err.returncode}"}))
+            return
+        for split in self.spec.eval.splits:
+            self._evaluate(str(run_dir), run_dir, split, None)
+
+    def _evaluate(self, model: str, where: Path, split: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        """`unigrad eval MODEL --split SPLIT --per-prompt --json`, cached in where/study_eval_SPLIT.json. A run
+        directory is evaluated with its own tasks and budget; a start model with the study's."""
+        path = where / f"study_eval_{split}.json"
+        if not path.is_file():
+            cmd = [sys.executable, "-m", "unigrad.cli", "eval", model, "--split", split, "--prompts",
+                   str(self.spec.eval.prompts), "--json", "--per-prompt"]
+            if overrides is not None:  # a start checkpoint: the tasks and budget of the arms that start from it
+                cfg = _merged(self.spec.train, overrides)
+                cmd += ["--tasks", *cfg.get("tasks", ["arithmetic", "countdown", "word_problems", "code",
+                                                      "table_qa"]),
+                        "--max-new-tokens", str(cfg.get("rollout", {}).get("max_new_tokens", 40))]
+            env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if self.spec.parallel > 1 else {})}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                raise RuntimeError(f"study: evaluating {model} failed: {res.stderr.strip()[-2000:]}")
+            where.mkdir(parents=True, exist_ok=True)
+            path.write_text(res.stdout.strip().splitlines()[-1])
+        return json.loads(path.read_text())
+
+    # --- reading the results -------------------------------------------------------------------------------
+
+    def evaluation(self, arm: str, seed: int, split: str) -> dict[str, Any] | None:
+        path = self.run_dir(arm, seed) / f"study_eval_{split}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def start_evaluation(self, arm: str, split: str) -> dict[str, Any]:
+        return json.loads((self.start_dir(self.model_of(arm)) / f"study_eval_{split}.json").read_text())
+
+    def metrics(self, arm: str, seed: int) -> list[dict[str, Any]]:
+        return read_metrics(self.run_dir(arm, seed))
+
+    def is_collapsed(self, arm: str, seed: int) -> bool:
+        return bool(self.status(arm, seed).get("stopped")) or collapsed(
+            series(self.metrics(arm, seed), self.spec.collapse_metric))
+
+    def train_minutes(self, arm: str, seed: int) -> float:
+        """Training time of the run: the sum of its steps' `time/step` (model loading and evaluation excluded)."""
+        return sum(x for x in series(self.metrics(arm, seed), "time/step") if math.isfinite(x)) / 60
+
+    def column(self, arm: str, seed: int, text: str) -> float:
+        stat, key = COLUMN.match(text.strip()).groups()
+        rows = self.metrics(arm, seed)
+        if stat == "alarms":
+            return float(sum(1 for r in rows if r.get(f"alarm/{key}")))
+        values = [x for x in series(rows, key) if math.isfinite(x)]
+        if not values:
+            return float("nan")
+        if stat == "count":
+            return float(sum(1 for x in values if x > 0))
+        if stat == "last":
+            return statistics.fmean(values[-max(1, len(values) // 10):])
+        if stat == "growth":
+            third = max(1, len(values) // 3)
+            first = statistics.fmean(values[:third])
+            return statistics.fmean(values[-third:]) / first if first else float("nan")
+        return {"mean": statistics.fmean, "max": max, "min": min}[stat](values)

@@ -1,0 +1,185 @@
+"""The docs page of a seeded study (`unigrad study`): tables of held-out accuracy and run statistics with their
+intervals over seeds, plots of the curves, the pinned config, and the hand-written notes kept below the marker."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unigrad.report.seeded_study import Study
+from unigrad.report.seeds import mean_ci, moving_average, paired_difference, series
+from unigrad.report.study import write_page
+
+
+def pm(mean: float, half: float, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """"42.0 ± 3.1" (or "+4.2 ± 3.1"); a single value without ±; "–" when nothing was measured."""
+    if not math.isfinite(mean):
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{scale * mean:{sign}.{digits}f}"
+    return text if not math.isfinite(half) else f"{text} ± {scale * half:.{digits}f}"
+
+
+def num(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
+    """Everything the page says about one arm on one split."""
+    spec = study.spec
+    seeds = range(spec.seeds)
+    evals = {s: study.evaluation(arm, s, split) for s in seeds}
+    done = [s for s in seeds if evals[s] is not None]
+    scores = [evals[s]["mean"]["pass@1"] for s in done]
+    start = study.start_evaluation(arm, split)
+    out: dict[str, Any] = {
+        "arm": arm, "seeds_done": done, "scores": scores, "pass1": mean_ci(scores),
+        "start": start["mean"]["pass@1"],
+        "change": mean_ci([x - start["mean"]["pass@1"] for x in scores]),
+        "change_prompt_se": paired_difference([evals[s] for s in done], [start])[1] if done else float("nan"),
+        "tasks": {t: mean_ci([evals[s][t]["pass@1"] for s in done]) for t in start if t != "mean"},
+        "collapses": sum(study.is_collapsed(arm, s) for s in seeds if (study.run_dir(arm, s) / "metrics.jsonl")
+                         .is_file()),
+        "stopped": sum(bool(study.status(arm, s).get("stopped")) for s in seeds),
+        "minutes": [study.train_minutes(arm, s) for s in seeds if (study.run_dir(arm, s) / "metrics.jsonl").is_file()],
+        "columns": {label: mean_ci([study.column(arm, s, text) for s in seeds
+                                    if (study.run_dir(arm, s) / "metrics.jsonl").is_file()])
+                    for label, text in spec.columns.items()},
+    }
+    base = spec.baseline
+    if base is not None and base != arm:
+        paired = [s for s in done if study.evaluation(base, s, split) is not None]
+        b = {s: study.evaluation(base, s, split) for s in paired}
+        out["vs_baseline"] = mean_ci([evals[s]["mean"]["pass@1"] - b[s]["mean"]["pass@1"] for s in paired])
+        out["vs_baseline_prompt_se"] = paired_difference([evals[s] for s in paired], [b[s] for s in paired])[1] \
+            if paired else float("nan")
+    return out
+
+
+def plot_curves(study: Study, path: Path, window: int = 10) -> list[Path]:
+    """One PNG per curve metric: per arm the mean over seeds of the metric's trailing mean (window steps), with
+    the lowest and highest seed shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key in study.spec.curves:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for arm in study.spec.arms:
+            runs = [moving_average(series(study.metrics(arm, s), key), window) for s in range(study.spec.seeds)
+                    if (study.run_dir(arm, s) / "metrics.jsonl").is_file()]
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            cols = [[r[i] for r in runs if math.isfinite(r[i])] for i in range(n)]
+            steps = [i + 1 for i, c in enumerate(cols) if c]
+            ax.plot(steps, [statistics.fmean(c) for c in cols if c], label=arm, linewidth=1.2)
+            ax.fill_between(steps, [min(c) for c in cols if c], [max(c) for c in cols if c], alpha=0.15)
+        ax.set_xlabel("rollout step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} (trailing mean over {window} steps; band: lowest to highest seed)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = path.with_name(f"{path.stem}_{key.replace('/', '_')}.png")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def render(study: Study, command: str, doc: Path, wall_minutes: float | None = None) -> str:
+    """The page's generated part; plots are written next to `doc`."""
+    spec = study.spec
+    summaries = {arm: arm_summary(study, arm) for arm in spec.arms}
+    models = {arm: study.model_of(arm) for arm in spec.arms}
+    lines = [f"# {spec.title}", "", spec.question.strip(), ""] if spec.question else [f"# {spec.title}", ""]
+    total = sum(sum(s["minutes"]) for s in summaries.values())
+    lines += [
+        f"Generated by `{command}` (the whole study: config pinned in that file, printed at the end of this page) "
+        f"on {platform.machine()} / {platform.system()}, Python {platform.python_version()}, {os.cpu_count()} "
+        f"CPU cores, at commit {_commit()}, {datetime.date.today().isoformat()}. "
+        f"{spec.seeds} seeds × {len(spec.arms)} arms × {spec.steps} rollout steps, {spec.parallel} run(s) at once"
+        + (f" (one torch thread each)" if spec.parallel > 1 else "") + ". "
+        f"Training time summed over runs: {total:.0f} min (steps only, no loading or evaluation)"
+        + (f"; the study took {wall_minutes:.0f} min of wall time" if wall_minutes else "") + ".",
+        "",
+        f"Held-out **test** greedy pass@1 (%) on {spec.eval.prompts} prompts per task (the same prompts for every "
+        "run), mean over seeds ± the half-width of its 95% t interval; *prompt SE*: the paired per-prompt "
+        "standard error of the same difference (each prompt's correctness averaged over seeds), the uncertainty "
+        "from which prompts were drawn. A run *collapsed* when its training reward (20-step trailing mean) ended "
+        "below half of its peak, or it stopped itself.",
+        "",
+    ]
+    base = spec.baseline
+    head = ["arm", "model", "test pass@1", "change vs start", "prompt SE"]
+    if base:
+        head += [f"vs {base} (seed-paired)", "prompt SE"]
+    head += ["collapsed", *spec.columns, "train min / run"]
+    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for arm, s in summaries.items():
+        row = [f"`{arm}`", models[arm], pm(*s["pass1"]), pm(*s["change"], signed=True),
+               f"{100 * s['change_prompt_se']:.1f}"]
+        if base:
+            row += ([pm(*s["vs_baseline"], signed=True), f"{100 * s['vs_baseline_prompt_se']:.1f}"]
+                    if "vs_baseline" in s else ["(baseline)", ""])
+        row += [f"{s['collapses']} of {len(s['minutes'])}" + (f" ({s['stopped']} stopped)" if s["stopped"] else "")]
+        row += [f"{num(m)} ± {num(h)}" if math.isfinite(h) else num(m) for m, h in s["columns"].values()]
+        row += [f"{statistics.fmean(s['minutes']):.1f}" if s["minutes"] else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    starts = {models[a]: summaries[a]["start"] for a in spec.arms}
+    lines += ["", "Start checkpoint(s), test pass@1: "
+              + ", ".join(f"{m} {100 * v:.1f}" for m, v in starts.items()) + ". "
+              + "Per seed (test pass@1): "
+              + "; ".join(f"{a} " + ", ".join(f"{100 * x:.1f}" for x in s["scores"]) for a, s in summaries.items())
+              + "."]
+    tasks = list(next(iter(summaries.values()))["tasks"])
+    lines += ["", "Per task (test pass@1, mean ± 95% CI over seeds):", "",
+              "| arm | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for arm, s in summaries.items():
+        lines.append(f"| `{arm}` | " + " | ".join(pm(*s["tasks"][t]) for t in tasks) + " |")
+    if "validation" in spec.eval.splits:
+        lines += ["", "Validation pass@1 (what choices are made on; mean ± 95% CI over seeds): "
+                  + "; ".join(f"`{a}` {pm(*arm_summary(study, a, 'validation')['pass1'])}" for a in spec.arms) + "."]
+    if spec.curves:
+        lines += [""]
+        for png in plot_curves(study, doc):
+            lines += [f"![{png.stem}]({png.name})", ""]
+    lines += ["", "Study file (the training config each arm starts from, then each arm's overrides):", "",
+              "```yaml", yaml.safe_dump(spec.model_dump(exclude={"question"}), sort_keys=False).rstrip(), "```"]
+    lines += ["", "Columns: " + "; ".join(f"*{k}* = {v}" for k, v in spec.columns.items()) +
+              " (per run: mean/max/min over its steps, last = mean of its last tenth, growth = mean of its last "
+              "third / mean of its first third, alarms = steps on which the alarm fired; then mean ± 95% CI over "
+              "seeds)." if spec.columns else ""]
+    return "\n".join(lines)
+
+
+def write_study_page(study: Study, command: str, root: Path, wall_minutes: float | None = None) -> Path:
+    """Write the page (and its plots) at `root`/`spec.doc`, keeping the notes below the marker of the old page."""
+    path = Path(root) / study.spec.doc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_page(path, render(study, command, path, wall_minutes))
+    return path
