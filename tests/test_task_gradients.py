@@ -93,6 +93,40 @@ def test_step_task_gradients_sum_to_g_and_match_a_from_scratch_computation():
     assert sum(metrics[f"grad/{k}/share"] for k in per_task) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("objective", ["grpo", "cispo"])  # sequence-mean and token-mean aggregation
+def test_own_normaliser_norms_match_each_task_loss_divided_by_its_own_counts(objective):
+    """grad/<task>/sq_norm_own is the squared norm of task k's loss with task k's own normaliser (its sequences, or
+    its tokens for token-mean), computed from scratch here."""
+    from unigrad.objective import resolve_objective
+
+    ctx = step_context(task_gradients=True, objective=objective)
+    length_rewards(ctx)
+    seen = observe(ctx)
+    state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
+    metrics, _ = train_step(ctx, 1)
+    ro, model = seen["rollout"], ctx.learner.model
+    model.load_state_dict(state)
+    picks = replayed_picks(ctx)
+    picks_task = torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
+    rewards = torch.tensor([float(len(t) % 3 == 0) for t in decode_completions(ctx.tokenizer, ro)])
+    adv = compute_advantages(rewards, ro.group_ids, "grpo")
+    assert resolve_objective(objective).aggregation == ("token_mean" if objective == "cispo" else
+                                                          "seq_mean_token_mean")
+    own = {}
+    for name in ctx.task_gradients.last:
+        model.zero_grad(set_to_none=True)
+        rows = picks_task == [t.name for t in ctx.tasks].index(name)
+        norm = batch_normalisers(ro.completion_mask[rows], ctx.objective)  # this task's rows only
+        logp = sequence_logprobs(model, ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows],
+                                 ro.completion_mask[rows], temperature=1.0)
+        compute_policy_loss(logp, ro.completion_mask[rows], adv[rows], ctx.objective, max_length=6,
+                            num_tokens=norm.num_tokens, num_sequences=norm.num_sequences).loss.backward()
+        scratch = flat_grad(ctx.learner.params)
+        own[name] = float(scratch @ scratch)
+        assert metrics[f"grad/{name}/sq_norm_own"] == pytest.approx(own[name], rel=1e-4), name
+    assert metrics["grad/sq_norm_ratio_own"] == pytest.approx(max(own.values()) / min(own.values()), rel=1e-4)
+
+
 def test_accounting_does_not_change_the_update():
     grads = []
     for on in (False, True):

@@ -78,8 +78,8 @@ def evaluate(
 
 def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
                       style: str = "plain", split: str = "test"):
-    """(examples, prompt ids, notes) of a task's held-out `split`: each distinct prompt (multi-turn: episode) once (asking
-    for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
+    """(examples, prompt ids, notes) of a task's held-out `split`: each distinct prompt (multi-turn: episode) once
+    (asking for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
     cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated."""
     examples, seen = [], set()
     for ex in task.examples(split, wanted, seed=seed):

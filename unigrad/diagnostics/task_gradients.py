@@ -19,6 +19,14 @@ Per task (names as in metrics.jsonl):
 - `grad/<task>/cos`           cos(g_k, g)
 - `grad/<task>/share`         <g_k, g> / ||g||^2 (shares sum to 1 over tasks)
 plus `grad/sq_norm_ratio`: max_k / min_k of ||g_k||^2 over the tasks with a non-zero gradient.
+
+g_k is divided by the step's normaliser N (all tasks' sequences, or tokens for token-mean aggregation), so a task
+with more rows in the step has a larger g_k for that reason alone. With each task's own normaliser N_k (its own
+sequences, or tokens) the same loss restricted to task k has the gradient (N / N_k) g_k exactly (a scalar: the
+normaliser is a count, not a function of the weights), logged as
+- `grad/<task>/sq_norm_own`   (N / N_k)^2 ||g_k||^2, and `grad/sq_norm_ratio_own` its max / min over tasks:
+                              the imbalance with the count artefact removed. (The length artefact of GRPO's 1/|y|
+                              weighting goes with token-mean aggregation: `objective_args.aggregation=token_mean`.)
 """
 
 from __future__ import annotations
@@ -147,6 +155,21 @@ def projected_sum(g_task: dict[str, torch.Tensor]) -> torch.Tensor:
     return _combine(vectors, projected_coefficients(gram(vectors)).sum(0).tolist())
 
 
+def own_normaliser_stats(metrics: dict[str, float], own: dict[str, float]) -> dict[str, float]:
+    """`grad/<task>/sq_norm_own` = (N / N_k)^2 `grad/<task>/sq_norm` with N = sum_k N_k (the step's normaliser), and
+    `grad/sq_norm_ratio_own`, max / min of those over the tasks with a non-zero gradient."""
+    total = sum(own.values())
+    out = {}
+    for task, count in own.items():
+        sq = metrics.get(f"grad/{task}/sq_norm")
+        if sq is not None and count > 0:
+            out[f"grad/{task}/sq_norm_own"] = (total / count) ** 2 * sq
+    positive = [v for v in out.values() if v > 0]
+    if len(positive) > 1:
+        out["grad/sq_norm_ratio_own"] = max(positive) / min(positive)
+    return out
+
+
 class TaskGradients:
     """Collects per-(task, half) gradients from `param.grad` during one optimizer step.
 
@@ -176,6 +199,7 @@ class TaskGradients:
         self.balance_target = balance_target
         self._halves: dict[str, list[torch.Tensor | None]] = {}
         self._rows: dict[str, list[int]] = {}
+        self._own: dict[str, float] = {}  # each task's own normaliser count N_k (sequences or tokens)
         self._last: dict[str, list[torch.Tensor | None]] = {}
 
     @property
@@ -187,8 +211,9 @@ class TaskGradients:
         """Whether step `step` (from 1) splits each task's rows in two halves: steps 1, 1 + N, 1 + 2N, ..."""
         return self.cross_every > 0 and (step - 1) % self.cross_every == 0
 
-    def collect(self, task: str, half: int, n_rows: int) -> None:
-        """Take the gradient accumulated since the last collect as (task, half) and clear `param.grad`."""
+    def collect(self, task: str, half: int, n_rows: int, own_count: float | None = None) -> None:
+        """Take the gradient accumulated since the last collect as (task, half) and clear `param.grad`.
+        `own_count`: what the objective normalises by (sequences, or tokens for token-mean) in these rows."""
         flat = flat_local_grads(self.params)
         for p in self.params:
             p.grad = None
@@ -196,6 +221,7 @@ class TaskGradients:
         rows = self._rows.setdefault(task, [0, 0])
         halves[half] = flat if halves[half] is None else halves[half] + flat
         rows[half] += n_rows
+        self._own[task] = self._own.get(task, 0.0) + float(n_rows if own_count is None else own_count)
 
     def finish(self) -> dict[str, float]:
         """Write sum_k g_k (or its balanced or projected version) into `param.grad`; return the metrics; reset."""
@@ -211,6 +237,7 @@ class TaskGradients:
             self.reduce(g_half)
         half_of = {k: [h for h, v in enumerate(parts) if v is not None] for k, parts in self._halves.items()}
         metrics = stats_from_gram(where, half_of, self._rows, g_half)
+        metrics.update(own_normaliser_stats(metrics, self._own))
         names = list(where)
         if self.balance or self.project:
             member = torch.zeros(len(names), len(vectors), dtype=torch.float64)
@@ -227,7 +254,7 @@ class TaskGradients:
                 coef[h] = float(task_coef[i])
         set_flat_grads(self.params, _combine(vectors, coef))  # param.grad: views of a vector nothing else holds
         self._last = self._halves
-        self._halves, self._rows = {}, {}
+        self._halves, self._rows, self._own = {}, {}, {}
         return metrics
 
     def _order_and_count(self) -> None:
@@ -239,6 +266,7 @@ class TaskGradients:
                 halves[name] = self._halves[name]
                 counts = self.reduce(torch.tensor(self._rows[name], dtype=torch.float64))
                 rows[name] = [int(c) for c in counts.tolist()]
+                self._own[name] = float(self.reduce(torch.tensor([self._own[name]], dtype=torch.float64))[0])
         self._halves, self._rows = halves, rows
 
     def _reduce_over_processes(self) -> None:
@@ -250,6 +278,9 @@ class TaskGradients:
             for t in parts:
                 self.reduce(t)
             counts = self.reduce(torch.tensor(self._rows.get(name, [0, 0]), dtype=torch.float64))
+            own = float(self.reduce(torch.tensor([self._own.get(name, 0.0)], dtype=torch.float64))[0])
+            if own > 0:
+                self._own[name] = own
             if counts.sum() > 0:  # a task no process drew this step has no metrics, as in a single process
                 halves[name] = [t if c > 0 else None for t, c in zip(parts, counts.tolist(), strict=True)]
                 rows[name] = [int(c) for c in counts.tolist()]

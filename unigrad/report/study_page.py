@@ -123,7 +123,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
         f"on {platform.machine()} / {platform.system()}, Python {platform.python_version()}, {os.cpu_count()} "
         f"CPU cores, at commit {_commit()}, {datetime.date.today().isoformat()}. "
         f"{spec.seeds} seeds × {len(spec.arms)} arms × {spec.steps} rollout steps, {spec.parallel} run(s) at once"
-        + (f" (one torch thread each)" if spec.parallel > 1 else "") + ". "
+        + (" (one torch thread each)" if spec.parallel > 1 else "") + ". "
         f"Training time summed over runs: {total:.0f} min (steps only, no loading or evaluation)"
         + (f"; the study took {wall_minutes:.0f} min of wall time" if wall_minutes else "") + ".",
         "",

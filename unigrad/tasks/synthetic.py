@@ -3,9 +3,9 @@
 The split is a property of the prompt, not of the draw: a prompt is held out for test iff a hash of its
 text falls in the lowest `TEST_PERCENT` buckets, for validation iff it falls in the next `VALIDATION_PERCENT`
 (`splits.three_way_split_of`). So no two splits can share a prompt, whatever the seed, the number of examples
-or the difficulty, and a test prompt stays a test prompt when the generator changes. Each split is drawn from its own random stream (seeded by
-task, split, seed and difficulty), rejecting prompts of the other split, so `examples(s, n, seed)`
-is a prefix of `examples(s, n + k, seed)`.
+or the difficulty, and a test prompt stays a test prompt when the generator changes. Each split is drawn from
+its own random stream (seeded by task, split, seed and difficulty), rejecting prompts of the other splits, so
+`examples(s, n, seed)` is a prefix of `examples(s, n + k, seed)`.
 """
 
 from __future__ import annotations

@@ -66,6 +66,14 @@ class RowCache:
         self.filled[rows] = True
 
 
+def _own_count(comp, rows: torch.Tensor) -> float:
+    """What the component's objective normalises by, counted over `rows`: tokens for token-mean aggregation,
+    else sequences (Dr. GRPO's constant L_max cancels in a ratio of counts)."""
+    if comp.objective.aggregation == "token_mean":
+        return float(comp.sequences.completion_mask[rows].sum())
+    return float(len(rows))
+
+
 def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distributed,
           task_gradients=None, task_names: list[str] | None = None) -> dict[str, float]:
     """Train on `batch` (num_iterations x mini_batches optimizer steps); returns the step's learner metrics.
@@ -123,8 +131,9 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
                             entropy[c].put(rows, out["entropy"])
                     loss_metrics.append({f"{comps[c].name}/{k}": v for k, v in out["metrics"].items()})
                 if task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
-                    n_rows = sum(len(r) for g, _, r in plan if g == group and r is not None)
-                    task_gradients.collect(task_names[group[0]], group[1], n_rows)
+                    entries = [(cc, r) for g, cc, r in plan if g == group and r is not None]
+                    task_gradients.collect(task_names[group[0]], group[1], sum(len(r) for _, r in entries),
+                                           sum(_own_count(comps[cc], r) for cc, r in entries))
             if task_gradients is not None:
                 measured_grads = task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
                 grad_metrics = grad_metrics or measured_grads  # the first optimizer step's: the fresh weights
