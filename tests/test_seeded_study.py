@@ -71,6 +71,7 @@ def test_run_statistics_from_metrics(tmp_path):
     _fake_run(study.run_dir("a", 0), rows)
     assert study.column("a", 0, "mean(grad_norm)") == pytest.approx(2.9)
     assert study.column("a", 0, "max(grad_norm)") == 8
+    assert study.column("a", 0, "median(grad_norm)") == 2  # sorted: 1 1 1 2 2 2 4 4 4 8
     assert study.column("a", 0, "last(grad_norm)") == 8  # the last tenth: one step
     assert study.column("a", 0, "growth(grad_norm)") == pytest.approx((4 + 4 + 8) / 3 / 1)  # last third / first
     assert study.column("a", 0, "alarms(grad_spike)") == 2
@@ -85,7 +86,7 @@ def test_study_file_checks():
     with pytest.raises(ValueError, match="baseline 'c' is not an arm"):
         _spec(baseline="c")
     with pytest.raises(ValueError, match="stat\\(metric\\)"):
-        _spec(columns={"x": "median(grad_norm)"})
+        _spec(columns={"x": "mode(grad_norm)"})
     with pytest.raises(ValueError, match="arm name"):
         _spec(arms={"a/b": {}})
     with pytest.raises(ValueError, match="extra"):
