@@ -127,6 +127,59 @@ def test_own_normaliser_norms_match_each_task_loss_divided_by_its_own_counts(obj
     assert metrics["grad/sq_norm_ratio_own"] == pytest.approx(max(own.values()) / min(own.values()), rel=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["grpo", "cispo"])  # sequence-mean and token-mean aggregation
+def test_per_sample_gradient_norms_from_scratch(objective):
+    """grad/<task>/sample_sq_norm is the mean over the measured rows of ||A_i grad (1/|y_i|) sum_t log p_t||^2: one
+    row's loss over its own normaliser (for one row, its sequence or its tokens give the same 1/|y_i|), at the step's
+    starting weights, where every ratio is 1. Computed here without the objective code. The update is unchanged."""
+    from unigrad.train.learn import sample_rows
+
+    wanted = 2
+    ctx = step_context(task_gradients=True, objective=objective, sample_gradients=wanted)
+    length_rewards(ctx)
+    seen = observe(ctx)
+    state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
+    metrics, _ = train_step(ctx, 1)
+    ro, model = seen["rollout"], ctx.learner.model
+    model.load_state_dict(state)
+    picks = replayed_picks(ctx)
+    picks_task = torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
+    rewards = torch.tensor([float(len(t) % 3 == 0) for t in decode_completions(ctx.tokenizer, ro)])
+    adv = compute_advantages(rewards, ro.group_ids, "grpo")
+    means = {}
+    for k, task in enumerate(ctx.tasks):
+        rows = sample_rows(torch.nonzero((picks_task == k) & (adv != 0)).flatten(), wanted)
+        if not len(rows):
+            assert f"grad/{task.name}/sample_sq_norm" not in metrics
+            continue
+        norms = []
+        for i in rows.tolist():
+            model.zero_grad(set_to_none=True)
+            logp = sequence_logprobs(model, ro.prompt_ids[i:i + 1], ro.prompt_mask[i:i + 1],
+                                     ro.completion_ids[i:i + 1], ro.completion_mask[i:i + 1], temperature=1.0)
+            mask = ro.completion_mask[i:i + 1].float()
+            (-adv[i] * (logp * mask).sum() / mask.sum()).backward()
+            g = flat_grad(ctx.learner.params)
+            norms.append(float(g @ g))
+        means[task.name] = sum(norms) / len(norms)
+        assert metrics[f"grad/{task.name}/sample_sq_norm"] == pytest.approx(means[task.name], rel=1e-4), task.name
+    assert len(means) >= 2
+    assert metrics["grad/sample_sq_norm_ratio"] == pytest.approx(max(means.values()) / min(means.values()), rel=1e-4)
+    plain = step_context(task_gradients=True, objective=objective)  # the measurement leaves the update alone
+    length_rewards(plain)
+    seen_plain = observe(plain)
+    train_step(plain, 1)
+    assert torch.equal(seen_plain["grad"], seen["grad"])
+
+
+def test_sample_rows_spread_over_the_candidates():
+    from unigrad.train.learn import sample_rows
+
+    assert sample_rows(torch.arange(10, 20), 3).tolist() == [10, 14, 19]  # positions 0, 4.5 -> 4 (half to even), 9
+    assert sample_rows(torch.arange(4), 9).tolist() == [0, 1, 2, 3]
+    assert sample_rows(torch.arange(5), 1).tolist() == [0]
+
+
 def test_accounting_does_not_change_the_update():
     grads = []
     for on in (False, True):
@@ -239,3 +292,11 @@ def test_steps_without_halves_give_the_same_task_gradients_and_no_cross_term():
     assert any(math.isfinite(grouped[0][f"grad/{name}/cross_sq_norm"]) for name in g_split)  # step 1 splits
     assert [TaskGradients([], cross_every=4).splits_halves(s) for s in range(1, 7)] == [1, 0, 0, 0, 1, 0]
     assert not TaskGradients([], cross_every=0).splits_halves(1)
+
+
+def test_sample_gradients_config_needs_task_gradients():
+    from unigrad.config import validate_config
+
+    with pytest.raises(ValueError, match="diagnostics.sample_gradients > 0 needs diagnostics.task_gradients"):
+        validate_config({"diagnostics": {"sample_gradients": 2, "task_gradients": False}})
+    assert validate_config({"diagnostics": {"sample_gradients": 2}}).diagnostics.sample_gradients == 2

@@ -195,6 +195,10 @@ class DiagnosticsSection(_Section):
                              "task only, which takes fewer backward calls (the other grad/ metrics are exact on every "
                              "step)")
     gain_window: int = Field(10, ge=1, description="s of the learning gain Gain_k(t), logged s steps late")
+    sample_gradients: int = Field(
+        0, ge=0, description="per-sample gradient norms (grad/<task>/sample_sq_norm): this many rows of each task, "
+        "each row's loss over its own normaliser, on the steps that split halves (cross_every); 0 = off. Needs "
+        "task gradients; one extra backward pass per row measured")
 
 
 ALARMS = ("mismatch_kl", "grad_spike", "entropy_collapse", "clip_fraction", "nonfinite", "grad_cap")
@@ -371,6 +375,12 @@ class TrainConfig(_Section):
         if self.sharding == "fsdp" and self.model.lora_r:
             raise ValueError("sharding=fsdp with model.lora_r > 0 is not supported yet (LoRA adapters are small: "
                              "use sharding=none)")
+        if self.sharding == "fsdp" and self.diagnostics.sample_gradients:
+            raise ValueError("sharding=fsdp with diagnostics.sample_gradients > 0 is not supported yet (a row's "
+                             "gradient would need every process): set diagnostics.sample_gradients=0")
+        if self.diagnostics.sample_gradients and self.diagnostics.task_gradients is False:
+            raise ValueError("diagnostics.sample_gradients > 0 needs diagnostics.task_gradients (it is measured on "
+                             "the steps that split halves): drop diagnostics.task_gradients=false")
         if self.sharding == "fsdp" and self.optim.weight_ema_decay > 0:
             raise ValueError("sharding=fsdp with optim.weight_ema_decay > 0 is not supported yet (the average is kept "
                              "per whole parameter): use sharding=none or optim.weight_ema_decay=0")

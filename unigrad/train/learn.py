@@ -47,6 +47,7 @@ class LearnSettings:
     grad_norm_cap: float | None = None  # skip an optimizer step whose pre-clip grad norm exceeds this
     mini_batches: int = 1  # optimizer steps per epoch, each on 1/mini_batches of the prompts
     shuffle_seed: int = 0  # seeds the deal of prompts into mini-batches (with the epoch)
+    sample_gradients: int = 0  # rows per task whose own gradient norm is measured this step (0 = none)
 
 
 class RowCache:
@@ -102,6 +103,12 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
         _proximal_pass(batch, learner, rest, settings.micro_batch_size, proximal, entropy)
         t_proximal = time.perf_counter() - t1
 
+    sample_metrics = {}
+    if settings.sample_gradients and task_names:  # before any update: the weights the rows were sampled from
+        t1 = time.perf_counter()
+        sample_metrics = _sample_gradients(batch, learner, settings.sample_gradients, task_names, reference, dist)
+        sample_metrics["time/sample_gradients"] = time.perf_counter() - t1
+
     loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
     nonfinite_loss, idle_passes, updates, whole_plan = False, 0, 0, None
     for epoch_pieces in schedule:
@@ -148,6 +155,7 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
 
     metrics = merge_loss_metrics(sum(dist.gather(loss_metrics), []), epochs, updates)
     metrics.update(grad_metrics)
+    metrics.update(sample_metrics)
     metrics.update(_mismatch(batch, proximal, entropy, dist))
     if learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
         metrics["sharding/idle_passes"] = dist.sum_float(float(idle_passes))
@@ -170,6 +178,15 @@ def _forward_backward(comp: LossComponent, rows: torch.Tensor, normalisers: Norm
                       learner: Learner, proximal: RowCache | None, reference: RowCache) -> dict:
     """One micro-batch: log-probs, loss, backward. Returns the loss, its metrics and the (detached, CPU)
     log-probs and entropy of the pass."""
+    out, logp, entropy = _loss(comp, rows, normalisers, batch, learner, proximal, reference)
+    (comp.coef * out.loss).backward()
+    return {"loss": out.loss, "metrics": out.metrics, "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu()}
+
+
+def _loss(comp: LossComponent, rows: torch.Tensor, normalisers: Normalisers | None, batch: Batch,
+          learner: Learner, proximal: RowCache | None, reference: RowCache):
+    """The objective's loss on `rows` of `comp` (its output, the learner's log-probs and entropy), not yet
+    differentiated."""
     device = learner.device  # bookkeeping stays on the CPU; each micro-batch's loss is formed here
     obj = comp.objective
     mb = comp.sequences.rows(rows).trimmed().to(device)  # (b, T'), T' <= T: this micro-batch's own padding only
@@ -190,8 +207,51 @@ def _forward_backward(comp: LossComponent, rows: torch.Tensor, normalisers: Norm
         off_policy_mask=off[rows, None].to(device) & mb.completion_mask if off is not None else None,
         max_length=batch.max_length if comp.sampled else None,
         num_tokens=normalisers.num_tokens, num_sequences=normalisers.num_sequences), obj)
-    (comp.coef * out.loss).backward()
-    return {"loss": out.loss, "metrics": out.metrics, "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu()}
+    return out, logp, entropy
+
+
+def sample_rows(candidates: torch.Tensor, wanted: int) -> torch.Tensor:
+    """`wanted` of `candidates` spread evenly over them (first and last included), all of them if there are fewer."""
+    if len(candidates) <= wanted:
+        return candidates
+    if wanted == 1:
+        return candidates[:1]
+    return candidates[torch.linspace(0, len(candidates) - 1, wanted).round().long()]
+
+
+def _sample_gradients(batch: Batch, learner: Learner, wanted: int, task_names: list[str], reference: list[RowCache],
+                      dist: Distributed) -> dict[str, float]:
+    """Per-sample gradient norms at the step's starting weights: for up to `wanted` rows of each task (spread over
+    the task's rows with a non-zero advantage; a row with advantage 0 has no policy gradient), the squared norm of
+    the gradient of that row's loss divided by its own normaliser (one sequence, or its tokens with token-mean
+    aggregation), so neither how many rows a task has in the step nor the other rows' lengths enter. Logged as
+    `grad/<task>/sample_sq_norm` (mean over the rows measured, summed over processes) and
+    `grad/sample_sq_norm_ratio` (max / min over tasks). `param.grad` is not touched."""
+    from unigrad.objective.loss import batch_normalisers
+
+    params = [p for p in learner.params if p.requires_grad]
+    sums = torch.zeros(len(task_names), dtype=torch.float64)
+    counts = torch.zeros(len(task_names), dtype=torch.float64)
+    for comp, ref in zip(batch.components, reference, strict=True):
+        row_task = batch.prompt_task[comp.row_prompt]
+        for k in range(len(task_names)):
+            live = torch.nonzero((row_task == k) & (comp.advantages != 0)).flatten()
+            for row in sample_rows(live, wanted).tolist():
+                rows = torch.tensor([row])
+                own = batch_normalisers(comp.sequences.completion_mask[rows], comp.objective)
+                out, _, _ = _loss(comp, rows, own, batch, learner, None, ref)
+                grads = torch.autograd.grad(comp.coef * out.loss, params, allow_unused=True)
+                sums[k] += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+                counts[k] += 1
+    metrics, means = {}, {}
+    for k, name in enumerate(task_names):  # every process makes the same calls, in the same order
+        total, n = dist.sum_float(float(sums[k])), dist.sum_float(float(counts[k]))
+        if n > 0:
+            means[name] = metrics[f"grad/{name}/sample_sq_norm"] = total / n
+    positive = [v for v in means.values() if v > 0]
+    if len(positive) > 1:
+        metrics["grad/sample_sq_norm_ratio"] = max(positive) / min(positive)
+    return metrics
 
 
 @torch.no_grad()

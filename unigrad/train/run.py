@@ -423,7 +423,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         reward_timeout=cfg.reward_timeout, dynamic_sampling=bool(cfg.rollout.dynamic_sampling),
         max_resample=cfg.rollout.max_resample, overlong_buffer=cfg.rollout.overlong_buffer or 0,
         overlong_penalty=cfg.rollout.overlong_penalty,
-        task_gradients=task_gradients, grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
+        task_gradients=task_gradients, sample_gradients=cfg.diagnostics.sample_gradients,
+        grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
         max_turns=cfg.rollout.max_turns, tool_style=style, context_length=_context_length(model),
     )
     if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner

@@ -66,6 +66,7 @@ class StepContext:
     seed: int = 0
     samples_per_step: int = 0
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
+    sample_gradients: int = 0  # rows per task whose own gradient norm is measured on the steps that split halves
     grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
     dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, draw more (unigrad.train.dynamic_sampling)
@@ -101,7 +102,9 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
 
     # 2. Learn: num_iterations epochs of mini_batches optimizer steps on it.
     settings = LearnSettings(ctx.micro_batch_size, ctx.num_iterations, ctx.grad_norm_cap, ctx.mini_batches,
-                             shuffle_seed=ctx.seed * 1_000_003 + step)
+                             shuffle_seed=ctx.seed * 1_000_003 + step,
+                             sample_gradients=ctx.sample_gradients if ctx.task_gradients is not None
+                             and ctx.task_gradients.splits_halves(step) else 0)
     learned = learn(batch, ctx.learner, settings, ctx.dist, ctx.task_gradients, names)
 
     # 3. The rollout engine takes the new weights (asynchronous: the worker too, then it is asked for step + 1 + k).
