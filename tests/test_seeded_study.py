@@ -85,6 +85,11 @@ def test_study_file_checks():
         _spec(train={"max_steps": 5})
     with pytest.raises(ValueError, match="baseline 'c' is not an arm"):
         _spec(baseline="c")
+    with pytest.raises(ValueError, match="baseline 'c' is not an arm"):
+        _spec(baseline={"unigrad-tiny": "a", "unigrad-tiny-moe": "c"})
+    per_model = Study(_spec(baseline={"unigrad-tiny": "a"}, arms={"a": {}, "b": {"objective": "gspo"},
+                                                                   "m": {"model.name": "unigrad-tiny-moe"}}), ".")
+    assert [per_model.baseline_of(a) for a in ("a", "b", "m")] == ["a", "a", None]
     with pytest.raises(ValueError, match="stat\\(metric\\)"):
         _spec(columns={"x": "mode(grad_norm)"})
     with pytest.raises(ValueError, match="arm name"):

@@ -9,7 +9,8 @@ A study file holds everything the study depends on (nothing is read from another
     steps: 150                                     # fixed rollout steps per run (never wall-clock)
     parallel: 2                                    # runs at once, one torch thread each
     eval: {prompts: 200, splits: [validation, test]}
-    baseline: grpo                                 # the arm the others are compared with, seed by seed
+    baseline: grpo                                 # the arm the others are compared with, seed by seed; or per
+                                                   # model: {unigrad-tiny: grpo, unigrad-tiny-moe: grpo-moe}
     train: {...}                                   # the whole training config every run starts from
     arms: {grpo: {objective: grpo}, gspo: {objective: gspo}, ...}   # per arm: overrides of `train`
     columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
@@ -69,7 +70,8 @@ class StudySpec(BaseModel):
     steps: int = Field(ge=1, description="rollout steps per run (train.max_steps)")
     parallel: int = Field(1, ge=1, le=8)
     eval: EvalSpec = EvalSpec()
-    baseline: str | None = None
+    baseline: str | dict[str, str] | None = Field(
+        None, description="the arm every other is compared with, or per model name the arm its arms are compared with")
     train: dict[str, Any]
     arms: dict[str, dict[str, Any]] = Field(min_length=1)
     columns: dict[str, str] = {}
@@ -95,8 +97,10 @@ class StudySpec(BaseModel):
 
     @model_validator(mode="after")
     def _baseline_is_an_arm(self) -> StudySpec:
-        if self.baseline is not None and self.baseline not in self.arms:
-            raise ValueError(f"baseline {self.baseline!r} is not an arm; arms: {', '.join(self.arms)}")
+        named = [self.baseline] if isinstance(self.baseline, str) else list((self.baseline or {}).values())
+        for base in named:
+            if base not in self.arms:
+                raise ValueError(f"baseline {base!r} is not an arm; arms: {', '.join(self.arms)}")
         for arm in self.arms:
             if not re.fullmatch(r"[\w.+-]+", arm):
                 raise ValueError(f"arm name {arm!r}: use letters, digits and _ . + - (it names a directory)")
@@ -181,6 +185,11 @@ class Study:
 
     def model_of(self, arm: str) -> str:
         return str(arm_config(self.spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+
+    def baseline_of(self, arm: str) -> str | None:
+        """The arm `arm` is compared with (None: no baseline for its model)."""
+        base = self.spec.baseline
+        return base.get(self.model_of(arm)) if isinstance(base, dict) else base
 
     def _arm_of_model(self, model: str) -> str:
         return next(a for a in self.spec.arms if self.model_of(a) == model)

@@ -68,7 +68,7 @@ def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
                                     if (study.run_dir(arm, s) / "metrics.jsonl").is_file()])
                     for label, text in spec.columns.items()},
     }
-    base = spec.baseline
+    base = study.baseline_of(arm)
     if base is not None and base != arm:
         paired = [s for s in done if study.evaluation(base, s, split) is not None]
         b = {s: study.evaluation(base, s, split) for s in paired}
@@ -137,7 +137,8 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
     base = spec.baseline
     head = ["arm", "model", "test pass@1", "change vs start", "prompt SE"]
     if base:
-        head += [f"vs {base} (seed-paired)", "prompt SE"]
+        head += [f"vs {base} (seed-paired)" if isinstance(base, str) else "vs its model's baseline (seed-paired)",
+                 "prompt SE"]
     head += ["collapsed", *spec.columns, "train min / run"]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for arm, s in summaries.items():
@@ -145,7 +146,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
                f"{100 * s['change_prompt_se']:.1f}"]
         if base:
             row += ([pm(*s["vs_baseline"], signed=True), f"{100 * s['vs_baseline_prompt_se']:.1f}"]
-                    if "vs_baseline" in s else ["(baseline)", ""])
+                    if "vs_baseline" in s else ["(baseline)" if study.baseline_of(arm) == arm else "–", ""])
         row += [f"{s['collapses']} of {len(s['minutes'])}" + (f" ({s['stopped']} stopped)" if s["stopped"] else "")]
         row += [f"{num(m)} ± {num(h)}" if math.isfinite(h) else num(m) for m, h in s["columns"].values()]
         row += [f"{statistics.fmean(s['minutes']):.1f}" if s["minutes"] else "–"]
