@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from unigrad.report.seeded_study import Study, StudySpec, flat_overrides, load_study
+from unigrad.report.seeded_study import Study, StudySpec, arm_config, flat_overrides, load_study
 from unigrad.report.seeds import collapsed, mean_ci, moving_average, paired_difference, seed_averaged, t975
 
 
@@ -92,6 +92,16 @@ def test_study_file_checks():
     assert [per_model.baseline_of(a) for a in ("a", "b", "m")] == ["a", "a", None]
     with pytest.raises(ValueError, match="stat\\(metric\\)"):
         _spec(columns={"x": "mode(grad_norm)"})
+    with pytest.raises(ValueError, match="from 'z' is not an arm"):
+        _spec(arms={"a": {"from": "z"}})
+    with pytest.raises(ValueError, match="a cycle of from"):
+        _spec(arms={"a": {"from": "b"}, "b": {"from": "a"}})
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        _spec(arms={"a": {"steps": 0}})
+    staged = _spec(arms={"a": {"model.name": "m0"}, "b": {"from": "a", "objective": "sft", "steps": 5}})
+    assert arm_config(staged, "b")["max_steps"] == 5 and arm_config(staged, "a")["max_steps"] == 2
+    assert arm_config(staged, "b")["model"]["name"] == "m0" and "from" not in arm_config(staged, "b")
+    assert Study(staged, ".").jobs() == [[("a", 0), ("a", 1), ("a", 2)], [("b", 0), ("b", 1), ("b", 2)]]
     with pytest.raises(ValueError, match="arm name"):
         _spec(arms={"a/b": {}})
     with pytest.raises(ValueError, match="extra"):
@@ -122,7 +132,8 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
         "train": {"model": {"name": str(small_model)}, "tasks": ["arithmetic"], "prompts_per_step": 2,
                   "micro_batch_size": 4, "rollout": {"num_generations": 2, "max_new_tokens": 4},
                   "eval": {"before_after": False}, "save_every": 0, "tensorboard": False},
-        "arms": {"grpo": {"objective": "grpo"}, "gspo": {"objective": "gspo", "optim.mini_batches": 2}},
+        "arms": {"grpo": {"objective": "grpo"}, "gspo": {"objective": "gspo", "optim.mini_batches": 2},
+                 "then": {"from": "grpo", "objective": "dr_grpo", "steps": 1}},  # a staged method
         "columns": {"max grad norm": "max(grad_norm)"}, "curves": ["reward/mean"],
     }
     f = tmp_path / "smoke.yaml"
@@ -139,7 +150,13 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     mean, half = mean_ci(scores)
     expected = f"{100 * mean:.1f}" + (f" ± {100 * half:.1f}" if math.isfinite(half) else "")
     assert f"| `gspo` | {small_model} | {expected} |" in page
-    assert "2 seeds × 2 arms × 2 rollout steps" in page and "Validation pass@1" in page
+    assert "2 seeds × 3 arms × 2 rollout steps (then: 1), staged: then starts from grpo's final weights" in page
+    assert "Validation pass@1" in page
+    for seed in range(2):  # the second stage trained from the first stage's weights of its own seed, for its steps
+        ran = yaml.safe_load((runs / "then" / f"seed{seed}" / "config.yaml").read_text())
+        assert ran["model"]["name"] == str(runs / "grpo" / f"seed{seed}" / "final") and ran["max_steps"] == 1
+        assert len((runs / "then" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert f"| `then` | {small_model} |" in page  # compared with the model its chain starts from
     assert (runs / "start").is_dir() and (runs / "grpo" / "seed1" / "study_eval_validation.json").is_file()
     page_marker = "<!-- notes"
     (tmp_path / "docs" / "smoke.md").write_text(page + "\nhand-written\n")

@@ -12,7 +12,9 @@ A study file holds everything the study depends on (nothing is read from another
     baseline: grpo                                 # the arm the others are compared with, seed by seed; or per
                                                    # model: {unigrad-tiny: grpo, unigrad-tiny-moe: grpo-moe}
     train: {...}                                   # the whole training config every run starts from
-    arms: {grpo: {objective: grpo}, gspo: {objective: gspo}, ...}   # per arm: overrides of `train`
+    arms: {grpo: {objective: grpo}, gspo: {objective: gspo}, ...}   # per arm: overrides of `train`, and two
+                                                   # study keys: steps (this arm's budget) and from: ARM (start
+                                                   # from that arm's final weights, same seed: a staged method)
     columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
     curves: [reward/mean, grad_norm]               # plotted per arm, mean over seeds
 
@@ -101,9 +103,19 @@ class StudySpec(BaseModel):
         for base in named:
             if base not in self.arms:
                 raise ValueError(f"baseline {base!r} is not an arm; arms: {', '.join(self.arms)}")
-        for arm in self.arms:
+        for arm, overrides in self.arms.items():
             if not re.fullmatch(r"[\w.+-]+", arm):
                 raise ValueError(f"arm name {arm!r}: use letters, digits and _ . + - (it names a directory)")
+            steps = overrides.get("steps")
+            if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+                raise ValueError(f"arm {arm!r}: steps must be a positive integer, got {steps!r}")
+            chain = [arm]
+            while (parent := self.arms[chain[-1]].get("from")) is not None:
+                if parent not in self.arms:
+                    raise ValueError(f"arm {chain[-1]!r}: from {parent!r} is not an arm; arms: {', '.join(self.arms)}")
+                if parent in chain:
+                    raise ValueError(f"arms {' -> '.join([*chain, parent])}: a cycle of from")
+                chain.append(parent)
         return self
 
 
@@ -144,9 +156,35 @@ def _merged(train: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+STUDY_KEYS = ("from", "steps")  # arm keys the study reads itself; the rest override `train`
+
+
 def arm_config(spec: StudySpec, arm: str) -> dict[str, Any]:
-    """The training config of one arm: `train` with the arm's overrides (dotted keys allowed) and the budget."""
-    return {**_merged(spec.train, spec.arms[arm]), "max_steps": spec.steps}
+    """The training config of one arm: `train` with the arm's overrides (dotted keys allowed) and its budget (the
+    arm's `steps`, else the study's). An arm `from` another starts from that arm's final weights of the same seed;
+    `model.name` then names the first arm's model here and is set to those weights when the arm runs."""
+    overrides = {k: v for k, v in spec.arms[arm].items() if k not in STUDY_KEYS}
+    config = _merged(spec.train, overrides)
+    root = root_arm(spec, arm)
+    if root != arm:
+        config = _merged(config, {"model.name": _merged(spec.train, spec.arms[root]).get("model", {}).get(
+            "name", "unigrad-tiny")})
+    return {**config, "max_steps": spec.arms[arm].get("steps", spec.steps)}
+
+
+def root_arm(spec: StudySpec, arm: str) -> str:
+    """The first arm of `arm`'s chain of `from` (itself when it has none)."""
+    while (parent := spec.arms[arm].get("from")) is not None:
+        arm = parent
+    return arm
+
+
+def depth(spec: StudySpec, arm: str) -> int:
+    """How many `from` links lead to `arm` (0: it starts from a model)."""
+    n = 0
+    while (arm := spec.arms[arm].get("from")) is not None:
+        n += 1
+    return n
 
 
 class Study:
@@ -165,8 +203,11 @@ class Study:
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.out / arm / f"seed{seed}"
 
-    def jobs(self) -> list[tuple[str, int]]:
-        return [(arm, seed) for seed in range(self.spec.seeds) for arm in self.spec.arms]
+    def jobs(self) -> list[list[tuple[str, int]]]:
+        """The (arm, seed) runs in waves: an arm trained `from` another runs in a later wave than that arm."""
+        levels = sorted({depth(self.spec, arm) for arm in self.spec.arms})
+        return [[(arm, seed) for seed in range(self.spec.seeds) for arm in self.spec.arms
+                 if depth(self.spec, arm) == level] for level in levels]
 
     def run(self) -> None:
         """Train and evaluate every (arm, seed) not done yet, `parallel` at a time; then the start checkpoints."""
@@ -174,16 +215,20 @@ class Study:
         for arm in self.spec.arms:  # the pinned config of each arm, next to its runs
             (self.out / arm).mkdir(exist_ok=True)
             (self.out / arm / "config.yaml").write_text(yaml.safe_dump(arm_config(self.spec, arm), sort_keys=False))
-        jobs = self.jobs()
+        waves = self.jobs()
+        total, done = sum(len(w) for w in waves), 0
         started = time.time()
         with ThreadPoolExecutor(self.spec.parallel) as pool:
-            for i, _ in enumerate(pool.map(lambda job: self._one(*job), jobs), start=1):
-                self.log(f"study: {i}/{len(jobs)} runs done ({(time.time() - started) / 60:.1f} min)")
+            for wave in waves:
+                for _ in pool.map(lambda job: self._one(*job), wave):
+                    done += 1
+                    self.log(f"study: {done}/{total} runs done ({(time.time() - started) / 60:.1f} min)")
         for model in sorted({self.model_of(arm) for arm in self.spec.arms}):
             for split in self.spec.eval.splits:
                 self._evaluate(model, self.start_dir(model), split, self.spec.arms[self._arm_of_model(model)])
 
     def model_of(self, arm: str) -> str:
+        """The model the arm's chain starts from (for an arm `from` another: the first arm's)."""
         return str(arm_config(self.spec, arm).get("model", {}).get("name", "unigrad-tiny"))
 
     def baseline_of(self, arm: str) -> str | None:
@@ -207,8 +252,20 @@ class Study:
             return
         config = self.out / arm / "config.yaml"
         threads = ["threads=1"] if self.spec.parallel > 1 else []
+        parent = self.spec.arms[arm].get("from")
+        start = []
+        if parent is not None:
+            weights = self.run_dir(parent, seed) / "final"
+            if self.status(parent, seed).get("stopped"):  # the method's first stage stopped: so did the method
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "study_status.json").write_text(json.dumps({"stopped": f"{parent} stopped"}))
+                return
+            if not weights.is_dir():
+                raise RuntimeError(f"study: {arm} seed {seed} starts from {parent}'s final weights, and {weights} "
+                                   f"is missing ({parent} seed {seed} stopped early or failed)")
+            start = [f"model.name={weights}"]
         try:
-            run_training(run_dir, config, [f"seed={seed}", *threads], report=False,
+            run_training(run_dir, config, [f"seed={seed}", *threads, *start], report=False,
                          log=Path(f"{run_dir}.log") if self.spec.parallel > 1 else None)
         except subprocess.CalledProcessError as err:
             if err.returncode != 3:  # 3: the run stopped itself (an alarm, non-finite steps); anything else is a bug
@@ -256,9 +313,12 @@ class Study:
         return bool(self.status(arm, seed).get("stopped")) or collapsed(
             series(self.metrics(arm, seed), self.spec.collapse_metric))
 
-    def train_minutes(self, arm: str, seed: int) -> float:
-        """Training time of the run: the sum of its steps' `time/step` (model loading and evaluation excluded)."""
-        return sum(x for x in series(self.metrics(arm, seed), "time/step") if math.isfinite(x)) / 60
+    def train_minutes(self, arm: str, seed: int, chain: bool = True) -> float:
+        """Training time of the run (`chain`: and of the runs it starts `from`): the sum of their steps' `time/step`
+        (model loading and evaluation excluded)."""
+        own = sum(x for x in series(self.metrics(arm, seed), "time/step") if math.isfinite(x)) / 60
+        parent = self.spec.arms[arm].get("from")
+        return own + (self.train_minutes(parent, seed) if chain and parent is not None else 0.0)
 
     def column(self, arm: str, seed: int, text: str) -> float:
         stat, key = COLUMN.match(text.strip()).groups()
