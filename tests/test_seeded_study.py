@@ -72,6 +72,7 @@ def test_run_statistics_from_metrics(tmp_path):
     assert study.column("a", 0, "mean(grad_norm)") == pytest.approx(2.9)
     assert study.column("a", 0, "max(grad_norm)") == 8
     assert study.column("a", 0, "median(grad_norm)") == 2  # sorted: 1 1 1 2 2 2 4 4 4 8
+    assert study.column("a", 0, "sum(grad_norm)") == 29
     assert study.column("a", 0, "last(grad_norm)") == 8  # the last tenth: one step
     assert study.column("a", 0, "growth(grad_norm)") == pytest.approx((4 + 4 + 8) / 3 / 1)  # last third / first
     assert study.column("a", 0, "alarms(grad_spike)") == 2

@@ -27,7 +27,7 @@ seeds and its paired per-prompt standard error (`unigrad.report.seeds`). A run t
 an alarm in `monitors.stop_on`, non-finite steps) is recorded as stopped and counted as a collapse.
 
 Column statistics (`stat(metric)`): mean (over the run's steps), median (for heavy-tailed ones such as
-ratios), max, min, last (mean of the last tenth),
+ratios), sum (e.g. of `flops/learner`: the run's compute), max, min, last (mean of the last tenth),
 growth (mean of the last third / mean of the first third), alarms (how many steps fired `alarm/NAME`; give the
 alarm's name), count (steps where the metric is > 0). Each is computed per run, then summarised over seeds.
 """
@@ -53,7 +53,7 @@ from unigrad.report.run_report import read_metrics
 from unigrad.report.seeds import collapsed, series
 from unigrad.report.study import run_training
 
-STATS = ("mean", "median", "max", "min", "last", "growth", "alarms", "count")
+STATS = ("mean", "median", "sum", "max", "min", "last", "growth", "alarms", "count")
 COLUMN = re.compile(r"^(\w+)\(([^()]+)\)$")
 
 
@@ -336,4 +336,5 @@ class Study:
             third = max(1, len(values) // 3)
             first = statistics.fmean(values[:third])
             return statistics.fmean(values[-third:]) / first if first else float("nan")
-        return {"mean": statistics.fmean, "median": statistics.median, "max": max, "min": min}[stat](values)
+        return {"mean": statistics.fmean, "median": statistics.median, "sum": math.fsum, "max": max, "min": min}[stat](
+            values)

@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 
+from unigrad.diagnostics.compute import step_flops
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.objective import Objective
 from unigrad.rollout.base import RolloutEngine, SamplingParams
 from unigrad.tasks.base import Example, Task
+from unigrad.train.batch import Batch
 from unigrad.train.distributed import SINGLE, Distributed
 from unigrad.train.learn import LearnSettings, learn
 from unigrad.train.learner import Learner
@@ -79,6 +81,7 @@ class StepContext:
     max_turns: int | None = None  # cap on a multi-turn task's assistant turns (None: each task's own)
     tool_style: str = "plain"  # how tool calls are written: "hf" (chat templates with tools=) or "plain"
     context_length: int | None = None  # the model's: an episode ends when its next turn would not fit
+    num_parameters: int | None = None  # the model's, for the compute estimate (counted at the first step)
 
     @property
     def multi_turn(self) -> bool:
@@ -119,6 +122,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     metrics.update(produced.sampling_metrics)
     ctx.reward_errors = produced.reward_errors
     metrics.update(learned)
+    metrics.update(_step_flops(ctx, produced, batch))
     metrics.update({"time/rollout": produced.time_rollout, "time/reward": produced.time_reward,
                     "time/weight_sync": t_sync, "time/step": time.perf_counter() - t_start})
     if waited is not None:  # every row of a batch shares its version
@@ -129,6 +133,19 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     for record in samples:
         record["policy_version"] = batch.policy_version  # the weights that sampled it (rollout steps trained)
     return metrics, samples
+
+
+def _step_flops(ctx: StepContext, p: Produced, batch: Batch) -> dict[str, float]:
+    """The step's estimated compute (unigrad.diagnostics.compute), token counts summed over processes."""
+    ro, sampled = p.rollout, ~p.off_policy
+    rollout_tokens = float((ro.prompt_mask.sum(-1) + ro.context_mask.sum(-1))[sampled].sum()) \
+        if ro.num_sequences else 0.0
+    trained = sum(float(c.sequences.prompt_mask.sum() + c.sequences.context_mask.sum()) for c in batch.components)
+    if ctx.num_parameters is None:
+        ctx.num_parameters = sum(t.numel() for t in ctx.learner.model.parameters())
+    return step_flops(ctx.num_parameters, ctx.dist.sum_float(rollout_tokens), ctx.dist.sum_float(trained),
+                      ctx.num_iterations, ctx.mini_batches,
+                      reference=any(c.objective.beta > 0 for c in batch.components))
 
 
 def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[str, float]:
