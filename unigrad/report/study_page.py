@@ -33,6 +33,8 @@ def num(x: float) -> str:
         return "–"
     if x == 0:
         return "0"
+    if abs(x) >= 1e6:  # FLOPs and the like
+        return f"{x:.3g}"
     if abs(x) >= 100:
         return f"{x:.0f}"
     return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
