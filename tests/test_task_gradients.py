@@ -93,13 +93,10 @@ def test_step_task_gradients_sum_to_g_and_match_a_from_scratch_computation():
     assert sum(metrics[f"grad/{k}/share"] for k in per_task) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "cispo"])  # sequence-mean and token-mean aggregation
-def test_own_normaliser_norms_match_each_task_loss_divided_by_its_own_counts(objective):
-    """grad/<task>/sq_norm_own is the squared norm of task k's loss with task k's own normaliser (its sequences, or
-    its tokens for token-mean), computed from scratch here."""
-    from unigrad.objective import resolve_objective
-
-    ctx = step_context(task_gradients=True, objective=objective)
+def _one_step_then_rewind(objective: str, **fields):
+    """One accounted step of `objective` with length rewards; then the model back at the step's starting weights,
+    and the step's rollout, each row's task and its GRPO advantage, recomputed independently."""
+    ctx = step_context(task_gradients=True, objective=objective, **fields)
     length_rewards(ctx)
     seen = observe(ctx)
     state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
@@ -109,7 +106,16 @@ def test_own_normaliser_norms_match_each_task_loss_divided_by_its_own_counts(obj
     picks = replayed_picks(ctx)
     picks_task = torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
     rewards = torch.tensor([float(len(t) % 3 == 0) for t in decode_completions(ctx.tokenizer, ro)])
-    adv = compute_advantages(rewards, ro.group_ids, "grpo")
+    return ctx, seen, metrics, ro, model, picks_task, compute_advantages(rewards, ro.group_ids, "grpo")
+
+
+@pytest.mark.parametrize("objective", ["grpo", "cispo"])  # sequence-mean and token-mean aggregation
+def test_own_normaliser_norms_match_each_task_loss_divided_by_its_own_counts(objective):
+    """grad/<task>/sq_norm_own is the squared norm of task k's loss with task k's own normaliser (its sequences, or
+    its tokens for token-mean), computed from scratch here."""
+    from unigrad.objective import resolve_objective
+
+    ctx, seen, metrics, ro, model, picks_task, adv = _one_step_then_rewind(objective)
     assert resolve_objective(objective).aggregation == ("token_mean" if objective == "cispo" else
                                                           "seq_mean_token_mean")
     own = {}
@@ -135,17 +141,7 @@ def test_per_sample_gradient_norms_from_scratch(objective):
     from unigrad.train.learn import sample_rows
 
     wanted = 2
-    ctx = step_context(task_gradients=True, objective=objective, sample_gradients=wanted)
-    length_rewards(ctx)
-    seen = observe(ctx)
-    state = {k: v.clone() for k, v in ctx.learner.model.state_dict().items()}
-    metrics, _ = train_step(ctx, 1)
-    ro, model = seen["rollout"], ctx.learner.model
-    model.load_state_dict(state)
-    picks = replayed_picks(ctx)
-    picks_task = torch.tensor([picks[g][0] for g in ro.group_ids.tolist()])
-    rewards = torch.tensor([float(len(t) % 3 == 0) for t in decode_completions(ctx.tokenizer, ro)])
-    adv = compute_advantages(rewards, ro.group_ids, "grpo")
+    ctx, seen, metrics, ro, model, picks_task, adv = _one_step_then_rewind(objective, sample_gradients=wanted)
     means = {}
     for k, task in enumerate(ctx.tasks):
         rows = sample_rows(torch.nonzero((picks_task == k) & (adv != 0)).flatten(), wanted)
