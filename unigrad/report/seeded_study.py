@@ -172,19 +172,22 @@ def arm_config(spec: StudySpec, arm: str) -> dict[str, Any]:
     return {**config, "max_steps": spec.arms[arm].get("steps", spec.steps)}
 
 
+def chain(spec: StudySpec, arm: str) -> list[str]:
+    """`arm`, the arm it starts `from`, that arm's, ... (just `arm` when it starts from a model)."""
+    out = [arm]
+    while (parent := spec.arms[out[-1]].get("from")) is not None:
+        out.append(parent)
+    return out
+
+
 def root_arm(spec: StudySpec, arm: str) -> str:
     """The first arm of `arm`'s chain of `from` (itself when it has none)."""
-    while (parent := spec.arms[arm].get("from")) is not None:
-        arm = parent
-    return arm
+    return chain(spec, arm)[-1]
 
 
 def depth(spec: StudySpec, arm: str) -> int:
     """How many `from` links lead to `arm` (0: it starts from a model)."""
-    n = 0
-    while (arm := spec.arms[arm].get("from")) is not None:
-        n += 1
-    return n
+    return len(chain(spec, arm)) - 1
 
 
 class Study:
