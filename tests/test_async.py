@@ -110,6 +110,40 @@ def test_a_worker_that_stops_answering_times_out_and_closing_it_ends_its_process
     assert not alive
 
 
+def test_an_idle_worker_ends_when_the_training_process_is_killed(tmp_path):
+    """SIGKILL leaves the training process no chance to close its worker; an idle worker, waiting on a job queue
+    it holds both ends of, would wait forever unless it watches its parent."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from unigrad.rollout.async_worker import EngineWorker\n"
+        "if __name__ == '__main__':\n"
+        "    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,\n"
+        "                         num_attention_heads=2, num_key_value_heads=2)\n"
+        "    worker = EngineWorker(LlamaForCausalLM(config), 0, 1, threads=1, timeout=120)\n"
+        "    print(worker.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        worker = psutil.Process(int(parent.stdout.readline()))  # started and answered: idle from here on
+        assert worker.ppid() == parent.pid
+        parent.kill()
+        parent.wait()
+        gone, alive = psutil.wait_procs([worker], timeout=20)
+        for process in alive:
+            process.kill()
+        assert not alive, "the idle worker outlived the killed training process"
+    finally:
+        parent.kill()
+
+
 def test_thread_split_gives_each_side_a_core_on_two():
     assert thread_split(0, 0, 2) == (1, 1)
     assert thread_split(0, 0, 16) == (8, 8)

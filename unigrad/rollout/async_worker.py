@@ -6,7 +6,9 @@ submitted: weights sent after a generation was submitted reach the engine after 
 generation samples with exactly the weights submitted before it. A generation's result carries what it cost
 (`busy`) and how long the engine sat idle since the previous generation (`idle`: waiting for work or weights).
 
-The worker ignores SIGINT (the training process decides what an interrupt does), and a result that does not
+The worker ignores SIGINT (the training process decides what an interrupt does) and ends as soon as the training
+process does, even one killed by SIGKILL (a thread waits on the parent's sentinel: nothing else would tell it, since
+it holds both ends of its own job queue and would otherwise wait on it forever). A result that does not
 arrive within `timeout` seconds, or a worker that died, raises `RolloutWorkerDied` naming what happened: the
 training loop never waits forever.
 """
@@ -54,9 +56,28 @@ def _begin() -> float:
     return now
 
 
+def _exit_with_parent() -> None:
+    """End this worker process when its parent ends, however it ended (see the module docstring)."""
+    import multiprocessing
+    import os
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:  # pragma: no cover - only ever called in a spawned worker
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads, episodes=None) -> None:
     global _ENGINE, _LAST_DONE, _EPISODES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     from .ray_pool import EngineHost
 
     _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
