@@ -153,6 +153,8 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     assert f"| `gspo` | {small_model} | {expected} |" in page
     assert "2 seeds × 3 arms × 2 rollout steps (then: 1), staged: then starts from grpo's final weights" in page
     assert "Validation pass@1" in page
+    start = json.loads(next((runs / "start").glob("*/study_eval_test.json")).read_text())
+    assert f"| start: {small_model} | {100 * start['arithmetic']['pass@1']:.1f} |" in page  # per task, the start
     for seed in range(2):  # the second stage trained from the first stage's weights of its own seed, for its steps
         ran = yaml.safe_load((runs / "then" / f"seed{seed}" / "config.yaml").read_text())
         assert ran["model"]["name"] == str(runs / "grpo" / f"seed{seed}" / "final") and ran["max_steps"] == 1

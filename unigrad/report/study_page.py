@@ -170,6 +170,10 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
               "| arm | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for arm, s in summaries.items():
         lines.append(f"| `{arm}` | " + " | ".join(pm(*s["tasks"][t]) for t in tasks) + " |")
+    first_arm = {models[a]: a for a in reversed(list(spec.arms))}  # each start model, by the first arm on it
+    for model, arm in first_arm.items():
+        start = study.start_evaluation(arm, "test")
+        lines.append(f"| start: {model} | " + " | ".join(f"{100 * start[t]['pass@1']:.1f}" for t in tasks) + " |")
     if "validation" in spec.eval.splits:
         lines += ["", "Validation pass@1 (what choices are made on; mean ± 95% CI over seeds): "
                   + "; ".join(f"`{a}` {pm(*arm_summary(study, a, 'validation')['pass1'])}" for a in spec.arms) + "."]
