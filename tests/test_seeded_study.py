@@ -105,6 +105,12 @@ def test_study_file_checks():
     assert Study(staged, ".").jobs() == [[("a", 0), ("a", 1), ("a", 2)], [("b", 0), ("b", 1), ("b", 2)]]
     with pytest.raises(ValueError, match="arm name"):
         _spec(arms={"a/b": {}})
+    with pytest.raises(ValueError, match="'c' is not an arm"):
+        _spec(comparisons=[["a", "c"]])
+    with pytest.raises(ValueError, match="expected two arms"):
+        _spec(comparisons=[["a", "b", "a"]])
+    with pytest.raises(ValueError, match="compared with itself"):
+        _spec(comparisons=[["a", "a"]])
     with pytest.raises(ValueError, match="extra"):
         _spec(sedes=3)
     assert flat_overrides({"optim": {"lr": 1e-4}, "tasks": ["a", "b"], "objective": "gspo"}) == [
@@ -126,6 +132,18 @@ def test_every_shipped_study_file_is_valid():
             validate_config(arm_config(spec, arm))
 
 
+def test_curves_smooth_dense_metrics_and_show_sparse_ones_where_logged():
+    from unigrad.report.study_page import curve_points
+
+    nan = float("nan")
+    dense = [[1.0, 3.0, 5.0, 7.0], [3.0, 5.0, 7.0, 9.0]]  # window 2: 1, 2, 4, 6 and 3, 4, 6, 8
+    assert curve_points(dense, 2) == ([1, 2, 3, 4], [2.0, 3.0, 5.0, 7.0], [1.0, 2.0, 4.0, 6.0],
+                                      [3.0, 4.0, 6.0, 8.0], False)
+    # An evaluation every third step: its points as logged, not a trailing mean that reaches back to step 3.
+    sparse = [[nan, nan, 0.30, nan, nan, 0.50], [nan, nan, 0.40, nan, nan, 0.60]]
+    assert curve_points(sparse, 10) == ([3, 6], [0.35, 0.55], [0.30, 0.50], [0.40, 0.60], True)
+
+
 def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     spec = {
         "title": "smoke", "doc": "docs/smoke.md", "question": "does it run?", "seeds": 2, "steps": 2,
@@ -136,6 +154,7 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
         "arms": {"grpo": {"objective": "grpo"}, "gspo": {"objective": "gspo", "optim.mini_batches": 2},
                  "then": {"from": "grpo", "objective": "dr_grpo", "steps": 1}},  # a staged method
         "columns": {"max grad norm": "max(grad_norm)"}, "curves": ["reward/mean"],
+        "comparisons": [["gspo", "then"]],
     }
     f = tmp_path / "smoke.yaml"
     f.write_text(yaml.safe_dump(spec))
@@ -151,6 +170,11 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     mean, half = mean_ci(scores)
     expected = f"{100 * mean:.1f}" + (f" ± {100 * half:.1f}" if math.isfinite(half) else "")
     assert f"| `gspo` | {small_model} | {expected} |" in page
+    then = [json.loads((runs / "then" / f"seed{s}" / "study_eval_test.json").read_text())["mean"]["pass@1"]
+            for s in range(2)]
+    mean, half = mean_ci([a - b for a, b in zip(scores, then, strict=True)])
+    expected = f"{100 * mean:+.1f}" + (f" ± {100 * half:.1f}" if math.isfinite(half) else "")
+    assert f"| `gspo` − `then` | {expected} |" in page  # a further comparison, paired by seed
     assert "2 seeds × 3 arms × 2 rollout steps (then: 1), staged: then starts from grpo's final weights" in page
     assert "Validation pass@1" in page
     start = json.loads(next((runs / "start").glob("*/study_eval_test.json")).read_text())

@@ -77,6 +77,8 @@ class StudySpec(BaseModel):
     train: dict[str, Any]
     arms: dict[str, dict[str, Any]] = Field(min_length=1)
     columns: dict[str, str] = {}
+    comparisons: list[list[str]] = Field(
+        [], description="further seed-paired differences to report, each [arm, other arm]: arm minus other")
     curves: list[str] = []
     collapse_metric: str = "reward/mean"
 
@@ -103,6 +105,14 @@ class StudySpec(BaseModel):
         for base in named:
             if base not in self.arms:
                 raise ValueError(f"baseline {base!r} is not an arm; arms: {', '.join(self.arms)}")
+        for pair in self.comparisons:
+            if len(pair) != 2:
+                raise ValueError(f"comparison {pair}: expected two arms, [arm, other arm]")
+            for arm in pair:
+                if arm not in self.arms:
+                    raise ValueError(f"comparison {list(pair)}: {arm!r} is not an arm; arms: {', '.join(self.arms)}")
+            if pair[0] == pair[1]:
+                raise ValueError(f"comparison {list(pair)}: an arm compared with itself")
         for arm, overrides in self.arms.items():
             if not re.fullmatch(r"[\w.+-]+", arm):
                 raise ValueError(f"arm name {arm!r}: use letters, digits and _ . + - (it names a directory)")

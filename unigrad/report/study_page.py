@@ -72,17 +72,40 @@ def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
     }
     base = study.baseline_of(arm)
     if base is not None and base != arm:
-        paired = [s for s in done if study.evaluation(base, s, split) is not None]
-        b = {s: study.evaluation(base, s, split) for s in paired}
-        out["vs_baseline"] = mean_ci([evals[s]["mean"]["pass@1"] - b[s]["mean"]["pass@1"] for s in paired])
-        out["vs_baseline_prompt_se"] = paired_difference([evals[s] for s in paired], [b[s] for s in paired])[1] \
-            if paired else float("nan")
+        out["vs_baseline"], out["vs_baseline_prompt_se"] = seed_paired(study, arm, base, split)
     return out
 
 
+def seed_paired(study: Study, arm: str, other: str, split: str = "test") -> tuple[tuple[float, float], float]:
+    """`arm` minus `other` in mean pass@1 on `split`, over the seeds both have: (mean, 95% CI half-width) of the
+    per-seed differences, and the paired per-prompt standard error of the difference."""
+    both = [s for s in range(study.spec.seeds)
+            if study.evaluation(arm, s, split) is not None and study.evaluation(other, s, split) is not None]
+    a = [study.evaluation(arm, s, split) for s in both]
+    b = [study.evaluation(other, s, split) for s in both]
+    diff = mean_ci([x["mean"]["pass@1"] - y["mean"]["pass@1"] for x, y in zip(a, b, strict=True)])
+    return diff, (paired_difference(a, b)[1] if both else float("nan"))
+
+
+def curve_points(runs: list[list[float]], window: int = 10) -> tuple[list[int], list[float], list[float], list[float],
+                                                                       bool]:
+    """One arm's curve from its seeds' per-step values (NaN where a step did not log the metric): (steps, mean over
+    seeds, lowest seed, highest seed, sparse). A metric logged on most steps is smoothed (trailing mean over `window`
+    steps); a sparse one (logged on fewer than half the steps, as periodic evaluations are) is shown at the steps
+    that logged it, unsmoothed: a trailing mean over its last `window` values would average far-apart points."""
+    sparse = sum(math.isfinite(x) for r in runs for x in r) < sum(len(r) for r in runs) / 2
+    if not sparse:
+        runs = [moving_average(r, window) for r in runs]
+    n = min(len(r) for r in runs)
+    cols = [[r[i] for r in runs if math.isfinite(r[i])] for i in range(n)]
+    kept = [(i + 1, c) for i, c in enumerate(cols) if c]
+    return ([i for i, _ in kept], [statistics.fmean(c) for _, c in kept], [min(c) for _, c in kept],
+            [max(c) for _, c in kept], sparse)
+
+
 def plot_curves(study: Study, path: Path, window: int = 10) -> list[Path]:
-    """One PNG per curve metric: per arm the mean over seeds of the metric's trailing mean (window steps), with
-    the lowest and highest seed shaded."""
+    """One PNG per curve metric: per arm the mean over seeds (smoothed unless sparse, see `curve_points`), with the
+    lowest and highest seed shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,20 +114,24 @@ def plot_curves(study: Study, path: Path, window: int = 10) -> list[Path]:
     written = []
     for key in study.spec.curves:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        any_sparse = False
         for arm in study.spec.arms:
-            runs = [moving_average(series(study.metrics(arm, s), key), window) for s in range(study.spec.seeds)
+            runs = [series(study.metrics(arm, s), key) for s in range(study.spec.seeds)
                     if (study.run_dir(arm, s) / "metrics.jsonl").is_file()]
             if not runs:
                 continue
-            n = min(len(r) for r in runs)
-            cols = [[r[i] for r in runs if math.isfinite(r[i])] for i in range(n)]
-            steps = [i + 1 for i, c in enumerate(cols) if c]
-            ax.plot(steps, [statistics.fmean(c) for c in cols if c], label=arm, linewidth=1.2)
-            ax.fill_between(steps, [min(c) for c in cols if c], [max(c) for c in cols if c], alpha=0.15)
+            steps, mean, low, high, sparse = curve_points(runs, window)
+            if not steps:
+                continue
+            any_sparse |= sparse
+            ax.plot(steps, mean, label=arm, linewidth=1.2, marker="o" if sparse else None, markersize=3)
+            ax.fill_between(steps, low, high, alpha=0.15)
         ax.set_xlabel("rollout step")
         ax.set_ylabel(key)
-        ax.set_title(f"{key} (trailing mean over {window} steps; band: lowest to highest seed)", fontsize=9)
-        ax.legend(fontsize=7)
+        how = "the steps that logged it" if any_sparse else f"trailing mean over {window} steps"
+        ax.set_title(f"{key} ({how}; band: lowest to highest seed)", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         out = path.with_name(f"{path.stem}_{key.replace('/', '_')}.png")
         fig.savefig(out, dpi=110)
@@ -174,6 +201,18 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
     for model, arm in first_arm.items():
         start = study.start_evaluation(arm, "test")
         lines.append(f"| start: {model} | " + " | ".join(f"{100 * start[t]['pass@1']:.1f}" for t in tasks) + " |")
+    if spec.comparisons:
+        splits = [sp for sp in ("test", "validation") if sp in spec.eval.splits]
+        lines += ["", "Further comparisons (pass@1 of the first arm minus the second, seed-paired: mean ± 95% CI over "
+                  "seeds; prompt SE as above):", "",
+                  "| arms | " + " | ".join(f"{sp} difference | prompt SE" for sp in splits) + " |",
+                  "| --- |" + " --- | --- |" * len(splits)]
+        for arm, other in spec.comparisons:
+            cells = []
+            for sp in splits:
+                diff, se = seed_paired(study, arm, other, sp)
+                cells += [pm(*diff, signed=True), f"{100 * se:.1f}"]
+            lines.append(f"| `{arm}` − `{other}` | " + " | ".join(cells) + " |")
     if "validation" in spec.eval.splits:
         lines += ["", "Validation pass@1 (what choices are made on; mean ± 95% CI over seeds): "
                   + "; ".join(f"`{a}` {pm(*arm_summary(study, a, 'validation')['pass1'])}" for a in spec.arms) + "."]
