@@ -79,10 +79,9 @@ def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
 def seed_paired(study: Study, arm: str, other: str, split: str = "test") -> tuple[tuple[float, float], float]:
     """`arm` minus `other` in mean pass@1 on `split`, over the seeds both have: (mean, 95% CI half-width) of the
     per-seed differences, and the paired per-prompt standard error of the difference."""
-    both = [s for s in range(study.spec.seeds)
-            if study.evaluation(arm, s, split) is not None and study.evaluation(other, s, split) is not None]
-    a = [study.evaluation(arm, s, split) for s in both]
-    b = [study.evaluation(other, s, split) for s in both]
+    pairs = [(study.evaluation(arm, s, split), study.evaluation(other, s, split)) for s in range(study.spec.seeds)]
+    both = [(x, y) for x, y in pairs if x is not None and y is not None]
+    a, b = [x for x, _ in both], [y for _, y in both]
     diff = mean_ci([x["mean"]["pass@1"] - y["mean"]["pass@1"] for x, y in zip(a, b, strict=True)])
     return diff, (paired_difference(a, b)[1] if both else float("nan"))
 
