@@ -12,6 +12,7 @@ from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty, uniform_groups
 from unigrad.train.dynamic_sampling import AllGroupsUniform
 from unigrad.train.produce import produce
+from unigrad.train.routing import TrainingMode
 
 
 def test_overlong_penalty_follows_the_papers_formula_at_its_boundaries():
@@ -125,3 +126,42 @@ def test_a_run_whose_groups_all_stay_uniform_stops_through_the_cli(small_model, 
               "--output-dir", tmp_path / "run", cwd=tmp_path)
     assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "had equal rewards" in res.stderr and "rollout.dynamic_sampling=false" in res.stderr
+
+
+def test_overlong_shaping_leaves_the_demonstration_rows_alone():
+    """LUFFY-style guidance: the demonstration in each group is not the model's sample; its length says nothing
+    about the budget, so DAPO's length penalty touches the sampled rows only."""
+    ctx = step_context(objective="luffy", mode=TrainingMode("in_group"), overlong_buffer=3)  # budget 6 tokens
+    for task in ctx.tasks:
+        task.verify = lambda texts, examples: [1.0] * len(texts)
+    _, produced = produce(ctx, step=1, policy_version=0)
+    off = produced.off_policy
+    lengths = produced.rollout.completion_mask.sum(-1).float()
+    assert off.sum() == ctx.prompts_per_step and (lengths[off] > 3).sum() >= 2  # demonstrations shaping would hit
+    penalty = (-(lengths - 3) / 3).clamp(min=-1.0, max=0.0) * ~off
+    assert (penalty[~off] < 0).any()
+    want = compute_advantages(1.0 + penalty, produced.rollout.group_ids, "grpo")
+    torch.testing.assert_close(produced.all_advantages, want)
+    assert produced.sampling_metrics["rewards/overlong_penalty"] == pytest.approx(penalty[~off].mean().item(),
+                                                                                  abs=1e-6)
+
+
+def test_each_resample_round_samples_from_new_prompt_streams():
+    """Two rounds all uniform, then every group has a contrast: the three rounds' 6 prompts sample from streams
+    0-5, 6-11 and 12-17 of the step (seed = step seed * 1_000_003 + stream), none reused."""
+    ctx = step_context(dynamic_sampling=True, max_resample=3)
+    calls, generate = [], ctx.engine.generate
+
+    def record(prompts, n, sampling):
+        calls.append(list(sampling.prompt_seeds))
+        return generate(prompts, n, sampling)
+
+    ctx.engine.generate = record
+    for task in ctx.tasks:  # rows of a group are consecutive: alternating rewards give each group a contrast
+        task.verify = lambda texts, examples: [0.0 if len(calls) < 3 else float(i % 2) for i in range(len(texts))]
+    _, produced = produce(ctx, step=4, policy_version=0)
+    assert produced.sampling_metrics["dynamic_sampling/rounds"] == 3.0
+    assert produced.sampling_metrics["dynamic_sampling/missing"] == 0.0
+    step_seed = ctx.seed * 1_000_003 + 4
+    streams = [(step_seed * 1_000_003 + k) % 2**63 for k in range(18)]
+    assert calls == [streams[0:6], streams[6:12], streams[12:18]]
