@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import random
+from collections import Counter
 
 from unigrad.tasks.base import Example
+from unigrad.tasks.code_result import read_results
 from unigrad.tasks.extract import parse_expression
 from unigrad.tasks.sandbox import SandboxLimits, run_many
 from unigrad.tasks.synthetic import SyntheticTask
+
+log = logging.getLogger(__name__)
 
 # (difficulty, kind of arguments, phrasings, canonical expression). {0} and {1} stand for the parameter
 # names (drawn from NAMES), A and B for factors in 2..9, C for a term in 1..99. Names and phrasings vary
@@ -167,19 +172,26 @@ class CodeTask(SyntheticTask):
             keys.append(key)
         results = run_many(list(programs), self.limits, max_workers=self.max_workers)
         outputs = [results[programs[k]].stdout if k is not None else "" for k in keys]
-        return [self._score_output(out, ex) for out, ex in zip(outputs, examples, strict=True)]
+        failures: Counter[str] = Counter()
+        scores = [self._score_output(out, ex, failures) for out, ex in zip(outputs, examples, strict=True)]
+        self.last_failures = dict(failures)
+        return scores
 
-    def _score_output(self, stdout: str, example: Example) -> float:
-        lines = [line for line in stdout.splitlines() if line.startswith(MARKER)]
-        if not lines:
-            return 0.0
+    def _score_output(self, stdout: str, example: Example, failures: Counter[str] | None = None) -> float:
+        """The completion's reward from its snippet's stdout; never raises: an output that cannot be read scores 0
+        and its reason (`code_result.REASONS`, or "parser_error") is counted in `failures`."""
+        failures = Counter() if failures is None else failures
         try:
-            results = json.loads(lines[-1][len(MARKER) :])
-            passed = sum(
-                status == "ok" and _same(json.loads(value), test["expected"])
-                for (status, value), test in zip(results, example.meta["tests"], strict=True)
-            )
-        except (ValueError, TypeError):
+            results, reason = read_results(stdout, MARKER, len(example.meta["tests"]))
+            if reason is not None:
+                failures[reason] += 1
+            if results is None:
+                return 0.0
+            passed = sum(status == "ok" and _same(value, test["expected"])
+                         for (status, value), test in zip(results, example.meta["tests"], strict=True))
+        except Exception:  # noqa: BLE001 - a last resort: one completion's output must never fail the batch
+            log.warning("code: reading a snippet's output failed; it scores 0", exc_info=True)
+            failures["parser_error"] += 1
             return 0.0
         total = len(example.meta["tests"])
         return passed / total if self.partial_credit else float(passed == total)

@@ -33,10 +33,13 @@ def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
 
     needed, kept, drawn, dropped, offset = len(picks), [], 0, 0, len(picks)
     current, current_picks, rounds, t_rollout, t_reward, errors = first, picks, 0, 0.0, 0.0, {}
+    failures: dict[str, float] = {}
     while True:
         rounds += 1
         t_rollout, t_reward = t_rollout + current.time_rollout, t_reward + current.time_reward
         errors.update(current.errors)  # a dropped draw's verifier errors are still reported
+        for key, count in current.failures.items():  # and its completions scored as failed
+            failures[key] = failures.get(key, 0.0) + count
         uniform = uniform_groups(current.rewards, current.rollout.group_ids, len(current_picks))
         keep = torch.nonzero(~uniform).flatten()[:needed]
         drawn, dropped = drawn + len(current_picks), dropped + int(uniform.sum())
@@ -58,7 +61,7 @@ def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
             "tasks, or set rollout.dynamic_sampling=false")
     merged = merge(kept, ctx.tokenizer.pad_token_id)
     merged.time_rollout, merged.time_reward = t_rollout, t_reward  # every draw's, the dropped ones' too
-    merged.errors = errors
+    merged.errors, merged.failures = errors, failures
     return merged, merged.picks, metrics
 
 

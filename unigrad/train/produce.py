@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,7 @@ class Produced:
     time_reward: float
     sampling_metrics: dict[str, float]  # dynamic sampling's counts and the overlong penalty (when on)
     episodes: Episodes | None = None  # multi-turn runs: turns, tool calls and errors per row
+    score_failures: dict[str, float] = field(default_factory=dict)  # "rewards/failed/TASK/REASON": this process's
 
 
 def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Produced]:
@@ -105,7 +106,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
                   policy_version, first_prompt=lo, num_prompts=len(picks))
     return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
                            all_adv, prompt_task, routed.sft_prompt, drawn.errors, drawn.time_rollout,
-                           drawn.time_reward, sampling_metrics, drawn.episodes)
+                           drawn.time_reward, sampling_metrics, drawn.episodes, drawn.failures)
 
 
 def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
@@ -134,6 +135,7 @@ class Drawn:
     time_rollout: float = 0.0
     time_reward: float = 0.0
     episodes: Episodes | None = None  # multi-turn runs (`unigrad.rollout.episodes`)
+    failures: dict[str, float] = field(default_factory=dict)  # completions scored as failed, by reason (`score`)
 
 
 def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None,
@@ -156,15 +158,16 @@ def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, gener
     row_task = torch.tensor([t for t, _ in picks], dtype=torch.long)[ro.group_ids]  # (N,)
     # single-turn tasks' rows go to their verifiers; a multi-turn task's rows have their episode's reward
     single = [task if not is_multi_turn(task) else None for task in ctx.tasks]
+    failures: dict[str, float] = {}
     rewards, errors = score(single, texts, [examples[g] for g in ro.group_ids.tolist()], row_task,
-                            ctx.reward_timeout)
+                            ctx.reward_timeout, failures)
     if episodes is not None:
         from_episode = torch.tensor([is_multi_turn(ctx.tasks[t]) for t in row_task.tolist()], dtype=torch.bool)
         rewards = torch.where(from_episode, episodes.rewards, rewards)
         for row, failure in episodes.failures.items():
             errors.setdefault(ctx.tasks[int(row_task[row])].name, failure)
     return Drawn(list(picks), examples, prompt_ids, ro, off_policy, texts, rewards, errors, t_rollout,
-                 time.perf_counter() - t0, episodes)
+                 time.perf_counter() - t0, episodes, failures)
 
 
 def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, int]],
@@ -226,17 +229,24 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def score(tasks: list[Task | None], texts: list[str], examples: list[Example], row_task: torch.Tensor,
-          timeout: float | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+          timeout: float | None = None,
+          failures: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, str]]:
     """(rewards (N,) float32, {task name: what went wrong}). A verifier that raises (SystemExit included), takes
     longer than `timeout` seconds or returns something that is not a number, or not a finite float32, leaves those
-    rewards NaN (unscorable: counted, advantage 0) and says why."""
+    rewards NaN (unscorable: counted, advantage 0) and says why; one that raises on some completions only is asked
+    again one completion at a time, so that only those are NaN (`unigrad.tasks.guard`). `failures` collects the
+    completions scored as failed, by task and reason, as metrics ("rewards/failed/TASK/REASON": count)."""
     rewards = torch.full((len(texts),), float("nan"))
     errors: dict[str, str] = {}
     for k, task in enumerate(tasks):
         rows = torch.nonzero(row_task == k).flatten().tolist()
         if not rows or task is None:  # None: rows scored elsewhere (a multi-turn task's episodes)
             continue
-        values, error = _verify(task, [texts[r] for r in rows], [examples[r] for r in rows], timeout)
+        values, error, reasons = _verify(task, [texts[r] for r in rows], [examples[r] for r in rows], timeout)
+        if failures is not None:
+            for reason, count in reasons.items():
+                key = f"rewards/failed/{task.name}/{reason}"
+                failures[key] = failures.get(key, 0.0) + count
         if error is None and getattr(task, "last_error", None):  # a reward function that raised, caught inside
             error = task.last_error
         if values is None:
@@ -264,15 +274,18 @@ def score(tasks: list[Task | None], texts: list[str], examples: list[Example], r
 
 
 def _verify(task: Task, texts: list[str], examples: list[Example], timeout: float | None):
-    """(values, None) or (None, the error): `task.verify` in a thread, so that a verifier that hangs or calls
-    sys.exit cannot take the step with it (a hung one is left running in the background; its result is ignored)."""
+    """(values, None or what it raised on some completions, {reason: count}) or (None, the error, {}):
+    `unigrad.tasks.guard.verify_guarded` in a thread, so that a verifier that hangs or calls sys.exit cannot take the
+    step with it (a hung one is left running in the background; its result is ignored)."""
     import threading
+
+    from unigrad.tasks.guard import verify_guarded
 
     result: dict[str, object] = {}
 
     def call() -> None:
         try:
-            result["values"] = task.verify(texts, examples)
+            result["verified"] = verify_guarded(task, texts, examples)
         except BaseException as err:  # noqa: BLE001 - SystemExit too: a user verifier must not end the run
             result["error"] = f"raised {type(err).__name__}: {err}"
 
@@ -280,7 +293,8 @@ def _verify(task: Task, texts: list[str], examples: list[Example], timeout: floa
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        return None, f"took longer than reward_timeout={timeout:g} s"
+        return None, f"took longer than reward_timeout={timeout:g} s", {}
     if "error" in result:
-        return None, result["error"]
-    return result["values"], None
+        return None, result["error"], {}
+    verified = result["verified"]
+    return verified.values, verified.error, verified.failures

@@ -120,6 +120,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict
     # 4. Report: the batch's metrics (gathered from every process), the learner's, timings, a few samples.
     metrics = produced_metrics(names, produced, ctx.dist)
     metrics.update(produced.sampling_metrics)
+    metrics.update(produced.score_failures)  # this process's completions scored as failed, by task and reason
     ctx.reward_errors = produced.reward_errors
     metrics.update(learned)
     metrics.update(_step_flops(ctx, produced, batch))
