@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_learn import ADVANTAGES, LR, assert_close, learned_update, row_logprobs, setup
+from test_learn import ADVANTAGES, COMPLETIONS, LR, assert_close, learned_update, row_logprobs, setup
 
 from unigrad.train.learn import LearnSettings
 from unigrad.train.plan import mini_batch_prompts
@@ -156,3 +156,13 @@ def test_with_four_mini_batches_a_training_step_of_grpo_gspo_and_sapo_differs():
     four = {o: update(o, 4) for o in ("grpo", "gspo", "sapo")}
     for a, b in (("grpo", "gspo"), ("grpo", "sapo"), ("gspo", "sapo")):
         assert (four[a] - four[b]).norm() > 1e-2 * four[a].norm(), (a, b)
+
+
+@pytest.mark.parametrize("mini_batches, epochs", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_trained_tokens_are_the_batchs_tokens_however_many_epochs(mini_batches, epochs):
+    """rl/tokens counts the batch's completion tokens once (4 + 2 + 3 + 1 in the toy), not once per epoch."""
+    model, learner, batch = setup("grpo", temperature=1.0)
+    _, metrics = learned_update(model, learner, batch, LearnSettings(micro_batch_size=1, mini_batches=mini_batches,
+                                                                     num_iterations=epochs))
+    assert metrics.get("optimizer_steps", 1.0) == mini_batches * epochs
+    assert metrics["rl/tokens"] == pytest.approx(sum(len(c) for c in COMPLETIONS)) == 10
