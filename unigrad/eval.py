@@ -9,6 +9,7 @@ A completion counts as correct when its reward is >= 1 (full marks).
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.base import SamplingParams, eos_id_list
 from unigrad.rollout.episodes import episode_prompt_ids, episode_turns, run_episodes
 from unigrad.tasks.base import Task
+from unigrad.tasks.guard import verify_guarded
 from unigrad.tools.calls import tool_style
 from unigrad.train.batching import encode_prompt
 
@@ -58,17 +60,19 @@ def evaluate(
         if not examples:
             raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {context} tokens "
                              f"with max_new_tokens={max_new_tokens}")
+        failed: Counter = Counter()  # completions scored as failed, by reason (`unigrad.tasks.guard`)
         greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
                           SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size,
-                          style, context, max_turns)
+                          style, context, max_turns, failed)
         row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
         if per_prompt:
             row["correct"] = greedy.int().tolist()
         if pass_k > 0:
             sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
                                SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
-                               batch_size, style, context, max_turns)
+                               batch_size, style, context, max_turns, failed)
             row[f"pass@{pass_k}"] = sampled.view(len(examples), pass_k).any(dim=1).float().mean().item()
+        row.update({f"failed/{reason}": float(count) for reason, count in failed.items()})
         results[task.name] = row
     keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
     results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
@@ -107,8 +111,10 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
 
 
 def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size, style: str = "plain",
-             context: int | None = None, max_turns: int | None = None) -> torch.Tensor:
-    """Bool (len(examples) * n,): completion (or episode) j of prompt i at row i * n + j scored full marks."""
+             context: int | None = None, max_turns: int | None = None, failures: Counter | None = None) -> torch.Tensor:
+    """Bool (len(examples) * n,): completion (or episode) j of prompt i at row i * n + j scored full marks. A
+    completion its verifier cannot score counts as wrong, never ends the evaluation (`unigrad.tasks.guard`); the
+    reasons of those scored as failed are counted in `failures`."""
     out = []
     per_call = max(1, batch_size // n)
     for start in range(0, len(prompts), per_call):
@@ -126,7 +132,10 @@ def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size
             ro = engine.generate(chunk, n, sampling)
             texts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
                      for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
-            rewards = task.verify(texts, exs)
+            verified = verify_guarded(task, texts, exs)
+            rewards = verified.values
+            if failures is not None:
+                failures.update(verified.failures)
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
 
