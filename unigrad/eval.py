@@ -8,6 +8,7 @@ A completion counts as correct when its reward is >= 1 (full marks).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -71,13 +72,23 @@ def evaluate(
             sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
                                SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
                                batch_size, style, context, max_turns, failed)
-            row[f"pass@{pass_k}"] = sampled.view(len(examples), pass_k).any(dim=1).float().mean().item()
+            row[f"pass@{pass_k}"] = pass_at_k(sampled, pass_k, pass_k)
         row.update({f"failed/{reason}": float(count) for reason, count in failed.items()})
         results[task.name] = row
     keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
     results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
     model.train(was_training)
     return results
+
+
+def pass_at_k(correct: torch.Tensor, n: int, k: int) -> float:
+    """Mean over prompts of the unbiased pass@k estimator 1 - C(n - c, k) / C(n, k) (Chen et al. 2021, arXiv
+    2107.03374), c a prompt's correct samples out of its n. `correct`: (prompts * n,) bool in `_correct`'s layout,
+    sample j of prompt i at i * n + j. With n = k it is the fraction of prompts with at least one correct sample."""
+    if not 1 <= k <= n or correct.numel() % n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n and n = {n} samples per prompt (got {correct.numel()} in all)")
+    counts = correct.view(-1, n).sum(dim=1).tolist()  # (prompts,) correct samples of each prompt
+    return sum(1.0 - math.comb(n - c, k) / math.comb(n, k) for c in counts) / len(counts)
 
 
 def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
