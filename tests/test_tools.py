@@ -61,6 +61,19 @@ def test_plain_calls_quotes_unknown_tools_and_errors():
     assert parse_tool_calls("@rep(3)", "plain", ints)[0].arguments == {"n": 3}  # raw text parsed for a non-string
 
 
+
+def test_plain_calls_honour_backslash_escapes_inside_quoted_arguments():
+    """An escaped quote does not end its string, so a ")" after it is still inside the string, in raw text and in
+    JSON arguments alike; the call runs to the parenthesis that really closes it."""
+    python = {"python": BUILTIN_TOOLS["python"]}
+    raw = r'@python(print("say \"hi:)\" now")) then @python(1)'
+    assert parse_tool_calls(raw, "plain", python) == [ToolCall("python", {"code": r'print("say \"hi:)\" now")'}),
+                                                      ToolCall("python", {"code": "1"})]
+    assert parse_tool_calls(r"@python(print('it\'s :)')) ok", "plain", python) == [
+        ToolCall("python", {"code": r"print('it\'s :)')"})]
+    as_json = r'@python({"code": "print(\")\")"}) done'
+    assert parse_tool_calls(as_json, "plain", python) == [ToolCall("python", {"code": 'print(")")'})]
+
 def test_hf_calls_several_string_arguments_and_malformed():
     text = ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*7"}}\n</tool_call>\n'
             '<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"1/3\\"}"}</tool_call>'
