@@ -148,6 +148,32 @@ def test_episodes_end_when_the_next_turn_would_not_fit(setup):
     assert ep.turns.max() < 5 and ro.truncated.any()
 
 
+
+def test_an_episode_whose_next_turn_exactly_fills_the_context_is_kept(setup):
+    """The room check counts the prompt, the turns and observations so far, the next observation and a whole next
+    turn of max_new_tokens: when that sum is the context length the next turn is played, one token less of context
+    ends the episode after turn 1 (truncated)."""
+    tok, model = setup
+    engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
+    prompt, max_new = encode_prompt(tok, "q0"), 8
+
+    def play(context):
+        return run_episodes(engine, tok, [prompt], [Scripted()], 1, SamplingParams(temperature=1.0,
+                            max_new_tokens=max_new, seed=5), [2], [tok.eos_token_id], context)
+
+    free, free_ep = play(None)
+    assert int(free_ep.turns[0]) == 2, "turn 1 was cut by the budget in this draw: no second turn to make room for"
+    turn1 = _split_turns(free, 0)[0]
+    obs = observation_ids(tok, [{"role": "user", "content": "seen 1"}], [tok.eos_token_id])
+    exact = len(prompt) + len(turn1) + len(obs) + max_new
+    kept, kept_ep = play(exact)
+    assert int(kept_ep.turns[0]) == 2 and bool(kept.truncated[0]) == bool(free.truncated[0])
+    assert torch.equal(kept.completion_ids[0][kept.context_mask[0]], free.completion_ids[0][free.context_mask[0]])
+    assert len(prompt) + int(kept.context_mask[0].sum()) <= exact
+    cut, cut_ep = play(exact - 1)
+    assert int(cut_ep.turns[0]) == 1 and bool(cut.truncated[0]) and not cut.observation_mask.any()
+    assert cut.completion_ids[0][cut.completion_mask[0]].tolist() == turn1
+
 def test_observation_tokens_are_context_and_get_no_loss(setup):
     """The learner's log-probs of the assistant tokens equal an independent full forward over every real token (so
     the observations are attended to), are 0 on observations, and the loss's gradient is that of the assistant
