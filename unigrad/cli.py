@@ -51,15 +51,11 @@ def _train(args: argparse.Namespace) -> int:
     from unigrad.tasks.sandbox import JailUnavailable, SandboxError
     from unigrad.train.run import RunInterrupted, RunStopped, train
 
-    config_path, overrides = None, []
-    for item in args.items:
-        if "=" not in item and config_path is None and not overrides:
-            config_path = item
-        else:
-            overrides.append(item)
     try:
+        config_path, overrides = _config_and_settings(args.items)
         cfg = load_config(config_path, overrides)
         output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"{cfg.objective}-seed{cfg.seed}"
+        _check_config_file_kept(config_path, output_dir, args.resume)
         if args.override and not args.resume:
             raise ConfigError("--override is for --resume (a new run takes its settings as key=value)")
         if args.resume:
@@ -104,6 +100,47 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"run directory: {output_dir}  (trained model in {output_dir / 'final'})")
     return 0
+
+
+def _config_and_settings(items: list[str]) -> tuple[str | None, list[str]]:
+    """`unigrad train`'s words as (config file or None, key=value settings); ConfigError for `key = value` (spaces
+    around '=') and for a config file given after the settings."""
+    from unigrad.config import ConfigError
+
+    for i, item in enumerate(items):
+        spaced = None
+        if item == "=" or item.startswith("="):  # `key = value` or `key =value`
+            spaced = (items[i - 1] if i else "KEY") + "=" + (item[1:] or (items[i + 1] if i + 1 < len(items) else ""))
+        elif item.endswith("=") and i + 1 < len(items) and "=" not in items[i + 1]:  # `key= value`
+            spaced = item + items[i + 1]
+        if spaced is not None:
+            raise ConfigError(f"settings are written without spaces around '=': write {spaced}, not "
+                              f"{spaced.replace('=', ' = ', 1)}")
+    config_path = items[0] if items and "=" not in items[0] else None
+    overrides = items[1:] if config_path is not None else list(items)
+    for item in overrides:
+        if "=" in item:
+            continue
+        if config_path is None and (Path(item).suffix in (".yaml", ".yml") or Path(item).is_file()):
+            order = " ".join([item, *(o for o in overrides if o != item)])
+            raise ConfigError(f"the config file {item} must come first, before the key=value settings: "
+                              f"unigrad train {order}")
+        raise ConfigError(f"{item!r} is not a key=value setting (one config file may be given, first"
+                          + (f"; {config_path} is it)" if config_path else ")"))
+    return config_path, overrides
+
+
+def _check_config_file_kept(config_path: str | None, output_dir: Path, resume: bool) -> None:
+    """A new run saves its resolved config as OUTPUT_DIR/config.yaml: refuse when that is the config file given
+    (the user's file, comments and all, would be overwritten). A resumed run's config.yaml is its own."""
+    from unigrad.config import ConfigError
+
+    saved = output_dir / "config.yaml"
+    if config_path is None or resume or not saved.is_file() or not saved.samefile(config_path):
+        return
+    raise ConfigError(f"the config file {config_path} is where the run would save its resolved config "
+                      f"({saved}), overwriting it; choose another --output-dir (e.g. {output_dir / 'run'}), or "
+                      "keep the config file outside the run directory")
 
 
 def _resumed_config(output_dir: Path, given, overrides: list[str]):

@@ -629,9 +629,11 @@ def config_help() -> str:
 
 
 # Keys a resumed run may change (`unigrad train --resume --override KEY=VALUE`): how long it runs, what it logs and
-# evaluates, how it is watched. Everything else would make the resumed steps differ from the run they continue.
+# evaluates, how it is watched, how long a reward may take (what a reward-timeout stop asks to raise). Everything
+# else would make the resumed steps differ from the run they continue.
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "save_every", "keep_checkpoints", "samples_per_step", "tensorboard",
-                  "report_to", "threads", "rollout.engine_threads", "rollout.worker_timeout", "eval.", "monitors.")
+                  "report_to", "threads", "rollout.engine_threads", "rollout.worker_timeout", "reward_timeout",
+                  "eval.", "monitors.")
 
 
 def _flat(cfg: TrainConfig) -> dict[str, Any]:

@@ -59,6 +59,20 @@ class ModelNotFoundError(OSError):
     """A model name that is neither ``unigrad-tiny``, nor a local directory, nor loadable from a hub."""
 
 
+def local_model_dir(name: str) -> str:
+    """Where a local model is: a model directory itself, a finished run directory's final/; a name that is not a
+    directory is returned as it is (a hub id). ModelNotFoundError for a directory that holds no model."""
+    path = Path(name)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return name
+    if (path / "config.yaml").is_file() and (path / "final" / "config.json").is_file():  # a finished run
+        return str(path / "final")
+    hint = ("it is a run directory without final/ (the run has not finished: continue it with --resume)"
+            if (path / "config.yaml").is_file() else "give a model directory in HF format, a run "
+            f"directory with final/, or {TINY_NAME!r}")
+    raise ModelNotFoundError(f"{name} holds no model (no config.json there): {hint}")
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike = TINY_NAME,
     dtype: torch.dtype | str = torch.float32,
@@ -74,7 +88,8 @@ def load_model_and_tokenizer(
       (see ``unigrad.models.tiny``; ``tiny_recipe`` and ``cache_dir`` select another recipe or cache root).
     - ``"unigrad-tiny-moe"``: the same recipe as a Mixtral mixture of experts (4 experts, 2 per token), whose
       router can pick different experts in a bfloat16 rollout than in the float32 learner.
-    - a local directory in HF format: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+    - a local directory in HF format: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``; a finished
+      run directory loads its final/.
     - anything else is treated as a model hub id; where no hub is reachable and the model is not in the local
       HF cache this raises ``ModelNotFoundError`` saying so.
 
@@ -89,13 +104,8 @@ def load_model_and_tokenizer(
     elif name == TINY_MOE_NAME and not Path(name).exists():
         source = str(ensure_tiny((tiny_recipe or TinyRecipe()).replace(**TINY_MOE_EXPERTS), cache_dir))
     else:
-        source = name
+        source = local_model_dir(name)
     local = Path(source).is_dir()
-    if local and not (Path(source) / "config.json").is_file():
-        hint = ("it is a run directory without final/ (the run has not finished: continue it with --resume)"
-                if (Path(source) / "config.yaml").is_file() else "give a model directory in HF format, a run "
-                f"directory with final/, or {TINY_NAME!r}")
-        raise ModelNotFoundError(f"{source} holds no model (no config.json there): {hint}")
     # Offline (HF_HUB_OFFLINE=1), or no hub reachable: only the local HF cache is tried, so a missing model fails
     # at once instead of after transformers' retries (about 50 s).
     offline = not local and (_hub_offline() or not _hub_reachable(source))

@@ -47,6 +47,11 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                              "re-encode the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and _first_line_is_object(path):
+                raise ValueError(f"{path}: this looks like JSON Lines (one object per line), not one JSON list; "
+                                 f"rename it to {path.with_suffix('.jsonl').name}") from None
+            raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return list(enumerate(rows, start=1))
@@ -69,6 +74,15 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _first_line_is_object(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _cell(row: dict[str, Any], column: str, where: str, required: bool) -> str | None:
     """A cell as text; numbers are accepted (a JSON 42 means "42")."""
     value = row.get(column)
@@ -87,19 +101,26 @@ class FileTask:
     """One named task over rows of a file; see the module docstring."""
 
     def __init__(self, name: str, examples: list[Example], splits: list[Split | None], verifier: str = "auto",
-                 test_fraction: float = 0.1, split_seed: int = 0, validation_fraction: float = 0.0):
+                 test_fraction: float = 0.1, split_seed: int = 0, validation_fraction: float = 0.0,
+                 rows: list[int] | None = None):
+        """`rows`: each example's row number in its file (for messages; default 1, 2, ...)."""
         if verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
         self.name, self.verifier = name, verifier
         unassigned = [e.prompt for e, s in zip(examples, splits, strict=True) if s is None]
+        self._split_note = (len(examples), len(set(e.prompt for e in examples)), len(unassigned), test_fraction)
         held_out = seeded_split(unassigned, test_fraction, split_seed)
         validation = seeded_validation([p for p in unassigned if p not in held_out], validation_fraction, split_seed)
         self.pools: dict[str, list[Example]] = {s: [] for s in SPLITS}
-        for example, split in zip(examples, splits, strict=True):
+        #: row numbers of training rows without a demonstration (checked when SFT / HPT / guidance loads the task)
+        self.rows_without_demonstration: list[int] = []
+        for row, example, split in zip(rows or range(1, len(examples) + 1), examples, splits, strict=True):
             if split is None:
                 split = "test" if example.prompt in held_out else "validation" if example.prompt in validation \
                     else "train"
             self.pools[split].append(example)
+            if split == "train" and not example.demonstration:
+                self.rows_without_demonstration.append(row)
 
     def __repr__(self) -> str:
         return f"FileTask({self.name!r}, " + ", ".join(f"{s}={len(p)}" for s, p in self.pools.items()) + ")"
@@ -109,7 +130,18 @@ class FileTask:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if split == "validation" and n > 0 and not self.pools["validation"]:
             raise no_validation_error(self.name)
+        if split == "test" and n > 0 and not self.pools["test"]:
+            raise self._no_test_error()
         return draw(self.pools[split], n, seed, f"task {self.name!r}, split {split!r}")
+
+    def _no_test_error(self) -> ValueError:
+        """Why there is no test split, and how to get one."""
+        rows, distinct, unassigned, fraction = self._split_note
+        return ValueError(
+            f"task {self.name!r} has no test split: its {rows} row(s) hold {distinct} distinct prompt(s). Rows "
+            f"without a 'split' column ({unassigned} here) are split by distinct prompt, test_fraction={fraction:g} "
+            "of them held out for test (at least one, and only when there are two or more). Add distinct prompts, "
+            "give some rows split='test', or train without the held-out evaluation (eval.before_after=false)")
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
         if len(completions) != len(examples):
@@ -138,7 +170,7 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
-    grouped: dict[str, tuple[list[Example], list[Split | None]]] = defaultdict(lambda: ([], []))
+    grouped: dict[str, tuple[list[Example], list[Split | None], list[int]]] = defaultdict(lambda: ([], [], []))
     for number, row in rows:
         where = f"{path}: row {number}"
         if not isinstance(row, dict):
@@ -151,8 +183,9 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
         if split not in (None, *SPLITS):
             raise ValueError(f"{where}: column 'split' must be one of {SPLITS}, got {split!r}")
         meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "demonstration", "task", "split")}
-        examples, splits = grouped[name]
+        examples, splits, numbers = grouped[name]
         examples.append(Example(prompt, answer, demonstration, name, meta))
         splits.append(split)
-    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed, validation_fraction)
-            for name, (ex, sp) in grouped.items()]
+        numbers.append(number)
+    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed, validation_fraction, rows)
+            for name, (ex, sp, rows) in grouped.items()]

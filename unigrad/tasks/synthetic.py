@@ -55,8 +55,9 @@ class SyntheticTask:
             ex = self.generate(rng)
             if three_way_split_of(ex.prompt) != split or (unique and ex.prompt in seen):
                 misses += 1
-                if unique and misses > 2000:  # the space is (nearly) used up: allow repeats from here on
-                    log.warning("%s: only %d distinct %s prompts found; repeating some", self.name, len(seen), split)
+                if unique and misses > 2000:  # the space is (nearly) used up: allow repeats from here on (debug:
+                    # a built-in task's prompt space is what it is, nothing a user could act on)
+                    log.debug("%s: only %d distinct %s prompts found; repeating some", self.name, len(seen), split)
                     unique = False
                 continue
             misses = 0

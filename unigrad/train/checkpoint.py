@@ -128,6 +128,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory (`list_checkpoints`) holds, from its name."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def load_latest_checkpoint(root: Path, learner, sampler, extra: dict[str, Any] | None = None) -> int:
     """Restore the newest loadable checkpoint; returns its step (0 if there is none).
 

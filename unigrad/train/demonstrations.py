@@ -29,6 +29,24 @@ def check_demonstrations(examples: list[Example], why: str) -> None:
                          "(give a 'demonstration' column, or use an RL objective)")
 
 
+def check_training_demonstrations(tasks, why: str, pool_size: int, seed: int) -> None:
+    """Raise ValueError, when the tasks load, if a training prompt has no demonstration: a file task's rows are
+    named (`FileTask.rows_without_demonstration`); other tasks' training pools are drawn as the run draws them."""
+    for k, task in enumerate(tasks):
+        rows = getattr(getattr(task, "base", task), "rows_without_demonstration", None)
+        if rows is None:
+            examples = task.examples("train", pool_size, seed=seed + k)
+            missing = sum(not ex.demonstration for ex in examples)
+            if missing:
+                raise ValueError(f"{why} needs a demonstration for every training prompt; task {task.name!r}: "
+                                 f"{missing} of {len(examples)} have none (use an RL objective for it)")
+        elif rows:
+            listed = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+            raise ValueError(f"{why} needs a demonstration for every training row; task {task.name!r}: row(s) "
+                             f"{listed} have none: fill their 'demonstration' column, drop them, or use an RL "
+                             "objective")
+
+
 def demonstration_batch(tokenizer, prompt_ids: list[list[int]], examples: list[Example]) -> SequenceBatch:
     """The examples' demonstrations as completions of their (already templated) prompts."""
     completions = [encode_completion(tokenizer, ex.demonstration) for ex in examples]

@@ -32,6 +32,7 @@ from unigrad.tasks.base import Example, Task
 from unigrad.tools.calls import tool_style
 from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import (
+    checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
     publish,
@@ -39,6 +40,7 @@ from unigrad.train.checkpoint import (
     save_checkpoint,
     write_failed,
 )
+from unigrad.train.demonstrations import check_training_demonstrations
 from unigrad.train.device import resolve_device
 from unigrad.train.distributed import (
     SINGLE,
@@ -52,8 +54,9 @@ from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.pipeline import RolloutPipeline, thread_split
 from unigrad.train.routing import TrainingMode
+from unigrad.train.run_lock import RunDirectoryLock
 from unigrad.train.step import StepContext, train_step
-from unigrad.train.trackers import open_trackers
+from unigrad.train.trackers import check_credentials, open_trackers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,20 +153,35 @@ def _context_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    if output_dir.exists() and (output_dir / "metrics.jsonl").exists() and not resume:
+def prepare_output_dir(output_dir: Path, resume: bool, lock: RunDirectoryLock | None = None) -> None:
+    """Make the run directory and hold its lock (`lock`); refuse a file in its place and a finished run there."""
+    for place in (output_dir, *output_dir.parents):
+        if place.exists() and not place.is_dir():
+            raise FileExistsError(f"--output-dir {output_dir}: {place} is a file, not a directory; choose another "
+                                  "--output-dir (or move the file)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:  # before looking at what is there: a run still going is named as such
+        lock.acquire()
+    if (output_dir / "metrics.jsonl").exists() and not resume:
         raise FileExistsError(f"{output_dir} already holds a run; pass --resume to continue it or choose another "
                               "--output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
     """Train as `cfg` says into `output_dir` (continuing its last checkpoint with `resume`): evaluate before, loop
-    over steps with checkpoints, save final/, evaluate after."""
+    over steps with checkpoints, save final/, evaluate after. The run holds the directory's lock throughout
+    (`unigrad.train.run_lock`): a second run into it is refused."""
+    lock = RunDirectoryLock(Path(output_dir))
+    try:
+        return _train(cfg, Path(output_dir), resume, console, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock) -> RunResult:
     from unigrad.models.loading import LoraSettings, load_model_and_tokenizer
 
-    output_dir = Path(output_dir)
-    cfg, dist, device, tasks, console = _prepare(cfg, output_dir, resume, console)
+    cfg, dist, device, tasks, console = _prepare(cfg, output_dir, resume, console, lock)
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
                                                 device=device)
@@ -247,7 +265,7 @@ class Run:
                         extra=self.extras(), write=self.ctx.dist.is_main)
 
 
-def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
+def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock | None = None):
     """Everything before the model loads: device, processes, checks that refuse a run early, the run directory,
     seeds, config.yaml. Returns (cfg, dist, device, tasks, console)."""
     from unigrad.tasks import load_tasks, sandbox
@@ -257,6 +275,10 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
     except ValueError as err:
         raise ConfigError(str(err)) from err
     dist = init_distributed(device)  # one process unless launched by --nproc, torchrun or accelerate
+    if resume:  # refused before anything is written: nothing to continue, or steps to go back on
+        if dist.is_main and lock is not None and output_dir.is_dir():
+            lock.acquire()
+        _check_resume(cfg, output_dir)
     check_prompts_split(cfg.prompts_per_step, dist.world)
     if dist.active and cfg.rollout.max_staleness:
         raise ConfigError("rollout.max_staleness > 0 runs in one process for now (one engine worker beside one "
@@ -272,6 +294,12 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
 
         if (reason := vllm_unavailable_reason()) is not None:
             raise ConfigError(f"rollout.engine=vllm: {reason}")
+    from unigrad.models.loading import ModelNotFoundError, local_model_dir
+
+    try:  # a local directory without a model (an unfinished run's): refused before the run directory is made
+        local_model_dir(cfg.model.name)
+    except ModelNotFoundError as err:
+        raise ConfigError(f"model.name: {err}") from None
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
     try:  # a file may hold several tasks; an unknown task, a missing file or reward function stops the run here
@@ -279,10 +307,12 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
     except (ValueError, OSError, ImportError, AttributeError) as err:
         raise ConfigError(f"tasks / reward: {err}") from err
     _check_episodes(cfg, tasks)
+    _check_task_data(cfg, tasks)
     if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
         _print(console, jail_note)  # the code task's jail works, or the run stops here, before anything is written
     if dist.is_main:
-        prepare_output_dir(output_dir, resume)
+        check_credentials(cfg.report_to)  # a tracker that cannot log in: refused before the directory is made
+        prepare_output_dir(output_dir, resume, lock)
     dist.barrier()
     learner_threads = thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[0] \
         if cfg.rollout.max_staleness else cfg.threads
@@ -298,6 +328,35 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console):
            + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
               if cfg.sharding == "fsdp" and not dist.active else ""))
     return cfg, dist, device, tasks, console
+
+
+def _check_task_data(cfg: TrainConfig, tasks: list[Task]) -> None:
+    """Refuse, before the model loads, data a run would fail on later: training rows without the demonstration
+    the objective needs, a task without the split the held-out evaluation draws from."""
+    mode = TrainingMode.from_config(cfg).demonstrations
+    why = {"all": "objective=sft", "failed": "HPT", "in_group": "LUFFY-style guidance"}.get(mode)
+    try:
+        if why is not None:
+            check_training_demonstrations(tasks, why, cfg.train_pool_size, cfg.seed)
+        if cfg.eval.before_after or cfg.eval.every:
+            for task in tasks:
+                task.examples(cfg.eval.split, 1, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_resume(cfg: TrainConfig, output_dir: Path) -> None:
+    """Refuse a resume that would start over (no checkpoint) or go back (max_steps below the steps done)."""
+    done = list_checkpoints(output_dir)
+    if not done:
+        raise ConfigError(f"--resume: {output_dir} has no checkpoint to continue from (the run ended before its "
+                          "first one, or checkpoints/ was removed); nothing was changed. Start the run again without "
+                          "--resume into a fresh --output-dir")
+    step = checkpoint_step(done[-1])
+    if cfg.max_steps < step:
+        raise ConfigError(f"--resume: max_steps={cfg.max_steps} is below the {step} steps {output_dir} has done "
+                          f"(latest checkpoint: {done[-1].name}); nothing was changed. Give max_steps >= {step} "
+                          "(--override max_steps=N), or train fewer steps as a new run in another --output-dir")
 
 
 def _check_episodes(cfg: TrainConfig, tasks: list[Task]) -> None:
@@ -320,8 +379,12 @@ def _restore(run: Run, resume: bool) -> int:
         _print(run.console, f"removed {len(stale)} unfinished write(s) a killed run left: "
                             + ", ".join(p.name for p in stale))
     start = 0
-    if resume and list_checkpoints(out):
+    if resume:
         start = load_latest_checkpoint(out, ctx.learner, ctx.sampler, extra=run.extras())
+        if start == 0:  # every checkpoint unreadable: starting over would rewrite the run's logs and final/
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'} could be read (see the warnings "
+                              "above); nothing was changed. Start the run again without --resume into a fresh "
+                              "--output-dir")
         ctx.engine.load_weights(ctx.learner.full_state_dict())
         _print(run.console, f"resumed from step {start}")
     if dist.is_main:
@@ -497,7 +560,9 @@ def _loop(run: Run, start: int) -> int:
             if stop:
                 raise RunStopped(f"run stopped at step {step}: " + "; ".join(stop)
                                  + f". A checkpoint of step {step} is in {run.output_dir}/checkpoints; "
-                                   "fix the cause and continue with --resume.")
+                                   f"fix the cause and continue with: unigrad train --output-dir {run.output_dir} "
+                                   "--resume (a reward timeout: add --override reward_timeout=SECONDS; an alarm: "
+                                   "--override monitors.KEY=VALUE)")
     return cfg.max_steps
 
 
@@ -531,8 +596,10 @@ def _step(run: Run, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         done = list_checkpoints(run.output_dir)
         raise RunStopped(f"run stopped at step {step}: {err} (after the optimizer step of step {step - 1}). "
                          + (f"The latest checkpoint is {done[-1]}; " if done else "There is no checkpoint; ")
-                         + "lower optim.lr or optim.max_grad_norm, or set monitors.grad_norm_cap, and "
-                           "continue with --resume.") from err
+                         + f"Cap the gradient and continue: unigrad train --output-dir {run.output_dir} --resume "
+                           "--override monitors.grad_norm_cap=N (steps with a gradient norm above N are skipped); or "
+                           "start a new run (another --output-dir) with a lower optim.lr or optim.max_grad_norm."
+                         ) from err
     metrics.update(run.gain.update(step, metrics))  # gain/<task> of step - s
     run.ctx.sampler.update(metrics)
     if step == 1:

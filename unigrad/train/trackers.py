@@ -31,6 +31,35 @@ def check_installed(names: list[str]) -> None:
             raise ValueError(f"{name!r} is not installed (pip install {name})")
 
 
+def check_credentials(names: list[str]) -> None:
+    """Raise ConfigError when W&B would ask for a login it cannot get (no key in the environment or in ~/.netrc,
+    and not offline): before a run makes its directory, instead of a traceback from `wandb.init` after."""
+    if "wandb" not in names or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") or _netrc_has_wandb():
+        return
+    from unigrad.config import ConfigError
+
+    raise ConfigError("report_to=[wandb]: no W&B credentials found (neither WANDB_API_KEY nor a `wandb login` in "
+                      "~/.netrc); set WANDB_API_KEY, run `wandb login`, log offline with WANDB_MODE=offline, or "
+                      "leave wandb out of report_to")
+
+
+def _netrc_has_wandb() -> bool:
+    """Whether the netrc file (NETRC, else ~/.netrc) has an entry for the W&B host (WANDB_BASE_URL's, or any
+    W&B host when it is unset)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        hosts = netrc.netrc(path).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = urlparse(os.environ.get("WANDB_BASE_URL", "")).hostname
+    return any(host == base if base else "wandb" in host for host in hosts)
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
