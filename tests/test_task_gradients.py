@@ -296,3 +296,40 @@ def test_sample_gradients_config_needs_task_gradients():
     with pytest.raises(ValueError, match="diagnostics.sample_gradients > 0 needs diagnostics.task_gradients"):
         validate_config({"diagnostics": {"sample_gradients": 2, "task_gradients": False}})
     assert validate_config({"diagnostics": {"sample_gradients": 2}}).diagnostics.sample_gradients == 2
+
+
+# Three tasks, fixed order a, b, c; |a|^2 = 2, |b|^2 = 2, |c|^2 = 5; a.b = -1, a.c = -1, b.c = -2 (all conflict).
+PC_A, PC_B, PC_C = [1.0, 1.0, 0.0], [-1.0, 0.0, 1.0], [0.0, -1.0, -2.0]
+# PCGrad (arXiv 2001.06782), each g_k' projected against the other tasks' original gradients in order, the dot
+# product taken with the already-projected g_k':
+#   a: a.b = -1 -> a' = a + (1/2) b = (0.5, 1, 0.5);     a'.c = -2   -> a'' = a' + (2/5) c   = (0.5, 0.6, -0.3)
+#   b: b.a = -1 -> b' = b + (1/2) a = (-0.5, 0.5, 1);    b'.c = -2.5 -> b'' = b' + (1/2) c   = (-0.5, 0, 0)
+#   c: c.a = -1 -> c' = c + (1/2) a = (0.5, -0.5, -2);   c'.b = -2.5 -> c'' = c' + (5/4) b   = (-0.75, -0.5, -0.75)
+# Their sum is (-0.75, 0.1, -1.05). (With the original g_k in the second dot product instead: a'.c -> a.c = -1,
+# b'.c -> -2, c'.b -> -2, giving (0.5, 0.8, 0.1), (-0.5, 0.1, 0.2), (-0.5, -0.5, -1) and the sum (-0.5, 0.4, -0.7).)
+PC_PROJECTED = [[0.5, 0.6, -0.3], [-0.5, 0.0, 0.0], [-0.75, -0.5, -0.75]]
+PC_SUM = [-0.75, 0.1, -1.05]
+
+
+def test_pcgrad_projects_each_task_gradient_as_already_projected_by_hand():
+    from unigrad.diagnostics.task_gradients import gram, projected_coefficients, projected_sum
+
+    vectors = [torch.tensor(v, dtype=torch.float64) for v in (PC_A, PC_B, PC_C)]
+    coefficients = projected_coefficients(gram(vectors))  # row k: g_k' as a combination of the original g_l
+    torch.testing.assert_close(coefficients @ torch.stack(vectors), torch.tensor(PC_PROJECTED, dtype=torch.float64))
+    got = projected_sum(dict(zip("abc", vectors, strict=True)))
+    torch.testing.assert_close(got, torch.tensor(PC_SUM, dtype=torch.float64))
+
+
+def test_pcgrad_finish_writes_the_sum_of_the_projected_gradients_into_grad():
+    """Two parameters (2 + 1 entries); task a's gradient arrives in two halves, b's and c's in one. `finish()` puts
+    the sum of the hand-projected gradients into `.grad`, not the plain sum (0, 0, -1) nor any other combination."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    acc = TaskGradients([p, q], project=True)
+    for task, half, vector in (("a", 0, [1.0, 0.0, 0.0]), ("a", 1, [0.0, 1.0, 0.0]), ("b", 0, PC_B), ("c", 0, PC_C)):
+        p.grad, q.grad = torch.tensor(vector[:2]), torch.tensor(vector[2:])
+        acc.collect(task, half, 1)
+    metrics = acc.finish()
+    torch.testing.assert_close(torch.cat([p.grad, q.grad]), torch.tensor(PC_SUM))
+    assert metrics["grad/a/sq_norm"] == pytest.approx(2.0)  # the metrics stay those of the unprojected g_k
+    torch.testing.assert_close(acc.last["a"], torch.tensor(PC_A))
