@@ -167,16 +167,24 @@ def main():
 
 
 # ---------------------------------------------------------------------------------------------------- fork server
-# `python -I -S -B -c <this file> --fork-server` (or `--jail-server`, inside the jail) reads one JSON request per line
-# on stdin and starts a child per request. The child leaves the server's code and frames (`_Forked` unwinds them),
-# gets its output files, stdin from /dev/null and no other descriptor, and its own session; in the jail it is also
-# the first process of a new PID, mount and IPC namespace (`_spawn_jailed`). It then becomes the snippet's process
-# (`_enter`, `_drop_privileges`, `_run_and_exit`). The server kills a child at its deadline or once it has exited
-# (before reaping it, so its pid cannot be reused in between): its process group without the jail, its whole PID
-# namespace in it. It writes one JSON line per finished child: {"id", "pid", "returncode", "timed_out", "duration"}
-# (or {"id", "error"} if it could not start one). It exits, killing what is left, when stdin closes or anything goes
-# wrong in it. In the jail, the argument before `--jail-server` is the server's setup: {"uid", "gid", "seccomp" (hex
-# of the snippets' BPF program)}.
+# `python -I -S -B -c <this file> --fork-server` (or `--jail-server`, inside the jail) starts a child per request
+# without ever reading a request itself. It keeps one *standby* child, forked before the request it will serve was
+# sent, and that child reads exactly one request from stdin (a 10-digit length line, then that many bytes of JSON;
+# a read from a pipe never takes more than it asks for), so no process's memory ever holds another snippet's program
+# or tests. The standby then starts the snippet's process and reports to the server on a pipe of its own:
+# {"id", "pid", "timeout", "start"}, or {"id", "error"} if it could not start one (e.g. EAGAIN), or {"eof": true}
+# when stdin closed; the server then forks the next standby. In the jail the standby is the sub-jail's helper
+# (`_enter_sub_jail`): it unshares a new PID, mount and IPC namespace, mounts the tmpfs, opens the output files and
+# forks the snippet's process (PID 1 of the new namespace, the server's child through the subreaper once the helper
+# exits). Without the jail the standby becomes the snippet's process itself. That process leaves the server's code
+# and frames (`_Forked` unwinds them), gets its output files, stdin from /dev/null and no other descriptor, and its
+# own session, then becomes the snippet (`_enter`, `_drop_privileges`, `_run_and_exit`). The server kills a child at
+# its deadline or once it has exited (before reaping it, so its pid cannot be reused in between): its process group
+# without the jail, its whole PID namespace in it. It writes one JSON line per finished child: {"id", "pid",
+# "returncode", "timed_out", "duration"} (or the standby's {"id", "error"}). It exits, killing what is left, when
+# stdin closes or anything goes wrong in it. In the jail, the argument before `--jail-server` is the server's setup:
+# {"uid", "gid", "seccomp" (hex of the snippets' BPF program)}.
+HEADER_BYTES = 11  # b"%010d\n": the length of the request that follows
 
 
 class _Forked(BaseException):
@@ -246,47 +254,65 @@ def _open_outputs(request):
     return os.open(request["stdout"], create, 0o600), os.open(request["stderr"], create, 0o600)
 
 
-def _spawn_jailed(request, kernel, setup):
-    """Start the snippet's process in a sub-jail; returns its pid (the server's child, through the subreaper)."""
-    import signal
+def _enter_sub_jail(request, kernel, setup):
+    """In the jail's standby, which holds the jail's capabilities: new mount, PID and IPC namespaces (its next child
+    is PID 1 of the new PID namespace), a fresh tmpfs on /work, the output files opened, then /io hidden."""
+    k = kernel
+    k.unshare(k.CLONE_NEWNS | k.CLONE_NEWPID | k.CLONE_NEWIPC)
+    k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE, None)
+    size = "size={},nr_inodes={},mode=0700,uid={},gid={}".format(
+        request["disk_bytes"], request["disk_inodes"], setup["uid"], setup["gid"])
+    k.mount(b"tmpfs", "/work", b"tmpfs", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, size.encode())
+    outputs = _open_outputs(request)
+    k.mount(b"tmpfs", "/io", b"tmpfs", k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, b"size=0")
+    return outputs
 
-    ready_r, ready_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:  # the helper: namespaces and mounts (it holds the jail's capabilities), then the snippet's process
-        try:
-            os.close(ready_r)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            k = kernel
-            k.unshare(k.CLONE_NEWNS | k.CLONE_NEWPID | k.CLONE_NEWIPC)
-            k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE, None)
-            size = "size={},nr_inodes={},mode=0700,uid={},gid={}".format(
-                request["disk_bytes"], request["disk_inodes"], setup["uid"], setup["gid"])
-            k.mount(b"tmpfs", "/work", b"tmpfs", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, size.encode())
-            outputs = _open_outputs(request)
-            k.mount(b"tmpfs", "/io", b"tmpfs", k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, b"size=0")
-            child = os.fork()
-            if child == 0:
-                os.close(ready_w)
-                raise _Forked([request, outputs, setup, kernel])
-            os.write(ready_w, str(child).encode())
-            os._exit(0)
-        except Exception as exc:
-            os.write(ready_w, ("error:" + str(exc)).encode())
-            os._exit(1)
-    os.close(ready_w)
-    answer = b""
-    while True:
-        chunk = os.read(ready_r, 4096)
+
+def _read_exactly(fd, n):
+    """n bytes from a pipe, and not one more (b"" if it is closed before the first)."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
         if not chunk:
-            break
-        answer += chunk
-    os.close(ready_r)
-    os.waitpid(helper, 0)
-    text = answer.decode()
-    if not text.isdigit():
-        raise OSError(text[len("error:"):] if text.startswith("error:") else "the sub-jail did not start")
-    return int(text)
+            if data:
+                raise OSError("stdin closed inside a request")
+            return b""
+        data += chunk
+    return data
+
+
+def _report_and_exit(report_w, message):
+    os.write(report_w, json.dumps(message).encode()[:4000])  # one write below PIPE_BUF: read whole by the server
+    os._exit(0)
+
+
+def _standby(forked):
+    """A child forked before its request was sent: it reads that one request, starts the snippet's process and
+    reports to the server. Returns only in the snippet's process, with what `_become_snippet` needs."""
+    import time
+
+    report_w, kernel, setup = forked
+    forked.clear()
+    try:
+        header = _read_exactly(0, HEADER_BYTES)
+        request = json.loads(_read_exactly(0, int(header))) if header else None
+    except Exception as exc:  # the stream is out of step: the server stops
+        _report_and_exit(report_w, {"fatal": "unreadable request: " + str(exc)})
+    if request is None:
+        _report_and_exit(report_w, {"eof": True})
+    start = time.monotonic()
+    try:
+        outputs = _enter_sub_jail(request, kernel, setup) if kernel else _open_outputs(request)
+        pid = os.fork() if kernel else 0
+    except Exception as exc:  # e.g. EAGAIN: this request fails, the server goes on
+        _report_and_exit(report_w, {"id": request["id"], "error": str(exc)[:1000]})
+    started = {"id": request["id"], "pid": pid or os.getpid(), "timeout": request["timeout"], "start": start}
+    if pid:  # the jail's helper: its snippet's process is running
+        _report_and_exit(report_w, started)
+    if kernel is None:
+        os.write(report_w, json.dumps(started).encode())
+    os.close(report_w)
+    return [request, outputs, setup, kernel]
 
 
 def _enter(request, outputs):
@@ -378,7 +404,6 @@ def _run_and_exit(code, namespace):
 def fork_server(jailed):
     import select
     import signal
-    import time
 
     kernel = setup = None
     if jailed:
@@ -391,54 +416,99 @@ def fork_server(jailed):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children = {}  # pid -> (request id, deadline, start)
-    pending = b""
+    standby = None  # (pid, read end of its report pipe)
     stdin_open = True
     try:
         while stdin_open or children:
-            wait = None
-            if children:
-                wait = max(0.0, min(d for _, d, _ in children.values()) - time.monotonic())
-            readable = select.select([0, wake_r] if stdin_open else [wake_r], [], [], wait)[0]
+            if stdin_open and standby is None:
+                standby = _start_standby(kernel, setup)
+            wait = _next_wait(children, retry=stdin_open and standby is None)
+            watched = [wake_r] if standby is None else [wake_r, standby[1]]
+            readable = select.select(watched, [], [], wait)[0]
             if wake_r in readable:
                 os.read(wake_r, 4096)
-            if 0 in readable:
-                chunk = os.read(0, 1 << 16)
-                stdin_open = bool(chunk)
-                pending += chunk
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
-                    request = json.loads(line)
-                    start = time.monotonic()
-                    try:
-                        if jailed:
-                            pid = _spawn_jailed(request, kernel, setup)
-                        else:
-                            pid = os.fork()
-                            if pid == 0:
-                                signal.set_wakeup_fd(-1)
-                                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                                raise _Forked([request, _open_outputs(request), None, None])
-                    except OSError as exc:  # e.g. EAGAIN: this request fails, the server goes on
-                        os.write(1, (json.dumps({"id": request["id"], "error": str(exc)}) + "\n").encode())
-                        continue
-                    children[pid] = (request["id"], start + request["timeout"], start)
-            now = time.monotonic()
-            for pid in list(children):
-                exited = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-                rid, deadline, start = children[pid]
-                if stdin_open and not exited and now < deadline:
-                    continue
-                _kill_child(pid, jailed)
-                status = os.waitpid(pid, 0)[1]
-                del children[pid]
-                returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-                reply = {"id": rid, "pid": pid, "returncode": returncode, "timed_out": not exited,
-                         "duration": time.monotonic() - start}
-                os.write(1, (json.dumps(reply) + "\n").encode())
+            if standby is not None and standby[1] in readable:
+                stdin_open = _take_report(standby, children, jailed)
+                standby = None
+            _finish_children(children, stdin_open, jailed)
     finally:
         if not isinstance(sys.exc_info()[1], _Forked):  # the server itself is leaving, not a child through _Forked
+            if standby is not None:
+                os.kill(standby[0], 9)
             for pid in children:
                 _kill_child(pid, jailed)
+
+
+def _start_standby(kernel, setup):
+    """Fork the next standby: (its pid, the read end of its report pipe), or None if it cannot be forked now."""
+    import signal
+
+    report_r, report_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:  # e.g. EAGAIN: the loop tries again shortly
+        os.close(report_r)
+        os.close(report_w)
+        return None
+    if pid == 0:
+        os.close(report_r)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise _Forked([report_w, kernel, setup])
+    os.close(report_w)
+    return pid, report_r
+
+
+def _next_wait(children, retry):
+    """How long the loop may sleep: until the next deadline, and at most 50 ms while a standby must be retried."""
+    import time
+
+    wait = None
+    if children:
+        wait = max(0.0, min(d for _, d, _ in children.values()) - time.monotonic())
+    if retry:
+        wait = 0.05 if wait is None else min(wait, 0.05)
+    return wait
+
+
+def _take_report(standby, children, jailed):
+    """The standby's report: a started snippet (its process joins `children`), an error reply, or the end of stdin
+    (returns False). A standby that died without a report stops the server (stdin is out of step)."""
+    pid, report_r = standby
+    data = os.read(report_r, 1 << 16)
+    os.close(report_r)
+    report = json.loads(data) if data else {"fatal": "a standby process died without a report"}
+    if jailed or "pid" not in report:  # the standby has exited (unjailed, a started one is the snippet's process)
+        os.waitpid(pid, 0)
+    if "fatal" in report:
+        raise OSError(report["fatal"])
+    if "eof" in report:
+        return False
+    if "error" in report:
+        os.write(1, (json.dumps(report) + "\n").encode())
+    else:
+        children[report["pid"]] = (report["id"], report["start"] + report["timeout"], report["start"])
+    return True
+
+
+def _finish_children(children, stdin_open, jailed):
+    """Kill and reap each child that has exited or passed its deadline (every child once stdin has closed), and write
+    its reply line."""
+    import time
+
+    now = time.monotonic()
+    for pid in list(children):
+        exited = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        rid, deadline, start = children[pid]
+        if stdin_open and not exited and now < deadline:
+            continue
+        _kill_child(pid, jailed)
+        status = os.waitpid(pid, 0)[1]
+        del children[pid]
+        returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        reply = {"id": rid, "pid": pid, "returncode": returncode, "timed_out": not exited,
+                 "duration": time.monotonic() - start}
+        os.write(1, (json.dumps(reply) + "\n").encode())
 
 
 def _kill_child(pid, jailed):
@@ -479,7 +549,7 @@ if sys.argv[-1] in ("--fork-server", "--jail-server"):
         _child = None
     except _Forked as forked:
         _child = forked.args[0]
-    if _child is not None:
-        _become_snippet(_child)
+    if _child is not None:  # a standby, out of the server's frames
+        _become_snippet(_standby(_child))
 else:
     main()

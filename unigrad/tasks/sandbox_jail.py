@@ -45,34 +45,55 @@ NOBODY = 65534
 # Neither the server nor a snippet needs these.
 SERVER_DENIED = """socket socketpair ptrace process_vm_readv process_vm_writev process_madvise kcmp pidfd_getfd bpf
     perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register keyctl add_key request_key
-    init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct quotactl syslog
-    lookup_dcookie open_by_handle_at name_to_handle_at vhangup iopl ioperm uselib sethostname setdomainname
+    init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct quotactl quotactl_fd
+    syslog lookup_dcookie open_by_handle_at name_to_handle_at vhangup iopl ioperm uselib sethostname setdomainname
     settimeofday clock_settime clock_adjtime adjtimex setns pivot_root chroot""".split()
 # A snippet's process also may not make processes or threads, exec, signal, (un)mount, change its ids or
 # capabilities, raise limits, make device nodes or memory files.
 SNIPPET_DENIED = SERVER_DENIED + """fork vfork clone execve execveat kill tkill tgkill rt_sigqueueinfo
-    rt_tgsigqueueinfo pidfd_open pidfd_send_signal unshare mount umount2 open_tree move_mount fsopen fsconfig fsmount
-    fspick mount_setattr listmount statmount setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid
-    setfsgid capset setrlimit mknod mknodat memfd_create memfd_secret modify_ldt personality migrate_pages move_pages
-    landlock_create_ruleset name_to_handle_at
+    rt_tgsigqueueinfo pidfd_open pidfd_send_signal unshare mount umount2 open_tree open_tree_attr move_mount fsopen
+    fsconfig fsmount fspick mount_setattr listmount statmount setuid setgid setreuid setregid setresuid setresgid
+    setgroups setfsuid setfsgid capset setrlimit mknod mknodat memfd_create memfd_secret modify_ldt personality
+    migrate_pages move_pages landlock_create_ruleset lsm_set_self_attr name_to_handle_at
     shmget shmat shmdt shmctl semget semop semtimedop semctl msgget msgsnd msgrcv msgctl mq_open mq_unlink
     mq_timedsend mq_timedreceive mq_notify mq_getsetattr io_setup io_destroy io_submit io_cancel io_getevents
     io_pgetevents fallocate inotify_init inotify_init1 inotify_add_watch fanotify_init fanotify_mark sync syncfs
-    timer_create""".split()
+    timer_create cachestat""".split()
 # Why the second half: SysV IPC, POSIX message queues and AIO allocate kernel memory that RLIMIT_AS does not count
 # (a fresh IPC namespace has the kernel's generous defaults); fallocate grows the output files past RLIMIT_FSIZE (it
-# is only checked when the size changes); inotify would watch the host's reads of the bound standard library; sync
-# stalls the whole host's writeback; POSIX timers queue signals against the (shared) uid's pending-signal limit.
+# is only checked when the size changes); inotify would watch the host's reads of the bound standard library (and
+# cachestat would tell which of its pages the host has read); sync stalls the whole host's writeback; POSIX timers
+# queue signals against the (shared) uid's pending-signal limit.
+
+# The system calls added to Linux from 5.1 on have one number on every architecture this module supports (those of
+# the generic table: x86-64, aarch64, riscv64; arch/x86/entry/syscalls/syscall_64.tbl, scripts/syscall.tbl). An older
+# libseccomp does not know the newest names (2.5.4 stops at 453): they are refused by these numbers.
+UNIFIED_NUMBERS = {
+    "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
+    "quotactl_fd": 443, "landlock_create_ruleset": 444, "memfd_secret": 447, "cachestat": 451, "statmount": 457,
+    "listmount": 458, "lsm_set_self_attr": 460, "open_tree_attr": 467,
+}
+UNIFIED_ARCHES = ("X86_64", "AARCH64", "RISCV64")  # pyseccomp.Arch names
+
+# fcntl and ioctl commands a snippet may not use (the command is an unsigned int: only its low 32 bits are compared,
+# as the kernel reads them). F_NOTIFY (dnotify) would watch the host's reads of the bound standard library, as
+# inotify would; F_SETOWN, F_SETOWN_EX, FIOSETOWN and SIOCSPGRP name a process to signal, F_SETSIG makes that a
+# queued real-time signal (each one counts against the uid's pending-signal limit), F_SETLEASE signals the holder
+# when another process opens the file; F_SETPIPE_SZ grows a pipe's buffer against the uid's pipe quota.
+F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY, F_SETPIPE_SZ, F_SETFL = 8, 10, 15, 1024, 1026, 1031, 4
+FCNTL_DENIED = {"F_SETOWN": F_SETOWN, "F_SETSIG": F_SETSIG, "F_SETOWN_EX": F_SETOWN_EX, "F_SETLEASE": F_SETLEASE,
+                "F_NOTIFY": F_NOTIFY, "F_SETPIPE_SZ": F_SETPIPE_SZ}
+IOCTL_DENIED = {"FIOSETOWN": 0x8901, "SIOCSPGRP": 0x8902, "FIOASYNC": 0x5452}
+O_ASYNC = 0o20000  # F_SETFL with O_ASYNC (signal-driven I/O) is refused as well
 
 
 class JailUnavailable(RuntimeError):
     """The jail cannot be built here; the message names the cause and the fix."""
 
 
-def seccomp_program(denied: list[str], *, snippet: bool) -> bytes:
-    """A BPF program (bytes of struct sock_filter) that fails the named system calls with EPERM and allows the rest.
-    Names this architecture does not have are skipped. For snippets, clone3 fails with ENOSYS (so that a C library
-    falls back to clone, also refused) and prlimit64 may only read limits."""
+def _pyseccomp():
     try:
         import pyseccomp
     except ImportError as e:
@@ -81,19 +102,60 @@ def seccomp_program(denied: list[str], *, snippet: bool) -> bytes:
     except OSError as e:  # pyseccomp loads libseccomp.so.2 at import
         raise JailUnavailable(f"sandbox: libseccomp cannot be loaded ({e}); install it (Debian/Ubuntu: "
                               "`apt-get install -y libseccomp2`), " + OPT_OUT_HINT) from None
+    return pyseccomp
+
+
+def syscall_number(pyseccomp, name: str) -> int | None:
+    """The native architecture's number of the system call `name`; None if libseccomp knows the name and this
+    architecture has no such call (e.g. fork on aarch64). A name libseccomp does not know is looked up in
+    UNIFIED_NUMBERS; a name found in neither stops the jail (a deny list must not shrink silently)."""
+    arch = pyseccomp.system_arch()
+    number = pyseccomp.resolve_syscall(arch, name)
+    if number >= 0:
+        return number
+    if number != -1:  # a pseudo-number (below -10000): a call other architectures have
+        return None
+    unified = arch in {getattr(pyseccomp.Arch, a) for a in UNIFIED_ARCHES}
+    if unified and name in UNIFIED_NUMBERS:
+        return UNIFIED_NUMBERS[name]
+    raise JailUnavailable(
+        f"sandbox: the installed libseccomp does not know the system call {name!r} and unigrad has no number for it "
+        f"on this architecture ({arch:#x}), so it cannot be refused. Fix: upgrade libseccomp (and pyseccomp), or "
+        f"remove {name!r} from the deny list if it is not a system call; " + OPT_OUT_HINT)
+
+
+def seccomp_program(denied: list[str], *, snippet: bool) -> bytes:
+    """A BPF program (bytes of struct sock_filter) that fails the named system calls with EPERM and allows the rest.
+    Each name is refused by number (see `syscall_number`); a name nobody knows raises JailUnavailable. For snippets,
+    clone3 fails with ENOSYS (so that a C library falls back to clone, also refused), prlimit64 may only read limits,
+    and the fcntl and ioctl commands that watch files, signal or grow pipes fail with EPERM."""
+    pyseccomp = _pyseccomp()
+    eperm = pyseccomp.ERRNO(errno.EPERM)
     rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for name in dict.fromkeys(denied):
-        try:
-            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
-        except OSError:  # not a system call on this architecture
-            pass
+        number = syscall_number(pyseccomp, name)
+        if number is not None:
+            rules.add_rule(eperm, number)
     if snippet:
-        rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
-        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "prlimit64", pyseccomp.Arg(2, pyseccomp.NE, 0))
+        rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), syscall_number(pyseccomp, "clone3"))
+        rules.add_rule(eperm, "prlimit64", pyseccomp.Arg(2, pyseccomp.NE, 0))
+        _refuse_commands(pyseccomp, rules, eperm)
     with tempfile.TemporaryFile() as f:
         rules.export_bpf(f)
         f.seek(0)
         return f.read()
+
+
+def _refuse_commands(pyseccomp, rules, eperm) -> None:
+    """fcntl's and ioctl's commands in FCNTL_DENIED and IOCTL_DENIED, and F_SETFL with O_ASYNC: EPERM."""
+    def low32(index: int, value: int, mask: int = 0xFFFFFFFF):
+        return pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
+
+    for command in FCNTL_DENIED.values():
+        rules.add_rule(eperm, "fcntl", low32(1, command))
+    rules.add_rule(eperm, "fcntl", low32(1, F_SETFL), low32(2, O_ASYNC, O_ASYNC))
+    for command in IOCTL_DENIED.values():
+        rules.add_rule(eperm, "ioctl", low32(1, command))
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """The trainer's side of a snippet server (`sandbox_child.py --fork-server` or `--jail-server`): one long-lived
-process that starts a child per snippet. `submit` sends it one snippet's request; the returned future gets the
-server's reply (see sandbox_child.py) when the child has finished or been killed, or a RuntimeError when the server
-died first."""
+process that starts a child per snippet. `submit` sends it one snippet's request (a 10-digit length line, then the
+JSON, so that the server's standby child can read exactly one request and nothing of the next); the returned future
+gets the server's reply (see sandbox_child.py) when the child has finished or been killed, or a RuntimeError when the
+server died first."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class SnippetServer:
             start_new_session=True, **popen,
         )
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._waiting: dict[int, Future] = {}
         self._next = 0
         self.exit_reason: str | None = None
@@ -32,16 +34,19 @@ class SnippetServer:
 
     def submit(self, request: dict) -> Future:
         future: Future = Future()
-        with self._lock:
-            if not self.alive():
-                raise RuntimeError("sandbox server is not running")
-            rid, self._next = self._next, self._next + 1
-            self._waiting[rid] = future
-            try:
-                self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
+        with self._write_lock:  # one request after another on the pipe; replies are read meanwhile
+            with self._lock:
+                if not self.alive():
+                    raise RuntimeError("sandbox server is not running")
+                rid, self._next = self._next, self._next + 1
+                self._waiting[rid] = future
+            body = json.dumps({**request, "id": rid}).encode()
+            try:  # a length line, then the request: the server's standby reads exactly this much
+                self.proc.stdin.write(b"%010d\n" % len(body) + body)
                 self.proc.stdin.flush()
             except OSError as e:  # it died since alive() (e.g. broken pipe)
-                self._waiting.pop(rid, None)
+                with self._lock:
+                    self._waiting.pop(rid, None)
                 raise RuntimeError(f"sandbox server is not running: {e}") from e
         return future
 
