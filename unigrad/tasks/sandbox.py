@@ -57,6 +57,9 @@ class SandboxLimits:
     file_bytes: int = 2**20  # RLIMIT_FSIZE: largest file the child may write, its stdout and stderr included
     open_files: int = 64  # RLIMIT_NOFILE
     processes: int = 0  # RLIMIT_NPROC: no fork at all (and the jail's seccomp filter refuses fork and clone)
+    # RLIMIT_SIGPENDING: a signal queued to the snippet fails once its uid has this many pending, so a snippet adds
+    # at most this many to the uid's count (the jail's seccomp filter refuses the calls that would queue more)
+    pending_signals: int = 16
     output_chars: int = 65536  # how much of stdout / stderr is read back
     disk_bytes: int = 4 * 2**20  # in the jail: the working directory's tmpfs, all files together
     disk_inodes: int = 256  # in the jail: files and directories in the working directory
@@ -116,7 +119,8 @@ def _probe_unprivileged(python: str) -> tuple[int, int] | None:
 def _rlimits(limits: SandboxLimits) -> dict[str, int]:
     """The rlimits a child sets on itself (soft = hard), by resource name."""
     return {"RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
-            "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0}
+            "RLIMIT_NOFILE": limits.open_files, "RLIMIT_NPROC": limits.processes, "RLIMIT_CORE": 0,
+            "RLIMIT_SIGPENDING": limits.pending_signals}
 
 
 def _child_env(workdir: str) -> dict[str, str]:

@@ -10,6 +10,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
+def memory_search(pattern: str) -> str:
+    """A snippet that searches its own memory for the regular expression `pattern` (of bytes) and leaves the matches
+    in `found` and the number of pages it could read in `pages`. Without /proc it finds its memory around three
+    anchors (the heap's end, a small and a large object), with mincore for what is mapped and a pipe to copy each page
+    (an unreadable one fails the write instead of crashing the process). Needs ctypes: the audit hook refuses it."""
+    return f"""
+import ctypes, os, re
+found, pages = set(), 0
+try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.write.restype, libc.write.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    PAGE, SPAN, seen = 4096, 64 << 20, set()
+    r, w = os.pipe()
+    vector, regex = ctypes.create_string_buffer(1), re.compile({pattern.encode()!r})
+    for anchor in (libc.sbrk(0), id(object()), id(bytes(1 << 18))):
+        tail = b''
+        for address in range(max(PAGE, (anchor & -PAGE) - SPAN), (anchor & -PAGE) + SPAN, PAGE):
+            data = b''
+            if address not in seen and libc.mincore(address, PAGE, vector) == 0:
+                if libc.write(w, address, PAGE) == PAGE:
+                    data, pages = os.read(r, PAGE), pages + 1
+            seen.add(address)
+            found.update(m.decode() for m in regex.findall(tail + data))
+            tail = data[-256:]
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
 # The C modules and system calls below are the ones a snippet would reach for; the numbers are x86-64's.
 ATTACKS: dict[str, str] = {
     "spawn a shell (os.system, fork, posix_spawn)": """
@@ -188,6 +220,45 @@ import os
 leaked = set(os.environ) - {'PATH', 'LANG', 'LC_ALL', 'HOME', 'TMPDIR'}
 if leaked:
     print('ESCAPED: environment has', sorted(leaked))
+""",
+    "watch the host's file reads or queue signals (fcntl F_NOTIFY, F_SETOWN, F_SETSIG, O_ASYNC, leases, ioctl)": """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+long = ctypes.c_long
+stdlib = os.open([p for p in sys.path if p.endswith('lib-dynload')][0], os.O_RDONLY)  # the host's, bound read-only
+r, w = os.pipe()
+with open('leased', 'w'):
+    pass
+leased = os.open('leased', os.O_RDONLY)
+owner = (ctypes.c_int * 2)(1, os.getpid())  # struct f_owner_ex: F_OWNER_PID, this process
+for name, fd, command, arg in (('F_NOTIFY', stdlib, 1026, 0x80000001), ('F_NOTIFY, high bits', stdlib, 1026 | 1 << 32,
+                               0x80000001), ('F_SETOWN', r, 8, os.getpid()), ('F_SETOWN_EX', r, 15,
+                               ctypes.addressof(owner)), ('F_SETSIG', r, 10, 34), ('F_SETFL O_ASYNC', r, 4,
+                               os.O_ASYNC), ('F_SETLEASE', leased, 1024, 0), ('F_SETPIPE_SZ', r, 1031, 1 << 18)):
+    if libc.syscall(72, fd, long(command), long(arg)) >= 0 or ctypes.get_errno() != 1:
+        print('ESCAPED: fcntl', name)
+pid = ctypes.c_int(os.getpid())
+for name, request in (('FIOSETOWN', 0x8901), ('SIOCSPGRP', 0x8902), ('FIOASYNC', 0x5452)):
+    if libc.syscall(16, r, long(request), ctypes.byref(pid)) >= 0 or ctypes.get_errno() != 1:
+        print('ESCAPED: ioctl', name)
+""",
+    "list the host's mounts (listmount, statmount: calls libseccomp may not know by name)": """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+request = (ctypes.c_uint64 * 3)(24, 0xFFFFFFFFFFFFFFFF, 0)  # struct mnt_id_req: size, the root, no offset
+ids = (ctypes.c_uint64 * 512)()
+if libc.syscall(458, request, ids, 512, 0) >= 0 or ctypes.get_errno() != 1:
+    print('ESCAPED: listmount')
+request[1], info = 0x1, ctypes.create_string_buffer(1 << 16)
+if libc.syscall(457, request, info, 1 << 16, 0) >= 0 or ctypes.get_errno() != 1:
+    print('ESCAPED: statmount')
+""",
+    # Runs right after the attack above in check_attacks, and looks for its program (a pattern that does not match its
+    # own source: the backslashes).
+    "read the previous snippet's program in this one's memory": memory_search(r"libc\.syscall\(458, request")
+    + """
+if found:
+    print('ESCAPED: the previous snippet is in this one', sorted(found))
 """,
 }
 

@@ -1,12 +1,13 @@
 """What runs inside the sandbox; `sandbox.py` passes this file's text to `python -I -S -B -c`.
 
 Three ways in (the last argument says which):
-- `--jail-server`: a long-lived server inside the bubblewrap jail (`sandbox_jail.py`). For each snippet it builds a
-  sub-jail (`_spawn_jailed`): a process that unshares a new mount, PID and IPC namespace, mounts a fresh size-capped
-  tmpfs on /work, opens the snippet's output files in /io and then hides /io under an empty read-only tmpfs, and
-  forks the snippet's process, which is PID 1 of its own namespace. That process drops every capability (bounding
-  set, effective, permitted), takes the unprivileged uid when the jail runs as real root, sets no_new_privs and
-  its rlimits, loads the seccomp filter (built outside by `sandbox_jail.py`), then does what `main` does.
+- `--jail-server`: a long-lived server inside the bubblewrap jail (`sandbox_jail.py`). For each snippet a standby
+  child of the server reads the request and builds a sub-jail (`_enter_sub_jail`): it unshares a new mount, PID and
+  IPC namespace, mounts a fresh size-capped tmpfs on /work, opens the snippet's output files in /io and then hides /io
+  under an empty read-only tmpfs, and forks the snippet's process, which is PID 1 of its own namespace. That process
+  drops every capability (bounding set, effective, permitted), takes the unprivileged uid when the jail runs as real
+  root, sets no_new_privs and its rlimits, loads the seccomp filter (built outside by `sandbox_jail.py`), then does
+  what `main` does.
 - `--fork-server`: the same server without the jail or sub-jails, for `sandbox.jail=none`: a plain fork per snippet.
 - a JSON config: one snippet in a fresh interpreter (`sandbox.jail=none` with `fork_server=False`).
 
@@ -17,6 +18,14 @@ dangerous C modules (under any package name or file name), sub-interpreters, del
 changing directory, setting rlimits, gc introspection, and file access outside the working directory and the
 standard library. A few calls CPython does not audit (mkfifo, mknod, setsid, pidfd_send_signal, ...) are deleted from
 their modules first. The boundary is the kernel's (namespaces, seccomp, uid, rlimits): see docs/sandbox.md.
+
+No snippet can read another's program or tests in its own memory. A forked child inherits every byte of its parent's
+heap, and Python keeps what it parsed in freed memory it never clears (the read buffer, the joined line, each
+decoded string). So the server never reads a request: it forks a standby child, which reads exactly one request from
+stdin (and not a byte of the next), and the snippet's process descends from that child. The alternatives were
+weighed: wiping the buffers before forking cannot reach the copies Python's allocators made and freed; a fresh
+interpreter per snippet is about five times slower per snippet (docs/sandbox.md). With the standby, a process's
+memory holds what the server held (its own code, request ids, pids and deadlines) and its own request, nothing else.
 
 The hook is written to survive a snippet that patches modules: everything it uses is bound as a default argument
 (re-binding a function's defaults or code is itself an audited event it refuses), and path checks use only string
@@ -168,22 +177,21 @@ def main():
 
 # ---------------------------------------------------------------------------------------------------- fork server
 # `python -I -S -B -c <this file> --fork-server` (or `--jail-server`, inside the jail) starts a child per request
-# without ever reading a request itself. It keeps one *standby* child, forked before the request it will serve was
-# sent, and that child reads exactly one request from stdin (a 10-digit length line, then that many bytes of JSON;
-# a read from a pipe never takes more than it asks for), so no process's memory ever holds another snippet's program
-# or tests. The standby then starts the snippet's process and reports to the server on a pipe of its own:
-# {"id", "pid", "timeout", "start"}, or {"id", "error"} if it could not start one (e.g. EAGAIN), or {"eof": true}
-# when stdin closed; the server then forks the next standby. In the jail the standby is the sub-jail's helper
-# (`_enter_sub_jail`): it unshares a new PID, mount and IPC namespace, mounts the tmpfs, opens the output files and
-# forks the snippet's process (PID 1 of the new namespace, the server's child through the subreaper once the helper
-# exits). Without the jail the standby becomes the snippet's process itself. That process leaves the server's code
-# and frames (`_Forked` unwinds them), gets its output files, stdin from /dev/null and no other descriptor, and its
-# own session, then becomes the snippet (`_enter`, `_drop_privileges`, `_run_and_exit`). The server kills a child at
-# its deadline or once it has exited (before reaping it, so its pid cannot be reused in between): its process group
-# without the jail, its whole PID namespace in it. It writes one JSON line per finished child: {"id", "pid",
-# "returncode", "timed_out", "duration"} (or the standby's {"id", "error"}). It exits, killing what is left, when
-# stdin closes or anything goes wrong in it. In the jail, the argument before `--jail-server` is the server's setup:
-# {"uid", "gid", "seccomp" (hex of the snippets' BPF program)}.
+# without ever reading a request itself. It keeps one *standby* child, and that child reads exactly one request from
+# stdin (a 10-digit length line, then that many bytes of JSON; a read from a pipe never takes more than it asks for),
+# so no process's memory ever holds another snippet's program or tests. The standby then starts the snippet's process
+# and reports to the server on a pipe of its own: {"id", "pid", "timeout", "start"}, or {"id", "error"} if it could
+# not start one (e.g. EAGAIN), or {"eof": true} when stdin closed; the server then forks the next standby. In the jail
+# the standby is the sub-jail's helper (`_enter_sub_jail`): it unshares a new PID, mount and IPC namespace, mounts the
+# tmpfs, opens the output files and forks the snippet's process (PID 1 of the new namespace, the server's child
+# through the subreaper once the helper exits). Without the jail the standby becomes the snippet's process itself.
+# That process leaves the server's code and frames (`_Forked` unwinds them), gets its output files, stdin from
+# /dev/null and no other descriptor, and its own session, then becomes the snippet (`_enter`, `_drop_privileges`,
+# `_run_and_exit`). The server kills a child at its deadline or once it has exited (before reaping it, so its pid
+# cannot be reused in between): its process group without the jail, its whole PID namespace in it. It writes one JSON
+# line per finished child: {"id", "pid", "returncode", "timed_out", "duration"} (or the standby's {"id", "error"}). It
+# exits, killing what is left, when stdin closes or anything goes wrong in it. In the jail, the argument before
+# `--jail-server` is the server's setup: {"uid", "gid", "seccomp" (hex of the snippets' BPF program)}.
 HEADER_BYTES = 11  # b"%010d\n": the length of the request that follows
 
 
@@ -287,7 +295,7 @@ def _report_and_exit(report_w, message):
 
 
 def _standby(forked):
-    """A child forked before its request was sent: it reads that one request, starts the snippet's process and
+    """A child of the server, which never reads requests: it reads one request, starts the snippet's process and
     reports to the server. Returns only in the snippet's process, with what `_become_snippet` needs."""
     import time
 
