@@ -10,7 +10,7 @@ from step_helpers import step_context, turn_ending_llama
 
 from unigrad.environments.base import StepResult
 from unigrad.models.tokenizer import build_char_tokenizer
-from unigrad.objective import LossInputs, policy_loss, resolve_objective
+from unigrad.objective import LossInputs, compute_advantages, policy_loss, resolve_objective
 from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.episodes import observation_ids, run_episodes, turn_index
 from unigrad.rollout.logprobs import sequence_logprobs
@@ -240,6 +240,51 @@ def test_the_episodes_advantage_reaches_every_assistant_turn_and_tokens_count_on
         for k in range(int(turns[r].max()) + 1):
             assert (logp.grad[r][turns[r] == k] != 0).all()
 
+
+
+def scripted_context(tok, model=None, max_turns: int = 3, max_new: int = 4, single_turn: tuple[str, ...] = (),
+                     **fields):
+    """`step_context` over a `ScriptedTask` of `max_turns` turns (task 0) and the built-in `single_turn` tasks,
+    sampling from `model` where given."""
+    from unigrad.data.samplers import TaskSampler
+    from unigrad.tasks import get_tasks
+
+    tasks = [ScriptedTask(max_turns=max_turns), *(get_tasks(name)[0] for name in single_turn)]
+    pools = [t.examples("train", 20, seed=k) for k, t in enumerate(tasks)]
+    ctx = step_context(tasks=tasks, pools=pools, sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new),
+                       **fields)
+    ctx.pool_prompt_ids = [[encode_prompt(tok, e.prompt) for e in pool] for pool in pools]
+    ctx.sampler = TaskSampler([20] * len(tasks), seed=1, names=[t.name for t in tasks])
+    if model is not None:
+        ctx.engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
+    return ctx
+
+
+def test_l_max_of_multi_turn_rows_is_the_turn_budget_times_max_new_tokens(setup):
+    """Dr. GRPO's constant covers every turn of the longest episodes: 3 turns of 4 tokens, or 2 under
+    rollout.max_turns, beside single-turn rows of 4."""
+    tok, _ = setup
+    ctx = scripted_context(tok, single_turn=("arithmetic",))
+    assert produce(ctx, step=1, policy_version=0)[0].max_length == 3 * 4
+    ctx.max_turns = 2
+    assert produce(ctx, step=1, policy_version=0)[0].max_length == 2 * 4
+
+
+def test_overlong_shaping_measures_each_row_against_its_own_tasks_budget(setup):
+    """DAPO's length penalty with L_max per row: 3 turns x 4 tokens for an episode of the scripted task, 4 tokens
+    for a single-turn row; the buffer (3 tokens) before it."""
+    tok, model = setup
+    ctx = scripted_context(tok, model, single_turn=("arithmetic",), overlong_buffer=3)
+    ctx.tasks[1].verify = lambda texts, examples: [1.0] * len(texts)
+    _, produced = produce(ctx, step=1, policy_version=0)
+    lengths = produced.rollout.completion_mask.sum(-1).float()
+    episodic = produced.row_task == 0
+    budget = torch.where(episodic, 12.0, 4.0)
+    penalty = ((budget - 3 - lengths) / 3).clamp(max=0.0)
+    assert (penalty[episodic] < 0).any() and (penalty[~episodic] < 0).any()
+    assert (lengths[episodic] > 4).sum() > (penalty[episodic] < 0).sum()  # rows a one-turn L_max would penalise
+    want = compute_advantages(produced.rewards + penalty, produced.rollout.group_ids, "grpo")
+    torch.testing.assert_close(produced.all_advantages, want)
 
 def test_later_turns_draw_from_their_own_streams(setup):
     """An episode's turns do not depend on which other episodes share the calls: the same prompt alone or beside

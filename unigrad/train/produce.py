@@ -86,7 +86,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
     rewards = drawn.rewards
     trained_rewards = rewards
     if ctx.overlong_buffer:  # DAPO's soft overlong punishment, on sampled rows; the verifier's reward is reported
-        trained_rewards = rewards + _overlong_penalty(ctx, ro, off_policy, sampling_metrics)
+        trained_rewards = rewards + _overlong_penalty(ctx, ro, off_policy, row_task, sampling_metrics)
 
     obj = ctx.objective
     all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
@@ -101,7 +101,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
         comp.normalisers = global_normalisers(dist, comp.normalisers)
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0
     # L_max (Dr. GRPO's constant): the generation budget of a row, every turn of the longest episodes
-    max_length = ctx.sampling.max_new_tokens * max(episode_turns(t, ctx.max_turns) for t in ctx.tasks)
+    max_length = max(generation_budget(ctx, t) for t in ctx.tasks)
     batch = Batch(routed.components, prompt_task, prompt_half, max_length, temperature,
                   policy_version, first_prompt=lo, num_prompts=len(picks))
     return batch, Produced(examples, drawn.texts, ro, off_policy, rewards, row_task, all_rewards, all_row_task,
@@ -109,11 +109,23 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
                            drawn.time_reward, sampling_metrics, drawn.episodes, drawn.failures)
 
 
-def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
-    """(N,) DAPO's length penalty of this process's sampled rows (0 on demonstration rows); its mean and the share
-    of rows it hits, over every process, go into `metrics`."""
-    penalty = overlong_penalty(ro.completion_mask.sum(-1), ctx.sampling.max_new_tokens, ctx.overlong_buffer,
-                               ctx.overlong_penalty) * ~off_policy
+def generation_budget(ctx, task: Task) -> int:
+    """L_max of a row of `task`: max_new_tokens for each assistant turn its episodes may write (one if single-turn)."""
+    return ctx.sampling.max_new_tokens * episode_turns(task, ctx.max_turns)
+
+
+def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, row_task: torch.Tensor,
+                      metrics: dict[str, float]) -> torch.Tensor:
+    """(N,) DAPO's length penalty of this process's sampled rows (0 on demonstration rows), each row's length (its
+    turns' tokens) against its task's budget (`generation_budget`); its mean and the share of rows it hits, over
+    every process, go into `metrics`."""
+    lengths = ro.completion_mask.sum(-1)
+    budgets = torch.tensor([generation_budget(ctx, ctx.tasks[t]) for t in row_task.tolist()], dtype=torch.long)
+    penalty = torch.zeros(len(lengths))
+    for budget in budgets.unique().tolist():
+        rows = budgets == budget
+        penalty[rows] = overlong_penalty(lengths[rows], budget, ctx.overlong_buffer, ctx.overlong_penalty)
+    penalty = penalty * ~off_policy
     sampled = ctx.dist.cat(penalty)[~ctx.dist.cat(off_policy)]
     metrics["rewards/overlong_penalty"] = sampled.mean().item() if len(sampled) else 0.0
     metrics["rewards/overlong_fraction"] = (sampled < 0).float().mean().item() if len(sampled) else 0.0
