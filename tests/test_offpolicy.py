@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_learn import ADVANTAGES, COMPLETIONS, LR, assert_close, learned_update, row_logprobs, setup
 
-from unigrad.train.learn import LearnSettings
+from unigrad.train.distributed import SINGLE
+from unigrad.train.learn import LearnSettings, learn
 from unigrad.train.plan import mini_batch_prompts
 
 ROWS = {0: [0, 1], 1: [2, 3]}  # the toy's prompts and their rows
@@ -166,3 +167,88 @@ def test_trained_tokens_are_the_batchs_tokens_however_many_epochs(mini_batches, 
                                                                      num_iterations=epochs))
     assert metrics.get("optimizer_steps", 1.0) == mini_batches * epochs
     assert metrics["rl/tokens"] == pytest.approx(sum(len(c) for c in COMPLETIONS)) == 10
+
+
+def record_losses(monkeypatch) -> list:
+    """Every `policy_loss` call `learn` makes, in order: (advantages, old log-probs or None), detached copies."""
+    import unigrad.train.learn as learn_module
+
+    calls = []
+    real = learn_module.policy_loss
+
+    def recording(inputs, obj):
+        old = inputs.old_logprobs
+        calls.append((inputs.advantages.detach().clone(), None if old is None else old.detach().clone()))
+        return real(inputs, obj)
+
+    monkeypatch.setattr(learn_module, "policy_loss", recording)
+    return calls
+
+
+@pytest.mark.parametrize("mini_batches, epochs", [(2, 2), (1, 3)])
+def test_the_proximal_log_probs_stay_those_of_the_first_weights_at_the_sampling_temperature(mini_batches, epochs,
+                                                                                           monkeypatch):
+    """Every optimizer step after the first, in every epoch, measures its ratio against the log-probs of the weights
+    before the batch's first update, under the sampling temperature (0.7): computed here row by row, by hand, before
+    `learn` runs. Large SGD steps make later weights' log-probs far from those."""
+    temperature = 0.7
+    model, learner, batch = setup("grpo", temperature=temperature)
+    sgd(learner, 5.0)
+    want = [lp.detach() for lp in row_logprobs(model, temperature)]
+    calls = record_losses(monkeypatch)
+    _, metrics = learned_update(model, learner, batch, LearnSettings(micro_batch_size=64, mini_batches=mini_batches,
+                                                                     num_iterations=epochs))
+    assert len(calls) == epochs * mini_batches  # one micro-batch per mini-batch
+    checked = 0
+    for advantages, old in calls:
+        if old is None:  # the first optimizer step's own pass is the proximal one
+            continue
+        for b, a in enumerate(advantages.tolist()):
+            row = ADVANTAGES.tolist().index(a)
+            torch.testing.assert_close(old[b, :len(want[row])], want[row], atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked == (epochs * mini_batches - 1) * 4 // mini_batches  # every pass but the first
+    after = [lp.detach() for lp in row_logprobs(model, temperature)]
+    assert max(float((a - w).abs().max()) for a, w in zip(after, want, strict=True)) > 1e-2  # the weights moved
+
+
+def toy_prompts_batch(num_prompts: int):
+    """`num_prompts` prompts of two rows each for `learn`, each row with its own advantage (which identifies it)."""
+    from unigrad.objective import batch_normalisers, resolve_objective
+    from unigrad.train.batch import Batch, LossComponent
+    from unigrad.train.batching import pad_pairs
+
+    model, learner, _ = setup("grpo", temperature=1.0)
+    prompts = [[3 + p, 7, 9] for p in range(num_prompts) for _ in range(2)]
+    completions = [[11 + r % 5, 12, 2] for r in range(2 * num_prompts)]
+    advantages = torch.tensor([(r + 1) * (-1.0) ** r / 10 for r in range(2 * num_prompts)])
+    sequences = pad_pairs(prompts, completions, 0)
+    obj = resolve_objective("grpo")
+    comp = LossComponent("rl", sequences, advantages, torch.arange(num_prompts).repeat_interleave(2), obj, 1.0,
+                         batch_normalisers(sequences.completion_mask, obj),
+                         infer_logprobs=torch.zeros(sequences.completion_ids.shape))
+    batch = Batch([comp], torch.zeros(num_prompts, dtype=torch.long), torch.zeros(num_prompts, dtype=torch.long), 10,
+                  1.0, 0)
+    return model, learner, batch, advantages
+
+
+def dealt_prompts(seed: int, monkeypatch, epochs: int = 3) -> list[list[frozenset[int]]]:
+    """The prompts each optimizer step of `learn` trains (6 prompts in 3 mini-batches), per epoch."""
+    model, learner, batch, advantages = toy_prompts_batch(6)
+    calls = record_losses(monkeypatch)
+    learn(batch, learner, LearnSettings(micro_batch_size=64, mini_batches=3, num_iterations=epochs,
+                                        shuffle_seed=seed), SINGLE)
+    assert len(calls) == 3 * epochs  # one micro-batch per mini-batch
+    rows = [[advantages.tolist().index(a) for a in adv.tolist()] for adv, _ in calls]
+    steps = [frozenset(i // 2 for i in r) for r in rows]  # row i answers prompt i // 2
+    assert all(len(r) == 2 * len(p) for r, p in zip(rows, steps, strict=True))  # a prompt's rows stay together
+    return [steps[3 * e:3 * e + 3] for e in range(epochs)]
+
+
+def test_each_epoch_deals_the_prompts_into_mini_batches_anew_and_the_seed_fixes_the_deals(monkeypatch):
+    deals = dealt_prompts(7, monkeypatch)
+    for epoch in deals:
+        assert sorted(p for piece in epoch for p in piece) == list(range(6)) and all(len(p) == 2 for p in epoch)
+    assert deals[0] != deals[1] and deals[1] != deals[2] and deals[0] != deals[2]
+    assert dealt_prompts(7, monkeypatch) == deals  # the same seed: the same deals
+    assert dealt_prompts(8, monkeypatch) != deals
