@@ -155,8 +155,34 @@ def _resumed_config(output_dir: Path, given, overrides: list[str]):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import contextlib
     import json
 
+    # With --json, stdout holds the JSON alone: whatever the tasks' code (a user's reward function) prints while
+    # the tasks load and the model is scored goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        res = _evaluate_model(args)
+    if isinstance(res, int):  # refused: the reason is printed
+        return res
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list(res["mean"])
+    table = Table(title=f"held-out evaluation of {args.model} ({args.split} split)")
+    table.add_column("task")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, row in res.items():
+        table.add_row(name, *[f"{100 * row[k]:.1f}" for k in keys])
+    Console().print(table)
+    return 0
+
+
+def _evaluate_model(args: argparse.Namespace):
+    """`unigrad eval`'s results, or its exit code when it refuses (the reason printed)."""
     from unigrad.config import load_run_config
     from unigrad.eval import evaluate
     from unigrad.models.loading import load_model_and_tokenizer
@@ -169,7 +195,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = load_run_config(target)
         model_path = str(target / "final")
         tasks = tasks or cfg.tasks
-        max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
+        max_new_tokens = cfg.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
     from unigrad.train.device import resolve_device
 
     try:
@@ -188,24 +214,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"unigrad eval: {err}", file=sys.stderr)
         return 2
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
-    res = evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k, per_prompt=args.per_prompt,
-                   max_new_tokens=max_new_tokens or 32, seed=args.seed,
-                   max_turns=cfg.rollout.max_turns if cfg is not None else None, split=args.split)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    keys = list(res["mean"])
-    table = Table(title=f"held-out evaluation of {args.model} ({args.split} split)")
-    table.add_column("task")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name, row in res.items():
-        table.add_row(name, *[f"{100 * row[k]:.1f}" for k in keys])
-    Console().print(table)
-    return 0
+    return evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k, per_prompt=args.per_prompt,
+                    max_new_tokens=32 if max_new_tokens is None else max_new_tokens, seed=args.seed,
+                    max_turns=cfg.rollout.max_turns if cfg is not None else None, split=args.split)
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -214,23 +225,39 @@ def _study(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from unigrad.report.seeded_study import Study, load_study
+    from unigrad.report.study_checks import compact, refuse_other_settings, refuse_page_without_results
     from unigrad.report.study_page import write_study_page
 
     try:
         spec = load_study(args.file)
-    except (FileNotFoundError, ValueError, ValidationError) as err:
-        print(f"unigrad study: {args.file}: {err}", file=sys.stderr)
+        other_steps = args.steps is not None and args.steps != spec.steps
+        smoke = other_steps or (args.seeds is not None and args.seeds != spec.seeds)  # not the study the file pins
+        out = Path(args.out or Path("runs") / "studies" / (Path(args.file).stem
+                                                           + (f"-steps{args.steps}" if other_steps else "")))
+        study = Study(spec, out, seeds=args.seeds, steps=args.steps, parallel=args.parallel)
+        refuse_other_settings(study)  # runs left there by a smoke run or an edited study file: never reused
+        if args.page_only:
+            refuse_page_without_results(study)
+    except ValidationError as err:  # --seeds, --steps, --parallel out of the study file's bounds
+        print(f"unigrad study: {compact(err, Path(args.file))}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path("runs") / "studies" / Path(args.file).stem)
-    study = Study(spec, out, seeds=args.seeds, steps=args.steps, parallel=args.parallel)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"unigrad study: {err}", file=sys.stderr)
+        return 2
     started = time.time()
     if not args.page_only:
-        study.run()
+        try:
+            study.run()
+        except (RuntimeError, ValueError) as err:  # a run that failed, runs left with other settings
+            print(f"unigrad study: {err}", file=sys.stderr)
+            return 1
     command = " ".join(["unigrad study", args.file, *(f"--seeds {args.seeds}" for _ in [0] if args.seeds),
                         *(f"--steps {args.steps}" for _ in [0] if args.steps)])
-    page = write_study_page(study, command, Path(args.doc_root),
-                            None if args.page_only else (time.time() - started) / 60)
-    print(f"study: wrote {page}")
+    # a smoke-size run never writes the real docs page unless asked to (--doc-root)
+    root = Path(args.doc_root) if args.doc_root is not None else out / "page" if smoke else Path(".")
+    page = write_study_page(study, command, root, None if args.page_only else (time.time() - started) / 60)
+    print(f"study: wrote {page}" + (" (--steps / --seeds differ from the study file's: a smoke run, so not the docs "
+                                    "page; --doc-root . writes that)" if smoke and args.doc_root is None else ""))
     return 0
 
 
@@ -240,7 +267,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         path = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"unigrad report: {err}", file=sys.stderr)
         return 2
     print(f"report: {path}")
     return 0
@@ -264,6 +291,22 @@ def _sandbox_check(args: argparse.Namespace) -> int:
     failed = sum(not r.contained for r in results)
     print(f"{len(results) - failed} of {len(results)} attacks contained")
     return 1 if failed else 0
+
+
+def _at_least(low: int, what: str):
+    """An argparse type: an integer >= `low` (argparse names the option in its error, `what` says what it counts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", help="task specs (default: the run's tasks or the default mixture)")
     e.add_argument("--tools", nargs="+", default=None, help="with --tasks: tools offered to the single-turn tasks "
                    "(calculator, python, path.py:func), which then run as tool-use episodes")
-    e.add_argument("--prompts", type=int, default=200, help="held-out prompts per task")
+    e.add_argument("--prompts", type=_at_least(1, "the held-out prompts per task"), default=200,
+                   help="held-out prompts per task")
     e.add_argument("--split", choices=["test", "validation"], default="test",
                    help="test (what results are reported on) or validation (what choices are tuned on)")
-    e.add_argument("--k", type=int, default=0, help="also report pass@k with k samples at temperature 1")
-    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--k", type=_at_least(0, "k (0: no pass@k)"), default=0,
+                   help="also report pass@k with k samples at temperature 1")
+    e.add_argument("--max-new-tokens", type=_at_least(1, "the tokens per completion"), default=None,
+                   help="tokens per completion (default: the run's rollout.max_new_tokens, else 32)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N "
                                                     "or mps")
@@ -317,12 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="run a study file (arms x seeds at fixed steps, held-out evaluation) and write "
                         "its docs page with intervals over seeds; resumes what a cut-off study left")
     st.add_argument("file", help="the study's YAML file (examples/studies/*.yaml)")
-    st.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the file's)")
-    st.add_argument("--steps", type=int, help="rollout steps per run (default: the file's; a smaller number is a "
-                    "smoke test, not the study)")
-    st.add_argument("--parallel", type=int, help="runs at once, one torch thread each (default: the file's)")
-    st.add_argument("--out", help="where the runs go (default: runs/studies/<file name>)")
-    st.add_argument("--doc-root", default=".", help="the page is written at DOC_ROOT/<the file's doc>")
+    st.add_argument("--seeds", type=_at_least(1, "the number of seeds"), help="seeds 0..N-1 (default: the file's)")
+    st.add_argument("--steps", type=_at_least(1, "the rollout steps per run"),
+                    help="rollout steps per run (default: the file's; a smaller number is a smoke test, not the study)")
+    st.add_argument("--parallel", type=_at_least(1, "the runs at once"),
+                    help="runs at once, one torch thread each (default: the file's)")
+    st.add_argument("--out", help="where the runs go (default: runs/studies/<file name>; with --steps N other than "
+                    "the file's: runs/studies/<file name>-stepsN)")
+    st.add_argument("--doc-root", help="the page is written at DOC_ROOT/<the file's doc> (default: the current "
+                    "directory; OUT/page when --steps or --seeds differ from the file's)")
     st.add_argument("--page-only", action="store_true", help="write the page from the runs there, train nothing")
     st.set_defaults(func=_study)
 

@@ -47,6 +47,10 @@ def evaluate(
 
     if split not in ("validation", "test"):
         raise ValueError(f"evaluate: split must be 'validation' or 'test', got {split!r}")
+    for name, value, low in (("prompts_per_task", prompts_per_task, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("pass_k", pass_k, 0)):
+        if value < low:
+            raise ValueError(f"evaluate: {name} must be at least {low}, got {value}")
 
     engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                 device=next(model.parameters()).device)  # where the model is

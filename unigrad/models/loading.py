@@ -59,6 +59,34 @@ class ModelNotFoundError(OSError):
     """A model name that is neither ``unigrad-tiny``, nor a local directory, nor loadable from a hub."""
 
 
+class CorruptModelError(ValueError):
+    """A local model's weights file that is truncated or otherwise not a whole safetensors file."""
+
+
+def check_safetensors(directory: str | os.PathLike) -> None:
+    """Raise ``CorruptModelError`` naming the first ``*.safetensors`` file in ``directory`` whose size is not what its
+    header says (a copy or a save that was cut off), or whose header cannot be read."""
+    import json
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if size < 8 or length > size - 8:
+                    raise ValueError("its header runs past the end of the file")
+                header = json.loads(f.read(length))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            expected = 8 + length + max(ends, default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise CorruptModelError(f"{path} is truncated or corrupt (unreadable header: {err}): copy the model "
+                                    "again, or rerun what wrote it") from None
+        if size != expected:
+            raise CorruptModelError(f"{path} is truncated or corrupt: its header says {expected} bytes, the file has "
+                                    f"{size} (a copy or a save was cut off): copy the model again, or rerun what "
+                                    "wrote it")
+
+
 def local_model_dir(name: str) -> str:
     """Where a local model is: a model directory itself, a finished run directory's final/; a name that is not a
     directory is returned as it is (a hub id). ModelNotFoundError for a directory that holds no model."""
@@ -106,6 +134,8 @@ def load_model_and_tokenizer(
     else:
         source = local_model_dir(name)
     local = Path(source).is_dir()
+    if local:
+        check_safetensors(source)
     # Offline (HF_HUB_OFFLINE=1), or no hub reachable: only the local HF cache is tried, so a missing model fails
     # at once instead of after transformers' retries (about 50 s).
     offline = not local and (_hub_offline() or not _hub_reachable(source))

@@ -31,6 +31,9 @@ CORRELATES = {  # label -> metric prefix (per task: prefix/<task>)
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; give the --output-dir of a unigrad train "
+                                "run (a directory holding metrics.jsonl)")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a unigrad run directory?")
     rows = []
@@ -61,9 +64,9 @@ def task_names(rows: list[dict[str, Any]]) -> list[str]:
     """Task names of a run: from the per-task reward, or (objective=sft samples nothing) the per-task gradient
     and SFT-fraction metrics."""
     names = {k.split("/")[1] for r in rows for k in r
-             if (k.startswith("reward/") and k.count("/") == 1) or (k.startswith("grad/") and k.endswith("/sq_norm"))
-             or (k.startswith("hpt/sft_fraction/") and k.count("/") == 2)}
-    return sorted(names - {"mean", "sft_fraction"})
+             if (k.startswith("reward/") and k.count("/") == 1) or (k.startswith("grad/") and k.endswith("/sq_norm"))}
+    names |= {k.split("/")[2] for r in rows for k in r if k.startswith("hpt/sft_fraction/") and k.count("/") == 2}
+    return sorted(names - {"mean"})
 
 
 def series(rows: list[dict[str, Any]], window: int) -> dict[str, dict[str, list[float]]]:
@@ -145,10 +148,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write the PNGs and index.html into out_dir (default RUN_DIR/report); returns the HTML path."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir)  # a missing run is refused before anything is written
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl has no complete step yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
     window = _gain_window(run_dir)
     data = series(rows, window)
     steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
@@ -201,6 +204,7 @@ def _stability_figures(out_dir: Path, rows, steps, span) -> list[tuple[str, str]
          ["mismatch/kl_k3", "mismatch/kl_k1", "mismatch/abs_logp_diff_mean"], True),
         ("mismatch_masked.png", "Out-of-band tokens and their entropy", "fraction outside [alpha, beta]; entropy",
          ["mismatch/masked_fraction", "mismatch/entropy_masked", "mismatch/entropy_all"], False),
+        ("sft_loss.png", "Supervised (SFT) loss", "loss per token", ["sft/loss"], False),
         ("grad_norm.png", "Pre-clip gradient norm", "grad_norm", ["grad_norm"], True),
         ("clip.png", "Clip fractions", "fraction of tokens", ["rl/clip/low_fraction", "rl/clip/high_fraction",
                                                               "rl/clip/region_fraction"], False),
@@ -291,11 +295,14 @@ def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability,
     if len(means) >= 2:
         parts.append(f"<p>Imbalance: the largest task's mean ||g_k||^2 is <b>{max(means) / min(means):.1f}x</b> "
                      "the smallest's.</p>")
-    parts.append("<h2>Per task</h2><table><tr><th>task</th>"
-                 + "".join(f"<th>{e(k)}</th>" for k in next(iter(summary.values()))) + "</tr>")
-    for t, v in summary.items():
-        parts.append(f"<tr><td>{e(t)}</td>" + "".join(f"<td>{_fmt(x)}</td>" for x in v.values()) + "</tr>")
-    parts.append("</table>")
+    if summary:
+        parts.append("<h2>Per task</h2><table><tr><th>task</th>"
+                     + "".join(f"<th>{e(k)}</th>" for k in next(iter(summary.values()))) + "</tr>")
+        for t, v in summary.items():
+            parts.append(f"<tr><td>{e(t)}</td>" + "".join(f"<td>{_fmt(x)}</td>" for x in v.values()) + "</tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p>No per-task metrics in this run.</p>")
     for name, title in figures:
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")

@@ -130,13 +130,21 @@ class StudySpec(BaseModel):
 
 
 def load_study(path: str | Path) -> StudySpec:
+    """The study file, checked: valid YAML, a valid study, and every arm's config a valid training config (else
+    ValueError naming the file and the line or key)."""
+    from pydantic import ValidationError
+
+    from unigrad.report.study_checks import check_arm_configs, compact, read_mapping
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study file {path} not found")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return StudySpec.model_validate(data)
+    try:
+        spec = StudySpec.model_validate(read_mapping(path))
+    except ValidationError as err:
+        raise ValueError(compact(err, path)) from None
+    check_arm_configs(spec, path)
+    return spec
 
 
 def flat_overrides(overrides: dict[str, Any], prefix: str = "") -> list[str]:
@@ -205,12 +213,9 @@ class Study:
 
     def __init__(self, spec: StudySpec, out: str | Path, *, seeds: int | None = None, steps: int | None = None,
                  parallel: int | None = None, log=print):
-        if steps is not None:
-            spec = spec.model_copy(update={"steps": steps})
-        if seeds is not None:
-            spec = spec.model_copy(update={"seeds": seeds})
-        if parallel is not None:
-            spec = spec.model_copy(update={"parallel": parallel})
+        given = {k: v for k, v in (("steps", steps), ("seeds", seeds), ("parallel", parallel)) if v is not None}
+        if given:  # checked as the file's own values are (seeds >= 1, ...)
+            spec = StudySpec.model_validate({**spec.model_dump(), **given})
         self.spec, self.out, self.log = spec, Path(out), log
 
     def run_dir(self, arm: str, seed: int) -> Path:
@@ -222,8 +227,18 @@ class Study:
         return [[(arm, seed) for seed in range(self.spec.seeds) for arm in self.spec.arms
                  if depth(self.spec, arm) == level] for level in levels]
 
+    def run_config(self, arm: str, seed: int) -> dict[str, Any]:
+        """The training config of run (arm, seed), as `_one` trains it (a staged arm: from its parent's weights)."""
+        config = {**arm_config(self.spec, arm), "seed": seed}
+        parent = self.spec.arms[arm].get("from")
+        return config if parent is None else _merged(config, {"model.name": str(self.run_dir(parent, seed) / "final")})
+
     def run(self) -> None:
-        """Train and evaluate every (arm, seed) not done yet, `parallel` at a time; then the start checkpoints."""
+        """Train and evaluate every (arm, seed) not done yet, `parallel` at a time; then the start checkpoints.
+        Runs left by a study with other settings are refused, never reused (`study_checks`)."""
+        from unigrad.report.study_checks import refuse_other_settings
+
+        refuse_other_settings(self)
         self.out.mkdir(parents=True, exist_ok=True)
         for arm in self.spec.arms:  # the pinned config of each arm, next to its runs
             (self.out / arm).mkdir(exist_ok=True)
@@ -282,9 +297,10 @@ class Study:
                          log=Path(f"{run_dir}.log") if self.spec.parallel > 1 else None)
         except subprocess.CalledProcessError as err:
             if err.returncode != 3:  # 3: the run stopped itself (an alarm, non-finite steps); anything else is a bug
-                raise RuntimeError(f"study: {arm} seed {seed} failed (exit {err.returncode}); see "
-                                   f"{run_dir}.log or rerun it alone: unigrad train {config} seed={seed} "
-                                   f"--output-dir {run_dir} --resume") from err
+                where = f"{run_dir}.log" if self.spec.parallel > 1 else "its output above"
+                raise RuntimeError(f"study: {arm} seed {seed} failed (exit {err.returncode}); see {where} or rerun "
+                                   f"it alone: unigrad train {config} seed={seed} --output-dir {run_dir} "
+                                   "--resume") from err
             (run_dir / "study_status.json").write_text(json.dumps({"stopped": f"exit {err.returncode}"}))
             return
         for split in self.spec.eval.splits:
@@ -293,21 +309,22 @@ class Study:
     def _evaluate(self, model: str, where: Path, split: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
         """`unigrad eval MODEL --split SPLIT --per-prompt --json`, cached in where/study_eval_SPLIT.json. A run
         directory is evaluated with its own tasks and budget; a start model with the study's."""
-        path = where / f"study_eval_{split}.json"
-        if not path.is_file():
-            cmd = [sys.executable, "-m", "unigrad.cli", "eval", model, "--split", split, "--prompts",
-                   str(self.spec.eval.prompts), "--json", "--per-prompt"]
-            if overrides is not None:  # a start checkpoint: the tasks and budget of the arms that start from it
-                cfg = _merged(self.spec.train, overrides)
-                cmd += ["--tasks", *cfg.get("tasks", ["arithmetic", "countdown", "word_problems", "code",
-                                                      "table_qa"]),
-                        "--max-new-tokens", str(cfg.get("rollout", {}).get("max_new_tokens", 40))]
+        path, record = where / f"study_eval_{split}.json", where / f"study_eval_{split}.args.json"
+        cmd = [sys.executable, "-m", "unigrad.cli", "eval", model, "--split", split, "--prompts",
+               str(self.spec.eval.prompts), "--json", "--per-prompt"]
+        if overrides is not None:  # a start checkpoint: the tasks and budget of the arms that start from it
+            cfg = _merged(self.spec.train, overrides)
+            cmd += ["--tasks", *cfg.get("tasks", ["arithmetic", "countdown", "word_problems", "code", "table_qa"]),
+                    "--max-new-tokens", str(cfg.get("rollout", {}).get("max_new_tokens", 40))]
+        # a cached evaluation counts when it was run with these arguments (older caches recorded none)
+        if not path.is_file() or (record.is_file() and json.loads(record.read_text()) != cmd[3:]):
             env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if self.spec.parallel > 1 else {})}
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise RuntimeError(f"study: evaluating {model} failed: {res.stderr.strip()[-2000:]}")
             where.mkdir(parents=True, exist_ok=True)
             path.write_text(res.stdout.strip().splitlines()[-1])
+            record.write_text(json.dumps(cmd[3:]))
         return json.loads(path.read_text())
 
     # --- reading the results -------------------------------------------------------------------------------

@@ -163,6 +163,16 @@ class FileTask:
         return math_equal(answer, completion)
 
 
+def _check_one_answer(answers: dict[tuple[str, str], tuple[str, int]], task: str, prompt: str, answer: str,
+                      number: int, path: Path) -> None:
+    """A prompt given twice must have the same answer (a repeat is fine): with two, one of them is scored wrong."""
+    first = answers.setdefault((task, prompt), (answer, number))
+    if normalise(first[0]) != normalise(answer):
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        raise ValueError(f"{path}: rows {first[1]} and {number} give the prompt {shown!r} two different answers "
+                         f"({first[0]!r} and {answer!r}); keep one answer per prompt (remove or fix one of the rows)")
+
+
 def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: float = 0.1,
                     split_seed: int = 0, validation_fraction: float = 0.0) -> list[FileTask]:
     """One FileTask per distinct `task` value in the file (in order of first appearance)."""
@@ -171,6 +181,7 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
     if not rows:
         raise ValueError(f"{path}: no rows")
     grouped: dict[str, tuple[list[Example], list[Split | None], list[int]]] = defaultdict(lambda: ([], [], []))
+    answers: dict[tuple[str, str], tuple[str, int]] = {}  # (task, prompt) -> (its answer, the row that gave it)
     for number, row in rows:
         where = f"{path}: row {number}"
         if not isinstance(row, dict):
@@ -183,6 +194,7 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
         if split not in (None, *SPLITS):
             raise ValueError(f"{where}: column 'split' must be one of {SPLITS}, got {split!r}")
         meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "demonstration", "task", "split")}
+        _check_one_answer(answers, name, prompt, answer, number, path)
         examples, splits, numbers = grouped[name]
         examples.append(Example(prompt, answer, demonstration, name, meta))
         splits.append(split)
