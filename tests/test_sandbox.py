@@ -22,7 +22,7 @@ import pytest
 from unigrad.tasks import Example, get_task
 from unigrad.tasks import sandbox as sandbox_module
 from unigrad.tasks.sandbox import JailUnavailable, SandboxError, SandboxLimits, run, run_many
-from unigrad.tasks.sandbox_attacks import ATTACKS, check_attacks
+from unigrad.tasks.sandbox_attacks import ATTACKS, check_attacks, memory_search
 
 FAST = SandboxLimits(timeout=1.5, cpu_seconds=2)
 UNJAILED = {"jail": "none", "allow_root_without_jail": True}
@@ -101,10 +101,11 @@ def test_writing_inside_the_working_directory_is_allowed_and_starts_empty():
 
 
 def test_resource_limits_are_set_in_the_child():
-    names = ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_NOFILE"]
+    names = ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_NOFILE",
+             "RLIMIT_SIGPENDING"]
     code = f"import resource\nprint([resource.getrlimit(getattr(resource, n)) for n in {names}])"
     result = contained_run(code)
-    expected = [FAST.cpu_seconds, FAST.memory_bytes, FAST.file_bytes, FAST.processes, 0, FAST.open_files]
+    expected = [FAST.cpu_seconds, FAST.memory_bytes, FAST.file_bytes, FAST.processes, 0, FAST.open_files, 16]
     assert result.ok and ast.literal_eval(result.stdout) == [(v, v) for v in expected]
 
 
@@ -349,6 +350,90 @@ def test_the_snippet_inherits_no_descriptor():
             "        open_fds.append(fd)\n    except OSError:\n        pass\nprint(open_fds)")
     result = contained_run(code)
     assert result.ok and result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_snippet_finds_no_earlier_request_in_its_own_memory():
+    # Earlier requests plant a secret: in a program, and in another example's hidden test inputs (the code task's
+    # path). The next snippet searches its own memory (mincore and a pipe, no /proc in the jail); it must find the
+    # string it made itself (the search works) and nothing planted before it.
+    secret = f"PLANTED-{uuid.uuid4().hex}"
+    assert contained_run(f"SECRET = {secret!r}\nprint(len(SECRET))").stdout == "40\n"
+    example = Example("def f(s): return # s", "s", "s", "code", {"params": "s", "tests": [{"args": [secret],
+                                                                                        "expected": secret}]})
+    assert get_task("code").verify(["s"], [example]) == [1.0]
+    search = memory_search(r"PLANTED-[0-9a-f]{32}")
+    code = "mine = 'PLANTED-' + 'ab' * 16\n" + search + "print(pages, sorted(found))"
+    result = contained_run(code, SandboxLimits(timeout=20, cpu_seconds=15), max_seconds=20, audit_hook=False)
+    pages, found = result.stdout.split(" ", 1)
+    assert result.ok and int(pages) > 100, result.stdout + result.stderr
+    assert ast.literal_eval(found) == ["PLANTED-" + "ab" * 16]
+
+
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["with-audit-hook", "kernel-alone"])
+def test_fcntl_and_ioctl_commands_that_watch_or_signal_are_refused_and_the_rest_work(audit_hook):
+    # Each refused command fails with EPERM (1) from the seccomp filter, also with bits above the 32 the kernel reads;
+    # the commands honest code uses (flags, non-blocking, duplicating, close-on-exec) still work.
+    refused = {"F_NOTIFY": (1026, 0x80000001), "F_NOTIFY+2**32": (1026 + 2**32, 0x80000001), "F_SETOWN": (8, 1),
+               "F_SETSIG": (10, 34), "F_SETOWN_EX": (15, 0), "F_SETLEASE": (1024, 0), "F_SETFL O_ASYNC": (4, 0o20000),
+               "F_SETPIPE_SZ": (1031, 1 << 18)}
+    code = ("import fcntl, os\nr, w = os.pipe()\n"
+            "os.set_blocking(r, False)\nprint(os.get_blocking(r), fcntl.fcntl(r, fcntl.F_DUPFD, 10),"
+            " fcntl.fcntl(w, fcntl.F_SETFD, fcntl.FD_CLOEXEC), fcntl.fcntl(r, fcntl.F_GETFL) & os.O_NONBLOCK > 0)\n"
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nerrors = {}\n"
+            f"for name, (command, arg) in {refused!r}.items():\n"
+            "    result = libc.syscall(72, r, ctypes.c_long(command), ctypes.c_long(arg))\n"
+            "    errors[name] = ctypes.get_errno() if result < 0 else 'allowed'\n"
+            "for name, request in (('FIOSETOWN', 0x8901), ('FIOASYNC', 0x5452)):\n"
+            "    result = libc.syscall(16, r, ctypes.c_long(request), ctypes.byref(ctypes.c_int(1)))\n"
+            "    errors[name] = ctypes.get_errno() if result < 0 else 'allowed'\n"
+            "print(errors)")
+    result = contained_run(code, audit_hook=audit_hook)
+    if audit_hook:  # the tripwire stops it at the first import
+        assert not result.ok and "import of fcntl is not allowed" in result.stderr
+        return
+    assert result.ok, result.stderr
+    works, errors = result.stdout.splitlines()
+    assert works == "False 10 0 True"
+    assert ast.literal_eval(errors) == {name: 1 for name in [*refused, "FIOSETOWN", "FIOASYNC"]}
+
+
+def test_system_calls_libseccomp_does_not_know_are_refused_by_number():
+    # The installed libseccomp may not know listmount (458), statmount (457) or open_tree_attr (467): the filter
+    # refuses them by number (EPERM = 1), where without a rule the kernel answers EFAULT (14), EINVAL or ENOSYS.
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nerrors = []\n"
+            "for number in (458, 457, 467):\n"
+            "    result = libc.syscall(number, None, None, 0, 0)\n"
+            "    errors.append(ctypes.get_errno() if result < 0 else 'allowed')\nprint(errors)")
+    result = contained_run(code, audit_hook=False)
+    assert result.ok and result.stdout == "[1, 1, 1]\n", result.stdout + result.stderr
+
+
+def test_the_numbers_kept_for_new_system_calls_agree_with_libseccomp():
+    # Where the installed libseccomp knows a name, its number (an independent table) must be the one kept here.
+    import pyseccomp
+
+    from unigrad.tasks import sandbox_jail
+
+    arch = pyseccomp.system_arch()
+    known = {name: pyseccomp.resolve_syscall(arch, name) for name in sandbox_jail.UNIFIED_NUMBERS}
+    known = {name: number for name, number in known.items() if number >= 0}
+    assert len(known) >= 15  # 2.5 knows the calls up to 5.x at least
+    assert known == {name: sandbox_jail.UNIFIED_NUMBERS[name] for name in known}
+
+
+def test_a_filter_with_a_system_call_nobody_knows_is_refused_loudly():
+    # A name neither libseccomp nor unigrad's table knows must stop the jail, not leave a hole in the deny list:
+    # a made-up name, and a real call newer than this libseccomp (file_setattr, Linux 6.17) that the table lacks.
+    import pyseccomp
+
+    from unigrad.tasks import sandbox_jail
+
+    with pytest.raises(JailUnavailable, match="does not know the system call 'no_such_call'.*upgrade libseccomp"):
+        sandbox_jail.seccomp_program(["no_such_call"], snippet=False)
+    if pyseccomp.resolve_syscall(pyseccomp.system_arch(), "file_setattr") == -1:
+        with pytest.raises(JailUnavailable, match="'file_setattr'"):
+            sandbox_jail.seccomp_program(["getpid", "file_setattr"], snippet=True)
+    assert sandbox_jail.seccomp_program(["getpid", "listmount"], snippet=False)  # known by number here
 
 
 def test_hostile_code_task_completions_score_zero_and_a_correct_one_scores_one(tmp_path, monkeypatch):
