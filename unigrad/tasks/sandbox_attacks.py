@@ -242,6 +242,22 @@ for name, request in (('FIOSETOWN', 0x8901), ('SIOCSPGRP', 0x8902), ('FIOASYNC',
     if libc.syscall(16, r, long(request), ctypes.byref(pid)) >= 0 or ctypes.get_errno() != 1:
         print('ESCAPED: ioctl', name)
 """,
+    "hold pipe buffers against the uid's quota (many pipes, F_SETPIPE_SZ)": """
+import fcntl, os
+held = 0
+try:
+    while True:
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(r, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError:
+            pass
+        held += fcntl.fcntl(r, 1032)  # F_GETPIPE_SZ
+except OSError:
+    pass
+if held > 2 << 20:  # 30 pipes of 64 KiB fit in 64 descriptors; 8 such snippets hold 15 MiB of the 64 MiB soft quota
+    print('ESCAPED: holds', held >> 20, 'MiB of pipe buffers')
+""",
     "list the host's mounts (listmount, statmount: calls libseccomp may not know by name)": """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
