@@ -3,6 +3,7 @@
 import pytest
 
 from unigrad.config import ConfigError, config_to_yaml, load_config
+from unigrad.objective.presets import PRESETS
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -211,3 +212,39 @@ def test_train_help_lists_every_config_key_with_its_description():
         assert f"  {key} (" in text and field.description in text, key
     assert "optim.beta2 (float, >=0 <1; default 0.99)" in text
     assert typing.get_args(TrainConfig.model_fields["sharding"].annotation) == ("none", "fsdp")
+
+
+def _greedy_trains_nothing(objective: str, advantage: str | None = None) -> bool:
+    """Whether the objective's advantage is 0 on every row when each group's completions are identical (greedy
+    sampling: identical completions, identical rewards), computed from the estimator itself."""
+    import torch
+
+    from unigrad.config import TrainConfig
+    from unigrad.objective import compute_advantages
+
+    cfg = TrainConfig.model_construct(objective=objective, objective_args={"advantage": advantage} if advantage else {},
+                                      hybrid=TrainConfig.model_fields["hybrid"].default_factory())
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5])  # three groups, identical within each
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    advantages = compute_advantages(rewards, groups, cfg.resolved_objective().advantage)
+    return not cfg.uses_guidance and bool((advantages == 0).all())
+
+
+@pytest.mark.parametrize("objective", sorted(PRESETS) + ["hpt"])
+def test_greedy_sampling_is_refused_exactly_where_it_would_train_nothing(objective):
+    greedy = ["rollout.temperature=0", f"objective={objective}"]
+    if objective == "sft" or not _greedy_trains_nothing(objective):
+        load_config(None, greedy)  # demonstrations, or an advantage that does not compare within the group
+        return
+    with pytest.raises(ConfigError, match="rollout.temperature=0 samples greedily, so the 8 completions of a prompt's "
+                                          "group are identical .* would train nothing. Use rollout.temperature > 0"):
+        load_config(None, greedy)
+    load_config(None, [f"objective={objective}", "rollout.temperature=0.7"])
+
+
+def test_greedy_sampling_with_an_estimator_without_groups_is_accepted_and_left_as_given():
+    assert not _greedy_trains_nothing("grpo", "reinforce")
+    overrides = ["rollout.temperature=0", "rollout.num_generations=1", "objective_args={advantage: reinforce}"]
+    cfg = load_config(None, overrides)
+    assert cfg.rollout.temperature == 0 and cfg.rollout.num_generations == 1  # a refusal only: nothing reset
+    assert cfg.resolved_objective().advantage == "reinforce"

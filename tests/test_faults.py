@@ -29,6 +29,7 @@ def tiny_run(model) -> list[str]:
     ("max_steps=true", "max_steps: expected a number, got the boolean True"),
     ("rollout.temperature=false", "rollout.temperature: expected a number"),
     ("rollout.num_generations=1", "a group of one gets advantage 0"),
+    ("rollout.temperature=0", "so the 8 completions of a prompt's group are identical"),
     ("tasks=[arithmetc]", "unknown task 'arithmetc'"),
     ("tasks=[/nonexistent/data.jsonl]", "/nonexistent/data.jsonl: no such file"),
     ("reward=/nonexistent/reward.py:score", "no such file /nonexistent/reward.py"),
@@ -137,6 +138,15 @@ def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(
     rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rewards/nan_count/arithmetic"] for r in rows] == [4.0, 4.0, 4.0]  # 2 prompts x 2 completions
     assert (out / "checkpoints" / "step_000003").is_dir()
+
+
+def test_a_reward_function_returning_a_dict_ends_the_run_at_once_saying_what_it_must_return(small_model, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, completions, **kw):\n    return {c: 1.0 for c in completions}\n")
+    res = cli("train", *tiny_run(small_model), f"reward={reward}:score", "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"unigrad train: reward function {reward}:score returned a dict" in res.stderr
+    assert "it must return a list of 4 floats, one per completion in order" in res.stderr
 
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])

@@ -198,3 +198,32 @@ def test_unigrad_eval_keeps_going_past_a_completion_that_breaks_its_verifier():
     row = res["code"]
     assert row["n"] == 4.0 and row["pass@1"] == 0.0
     assert row["failed/too_deep"] == 4  # every completion scored as failed and counted, the evaluation finished
+
+
+class RaisesOnSomePrompts:
+    """Arithmetic's prompts, and a verifier with a bug that half of them reach: it raises on the completions of
+    `broken` prompts and gives every other completion full marks, whatever it says."""
+
+    name = "half_broken"
+
+    def __init__(self, broken: set[str]):
+        self.base, self.broken = get_task("arithmetic"), broken
+
+    def examples(self, split, n, seed=0):
+        return self.base.examples(split, n, seed)
+
+    def verify(self, completions, examples):
+        if any(e.prompt in self.broken for e in examples):
+            raise KeyError("no such column")
+        return [1.0] * len(completions)
+
+
+def test_unigrad_eval_counts_what_a_verifier_raised_on_and_scores_the_rest(small_model):
+    from unigrad.models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(small_model))
+    prompts = [e.prompt for e in get_task("arithmetic").examples("test", 4)]
+    task = RaisesOnSomePrompts({prompts[1], prompts[3]})
+    row = evaluate(model, tok, [task], 4, max_new_tokens=4, pass_k=2)["half_broken"]
+    assert row["pass@1"] == 0.5 and row["pass@2"] == 0.5  # prompts 0 and 2 scored, 1 and 3 unscorable (wrong)
+    assert row["failed/verifier_raised"] == 2 + 2 * 2  # greedy: one completion per broken prompt; sampled: two

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from unigrad.tasks import get_task
+from unigrad.tasks.guard import VerifierError
 from unigrad.tasks.registry import get_tasks
 from unigrad.tasks.reward_fn import RewardFunctionTask, load_reward_function
 
@@ -33,6 +34,23 @@ REWARDS = textwrap.dedent('''
 
     def scalar(prompts, completions, **kwargs):
         return 1.0
+
+    def as_dict(prompts, completions, **kwargs):
+        return {c: 1.0 for c in completions}
+
+    def list_of_dicts(prompts, completions, **kwargs):
+        return [{"reward": 1.0} for c in completions]
+
+    def as_array(prompts, completions, **kwargs):
+        import numpy
+        return numpy.array([len(c) for c in completions], dtype=numpy.float32)
+
+    def raises_on_sevens(prompts, completions, **kwargs):
+        if any("7" in c for c in completions):
+            raise IndexError("list index out of range")
+        return [float(len(c)) for c in completions]
+
+    NOT_A_FUNCTION = 0.5
 ''')
 
 
@@ -108,3 +126,33 @@ def test_a_callable_wraps_any_task_and_keeps_its_examples():
     assert all(e.task == "table_qa_exact" for e in examples)
     assert task.verify([e.answer for e in examples], examples) == [1.0] * 5
     assert "exact" in task.func_name
+
+
+@pytest.mark.parametrize("name, returned", [
+    ("as_dict", r"a dict \(keys 'a', 'bb', 'ccc'\) for 3 completions"),
+    ("list_of_dicts", r"a list whose item 0 is a dict \(\{'reward': 1.0\}\)"),
+])
+def test_a_non_numeric_return_is_refused_saying_what_came_back_and_what_is_expected(reward_file, name, returned):
+    task = get_task("arithmetic", reward=f"{reward_file}:{name}")
+    with pytest.raises(VerifierError, match=f"my_rewards.py:{name} returned {returned}; it must return a list of 3 "
+                                            "floats, one per completion in order"):
+        task.verify(["a", "bb", "ccc"], task.examples("train", 3))
+
+
+def test_an_array_of_rewards_is_read_in_completion_order(reward_file):
+    task = get_task("arithmetic", reward=f"{reward_file}:as_array")
+    assert task.verify(["a", "bb", "ccc"], task.examples("train", 3)) == [1.0, 2.0, 3.0]
+
+
+def test_a_name_that_is_not_callable_is_named_as_such(reward_file):
+    with pytest.raises(ValueError, match=r"has 'NOT_A_FUNCTION', but it is a float \(0.5\), not a function; name a "
+                                         r"function def NOT_A_FUNCTION\(prompts, completions, \*\*kwargs\)"):
+        load_reward_function(f"{reward_file}:NOT_A_FUNCTION")
+
+
+def test_a_function_that_raises_on_one_completion_loses_only_that_reward(reward_file, caplog):
+    task = get_task("arithmetic", reward=f"{reward_file}:raises_on_sevens")
+    with caplog.at_level(logging.WARNING):
+        rewards = task.verify(["12", "7", "abcd"], task.examples("train", 3))
+    assert rewards[0] == 2.0 and math.isnan(rewards[1]) and rewards[2] == 4.0
+    assert "raised on 1 of 3" in caplog.text and "IndexError" in task.last_error

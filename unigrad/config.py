@@ -465,6 +465,22 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _greedy_groups_differ(self) -> TrainConfig:
+        """Greedy sampling makes a group's completions identical, so a group-relative advantage is 0 on every row."""
+        from unigrad.objective.registry import ADVANTAGE
+
+        advantage = self.resolved_objective().advantage
+        if self.objective == "sft" or self.uses_guidance or self.rollout.temperature > 0 \
+                or self.rollout.num_generations < 2 or "needs_groups" not in ADVANTAGE[advantage].traits:
+            return self
+        part = "the hybrid's RL part" if self.is_hybrid else "the run"
+        raise ValueError(f"rollout.temperature=0 samples greedily, so the {self.rollout.num_generations} completions "
+                         f"of a prompt's group are identical and the {advantage!r} advantage, which compares each "
+                         f"completion with the others of its group, is 0 on every row: {part} would train nothing. "
+                         "Use rollout.temperature > 0 (e.g. 0.8), or an estimator without groups "
+                         "(objective_args.advantage=reinforce or whiten) with rollout.num_generations=1")
+
+    @model_validator(mode="after")
     def _demonstration_modes_consistent(self) -> TrainConfig:
         if self.is_hybrid and resolve_objective(self.hybrid.rl_objective).off_policy_ratio is not None:
             raise ValueError(f"hybrid.rl_objective={self.hybrid.rl_objective!r} takes demonstrations itself; "

@@ -288,16 +288,19 @@ def score(tasks: list[Task | None], texts: list[str], examples: list[Example], r
 def _verify(task: Task, texts: list[str], examples: list[Example], timeout: float | None):
     """(values, None or what it raised on some completions, {reason: count}) or (None, the error, {}):
     `unigrad.tasks.guard.verify_guarded` in a thread, so that a verifier that hangs or calls sys.exit cannot take the
-    step with it (a hung one is left running in the background; its result is ignored)."""
+    step with it (a hung one is left running in the background; its result is ignored). A `VerifierError` (a reward
+    function that returns a dict, say: its own bug, whatever the completions) is raised here, ending the run."""
     import threading
 
-    from unigrad.tasks.guard import verify_guarded
+    from unigrad.tasks.guard import VerifierError, verify_guarded
 
     result: dict[str, object] = {}
 
     def call() -> None:
         try:
             result["verified"] = verify_guarded(task, texts, examples)
+        except VerifierError as err:
+            result["fatal"] = err
         except BaseException as err:  # noqa: BLE001 - SystemExit too: a user verifier must not end the run
             result["error"] = f"raised {type(err).__name__}: {err}"
 
@@ -306,6 +309,8 @@ def _verify(task: Task, texts: list[str], examples: list[Example], timeout: floa
     worker.join(timeout)
     if worker.is_alive():
         return None, f"took longer than reward_timeout={timeout:g} s", {}
+    if "fatal" in result:
+        raise result["fatal"]
     if "error" in result:
         return None, result["error"], {}
     verified = result["verified"]
