@@ -198,3 +198,49 @@ def test_weights_sent_to_the_worker_are_a_snapshot_the_learner_cannot_change_aft
         worker.close()
     assert torch.equal(got.completion_ids, want.completion_ids)
     torch.testing.assert_close(got.infer_logprobs, want.infer_logprobs)
+
+
+def test_each_batch_is_sampled_by_the_weights_of_its_version():
+    """k = 1, three steps: the batches taken (steps 1-3, versions 0, 0, 1) and those in flight after step 3 (steps 4
+    and 5, versions 2 and 3) are generated again here, in this process, with a copy of the learner's weights as they
+    were after step `version`; the worker's rows must be exactly those (a batch submitted before the newest weights
+    reached the engine would be sampled by the version before)."""
+    from step_helpers import small_char_llama
+
+    from unigrad.rollout.transformers_engine import TransformersEngine
+    from unigrad.train.produce import generation_request
+
+    ctx = step_context()
+    length_rewards(ctx)
+    tok, model = ctx.tokenizer, ctx.learner.model
+    ctx.pipeline = RolloutPipeline(ctx, 1, make_worker=lambda: EngineWorker(
+        model, tok.pad_token_id, tok.eos_token_id, threads=1, timeout=120))
+    taken, take = [], ctx.pipeline.take
+
+    def recording_take(step):
+        job, waited = take(step)
+        taken.append((job.step, job.version, job.picks, job.job.rollout))
+        return job, waited
+
+    ctx.pipeline.take = recording_take
+    weights = [{k: v.detach().clone() for k, v in model.state_dict().items()}]  # version 0
+    ctx.pipeline.start(0)
+    try:
+        for step in (1, 2, 3):
+            train_step(ctx, step)
+            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})  # version `step`
+        pending = ctx.pipeline.state_dict()["pending"]
+    finally:
+        ctx.pipeline.close()
+    batches = taken + [(j["step"], j["version"], j["picks"], j["rollout"]) for j in pending]
+    assert [(s, v) for s, v, _, _ in batches] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
+    copy = small_char_llama(tok)
+    engine = TransformersEngine(copy, tok.pad_token_id, tok.eos_token_id)
+    for step, version, picks, rollout in batches:
+        copy.load_state_dict(weights[version])
+        want = engine.generate(*generation_request(ctx, step, picks, stream_offset=0))
+        completion_ids = rollout["completion_ids"] if isinstance(rollout, dict) else rollout.completion_ids
+        infer = rollout["infer_logprobs"] if isinstance(rollout, dict) else rollout.infer_logprobs
+        same_rows = torch.equal(completion_ids, want.completion_ids)
+        assert same_rows, f"step {step}: not the rows that the weights of version {version} sample"
+        torch.testing.assert_close(infer, want.infer_logprobs, msg=f"step {step}, version {version}")
