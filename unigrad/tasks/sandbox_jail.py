@@ -21,8 +21,11 @@ needs (sockets, tracing, other processes' memory, kernel keys, modules, BPF, io_
 (loaded by the snippet's process just before the audit hook), which refuses in addition every way to make a process
 or thread, exec, signal (kill, tgkill, pidfd_*), mount or unshare, change ids or capabilities, raise rlimits, make
 device nodes or memory files, allocate kernel memory outside its rlimits (SysV IPC, message queues, AIO), grow a file
-with fallocate, watch files (inotify), sync the host's disks or make POSIX timers. A refused call fails with EPERM
-(PermissionError in Python).
+with fallocate, watch files (inotify, fanotify, cachestat, fcntl's F_NOTIFY), list mounts, sync the host's disks, make
+POSIX timers, or use the fcntl and ioctl commands that make the kernel signal it (F_SETOWN, F_SETSIG, O_ASYNC, ...) or
+grow a pipe (F_SETPIPE_SZ). A refused call fails with EPERM (PermissionError in Python). Every name on the deny lists
+is refused by number: libseccomp's, or for calls newer than the installed libseccomp, UNIFIED_NUMBERS; a name neither
+knows stops the jail (JailUnavailable) rather than leave a hole.
 """
 
 from __future__ import annotations
