@@ -227,3 +227,20 @@ def test_unigrad_eval_counts_what_a_verifier_raised_on_and_scores_the_rest(small
     row = evaluate(model, tok, [task], 4, max_new_tokens=4, pass_k=2)["half_broken"]
     assert row["pass@1"] == 0.5 and row["pass@2"] == 0.5  # prompts 0 and 2 scored, 1 and 3 unscorable (wrong)
     assert row["failed/verifier_raised"] == 2 + 2 * 2  # greedy: one completion per broken prompt; sampled: two
+
+
+def test_a_built_in_verifier_scores_each_completion_on_its_own():
+    from unigrad.tasks.base import Example
+    from unigrad.tasks.guard import score_each
+
+    examples = [Example(f"q{i}", answer, None, "t") for i, answer in enumerate(["3", "4", "5", "6"])]
+
+    def exact_int(completion, example):  # raises ValueError on a completion that is not an integer
+        return int(completion) == int(example.answer)
+
+    scores, failures = score_each("t", exact_int, ["3", "four", "5", None], examples)
+    assert scores == [1.0, 0.0, 1.0, 0.0] and failures == {"scoring_raised": 1}  # None: not a string, not a failure
+    arithmetic = get_task("arithmetic")
+    examples = arithmetic.examples("test", 3)
+    assert arithmetic.verify([examples[0].answer, None, "garbage"], examples) == [1.0, 0.0, 0.0]
+    assert arithmetic.last_failures == {}

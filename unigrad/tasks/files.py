@@ -25,6 +25,7 @@ from typing import Any
 
 from unigrad.tasks.base import Example, Split
 from unigrad.tasks.extract import answer_text, normalise
+from unigrad.tasks.guard import score_each
 from unigrad.tasks.mathcheck import looks_like_math, math_equal
 from unigrad.tasks.splits import SPLITS, draw, no_validation_error, seeded_split, seeded_validation
 
@@ -144,12 +145,9 @@ class FileTask:
             "give some rows split='test', or train without the held-out evaluation (eval.before_after=false)")
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
-        if len(completions) != len(examples):
-            raise ValueError(f"{self.name}: {len(completions)} completions for {len(examples)} examples")
-        return [
-            float(self._correct(c, e.answer)) if isinstance(c, str) else 0.0
-            for c, e in zip(completions, examples, strict=True)
-        ]
+        scores, self.last_failures = score_each(self.name, lambda c, e: self._correct(c, e.answer), completions,
+                                                examples)
+        return scores
 
     def _correct(self, completion: str, answer: str) -> bool:
         if self.verifier != "math":

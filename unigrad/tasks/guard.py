@@ -58,3 +58,20 @@ def verify_guarded(task, completions: list[str], examples: list) -> Verified:
 def _failures_of(task) -> dict[str, int]:
     failures = getattr(task, "last_failures", None)
     return dict(failures) if isinstance(failures, dict) else {}
+
+
+def score_each(name: str, score_one, completions: list, examples: list) -> tuple[list[float], dict[str, int]]:
+    """(scores, {reason: count}): `score_one(completion, example)` for each pair, as a float. A completion that is not
+    a string scores 0.0; one that `score_one` raises on scores 0.0 too, counted under "scoring_raised" (a completion
+    must never fail its batch: built-in verifiers score one at a time through this)."""
+    if len(completions) != len(examples):
+        raise ValueError(f"{name}: {len(completions)} completions for {len(examples)} examples")
+    scores, raised = [], 0
+    for completion, example in zip(completions, examples, strict=True):
+        try:
+            scores.append(float(score_one(completion, example)) if isinstance(completion, str) else 0.0)
+        except Exception:  # noqa: BLE001 - one completion's failure is its own: it scores 0
+            log.debug("%s: scoring failed for %r", name, completion, exc_info=True)
+            scores.append(0.0)
+            raised += 1
+    return scores, {"scoring_raised": raised} if raised else {}

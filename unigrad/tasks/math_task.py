@@ -22,6 +22,7 @@ from typing import Any
 
 from unigrad.tasks.base import Example, Split
 from unigrad.tasks.files import read_rows
+from unigrad.tasks.guard import score_each
 from unigrad.tasks.mathcheck import math_equal
 from unigrad.tasks.splits import SPLITS, draw, no_validation_error, seeded_split, seeded_validation
 
@@ -105,6 +106,6 @@ class MathTask:
         return draw(self.pools[split], n, seed, f"task {self.name!r}, split {split!r}")
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
-        if len(completions) != len(examples):
-            raise ValueError(f"{self.name}: {len(completions)} completions for {len(examples)} examples")
-        return [float(math_equal(e.answer, c, self.timeout)) for c, e in zip(completions, examples, strict=True)]
+        scores, self.last_failures = score_each(self.name, lambda c, e: math_equal(e.answer, c, self.timeout),
+                                                completions, examples)
+        return scores

@@ -14,6 +14,7 @@ import logging
 import random
 
 from unigrad.tasks.base import Example, Split
+from unigrad.tasks.guard import score_each
 from unigrad.tasks.splits import SPLITS, three_way_split_of
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,6 @@ class SyntheticTask:
         return out
 
     def verify(self, completions: list[str], examples: list[Example]) -> list[float]:
-        if len(completions) != len(examples):
-            raise ValueError(f"{self.name}: {len(completions)} completions for {len(examples)} examples")
-        return [self._safe_score(c, e) for c, e in zip(completions, examples, strict=True)]
-
-    def _safe_score(self, completion: str, example: Example) -> float:
-        # A verifier must never crash a training step on a garbage completion: any error scores 0.
-        try:
-            return float(min(1.0, max(0.0, self.score(completion, example)))) if isinstance(completion, str) else 0.0
-        except Exception:
-            log.debug("%s: scoring failed for %r", self.name, completion, exc_info=True)
-            return 0.0
+        # a verifier must never crash a training step on a garbage completion: any error scores 0 (and is counted)
+        scores, self.last_failures = score_each(self.name, self.score, completions, examples)
+        return [min(1.0, max(0.0, s)) for s in scores]
