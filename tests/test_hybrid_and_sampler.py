@@ -1,4 +1,5 @@
-"""HPT's switch, the task sampler's determinism and resumption, and loss-metric merging."""
+"""HPT's switch and its components' coefficients, the task sampler's determinism and resumption, and loss-metric
+merging."""
 
 import math
 from collections import Counter
@@ -115,3 +116,79 @@ def test_a_checkpoint_of_a_balanced_run_resumes_with_the_uniform_sampler_it_now_
     assert after.sample(6) == before.sample(6)
     with pytest.raises(ValueError, match="'size' sampler"):
         after.load_state_dict({**state, "name": "size"})
+
+
+def test_from_config_gives_each_component_its_own_coefficient():
+    """HPT: hybrid.rl_coef weighs the RL component, hybrid.sft_coef the SFT one. LUFFY trains sampled and
+    demonstration rows in one RL loss, unweighted (the hybrid coefficients are HPT's); objective=sft weighs its only
+    component by hybrid.sft_coef."""
+    from unigrad.config import load_config
+    from unigrad.train.routing import TrainingMode
+
+    coefs = ["hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"]
+    hpt = TrainingMode.from_config(load_config(None, ["objective=hpt", "hybrid.gamma=0.25", *coefs]))
+    assert (hpt.demonstrations, hpt.hpt_gamma, hpt.rl_coef, hpt.sft_coef) == ("failed", 0.25, 0.3, 0.7)
+    luffy = TrainingMode.from_config(load_config(None, ["objective=luffy", *coefs]))
+    assert (luffy.demonstrations, luffy.rl_coef) == ("in_group", 1.0)
+    sft = TrainingMode.from_config(load_config(None, ["objective=sft", *coefs]))
+    assert (sft.demonstrations, sft.sft_coef) == ("all", 0.7)
+
+
+def tempered_row_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log pi(y_t | prompt, y_<t) of one row run alone (temperature 1), with grad."""
+    logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
+    """Two prompts of two sampled rows: prompt 0's rewards (0, 0) have mean 0 <= gamma = 0, so it goes to SFT on its
+    demonstration; prompt 1's (1, 0) stay with RL, Dr. GRPO advantages (0.5, -0.5). With rl_coef = 0.3 and
+    sft_coef = 0.7 (from the config) the update of one plain SGD step is -lr (0.3 grad L_rl + 0.7 grad L_sft), with
+        L_rl  = -(1 / (N L_max)) sum_i A_i sum_t log pi(y_it)   over prompt 1's N = 2 rows, L_max = 10 (Dr. GRPO,
+                                                                on-policy: the ratio is 1, its gradient grad log pi)
+        L_sft = -(1 / |d|) sum_t log pi(d_t)                    d: prompt 0's demonstration, its tokens and EOS."""
+    from step_helpers import small_char_llama
+
+    from unigrad.config import OptimSection, load_config
+    from unigrad.models.tokenizer import build_char_tokenizer
+    from unigrad.rollout.base import Rollout
+    from unigrad.tasks.base import Example
+    from unigrad.train.batch import Batch
+    from unigrad.train.batching import pad_pairs
+    from unigrad.train.distributed import SINGLE
+    from unigrad.train.learn import LearnSettings, learn
+    from unigrad.train.learner import Learner
+    from unigrad.train.routing import TrainingMode, route
+
+    cfg = load_config(None, ["objective=hpt", "hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"])
+    tok = build_char_tokenizer(model_max_length=256)
+    model, lr = small_char_llama(tok, seed=3), 0.05
+    learner = Learner(model, OptimSection(lr=lr, max_grad_norm=1e9, weight_decay=0.0, schedule="constant"))
+    learner.optimizer = torch.optim.SGD(learner.params, lr=lr)  # update = -lr * gradient
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+    prompts, completions = [[3, 7, 9], [3, 7, 9], [5, 4], [5, 4]], [[11, 12, 13, 2], [14, 2], [15, 16, 2], [17, 2]]
+    rows = pad_pairs(prompts, completions, tok.pad_token_id)
+    ro = Rollout(rows.prompt_ids, rows.prompt_mask, rows.completion_ids, rows.completion_mask,
+                 torch.zeros(rows.completion_ids.shape), torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.bool))
+    examples = [Example("q0", "12", "12", "t"), Example("q1", "7", "7", "t")]
+    advantages = torch.tensor([0.0, 0.0, 0.5, -0.5])
+    routed = route(TrainingMode.from_config(cfg), cfg.resolved_objective(), ro, torch.zeros(4, dtype=torch.bool),
+                   advantages, torch.tensor([0.0, 0.0, 1.0, 0.0]), examples, [[3, 7, 9], [5, 4]], tok)
+    assert routed.sft_prompt.tolist() == [True, False] and [c.name for c in routed.components] == ["rl", "sft"]
+    batch = Batch(routed.components, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 10, 1.0, 0)
+
+    demo = tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    start = [p.detach().clone() for p in model.parameters()]
+    l_rl = -sum(a * tempered_row_logprobs(model, prompts[i], completions[i]).sum()
+                for i, a in ((2, 0.5), (3, -0.5))) / (2 * 10)
+    l_sft = -tempered_row_logprobs(model, [3, 7, 9], demo).mean()
+    (0.3 * l_rl + 0.7 * l_sft).backward()
+    want = [-lr * p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    metrics = learn(batch, learner, LearnSettings(micro_batch_size=64), SINGLE)
+    for p, s, w in zip(model.parameters(), start, want, strict=True):
+        torch.testing.assert_close(p.detach() - s, w, atol=1e-7, rtol=1e-4)
+    rl_value = -(0.5 * 3 - 0.5 * 2) / 20  # the ratio is 1: -(1 / (N L_max)) sum_i A_i |y_i|
+    assert metrics["rl/loss"] == pytest.approx(rl_value, abs=1e-6)
+    assert metrics["sft/loss"] == pytest.approx(l_sft.item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(0.3 * rl_value + 0.7 * l_sft.item(), rel=1e-5)
