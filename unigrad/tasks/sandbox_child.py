@@ -290,7 +290,7 @@ def _read_exactly(fd, n):
 
 
 def _report_and_exit(report_w, message):
-    os.write(report_w, json.dumps(message).encode()[:4000])  # one write below PIPE_BUF: read whole by the server
+    os.write(report_w, json.dumps(message).encode())  # one short write (below PIPE_BUF): read whole by the server
     os._exit(0)
 
 
@@ -305,7 +305,7 @@ def _standby(forked):
         header = _read_exactly(0, HEADER_BYTES)
         request = json.loads(_read_exactly(0, int(header))) if header else None
     except Exception as exc:  # the stream is out of step: the server stops
-        _report_and_exit(report_w, {"fatal": "unreadable request: " + str(exc)})
+        _report_and_exit(report_w, {"fatal": "unreadable request: " + str(exc)[:1000]})
     if request is None:
         _report_and_exit(report_w, {"eof": True})
     start = time.monotonic()
