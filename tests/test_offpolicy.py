@@ -152,8 +152,11 @@ def test_with_four_mini_batches_a_training_step_of_grpo_gspo_and_sapo_differs():
         return torch.cat([p.detach().flatten() for p in ctx.learner.params]) - before
 
     one = {o: update(o, 1) for o in ("grpo", "gspo", "sapo")}
-    torch.testing.assert_close(one["gspo"], one["grpo"], rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(one["sapo"], one["grpo"], rtol=1e-3, atol=1e-6)
+    # Adam's first step is about lr * sign(g): a rounding-level gradient difference can move a tiny-gradient element
+    # by ~1e-3 of lr (seen: 2e-5 at lr 0.02, depending on the thread count). 5e-3 * lr still catches any real
+    # difference, which moves elements by a sizeable share of lr.
+    torch.testing.assert_close(one["gspo"], one["grpo"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(one["sapo"], one["grpo"], rtol=1e-3, atol=1e-4)
     four = {o: update(o, 4) for o in ("grpo", "gspo", "sapo")}
     for a, b in (("grpo", "gspo"), ("grpo", "sapo"), ("gspo", "sapo")):
         assert (four[a] - four[b]).norm() > 1e-2 * four[a].norm(), (a, b)
