@@ -38,6 +38,9 @@ REWARDS = textwrap.dedent('''
     def as_dict(prompts, completions, **kwargs):
         return {c: 1.0 for c in completions}
 
+    def as_set(prompts, completions, **kwargs):
+        return {float(len(c)) for c in completions}
+
     def list_of_dicts(prompts, completions, **kwargs):
         return [{"reward": 1.0} for c in completions]
 
@@ -131,6 +134,7 @@ def test_a_callable_wraps_any_task_and_keeps_its_examples():
 @pytest.mark.parametrize("name, returned", [
     ("as_dict", r"a dict \(keys 'a', 'bb', 'ccc'\) for 3 completions"),
     ("list_of_dicts", r"a list whose item 0 is a dict \(\{'reward': 1.0\}\)"),
+    ("as_set", "a set for 3 completions"),  # unordered: which reward is whose?
 ])
 def test_a_non_numeric_return_is_refused_saying_what_came_back_and_what_is_expected(reward_file, name, returned):
     task = get_task("arithmetic", reward=f"{reward_file}:{name}")
