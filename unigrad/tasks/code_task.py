@@ -6,6 +6,9 @@ of `f` and runs in the sandbox (`sandbox.py`) on the hidden test inputs kept in 
 (never in the prompt). The child only prints the JSON of what `f` returned; the expected values
 never enter it and the comparison happens here, so a snippet cannot fake a pass without
 computing the right values (an object with a lying `__eq__` does not survive JSON).
+The child's output is read as untrusted text (`code_result.py`): a result line too long or nested too deep is
+refused before parsing, and one completion whose output cannot be read scores 0 on its own, its reason counted in
+`last_failures` (logged by the trainer as rewards/failed/code/REASON), never failing the batch.
 
 Reward: all-or-nothing (1 iff every hidden test passes), like every other built-in task, so that
 reward scales are comparable across tasks in a mixture; `partial_credit=True` gives the fraction
