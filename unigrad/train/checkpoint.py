@@ -128,6 +128,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def looks_readable(path: Path) -> bool:
+    """Whether a checkpoint's state.pt is a whole torch file (a zip archive with its directory at the end): a cheap
+    check before a resume writes anything; loading it is the full one."""
+    import zipfile
+
+    return zipfile.is_zipfile(Path(path) / "state.pt")
+
+
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint directory (`list_checkpoints`) holds, from its name."""
     return int(_NAME.match(Path(path).name).group(1))

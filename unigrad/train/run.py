@@ -35,6 +35,7 @@ from unigrad.train.checkpoint import (
     checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
+    looks_readable,
     publish,
     remove_stale_temporaries,
     save_checkpoint,
@@ -348,10 +349,10 @@ def _check_task_data(cfg: TrainConfig, tasks: list[Task]) -> None:
 def _check_resume(cfg: TrainConfig, output_dir: Path) -> None:
     """Refuse a resume that would start over (no checkpoint) or go back (max_steps below the steps done)."""
     done = list_checkpoints(output_dir)
-    if not done:
+    if not any(looks_readable(path) for path in done):
         raise ConfigError(f"--resume: {output_dir} has no checkpoint to continue from (the run ended before its "
-                          "first one, or checkpoints/ was removed); nothing was changed. Start the run again without "
-                          "--resume into a fresh --output-dir")
+                          "first one, checkpoints/ was removed, or every checkpoint is damaged); nothing was changed. "
+                          "Start the run again without --resume into a fresh --output-dir")
     step = checkpoint_step(done[-1])
     if cfg.max_steps < step:
         raise ConfigError(f"--resume: max_steps={cfg.max_steps} is below the {step} steps {output_dir} has done "
