@@ -212,7 +212,7 @@ def test_no_process_outside_can_be_killed_or_frozen(audit_hook):
         assert "sent" not in result.stdout
         time.sleep(0.1)
         assert bystander.poll() is None  # still alive, and the trainer (this process) too
-        assert open(f"/proc/{bystander.pid}/stat").read().split(")")[1].split()[0] != "T"  # not stopped
+        assert Path(f"/proc/{bystander.pid}/stat").read_text().split(")")[1].split()[0] != "T"  # not stopped
     finally:
         bystander.kill()
         bystander.wait()

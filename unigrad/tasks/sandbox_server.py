@@ -59,11 +59,22 @@ class SnippetServer:
         self.proc.wait()
         self._errors.seek(0)
         self.exit_reason = self._errors.read(4000).decode("utf-8", "replace").strip()
+        self._close_files()
         with self._lock:  # the server is gone: nobody will answer the rest
             waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             future.set_exception(RuntimeError(f"sandbox server exited ({self.proc.returncode}): {self.exit_reason}"))
         self._done.set()
+
+    def _close_files(self) -> None:
+        """The server is gone: its pipes and its error file are closed here, once (not left to the collector)."""
+        self._errors.close()
+        self.proc.stdout.close()
+        with self._write_lock:  # no submit is writing
+            try:
+                self.proc.stdin.close()
+            except OSError:  # a broken pipe's buffered bytes cannot be flushed: the pipe closes anyway
+                pass
 
     def wait_exit(self, timeout: float) -> str | None:
         """Wait for the server to exit; what it printed on the way out (None if it is still running)."""
