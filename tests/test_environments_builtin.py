@@ -10,9 +10,9 @@ import pytest
 from unigrad.environments.base import Environment, MultiTurnTask, StepResult, is_multi_turn
 from unigrad.environments.code_retry import CodeRetryTask
 from unigrad.environments.guess import HIGHER, LOWER, SAY_A_NUMBER, GuessTask
+from unigrad.sandbox import JailUnavailable, SandboxError, check
 from unigrad.tasks import get_task
 from unigrad.tasks.base import Example
-from unigrad.tasks.sandbox import JailUnavailable, SandboxError, check
 
 
 def _sandbox_problem() -> str | None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from unigrad.sandbox import JailUnavailable, SandboxError, SandboxLimits, run, run_many
+from unigrad.sandbox import runner as sandbox_module
+from unigrad.sandbox.attacks import ATTACKS, check_attacks, memory_search
 from unigrad.tasks import Example, get_task
-from unigrad.tasks import sandbox as sandbox_module
-from unigrad.tasks.sandbox import JailUnavailable, SandboxError, SandboxLimits, run, run_many
-from unigrad.tasks.sandbox_attacks import ATTACKS, check_attacks, memory_search
 
 FAST = SandboxLimits(timeout=1.5, cpu_seconds=2)
 UNJAILED = {"jail": "none", "allow_root_without_jail": True}
@@ -304,7 +304,7 @@ def test_parent_environment_secrets_are_invisible():
         "for p in ('/proc/self/environ', f'/proc/{os.getppid()}/environ', '/proc/1/environ'):\n"
         "    try:\n        print(open(p, 'rb').read())\n    except Exception as e:\n        print(type(e).__name__)\n"
     )
-    driver = (f"from unigrad.tasks.sandbox import run\nfor hook in (True, False):\n"
+    driver = (f"from unigrad.sandbox import run\nfor hook in (True, False):\n"
               f"    r = run({snippet!r}, audit_hook=hook)\n    print(r.ok, r.stdout, r.stderr)")
     env = {**os.environ, "UNIGRAD_TEST_SECRET": secret}
     out = subprocess.run([sys.executable, "-c", driver], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -412,7 +412,7 @@ def test_the_numbers_kept_for_new_system_calls_agree_with_libseccomp():
     # Where the installed libseccomp knows a name, its number (an independent table) must be the one kept here.
     import pyseccomp
 
-    from unigrad.tasks import sandbox_jail
+    from unigrad.sandbox import jail as sandbox_jail
 
     arch = pyseccomp.system_arch()
     known = {name: pyseccomp.resolve_syscall(arch, name) for name in sandbox_jail.UNIFIED_NUMBERS}
@@ -426,7 +426,7 @@ def test_a_filter_with_a_system_call_nobody_knows_is_refused_loudly():
     # a made-up name, and a real call newer than this libseccomp (file_setattr, Linux 6.17) that the table lacks.
     import pyseccomp
 
-    from unigrad.tasks import sandbox_jail
+    from unigrad.sandbox import jail as sandbox_jail
 
     with pytest.raises(JailUnavailable, match="does not know the system call 'no_such_call'.*upgrade libseccomp"):
         sandbox_jail.seccomp_program(["no_such_call"], snippet=False)
@@ -553,16 +553,15 @@ def test_the_jail_holds_for_a_trainer_that_is_not_root():
 
 
 def _check_a_non_root_trainer(tmp_path: Path, pyseccomp_file: str) -> None:
-    package = tmp_path / "unigrad" / "tasks"
+    package = tmp_path / "unigrad" / "sandbox"
     package.mkdir(parents=True)
-    for init in (tmp_path / "unigrad" / "__init__.py", package / "__init__.py"):
-        init.touch()
-    for module in ("sandbox", "sandbox_attacks", "sandbox_child", "sandbox_jail", "sandbox_server"):
-        shutil.copy(REPO / "unigrad" / "tasks" / f"{module}.py", package)
+    (tmp_path / "unigrad" / "__init__.py").touch()
+    for module in (REPO / "unigrad" / "sandbox").glob("*.py"):
+        shutil.copy(module, package)
     shutil.copy(pyseccomp_file, tmp_path)
     for path in [tmp_path, *tmp_path.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    driver = ("import os\nfrom unigrad.tasks import sandbox\nfrom unigrad.tasks.sandbox_attacks import check_attacks\n"
+    driver = ("import os\nfrom unigrad import sandbox\nfrom unigrad.sandbox.attacks import check_attacks\n"
               "print(os.getuid(), sandbox.check())\n"
               "print(sum(not r.contained for r in check_attacks()), 'escaped')\n"
               "print(sandbox.run('import os\\nprint(os.getuid(), os.getpid())', audit_hook=False).stdout)")
@@ -583,7 +582,7 @@ def test_sandbox_check_passes_here():
 
 
 def test_jail_unavailable_is_raised_not_swallowed(monkeypatch):
-    from unigrad.tasks import sandbox_jail
+    from unigrad.sandbox import jail as sandbox_jail
 
     monkeypatch.setattr(sandbox_jail.shutil, "which", lambda name: None)  # as if nothing were installed
     with pytest.raises(JailUnavailable, match="bubblewrap"):

@@ -216,7 +216,7 @@ def test_user_tool_from_a_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- python
 def test_python_tool_runs_in_the_sandbox():
-    from unigrad.tasks import sandbox
+    from unigrad import sandbox
 
     try:
         sandbox.check()

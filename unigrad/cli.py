@@ -48,7 +48,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
-    from unigrad.tasks.sandbox import JailUnavailable, SandboxError
+    from unigrad.sandbox import JailUnavailable, SandboxError
     from unigrad.train.run import RunInterrupted, RunStopped, train
 
     try:
@@ -206,7 +206,7 @@ def _evaluate_model(args: argparse.Namespace):
     reward = cfg.reward if cfg is not None and not args.tasks else None  # the run's own reward function
     task_objects = load_tasks(tasks or DEFAULT_MIXTURE, reward, cfg.tools if cfg is not None and not args.tasks
                               else args.tools)
-    from unigrad.tasks.sandbox import JailUnavailable, SandboxError, prepare
+    from unigrad.sandbox import JailUnavailable, SandboxError, prepare
 
     try:  # as the run was configured (a run directory), else the default jail
         prepare(task_objects, **(cfg.sandbox.model_dump() if cfg is not None else {}))
@@ -274,8 +274,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sandbox_check(args: argparse.Namespace) -> int:
-    from unigrad.tasks.sandbox import JailUnavailable, SandboxError, check, configure
-    from unigrad.tasks.sandbox_attacks import check_attacks
+    from unigrad.sandbox import JailUnavailable, SandboxError, check, configure
+    from unigrad.sandbox.attacks import check_attacks
 
     try:
         configure(args.jail, allow_root_without_jail=args.allow_root_without_jail)
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_study)
 
     c = sub.add_parser("sandbox-check", help="prove the code sandbox's jail works here: start it and run the hostile "
-                       "snippets of unigrad.tasks.sandbox_attacks, with and without the audit hook")
+                       "snippets of unigrad.sandbox.attacks, with and without the audit hook")
     c.add_argument("--jail", default="bwrap", choices=["bwrap", "none"], help="the containment to check")
     c.add_argument("--allow-root-without-jail", action="store_true", help="with --jail none as root")
     c.set_defaults(func=_sandbox_check)

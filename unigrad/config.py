@@ -241,7 +241,7 @@ class SandboxSection(_Section):
 
     @model_validator(mode="after")
     def _not_root_without_jail(self) -> SandboxSection:
-        from unigrad.tasks.sandbox import check_setting
+        from unigrad.sandbox import check_setting
 
         check_setting(self.jail, self.allow_root_without_jail)
         return self

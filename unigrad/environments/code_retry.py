@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 
 from unigrad.environments.base import Message, StepResult
+from unigrad.sandbox import SandboxLimits, run_many
 from unigrad.tasks.base import Example
 from unigrad.tasks.code_task import MARKER, CodeTask, _same, expression_of
-from unigrad.tasks.sandbox import SandboxLimits, run_many
 
 TOOL_STYLES = ("plain", "hf")
 SHOWN_CHARS = 30  # longest value shown in feedback

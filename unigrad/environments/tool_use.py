@@ -89,7 +89,7 @@ class ToolUseTask:
         self.name = name or f"{task.name}+tools"
         self.max_turns = max_turns
         self.description = description or f"{task.name} with tools: {', '.join(self.tools)}"
-        # unigrad.tasks.sandbox.prepare checks the jail before training when a task runs model-written code
+        # unigrad.sandbox.prepare checks the jail before training when a task runs model-written code
         self.runs_code = "python" in self.tools or bool(getattr(task, "runs_code", False))
 
     def __repr__(self) -> str:

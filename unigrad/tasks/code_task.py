@@ -30,10 +30,10 @@ import math
 import random
 from collections import Counter
 
+from unigrad.sandbox import SandboxLimits, run_many
 from unigrad.tasks.base import Example
 from unigrad.tasks.code_result import read_results
 from unigrad.tasks.extract import parse_expression
-from unigrad.tasks.sandbox import SandboxLimits, run_many
 from unigrad.tasks.synthetic import SyntheticTask
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ calculator("3*7+9") -> "30"; "7/2" -> "3.5"; "1/3" -> "1/3"; "0.1+0.2" -> "0.3".
 `eval`, and values are exact fractions: an integer, a terminating decimal, else a reduced fraction "a/b". No `**`,
 so no value grows past a few hundred digits.
 
-python("print(6*7)") -> "42": the program runs in unigrad's sandbox (unigrad/tasks/sandbox.py, docs/sandbox.md: the
+python("print(6*7)") -> "42": the program runs in unigrad's sandbox (unigrad/sandbox/, docs/sandbox.md: the
 jail as configured for the run, `PYTHON_LIMITS`); its stdout is the result ("(no output)" if it printed nothing). A
 program that fails or times out raises ValueError with its exit status and the last line of its stderr, which
 run_tool_call shows as an error observation.
@@ -18,7 +18,7 @@ import operator
 import re
 from fractions import Fraction
 
-from unigrad.tasks import sandbox
+from unigrad import sandbox
 from unigrad.tools.base import Tool
 
 MAX_EXPRESSION_CHARS = 200

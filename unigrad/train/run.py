@@ -269,7 +269,8 @@ class Run:
 def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock | None = None):
     """Everything before the model loads: device, processes, checks that refuse a run early, the run directory,
     seeds, config.yaml. Returns (cfg, dist, device, tasks, console)."""
-    from unigrad.tasks import load_tasks, sandbox
+    from unigrad import sandbox
+    from unigrad.tasks import load_tasks
 
     try:
         device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto

@@ -290,7 +290,7 @@ class AttackResult:
 def check_attacks(audit_hook_modes: tuple[bool, ...] = (True, False), **run_kwargs) -> list[AttackResult]:
     """Run every attack through `sandbox.run` in each audit-hook mode; an attack is contained when its snippet
     printed no "ESCAPED" line and did not time out."""
-    from unigrad.tasks.sandbox import SandboxLimits, run
+    from unigrad.sandbox import SandboxLimits, run
 
     limits = SandboxLimits(timeout=10, cpu_seconds=5)
     results = []

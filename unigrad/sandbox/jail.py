@@ -1,12 +1,12 @@
 """The jail the kernel enforces around model-written code: bubblewrap namespaces, seccomp filters, an unprivileged uid.
 
 One jail per trainer process and interpreter, started on first use: bubblewrap (`bwrap`) runs the snippet server
-(`sandbox_child.py --jail-server`) in new PID, network, IPC, UTS, mount (and cgroup) namespaces, over a read-only root
+(`child.py --jail-server`) in new PID, network, IPC, UTS, mount (and cgroup) namespaces, over a read-only root
 that holds only the interpreter, its standard library (site-packages hidden under an empty tmpfs), the shared
 libraries they load (found with `ldd`), /dev/null and /dev/urandom, an empty /work and /io, a host directory where
 the snippets' output files are created. No /proc, no /tmp, no home, no project files. The server keeps five
 capabilities (SYS_ADMIN, SETUID, SETGID, SETPCAP, and KILL: a snippet runs as another uid, and must be killable at
-its deadline) so that it can build and end a sub-jail per snippet (see sandbox_child.py): its own PID, mount and
+its deadline) so that it can build and end a sub-jail per snippet (see child.py): its own PID, mount and
 IPC namespaces, a fresh size-capped tmpfs as working directory, no capability, the unprivileged uid and the
 snippets' seccomp filter.
 

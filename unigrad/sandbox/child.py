@@ -1,12 +1,12 @@
 """What runs inside the sandbox; `sandbox.py` passes this file's text to `python -I -S -B -c`.
 
 Three ways in (the last argument says which):
-- `--jail-server`: a long-lived server inside the bubblewrap jail (`sandbox_jail.py`). For each snippet a standby
+- `--jail-server`: a long-lived server inside the bubblewrap jail (`jail.py`). For each snippet a standby
   child of the server reads the request and builds a sub-jail (`_enter_sub_jail`): it unshares a new mount, PID and
   IPC namespace, mounts a fresh size-capped tmpfs on /work, opens the snippet's output files in /io and then hides /io
   under an empty read-only tmpfs, and forks the snippet's process, which is PID 1 of its own namespace. That process
   drops every capability (bounding set, effective, permitted), takes the unprivileged uid when the jail runs as real
-  root, sets no_new_privs and its rlimits, loads the seccomp filter (built outside by `sandbox_jail.py`), then does
+  root, sets no_new_privs and its rlimits, loads the seccomp filter (built outside by `jail.py`), then does
   what `main` does.
 - `--fork-server`: the same server without the jail or sub-jails, for `sandbox.jail=none`: a plain fork per snippet.
 - a JSON config: one snippet in a fresh interpreter (`sandbox.jail=none` with `fork_server=False`).

@@ -1,7 +1,7 @@
-"""The trainer's side of a snippet server (`sandbox_child.py --fork-server` or `--jail-server`): one long-lived
+"""The trainer's side of a snippet server (`child.py --fork-server` or `--jail-server`): one long-lived
 process that starts a child per snippet. `submit` sends it one snippet's request (a 10-digit length line, then the
 JSON, so that the server's standby child can read exactly one request and nothing of the next); the returned future
-gets the server's reply (see sandbox_child.py) when the child has finished or been killed, or a RuntimeError when the
+gets the server's reply (see child.py) when the child has finished or been killed, or a RuntimeError when the
 server died first."""
 
 from __future__ import annotations

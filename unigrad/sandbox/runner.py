@@ -2,7 +2,7 @@
 
 `run(code)` runs one snippet as a script and returns what happened (`SandboxResult`); `run_many` runs several at
 once. The default, `jail="bwrap"` (`sandbox.jail` in the run config, `configure` here), runs every snippet in a
-sub-jail of a long-lived bubblewrap jail (sandbox_jail.py, sandbox_child.py): its own PID, mount and IPC namespaces
+sub-jail of a long-lived bubblewrap jail (jail.py, child.py): its own PID, mount and IPC namespaces
 inside a jail with no network, a read-only view of the interpreter and its standard library only, a fresh tmpfs
 working directory capped at `disk_bytes`, no capability, an unprivileged uid, a seccomp filter that refuses process
 creation, exec, signals, sockets, tracing and namespace changes, rlimits on CPU time, address space, file size and
@@ -38,12 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from unigrad.tasks.sandbox_jail import JailUnavailable
-from unigrad.tasks.sandbox_server import SnippetServer
+from unigrad.sandbox.jail import JailUnavailable
+from unigrad.sandbox.server import SnippetServer
 
 log = logging.getLogger(__name__)
 
-_CHILD_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text()
+_CHILD_SOURCE = (Path(__file__).parent / "child.py").read_text()
 JAILS = ("bwrap", "none")
 __all__ = ["JAILS", "JailUnavailable", "SandboxError", "SandboxLimits", "SandboxResult", "check", "check_setting",
            "configure", "prepare", "run", "run_many"]
@@ -209,7 +209,7 @@ class _Jail:
     """A running jail: the bwrap'd snippet server and the host directory where snippets' outputs appear."""
 
     def __init__(self, python: str) -> None:
-        from unigrad.tasks import sandbox_jail
+        from unigrad.sandbox import jail as sandbox_jail
 
         uid, gid = sandbox_jail.snippet_ids()
         snippet_filter = sandbox_jail.seccomp_program(sandbox_jail.SNIPPET_DENIED, snippet=True)
@@ -251,7 +251,7 @@ def _jail(python: str) -> _Jail:
 
 
 def _run_jailed(code: str, limits: SandboxLimits, python: str, audit_hook: bool) -> SandboxResult:
-    from unigrad.tasks.sandbox_jail import explain_failure
+    from unigrad.sandbox.jail import explain_failure
 
     jail = _jail(python)
     name = uuid.uuid4().hex
