@@ -143,8 +143,8 @@ def test_config_checks_for_the_vllm_engine():
     assert cfg.rollout.engine == "vllm" and cfg.rollout.gpu_memory_utilization == 0.5
     with pytest.raises(ConfigError, match="num_engines"):
         load_config(None, ["rollout.engine=vllm", "rollout.num_engines=2"])
-    with pytest.raises(ConfigError, match="lora_r"):
-        load_config(None, ["rollout.engine=vllm", "model.lora_r=4"])
+    assert load_config(None, ["rollout.engine=vllm", "model.lora_r=4"]).model.lora_r == 4  # merged weights
+    assert load_config(None, ["rollout.engine=vllm", "rollout.max_staleness=1"]).rollout.max_staleness == 1
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
         load_config(None, ["rollout.gpu_memory_utilization=1.5"])
     with pytest.raises(ConfigError, match="rollout.engine"):

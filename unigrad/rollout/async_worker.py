@@ -1,10 +1,11 @@
 """A rollout engine in its own process, working ahead of the learner: the engine side of asynchronous training.
 
-`EngineWorker` runs one `TransformersEngine` in a process of its own (a `concurrent.futures.ProcessPoolExecutor`
-of one worker, started with `spawn`), so generation runs while the learner trains. Jobs run in the order they are
-submitted: weights sent after a generation was submitted reach the engine after that generation, so each
-generation samples with exactly the weights submitted before it. A generation's result carries what it cost
-(`busy`) and how long the engine sat idle since the previous generation (`idle`: waiting for work or weights).
+`EngineWorker` runs one `TransformersEngine` (or, with `rollout.engine=vllm`, one `VLLMEngine`) in a process of its
+own (a `concurrent.futures.ProcessPoolExecutor` of one worker, started with `spawn`), so generation runs while the
+learner trains. Jobs run in the order they are submitted: weights sent after a generation was submitted reach the
+engine after that generation, so each generation samples with exactly the weights submitted before it. A generation's
+result carries what it cost (`busy`) and how long the engine sat idle since the previous generation
+(`idle`: waiting for work or weights).
 
 The worker ignores SIGINT (the training process decides what an interrupt does) and ends as soon as the training
 process does, even one killed by SIGKILL (a thread waits on the parent's sentinel: nothing else would tell it, since
@@ -74,13 +75,18 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads, episodes=None) -> None:
+def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads, episodes=None, vllm=None) -> None:
     global _ENGINE, _LAST_DONE, _EPISODES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    from .ray_pool import EngineHost
+    if vllm is not None:  # vLLM is built here, in the worker, and takes the weights sent here
+        from .vllm_engine import VLLMHost
 
-    _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
+        _ENGINE = VLLMHost(payload, pad_token_id, eos_token_id, dtype, threads, vllm)
+    else:
+        from .ray_pool import EngineHost
+
+        _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
     if episodes is not None:  # the tasks are made here again from their specs (user code cannot be pickled over)
         from unigrad.tasks import load_tasks
 
@@ -133,11 +139,13 @@ def _ping() -> str:
 
 
 class EngineWorker:
-    """One `TransformersEngine` (a copy of `model`) in a worker process; see the module docstring."""
+    """One `TransformersEngine` (a copy of `model`) in a worker process; see the module docstring. With `vllm` (the
+    keyword arguments of `VLLMEngine` beyond the model, tokens and dtype) a `VLLMEngine` instead, built in the
+    worker; `decoder` is then "vllm"."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id, *, dtype: torch.dtype | None = None,
                  decoder: str = "auto", threads: int = 1, timeout: float = 600.0,
-                 episodes: dict | None = None) -> None:
+                 episodes: dict | None = None, vllm: dict | None = None) -> None:
         import multiprocessing
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -145,7 +153,7 @@ class EngineWorker:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start,
                                          initargs=((model.config, state), pad_token_id, eos_token_id, dtype, decoder,
-                                                   threads, episodes))
+                                                   threads, episodes, vllm))
         try:
             self.decoder = self._wait(self._submit(_ping), "starting")
         except BaseException:

