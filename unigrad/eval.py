@@ -37,12 +37,15 @@ def evaluate(
     per_prompt: bool = False,
     max_turns: int | None = None,
     split: str = "test",
+    engine=None,
 ) -> dict[str, Any]:
     """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's `split` ("test", the held-out
     split numbers are reported on, or "validation", the one choices are tuned on).
 
     `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`).
-    `max_turns`: a cap on multi-turn tasks' episodes (None: each task's own `max_turns`)."""
+    `max_turns`: a cap on multi-turn tasks' episodes (None: each task's own `max_turns`).
+    `engine`: the `RolloutEngine` that samples, holding `model`'s weights (None: a `TransformersEngine` on `model`;
+    `unigrad eval --engine vllm` passes a `VLLMEngine`)."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
     if split not in ("validation", "test"):
@@ -52,8 +55,9 @@ def evaluate(
         if value < low:
             raise ValueError(f"evaluate: {name} must be at least {low}, got {value}")
 
-    engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                device=next(model.parameters()).device)  # where the model is
+    if engine is None:
+        engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                    device=next(model.parameters()).device)  # where the model is
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}

@@ -254,9 +254,15 @@ class Run:
         if not dist.is_main:  # rank 0 evaluates; the others wait for it
             dist.barrier()
             return None
+        from unigrad.rollout.vllm_engine import VLLMEngine
+
+        engine = None  # evaluate's own transformers engine, unless this process holds a vLLM engine
+        if isinstance(self.ctx.engine, VLLMEngine):
+            engine = self.ctx.engine
+            engine.load_weights(whole.state_dict())  # the weights evaluated (final/: the moving average if kept)
         res = evaluate(whole, self.tokenizer, self.tasks, cfg.eval.prompts_per_task, pass_k=cfg.eval.pass_k,
                        max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, per_prompt=True,
-                       max_turns=cfg.rollout.max_turns, split=cfg.eval.split)
+                       max_turns=cfg.rollout.max_turns, split=cfg.eval.split, engine=engine)
         (self.output_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
         dist.barrier()
         return res
@@ -443,13 +449,14 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
                       shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.optimizer_steps)
     whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
-    if cfg.rollout.engine == "vllm":  # one vLLM instance in this process, on its GPU, synced every step
+    longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
+    vllm_options = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "max_model_len": longest,
+                    "seed": cfg.seed}
+    if cfg.rollout.engine == "vllm" and not cfg.rollout.max_staleness:  # one vLLM instance in this process
         from unigrad.rollout.vllm_engine import VLLMEngine
 
-        longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
         engine = VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_model_len=longest,
-                            seed=cfg.seed)
+                            **vllm_options)
     elif cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
         from unigrad.rollout.ray_pool import RayRolloutPool
 
@@ -502,7 +509,7 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
             return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
                                 decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
                                 threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1],
-                                episodes=episodes)
+                                episodes=episodes, vllm=vllm_options if cfg.rollout.engine == "vllm" else None)
 
         ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=make_worker)
 
