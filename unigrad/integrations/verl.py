@@ -41,7 +41,7 @@ def verl_compatible_presets() -> list[str]:
         obj = preset.objective
         if obj.needs_infer_logprobs or obj.needs_ref_logprobs or obj.off_policy_ratio is not None:
             continue
-        if obj.advantage == "sft":
+        if obj.is_supervised:
             continue
         out.append(name)
     return out

@@ -68,8 +68,8 @@ def compute_advantages(
         group_ids = torch.zeros(n, dtype=torch.long, device=rewards.device)
     if group_ids.shape != rewards.shape:
         raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
-    if method == "sft":
-        return torch.ones_like(rewards, dtype=torch.float32)  # demonstrations: A = 1, never re-standardised
+    if ADVANTAGE.has(method, "is_supervised"):  # demonstrations: every reward counts, never re-standardised
+        return estimator(rewards, torch.ones_like(rewards, dtype=torch.bool), _dense_ids(group_ids), eps).float()
     valid = torch.isfinite(rewards)
     zero = torch.zeros_like(rewards)
     adv = torch.where(valid, estimator(rewards, valid, _dense_ids(group_ids), eps), zero)
@@ -90,42 +90,53 @@ def _batch_std(rewards, valid) -> torch.Tensor:
     return _segment_stats(rewards, valid, torch.zeros(len(rewards), dtype=torch.long, device=rewards.device))[2]
 
 
-@ADVANTAGE.register("grpo", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_g + ε)")
+@ADVANTAGE.register("grpo", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_g + ε)",
+                    summary="(R - mean_g) / (std_g + eps) within each group (DeepSeekMath)",
+                    doc=("(R − mean_g)/(std_g + ε), std unbiased, ε = 1e-6", "DeepSeekMath"))
 def _grpo(rewards, valid, groups, eps):
     _, centred, std_g = _centred(rewards, valid, groups)
     return centred / (std_g + eps)
 
 
-@ADVANTAGE.register("dr_grpo", traits=("needs_groups",), formula=lambda o: "A = R − mean_g")
+@ADVANTAGE.register("dr_grpo", traits=("needs_groups",), formula=lambda o: "A = R − mean_g",
+                    summary="R - mean_g, no std (Dr. GRPO)", doc=("R − mean_g", "Dr. GRPO"))
 def _dr_grpo(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1]
 
 
-@ADVANTAGE.register("rloo", traits=("needs_groups",), formula=lambda o: "A = R − mean of the others in g")
+@ADVANTAGE.register("rloo", traits=("needs_groups",), formula=lambda o: "A = R − mean of the others in g",
+                    summary="R - mean of the other members of the group (RLOO)",
+                    doc=("R − mean of the other members of the group = G/(G−1)·(R − mean_g)", "RLOO"))
 def _rloo(rewards, valid, groups, eps):
     # R_i - (sum_g - R_i)/(n-1) = n/(n-1) * (R_i - mean_g); 0 for a group of one.
     count_g, centred, _ = _centred(rewards, valid, groups)
     return torch.where(count_g > 1, centred * count_g / (count_g - 1).clamp(min=1), torch.zeros_like(rewards))
 
 
-@ADVANTAGE.register("batch_std", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_batch + ε)")
+@ADVANTAGE.register("batch_std", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_batch + ε)",
+                    summary="(R - mean_g) / (std over the batch + eps) (Lite PPO)",
+                    doc=("(R − mean_g)/(std_batch + ε)", "Lite PPO, TRL `scale_rewards=\"batch\"`"))
 def _batch_std_advantage(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1] / (_batch_std(rewards, valid) + eps)
 
 
-@ADVANTAGE.register("whiten", formula=lambda o: "A = (R − mean_batch)/(std_batch + ε)")
+@ADVANTAGE.register("whiten", formula=lambda o: "A = (R − mean_batch)/(std_batch + ε)",
+                    summary="(R - mean over the batch) / (std over the batch + eps), no groups",
+                    doc=("(R − mean_batch)/(std_batch + ε)", "PPO without a critic"))
 def _whiten(rewards, valid, groups, eps):
     batch = torch.zeros(len(rewards), dtype=torch.long, device=rewards.device)
     _, mean_b, std_b = _segment_stats(rewards, valid, batch)
     return (rewards - mean_b) / (std_b + eps)
 
 
-@ADVANTAGE.register("reinforce", formula=lambda o: "A = R")
+@ADVANTAGE.register("reinforce", formula=lambda o: "A = R", summary="R, no baseline (REINFORCE)",
+                    doc=("R", "REINFORCE"))
 def _reinforce(rewards, valid, groups, eps):
     return rewards
 
 
-@ADVANTAGE.register("sft", formula=lambda o: "A = 1")
+@ADVANTAGE.register("sft", traits=("is_supervised",), formula=lambda o: "A = 1",
+                    summary="1 on every demonstration token (SFT)", doc=("1", "UPGE"))
 def _sft(rewards, valid, groups, eps):
     return torch.ones_like(rewards)
 

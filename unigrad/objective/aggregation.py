@@ -54,25 +54,30 @@ def aggregate(
     return reduce(masked, mask, num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length)
 
 
-@AGGREGATION.register("token_mean", formula=lambda o: "Σ ℓ / N_tok" + (
-    " (this micro-batch)" if o.normaliser_scope == "local" else ""),
-    label=lambda o: "token_mean" + (" (local)" if o.normaliser_scope == "local" else ""))
+@AGGREGATION.register(
+    "token_mean", traits=("per_token_normaliser",), summary="sum over tokens / N_tok (DAPO, BNPO)",
+    formula=lambda o: "Σ ℓ / N_tok" + (" (this micro-batch)" if o.normaliser_scope == "local" else ""),
+    label=lambda o: "token_mean" + (" (local)" if o.normaliser_scope == "local" else ""),
+    doc=("Σ m·ℓ / N_tok", "DAPO"))
 def _token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
     return masked.sum() / max(num_tokens, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_mean", formula=lambda o: "Σ_i (Σ_t ℓ / |y_i|) / N_seq")
+@AGGREGATION.register("seq_mean_token_mean", summary="mean over each sequence's tokens, sum / N_seq (GRPO)",
+                      formula=lambda o: "Σ_i (Σ_t ℓ / |y_i|) / N_seq", doc=("Σ_i (Σ_t m·ℓ / Σ_t m) / N_seq", "GRPO"))
 def _seq_mean_token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
     per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (B,)
     return per_seq.sum() / max(num_sequences, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_sum", formula=lambda o: "Σ ℓ / N_seq")
+@AGGREGATION.register("seq_mean_token_sum", summary="sum over tokens / N_seq (REINFORCE on whole sequences)",
+                      formula=lambda o: "Σ ℓ / N_seq", doc=("Σ m·ℓ / N_seq", "REINFORCE"))
 def _seq_mean_token_sum(masked, mask, *, num_tokens, num_sequences, max_length):
     return masked.sum() / max(num_sequences, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_sum_norm", formula=lambda o: "Σ ℓ / (N_seq · L_max)")
+@AGGREGATION.register("seq_mean_token_sum_norm", summary="sum over tokens / (N_seq * max_length) (Dr. GRPO)",
+                      formula=lambda o: "Σ ℓ / (N_seq · L_max)", doc=("Σ m·ℓ / (N_seq · L_max)", "Dr. GRPO"))
 def _seq_mean_token_sum_norm(masked, mask, *, num_tokens, num_sequences, max_length):
     if max_length is None:
         raise ValueError(
@@ -88,3 +93,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over unmasked entries (0 if none).  Scalar."""
     count = mask.sum().clamp(min=1)
     return torch.where(mask, x, torch.zeros_like(x)).sum() / count
+
+
+def masked_extreme(x: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce` (torch.amin / torch.amax) of x over unmasked entries (0 if none).  Scalar."""
+    if not bool(mask.any()):
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return reduce(x[mask])

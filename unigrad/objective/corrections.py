@@ -2,7 +2,8 @@
 
 rho_t = pi_old(y_t) / pi_infer(y_t) = exp(old_t - infer_t), where `old` is the trainer's
 log-prob of the sampled token under the sampling policy and `infer` is what the rollout engine
-reported. Weights are always detached: they re-weight the gradient, they are not optimised.
+reported. Weights are always detached: they re-weight the gradient, they are not optimised. Every correction is
+`function(x: CorrectionInput, args) -> BehaviourWeights`, with its own typed arguments (`Truncation`, `Band`).
 
 - tis       w_t = clamp(rho_t, floor, C)              truncated IS (Yao et al. 2025, "Your efficient
                                                       RL framework secretly brings you off-policy RL")
@@ -16,14 +17,54 @@ reported. Weights are always detached: they re-weight the gradient, they are not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
+from unigrad.objective.aggregation import masked_extreme, masked_mean
 from unigrad.objective.ratios import masked_row_mean
 from unigrad.objective.registry import CORRECTION
 
-METRICS = ("correction/rho_mean", "correction/rho_min", "correction/rho_max", "correction/weight_mean",
-           "correction/masked_fraction", "correction/truncated_fraction")
+METRICS = {
+    "correction/rho_mean": "mean of the raw behaviour ratio rho = pi_old/pi_infer (before the rule)",
+    "correction/rho_min": "min of raw rho",
+    "correction/rho_max": "max of raw rho",
+    "correction/weight_mean": "mean behaviour weight after truncation / masking",
+    "correction/masked_fraction": "fraction of tokens the correction zeroed (icepop, seq_mask)",
+    "correction/truncated_fraction": "fraction of tokens the correction truncated (tis, seq_tis)",
+}
+
+
+@dataclass(frozen=True)
+class CorrectionInput:
+    """What every correction reads; (B, T), zero at masked positions."""
+
+    old: torch.Tensor  # the trainer's log-probs of the sampled tokens (pi_old)
+    infer: torch.Tensor  # the rollout engine's log-probs of the same tokens (pi_infer)
+    mask: torch.Tensor  # bool, tokens that count
+
+
+@dataclass(frozen=True)
+class Truncation:
+    cap: float  # C: w = min(rho, C)
+    floor: float | None = None  # optional lower truncation
+    form: str | None = None  # None: per token; "geometric" / "product": one rho per sequence
+
+    def __post_init__(self) -> None:
+        if self.cap <= 0 or (self.floor is not None and not 0 <= self.floor <= self.cap):
+            raise ValueError(f"truncation needs cap > 0 and 0 <= floor <= cap, got cap={self.cap}, floor={self.floor}")
+
+
+@dataclass(frozen=True)
+class Band:
+    low: float  # rho < low gets weight 0
+    high: float  # rho > high gets weight 0
+    form: str | None = None  # None: per token; "geometric" / "product": one rho per sequence
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"the band needs 0 <= low < high, got [{self.low}, {self.high}]")
 
 
 @dataclass(frozen=True)
@@ -57,9 +98,31 @@ def behaviour_weights(
     icepop_low: float = 0.5,
     icepop_high: float = 5.0,
 ) -> BehaviourWeights:
-    """Detached behaviour-correction weights of the registered rule.  old, infer: (B, T), zero at masked positions."""
-    return CORRECTION[name].function(old, infer, mask, form=form, tis_cap=tis_cap, tis_floor=tis_floor,
-                                     icepop_low=icepop_low, icepop_high=icepop_high)
+    """Detached behaviour-correction weights of the registered rule.  old, infer: (B, T), zero at masked positions.
+    The keywords are the `Objective` fields of the same meaning (`form` is `correction_form`)."""
+    fields = SimpleNamespace(correction_form=form, tis_cap=tis_cap, tis_floor=tis_floor, icepop_low=icepop_low,
+                             icepop_high=icepop_high)
+    return correct(name, fields, CorrectionInput(old, infer, mask))
+
+
+def correct(name: str, objective: Any, x: CorrectionInput) -> BehaviourWeights:
+    """The registered correction `name` applied to `x`, with the arguments its registration reads from `objective`
+    (an `Objective`, or anything with the fields it reads)."""
+    part = CORRECTION[name]
+    return part.function(x, part.args(objective))
+
+
+def correction_metrics(bw: BehaviourWeights, weight: torch.Tensor, on: torch.Tensor,
+                       mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The values of `METRICS`: rho over the on-policy tokens `on`, the applied `weight` over all of `mask`."""
+    return {
+        "correction/rho_mean": masked_mean(bw.rho, on),
+        "correction/rho_min": masked_extreme(bw.rho, on, torch.amin),
+        "correction/rho_max": masked_extreme(bw.rho, on, torch.amax),
+        "correction/weight_mean": masked_mean(weight, mask),
+        "correction/masked_fraction": masked_mean(bw.zeroed.float(), mask),
+        "correction/truncated_fraction": masked_mean(bw.truncated.float(), mask),
+    }
 
 
 def _rho(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, form: str | None) -> torch.Tensor:
@@ -70,14 +133,14 @@ def _rho(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, form: str |
     return torch.exp(log_rho)
 
 
-def _truncate(rho, mask, tis_cap, tis_floor) -> BehaviourWeights:
-    weight = rho.clamp(min=tis_floor, max=tis_cap)
-    truncated = (rho > tis_cap) if tis_floor is None else (rho > tis_cap) | (rho < tis_floor)
+def _truncate(rho: torch.Tensor, mask: torch.Tensor, args: Truncation) -> BehaviourWeights:
+    weight = rho.clamp(min=args.floor, max=args.cap)
+    truncated = (rho > args.cap) if args.floor is None else (rho > args.cap) | (rho < args.floor)
     return BehaviourWeights(weight, rho, torch.zeros_like(mask), truncated & mask)
 
 
-def _band(rho, mask, icepop_low, icepop_high) -> BehaviourWeights:
-    outside = (rho < icepop_low) | (rho > icepop_high)
+def _band(rho: torch.Tensor, mask: torch.Tensor, args: Band) -> BehaviourWeights:
+    outside = (rho < args.low) | (rho > args.high)
     weight = torch.where(outside, torch.zeros_like(rho), rho)
     return BehaviourWeights(weight, rho, outside & mask, torch.zeros_like(mask))
 
@@ -90,34 +153,50 @@ def _band_text(o, rho: str) -> str:
     return f"{rho}·1[{o.icepop_low:g} ≤ {rho} ≤ {o.icepop_high:g}]"
 
 
-@CORRECTION.register("none", formula=lambda o: "")
-def _none(old, infer, mask, **_) -> BehaviourWeights:
-    rho = _rho(old, infer, mask, None)
-    return BehaviourWeights(torch.ones_like(rho), rho, torch.zeros_like(mask), torch.zeros_like(mask))
+@CORRECTION.register("none", summary="no correction, weight 1", formula=lambda o: "", doc=("1", ""))
+def _none(x: CorrectionInput, args: Any) -> BehaviourWeights:
+    rho = _rho(x.old, x.infer, x.mask, None)
+    return BehaviourWeights(torch.ones_like(rho), rho, torch.zeros_like(x.mask), torch.zeros_like(x.mask))
 
 
-@CORRECTION.register("tis", formula=lambda o: f"ℓ ← min(ρ, {o.tis_cap:g})·ℓ, ρ = π_old/π_infer",
-                     label=lambda o: f"tis C={o.tis_cap:g}", metrics=METRICS)
-def _tis(old, infer, mask, *, tis_cap, tis_floor, **_) -> BehaviourWeights:
-    return _truncate(_rho(old, infer, mask, None), mask, tis_cap, tis_floor)
+_CORRECTS = ("reads_infer_logprobs",)
 
 
-@CORRECTION.register("icepop", traits=("zeroes_tokens",),
-                     formula=lambda o: f"ℓ ← {_band_text(o, 'ρ')}·ℓ, ρ = π_old/π_infer",
-                     label=lambda o: f"icepop [{o.icepop_low:g}, {o.icepop_high:g}]", metrics=METRICS)
-def _icepop(old, infer, mask, *, icepop_low, icepop_high, **_) -> BehaviourWeights:
-    return _band(_rho(old, infer, mask, None), mask, icepop_low, icepop_high)
+@CORRECTION.register(
+    "tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor),
+    summary="truncated IS, w = min(rho, tis_cap) (and >= tis_floor if set)",
+    formula=lambda o: f"ℓ ← min(ρ, {o.tis_cap:g})·ℓ, ρ = π_old/π_infer", label=lambda o: f"tis C={o.tis_cap:g}",
+    doc=("clamp(ρ_t, `tis_floor`, C)", "C = `tis_cap` = 2 (verl; TRL uses 3)"), metrics=METRICS)
+def _tis(x: CorrectionInput, args: Truncation) -> BehaviourWeights:
+    return _truncate(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
 
 
-@CORRECTION.register("seq_tis", formula=lambda o: f"ℓ ← min(ρ_i, {o.tis_cap:g})·ℓ, {_seq(o)}",
-                     label=lambda o: f"seq_tis ({o.correction_form}) C={o.tis_cap:g}", metrics=METRICS)
-def _seq_tis(old, infer, mask, *, form, tis_cap, tis_floor, **_) -> BehaviourWeights:
-    return _truncate(_rho(old, infer, mask, form), mask, tis_cap, tis_floor)
+@CORRECTION.register(
+    "icepop", traits=(*_CORRECTS, "zeroes_tokens"), args=lambda o: Band(o.icepop_low, o.icepop_high),
+    summary="keep rho inside [icepop_low, icepop_high], zero outside",
+    formula=lambda o: f"ℓ ← {_band_text(o, 'ρ')}·ℓ, ρ = π_old/π_infer",
+    label=lambda o: f"icepop [{o.icepop_low:g}, {o.icepop_high:g}]",
+    doc=("ρ_t if α ≤ ρ_t ≤ β else 0", "α = 0.5, β = 5 (slime uses [0, 2])"), metrics=METRICS)
+def _icepop(x: CorrectionInput, args: Band) -> BehaviourWeights:
+    return _band(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
 
 
-@CORRECTION.register("seq_mask", traits=("zeroes_tokens",),
-                     formula=lambda o: f"ℓ ← {_band_text(o, 'ρ_i')}·ℓ, {_seq(o)}",
-                     label=lambda o: f"seq_mask ({o.correction_form}) [{o.icepop_low:g}, {o.icepop_high:g}]",
-                     metrics=METRICS)
-def _seq_mask(old, infer, mask, *, form, icepop_low, icepop_high, **_) -> BehaviourWeights:
-    return _band(_rho(old, infer, mask, form), mask, icepop_low, icepop_high)
+@CORRECTION.register(
+    "seq_tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor, o.correction_form),
+    summary="tis on a sequence-level rho (correction_form), shared by the sequence's tokens",
+    formula=lambda o: f"ℓ ← min(ρ_i, {o.tis_cap:g})·ℓ, {_seq(o)}",
+    label=lambda o: f"seq_tis ({o.correction_form}) C={o.tis_cap:g}",
+    doc=("clamp(ρ_i, floor, C) for every token of i", ""), metrics=METRICS)
+def _seq_tis(x: CorrectionInput, args: Truncation) -> BehaviourWeights:
+    return _truncate(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
+
+
+@CORRECTION.register(
+    "seq_mask", traits=(*_CORRECTS, "zeroes_tokens"),
+    args=lambda o: Band(o.icepop_low, o.icepop_high, o.correction_form),
+    summary="icepop's band on a sequence-level rho (correction_form), shared by the sequence's tokens",
+    formula=lambda o: f"ℓ ← {_band_text(o, 'ρ_i')}·ℓ, {_seq(o)}",
+    label=lambda o: f"seq_mask ({o.correction_form}) [{o.icepop_low:g}, {o.icepop_high:g}]",
+    doc=("ρ_i if α ≤ ρ_i ≤ β else 0", ""), metrics=METRICS)
+def _seq_mask(x: CorrectionInput, args: Band) -> BehaviourWeights:
+    return _band(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)

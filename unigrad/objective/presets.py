@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from unigrad.objective.registry import REGISTRIES
 from unigrad.objective.spec import Objective
 
 
@@ -143,6 +144,10 @@ def _build(fields: dict[str, Any]) -> Objective:
 @lru_cache(maxsize=256)
 def _resolve_cached(name: str, overrides: tuple[tuple[str, Any], ...]) -> Objective:
     return _build({**get_preset(name).objective.model_dump(), **dict(overrides)})
+
+
+for _registry in REGISTRIES:  # a part registered or removed changes what an override may name
+    _registry.on_change(_resolve_cached.cache_clear)
 
 
 def get_preset(name: str) -> Preset:

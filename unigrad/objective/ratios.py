@@ -2,7 +2,8 @@
 
 Every function takes log-probabilities that are already zero at masked positions (see
 `loss.py`), so sums over a row never touch a NaN, and returns a (B, T) tensor `r` whose value
-multiplies the advantage and whose gradient is the likelihood-gradient part:
+multiplies the advantage and whose gradient is the likelihood-gradient part. Every level is
+`function(x: RatioInput, args) -> r`, where `args` is what its registration reads from the objective:
 
 - token           r_t = exp(logp_t - old_t)                       (PPO, GRPO)
 - sequence        s_i = exp(sum_t m*(logp-old) / sum_t m)          (GSPO, arXiv 2507.18071, eq. 7)
@@ -14,6 +15,9 @@ multiplies the advantage and whose gradient is the likelihood-gradient part:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,40 +76,63 @@ def _f(o) -> str:
     return "p" if o.shaping is None else f"p/(p+{o.shaping:g})"
 
 
-@RATIO.register("token", traits=("uses_old_logprobs",), formula=lambda o: "r = π/π_old")
-def _token(logp, old, mask, *, shaping, clamp):
-    return token_ratio(logp, old, clamp)
+@dataclass(frozen=True)
+class RatioInput:
+    """What every ratio level reads; (B, T) float32, zero at masked positions."""
+
+    logp: torch.Tensor  # log pi_theta, with grad
+    old: torch.Tensor  # log pi_old, detached
+    mask: torch.Tensor  # bool, the tokens of the on-policy route
 
 
-@RATIO.register("sequence", traits=("uses_old_logprobs",), formula=lambda o: "r = s_i = exp(mean_t log(π/π_old))")
-def _sequence(logp, old, mask, *, shaping, clamp):
-    return sequence_ratio(logp, old, mask, clamp)
+def _clamp(o) -> float | None:
+    return o.log_ratio_clamp
 
 
-@RATIO.register("sequence_token", traits=("uses_old_logprobs",), formula=lambda o: "r = sg(s_i)·π/sg(π)")
-def _sequence_token(logp, old, mask, *, shaping, clamp):
-    return sequence_token_ratio(logp, old, mask, clamp)
+def _shaping(o) -> float | None:
+    return o.shaping
 
 
-@RATIO.register("self", traits=("is_self",), formula=lambda o: "r = π/sg(π)")
-def _self(logp, old, mask, *, shaping, clamp):
-    return self_ratio(logp)
+_OLD = ("uses_old_logprobs",)
 
 
-@RATIO.register("none", formula=lambda o: f"r = f(π), f(p) = {_f(o)}",
-                label=lambda o: "none" if o.shaping is None else f"none, f(p)=p/(p+{o.shaping:g})")
-def _none(logp, old, mask, *, shaping, clamp):
-    return shaped_probability(logp, shaping)
+@RATIO.register("token", traits=_OLD, args=_clamp, formula=lambda o: "r = π/π_old",
+                summary="r_t = pi/pi_old per token", doc=("exp(logp_t − old_t)", "r_t ∇logp_t",
+                                                          "PPO, GRPO, DAPO, SAPO, CISPO"))
+def _token(x: RatioInput, clamp: float | None) -> torch.Tensor:
+    return token_ratio(x.logp, x.old, clamp)
 
 
-def compute_ratio(
-    level: str,
-    logp: torch.Tensor,
-    old: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    shaping: float | None = None,
-    clamp: float | None = 20.0,
-) -> torch.Tensor:
-    """The registered ratio level's r.  (B, T)"""
-    return RATIO[level].function(logp, old, mask, shaping=shaping, clamp=clamp)
+@RATIO.register("sequence", traits=_OLD, args=_clamp, formula=lambda o: "r = s_i = exp(mean_t log(π/π_old))",
+                summary="GSPO geometric-mean ratio shared by a sequence",
+                doc=("s_i = exp(Σ_t m(logp−old) / Σ_t m), shared by the sequence", "s_i · mean_t ∇logp_t",
+                     "GSPO (geometric mean)"))
+def _sequence(x: RatioInput, clamp: float | None) -> torch.Tensor:
+    return sequence_ratio(x.logp, x.old, x.mask, clamp)
+
+
+@RATIO.register("sequence_token", traits=_OLD, args=_clamp, formula=lambda o: "r = sg(s_i)·π/sg(π)",
+                summary="GSPO-token form (value of the sequence ratio, gradient per token)",
+                doc=("s_i (value)", "s_i ∇logp_t per token (allows per-token A)", "GSPO-token"))
+def _sequence_token(x: RatioInput, clamp: float | None) -> torch.Tensor:
+    return sequence_token_ratio(x.logp, x.old, x.mask, clamp)
+
+
+@RATIO.register("self", traits=("is_self",), formula=lambda o: "r = π/sg(π)",
+                summary="pi_ref = sg(pi_theta), the SFT form", doc=("1 (π/sg(π))", "∇logp_t", "SFT"))
+def _self(x: RatioInput, args: None) -> torch.Tensor:
+    return self_ratio(x.logp)
+
+
+@RATIO.register("none", args=_shaping, formula=lambda o: f"r = f(π), f(p) = {_f(o)}",
+                label=lambda o: "none" if o.shaping is None else f"none, f(p)=p/(p+{o.shaping:g})",
+                summary="pi_ref = 1, the term is f(pi_theta)",
+                doc=("f(π_θ), f(p) = p or p/(p+γ) (`shaping=γ`)", "f'(p)·p·∇logp_t", "LUFFY's off-policy tokens"))
+def _none(x: RatioInput, shaping: float | None) -> torch.Tensor:
+    return shaped_probability(x.logp, shaping)
+
+
+def compute_ratio(objective: Any, x: RatioInput) -> torch.Tensor:
+    """The objective's ratio level's r, with the arguments its registration reads from the objective.  (B, T)"""
+    part = RATIO[objective.ratio]
+    return part.function(x, part.args(objective))

@@ -18,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The parts' modules register their choices; each field below allows exactly the registered names.
 from unigrad.objective import advantages, aggregation, corrections, ratios, regularisers, stabilisers  # noqa: F401
-from unigrad.objective.registry import ADVANTAGE, AGGREGATION, CORRECTION, KL_ESTIMATOR, RATIO, STABILISER
+from unigrad.objective.registry import (
+    ADVANTAGE,
+    AGGREGATION,
+    CORRECTION,
+    KL_ESTIMATOR,
+    RATIO,
+    REGISTRIES,
+    STABILISER,
+    Registry,
+)
 
 RatioLevel = RATIO.literal()
 Stabiliser = STABILISER.literal()
@@ -37,12 +46,7 @@ class Objective(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # -- reference denominator: which ratio multiplies the advantage --------------------------
-    ratio: RatioLevel = Field(
-        "token",
-        description="token: r_t = pi/pi_old per token; sequence: GSPO geometric-mean ratio shared by a "
-        "sequence; sequence_token: GSPO-token form (value of the sequence ratio, gradient per token); "
-        "self: pi_ref = sg(pi_theta), the SFT form; none: pi_ref = 1, the term is f(pi_theta).",
-    )
+    ratio: RatioLevel = Field("token", description=RATIO.field_description())
     shaping: float | None = Field(
         None,
         gt=0,
@@ -56,7 +60,7 @@ class Objective(BaseModel):
     )
 
     # -- stabilisation mask -------------------------------------------------------------------
-    stabiliser: Stabiliser = Field("clip", description="none | clip | dual_clip | soft_gate | cispo")
+    stabiliser: Stabiliser = Field("clip", description=STABILISER.field_description())
     epsilon: float = Field(0.2, ge=0, description="lower clip range: ratio floor is 1 - epsilon")
     epsilon_high: float | None = Field(
         None, ge=0, description="upper clip range (DAPO clip-higher); None means equal to epsilon"
@@ -70,11 +74,7 @@ class Objective(BaseModel):
     )
 
     # -- behaviour correction (rollout engine vs trainer) ----------------------------------------
-    correction: Correction = Field(
-        "none",
-        description="none | tis (truncate rho) | icepop (keep rho inside [icepop_low, icepop_high], zero "
-        "outside) | seq_tis | seq_mask (the same on a sequence-level rho)",
-    )
+    correction: Correction = Field("none", description=CORRECTION.field_description())
     correction_form: SequenceRatioForm = Field(
         "geometric",
         description="sequence-level rho for seq_tis / seq_mask: geometric mean of token rhos (length-"
@@ -90,14 +90,14 @@ class Objective(BaseModel):
     )
 
     # -- advantage ----------------------------------------------------------------------------
-    advantage: AdvantageEstimator = Field("grpo", description="advantage estimator used by the trainer")
+    advantage: AdvantageEstimator = Field("grpo", description=ADVANTAGE.field_description())
     advantage_eps: float = Field(1e-6, gt=0, description="added to the std in std-normalised advantages")
     per_task_advantage: bool = Field(
         False, description="also standardise advantages within each task (after the group step)"
     )
 
     # -- aggregation ----------------------------------------------------------------------------
-    aggregation: Aggregation = Field("seq_mean_token_mean", description="how per-token losses become a scalar")
+    aggregation: Aggregation = Field("seq_mean_token_mean", description=AGGREGATION.field_description())
     normaliser_scope: NormaliserScope = Field(
         "global",
         description="global: normalisers passed in for the whole optimizer batch; local: token_mean over "
@@ -106,7 +106,7 @@ class Objective(BaseModel):
 
     # -- regularisers ---------------------------------------------------------------------------
     beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (long-run reports suggest 0.001)")
-    kl_estimator: KLEstimator = Field("k3", description="k1 | k2 | k3 (Schulman's estimators)")
+    kl_estimator: KLEstimator = Field("k3", description=KL_ESTIMATOR.field_description())
     kl_clamp: float | None = Field(10.0, gt=0, description="clamp the per-token KL to +-this; None disables")
     kl_ratio_weighted: bool = Field(
         False,
@@ -121,16 +121,26 @@ class Objective(BaseModel):
     @property
     def uses_old_logprobs(self) -> bool:
         """Whether the ratio depends on pi_old (otherwise old log-probs are irrelevant)."""
-        return "uses_old_logprobs" in RATIO[self.ratio].traits
+        return RATIO.has(self.ratio, "uses_old_logprobs")
 
     @property
     def correction_zeroes_tokens(self) -> bool:
         """Whether the behaviour correction can take tokens out of the loss (IcePop's band, seq_mask)."""
-        return "zeroes_tokens" in CORRECTION[self.correction].traits
+        return CORRECTION.has(self.correction, "zeroes_tokens")
 
     @property
     def needs_infer_logprobs(self) -> bool:
-        return self.correction != "none"
+        return CORRECTION.has(self.correction, "reads_infer_logprobs")
+
+    @property
+    def is_supervised(self) -> bool:
+        """Whether the advantage is the constant of supervised learning on demonstrations (A = 1)."""
+        return ADVANTAGE.has(self.advantage, "is_supervised")
+
+    @property
+    def normalises_by_tokens(self) -> bool:
+        """Whether the aggregation divides by a token count (otherwise by sequences)."""
+        return AGGREGATION.has(self.aggregation, "per_token_normaliser")
 
     @property
     def needs_ref_logprobs(self) -> bool:
@@ -138,19 +148,20 @@ class Objective(BaseModel):
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> Objective:
-        if "uses_old_logprobs" not in RATIO[self.ratio].traits and self.stabiliser != "none":
+        if not self.uses_old_logprobs and STABILISER.has(self.stabiliser, "needs_old_logprobs"):
             raise ValueError(
                 f"ratio={self.ratio!r} has no pi_old to stabilise against; use stabiliser='none' "
                 f"(got {self.stabiliser!r})"
             )
-        if "clips" in STABILISER[self.stabiliser].traits and self.epsilon >= 1:
+        if STABILISER.has(self.stabiliser, "clips") and self.epsilon >= 1:
             raise ValueError(f"epsilon must be < 1 for clipping (got {self.epsilon})")
         if self.tis_floor is not None and self.tis_floor > self.tis_cap:
             raise ValueError(f"tis_floor ({self.tis_floor}) must not exceed tis_cap ({self.tis_cap})")
         if self.icepop_low >= self.icepop_high:
             raise ValueError(f"icepop_low ({self.icepop_low}) must be < icepop_high ({self.icepop_high})")
-        if self.normaliser_scope == "local" and self.aggregation != "token_mean":
-            raise ValueError("normaliser_scope='local' only applies to aggregation='token_mean'")
+        if self.normaliser_scope == "local" and not self.normalises_by_tokens:
+            token_means = " or ".join(f"aggregation={n!r}" for n in AGGREGATION.with_trait("per_token_normaliser"))
+            raise ValueError(f"normaliser_scope='local' only applies to {token_means}")
         return self
 
     def parts(self) -> dict[str, str]:
@@ -165,3 +176,19 @@ class Objective(BaseModel):
         if self.beta > 0:
             out["kl"] = f"{self.kl_estimator} beta={self.beta:g}"
         return out
+
+
+def _follow_registry(field: str, registry: Registry) -> None:
+    """Keep `Objective.<field>` allowing exactly the registered names, described by their summaries."""
+
+    def refresh() -> None:
+        info = Objective.model_fields[field]
+        info.annotation = registry.literal()
+        info.description = registry.field_description()
+        Objective.model_rebuild(force=True)
+
+    registry.on_change(refresh)
+
+
+for _registry in REGISTRIES:
+    _follow_registry(_registry.field, _registry)

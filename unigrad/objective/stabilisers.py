@@ -1,8 +1,8 @@
 """Stabilisation mask: how the ratio and the advantage become a per-token loss.
 
-Each function maps the ratio r (B, T) and the advantage A (B, T) to a per-token loss to be
-minimised, and returns indicator tensors for the metrics. Masked positions are handled by
-the caller (`loss.py`): the inputs there are finite.
+Every stabiliser is `function(x: StabiliserInput, args) -> Stabilised`: it maps the ratio r (B, T) and the
+advantage A (B, T) to a per-token loss to be minimised, plus indicator tensors whose means are its metrics. Masked
+positions are handled by the caller (`loss.py`): the inputs there are finite.
 
 - none       l = -r*A                                                    (REINFORCE, on-policy)
 - clip       l = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)             (PPO arXiv 1707.06347,
@@ -15,97 +15,154 @@ the caller (`loss.py`): the inputs there are finite.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
 import torch
 
 from unigrad.objective.registry import STABILISER
 
 
-def no_stabiliser(ratio: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return -ratio * adv, {}
+@dataclass(frozen=True)
+class StabiliserInput:
+    """What every stabiliser reads; (B, T) float32 tensors, finite everywhere."""
+
+    ratio: torch.Tensor  # r, with the ratio level's gradient
+    adv: torch.Tensor  # A, constants
+    logp: torch.Tensor  # log pi_theta, with grad (CISPO's likelihood term)
 
 
-def clipped(
-    ratio: torch.Tensor, adv: torch.Tensor, epsilon: float, epsilon_high: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon_high)
-    loss = -torch.min(ratio * adv, clipped_ratio * adv)
-    # Tokens whose gradient the clip removes (same definition as TRL's clip_ratio metrics).
-    low = (ratio < 1 - epsilon) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
-    return loss, {"clip/low_fraction": low, "clip/high_fraction": high, "clip/region_fraction": low | high}
+class Stabilised(NamedTuple):
+    loss: torch.Tensor  # (B, T) per-token loss to minimise
+    indicators: dict[str, torch.Tensor]  # metric name -> (B, T) values whose token mean is the metric
 
 
-def dual_clipped(
-    ratio: torch.Tensor, adv: torch.Tensor, epsilon: float, epsilon_high: float, c: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, flags = clipped(ratio, adv, epsilon, epsilon_high)
-    cap = -c * adv  # positive where A < 0
-    capped = (adv < 0) & (loss > cap)
-    loss = torch.where(adv < 0, torch.min(loss, cap), loss)
-    flags["clip/dual_fraction"] = capped
-    flags["clip/region_fraction"] = flags["clip/region_fraction"] | capped
-    return loss, flags
+@dataclass(frozen=True)
+class ClipRange:
+    epsilon: float  # ratio floor 1 - epsilon
+    epsilon_high: float  # ratio ceiling 1 + epsilon_high
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.epsilon < 1 or self.epsilon_high < 0:
+            raise ValueError(f"clip needs 0 <= epsilon < 1 and epsilon_high >= 0, got {self.epsilon}, "
+                             f"{self.epsilon_high}")
 
 
-def soft_gated(
-    ratio: torch.Tensor, adv: torch.Tensor, tau_pos: float, tau_neg: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    tau = torch.where(adv > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))
-    gate = torch.sigmoid(tau * (ratio - 1))
-    loss = -gate * (4.0 / tau) * adv
-    # d(loss)/d(logp) = -4*gate*(1-gate) * r * A: the weight on the usual r*A*grad(logp).
-    weight = (4.0 * gate * (1 - gate)).detach()
-    return loss, {"gate/weight_mean": weight}
+@dataclass(frozen=True)
+class DualClipRange(ClipRange):
+    c: float = 3.0  # cap of the loss of A < 0 tokens at c*|A|
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.c <= 1:
+            raise ValueError(f"dual_clip needs c > 1, got {self.c}")
 
 
-def cispo(
-    ratio: torch.Tensor, adv: torch.Tensor, logp: torch.Tensor, cispo_max: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    weight = ratio.clamp(max=cispo_max).detach()
-    loss = -weight * adv * logp
-    return loss, {"clip/truncated_fraction": ratio.detach() > cispo_max}
+@dataclass(frozen=True)
+class GateTemperatures:
+    tau_pos: float  # gate temperature for A > 0
+    tau_neg: float  # gate temperature for A <= 0
+
+    def __post_init__(self) -> None:
+        if self.tau_pos <= 0 or self.tau_neg <= 0:
+            raise ValueError(f"soft_gate needs positive temperatures, got {self.tau_pos}, {self.tau_neg}")
+
+
+@dataclass(frozen=True)
+class WeightCap:
+    cap: float  # truncation of the detached ratio: min(r, cap)
+
+    def __post_init__(self) -> None:
+        if self.cap <= 0:
+            raise ValueError(f"cispo needs cispo_max > 0, got {self.cap}")
 
 
 def _bounds(o) -> str:
     return f"{1 - o.epsilon:g}, {1 + o.epsilon_upper:g}"
 
 
-STABILISER.register("none", formula=lambda o: "ℓ = −r·A")(
-    lambda ratio, adv, logp, p: no_stabiliser(ratio, adv))
-STABILISER.register(
-    "clip", traits=("clips",), formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A)",
-    label=lambda o: f"clip [{_bounds(o)}]", metrics=("clip/low_fraction", "clip/high_fraction", "clip/region_fraction"),
-)(lambda ratio, adv, logp, p: clipped(ratio, adv, p["epsilon"], p["epsilon_high"]))
-STABILISER.register(
-    "dual_clip", traits=("clips",),
+_CLIP_METRICS = {
+    "clip/low_fraction": "fraction of tokens with r < 1-eps and A < 0 (gradient clipped away)",
+    "clip/high_fraction": "fraction of tokens with r > 1+eps_high and A > 0 (gradient clipped away)",
+    "clip/region_fraction": "fraction of tokens whose gradient the clip (or dual clip) removes",
+}
+
+
+@STABILISER.register("none", summary="no stabilisation, l = -r*A (REINFORCE)", formula=lambda o: "ℓ = −r·A",
+                     doc=("−r·A", ""))
+def _none(x: StabiliserInput, args: Any) -> Stabilised:
+    return Stabilised(-x.ratio * x.adv, {})
+
+
+@STABILISER.register(
+    "clip", traits=("clips", "needs_old_logprobs"), args=lambda o: ClipRange(o.epsilon, o.epsilon_upper),
+    summary="PPO's clipped surrogate on [1 - epsilon, 1 + epsilon_high]",
+    formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A)", label=lambda o: f"clip [{_bounds(o)}]",
+    doc=("−min(r·A, clip(r, 1−ε, 1+ε_high)·A)", "ε = 0.2, ε_high = ε (DAPO: 0.28)"), metrics=_CLIP_METRICS,
+)
+def _clip(x: StabiliserInput, args: ClipRange) -> Stabilised:
+    ratio, adv = x.ratio, x.adv
+    clipped_ratio = ratio.clamp(1 - args.epsilon, 1 + args.epsilon_high)
+    loss = -torch.min(ratio * adv, clipped_ratio * adv)
+    # Tokens whose gradient the clip removes (same definition as TRL's clip_ratio metrics).
+    low = (ratio < 1 - args.epsilon) & (adv < 0)
+    high = (ratio > 1 + args.epsilon_high) & (adv > 0)
+    return Stabilised(loss, {"clip/low_fraction": low, "clip/high_fraction": high, "clip/region_fraction": low | high})
+
+
+@STABILISER.register(
+    "dual_clip", traits=("clips", "needs_old_logprobs"),
+    args=lambda o: DualClipRange(o.epsilon, o.epsilon_upper, o.dual_clip_c),
+    summary="clip, and the loss of A < 0 tokens capped at dual_clip_c*|A|",
     formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A), ≤ {o.dual_clip_c:g}·|A| if A<0",
     label=lambda o: f"dual_clip [{_bounds(o)}], c={o.dual_clip_c:g}",
-    metrics=("clip/low_fraction", "clip/high_fraction", "clip/region_fraction", "clip/dual_fraction"),
-)(lambda ratio, adv, logp, p: dual_clipped(ratio, adv, p["epsilon"], p["epsilon_high"], p["dual_clip_c"]))
-STABILISER.register(
-    "soft_gate", formula=lambda o: f"ℓ = −σ(τ(r−1))·(4/τ)·A, τ = {o.tau_pos:g} if A>0 else {o.tau_neg:g}",
-    label=lambda o: f"soft_gate tau+={o.tau_pos:g} tau-={o.tau_neg:g}", metrics=("gate/weight_mean",),
-)(lambda ratio, adv, logp, p: soft_gated(ratio, adv, p["tau_pos"], p["tau_neg"]))
-STABILISER.register(
-    "cispo", formula=lambda o: f"ℓ = −sg(min(r, {o.cispo_max:g}))·A·log π",
-    label=lambda o: f"cispo min(r, {o.cispo_max:g})", metrics=("clip/truncated_fraction",),
-)(lambda ratio, adv, logp, p: cispo(ratio, adv, logp, p["cispo_max"]))
+    doc=("clip, and for A < 0 also ℓ ≤ c·|A|", "c = 3 (verl)"),
+    metrics={**_CLIP_METRICS, "clip/dual_fraction": "dual_clip: fraction of A < 0 tokens capped at c*|A|"},
+)
+def _dual_clip(x: StabiliserInput, args: DualClipRange) -> Stabilised:
+    loss, flags = _clip(x, args)
+    cap = -args.c * x.adv  # positive where A < 0
+    capped = (x.adv < 0) & (loss > cap)
+    loss = torch.where(x.adv < 0, torch.min(loss, cap), loss)
+    flags["clip/dual_fraction"] = capped
+    flags["clip/region_fraction"] = flags["clip/region_fraction"] | capped
+    return Stabilised(loss, flags)
 
 
-def stabilise(
-    name: str,
-    ratio: torch.Tensor,
-    adv: torch.Tensor,
-    logp: torch.Tensor,
-    *,
-    epsilon: float,
-    epsilon_high: float,
-    dual_clip_c: float,
-    tau_pos: float,
-    tau_neg: float,
-    cispo_max: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The registered stabiliser's (per-token loss (B, T), metric indicators)."""
-    params = {"epsilon": epsilon, "epsilon_high": epsilon_high, "dual_clip_c": dual_clip_c, "tau_pos": tau_pos,
-              "tau_neg": tau_neg, "cispo_max": cispo_max}
-    return STABILISER[name].function(ratio, adv, logp, params)
+@STABILISER.register(
+    "soft_gate", traits=("needs_old_logprobs",), args=lambda o: GateTemperatures(o.tau_pos, o.tau_neg),
+    summary="SAPO's sigmoid gate with temperatures tau_pos (A > 0) and tau_neg (A <= 0)",
+    formula=lambda o: f"ℓ = −σ(τ(r−1))·(4/τ)·A, τ = {o.tau_pos:g} if A>0 else {o.tau_neg:g}",
+    label=lambda o: f"soft_gate tau+={o.tau_pos:g} tau-={o.tau_neg:g}",
+    doc=("−σ(τ(r−1))·(4/τ)·A, τ = τ_pos if A > 0 else τ_neg; gradient weight 4σ(1−σ), = 1 at r = 1",
+         "τ_pos = 1.0, τ_neg = 1.05 (SAPO)"),
+    metrics={"gate/weight_mean": "soft_gate: mean gradient weight 4*sigma*(1-sigma) (1 = on-policy)"},
+)
+def _soft_gate(x: StabiliserInput, args: GateTemperatures) -> Stabilised:
+    ratio, adv = x.ratio, x.adv
+    tau = torch.where(adv > 0, torch.full_like(ratio, args.tau_pos), torch.full_like(ratio, args.tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1))
+    loss = -gate * (4.0 / tau) * adv
+    # d(loss)/d(logp) = -4*gate*(1-gate) * r * A: the weight on the usual r*A*grad(logp).
+    weight = (4.0 * gate * (1 - gate)).detach()
+    return Stabilised(loss, {"gate/weight_mean": weight})
+
+
+@STABILISER.register(
+    "cispo", traits=("needs_old_logprobs",), args=lambda o: WeightCap(o.cispo_max),
+    summary="CISPO's truncated detached IS weight times A * logp, min(r, cispo_max)",
+    formula=lambda o: f"ℓ = −sg(min(r, {o.cispo_max:g}))·A·log π",
+    label=lambda o: f"cispo min(r, {o.cispo_max:g})",
+    doc=("−sg(min(r, ε_max))·A·logp", "ε_max = 5 (ScaleRL / TRL)"),
+    metrics={"clip/truncated_fraction": "cispo: fraction of tokens whose IS weight is truncated at cispo_max"},
+)
+def _cispo(x: StabiliserInput, args: WeightCap) -> Stabilised:
+    weight = x.ratio.clamp(max=args.cap).detach()
+    loss = -weight * x.adv * x.logp
+    return Stabilised(loss, {"clip/truncated_fraction": x.ratio.detach() > args.cap})
+
+
+def stabilise(objective: Any, x: StabiliserInput) -> Stabilised:
+    """The objective's stabiliser applied to `x`, with the arguments its registration reads from the objective."""
+    part = STABILISER[objective.stabiliser]
+    return part.function(x, part.args(objective))

@@ -70,7 +70,7 @@ class RowCache:
 def _own_count(comp, rows: torch.Tensor) -> float:
     """What the component's objective normalises by, counted over `rows`: tokens for token-mean aggregation,
     else sequences (Dr. GRPO's constant L_max cancels in a ratio of counts)."""
-    if comp.objective.aggregation == "token_mean":
+    if comp.objective.normalises_by_tokens:
         return float(comp.sequences.completion_mask[rows].sum())
     return float(len(rows))
 
