@@ -78,6 +78,10 @@ class Rollout:
     # results, the environment's feedback). They are in the context of the tokens after them and out of every loss
     # and token count; `completion_mask` is False there. None (single-turn rollouts): no such token.
     observation_mask: torch.Tensor | None = None
+    # (N, P_len + T, layers, top_k) long: the experts each MoE layer of the engine chose for each prompt and
+    # completion token, -1 where it chose none (padding, the last token); None unless the engine records routing
+    # (rollout.routing_replay). The learner replays it (`unigrad.models.moe_routing`).
+    routing: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.observation_mask is None:
@@ -96,9 +100,9 @@ class Rollout:
         """The same rollout with every tensor on `device` (itself when they are all there already)."""
         device = torch.device(device)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if all(t.device == device for t in fields.values()):
+        if all(t is None or t.device == device for t in fields.values()):
             return self
-        return Rollout(**{k: t.to(device) for k, t in fields.items()})
+        return Rollout(**{k: t.to(device) if t is not None else None for k, t in fields.items()})
 
 
 @runtime_checkable
@@ -137,4 +141,21 @@ def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         group_ids=torch.cat(groups),
         truncated=torch.cat([p.truncated for p in parts]),
         observation_mask=torch.cat([right(p.observation_mask, False) for p in parts]),
+        routing=merge_routing(parts, prompt_width, width),
     )
+
+
+def widen_routing(routing: torch.Tensor, prompt_len: int, prompt_width: int, width: int) -> torch.Tensor:
+    """A routing record (N, prompt_len + T, layers, k) of prompts widened on the left to `prompt_width` and
+    completions on the right to `width`, with -1 (no choice) in the new columns."""
+    n, total, *rest = routing.shape
+    left = routing.new_full((n, prompt_width - prompt_len, *rest), -1)
+    right = routing.new_full((n, width - (total - prompt_len), *rest), -1)
+    return torch.cat([left, routing, right], dim=1)
+
+
+def merge_routing(parts: list[Rollout], prompt_width: int, width: int) -> torch.Tensor | None:
+    """The parts' routing records as one (see `merge_rollouts`); None unless every part has one."""
+    if any(p.routing is None for p in parts):
+        return None
+    return torch.cat([widen_routing(p.routing, p.prompt_ids.shape[1], prompt_width, width) for p in parts])

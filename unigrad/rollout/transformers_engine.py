@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
+from .engine_instruments import CallInstruments, EngineInstruments
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .padding import pad_rows
 from .sampling import select_next_tokens
@@ -67,6 +68,7 @@ class TransformersEngine:
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         decoder: str = "auto",
+        instruments: EngineInstruments | None = None,
     ) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -88,6 +90,8 @@ class TransformersEngine:
             self.model.eval()
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = eos_id_list(eos_token_id)
+        # Logit / router noise and the routing record (`unigrad.rollout.engine_instruments`); record: MoE models.
+        self.instruments = (instruments or EngineInstruments()).resolved(self.model)
         # Which decode loop runs: the static-cache one where it reproduces the model exactly, else transformers'.
         reason = unsupported_reason(self.model)
         if decoder == "static" and reason is not None:
@@ -140,7 +144,7 @@ class TransformersEngine:
             self.model.train(was_training)
         # Tensors made under inference_mode cannot be saved for backward (e.g. as embedding indices in the learner's
         # forward); cloning outside of it gives ordinary tensors.
-        return Rollout(**{name: t.clone() for name, t in fields.items()})
+        return Rollout(**{name: t.clone() if t is not None else None for name, t in fields.items()})
 
     def _transformers_prefill(self, ids, mask, row_src, all_distinct: bool, n: int, max_new: int):
         """Prefill with the model's own forward; returns (first logits (rows, V), next_logits(tokens, t),
@@ -186,46 +190,52 @@ class TransformersEngine:
         logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=dev)
         completion_mask = torch.zeros(rows, max_new, dtype=torch.bool, device=dev)
         finished = torch.zeros(rows, dtype=torch.bool, device=dev)
-        steps = 0
+        steps, instruments = 0, None
         if max_new > 0:
             # One random stream per prompt (rows p*n .. p*n+n-1): a prompt's samples do not depend on the others.
             seeds = resolve_prompt_seeds(sampling, len(prompts))
             streams = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
             eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
+            instruments = CallInstruments(self.model, self.instruments, seeds, which, mask, row_src, n, max_new)
 
-            if self.static_decoder is not None:
-                logits = self.static_decoder.prefill(ids, mask, row_src, max_new)
-                next_logits, keep_rows = self.static_decoder.step, self.static_decoder.keep_rows
-            else:
-                logits, next_logits, keep_rows = self._transformers_prefill(
-                    ids, mask, row_src, len(distinct) == len(prompts), n, max_new)
-            # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep
-            # their last logits, so the tokens do not depend on when rows leave.
-            live = torch.arange(rows, device=dev)
-            for t in range(max_new):
-                noise = None
-                if sampling.temperature > 0:  # every row draws every step, finished or not: streams stay aligned
-                    noise = torch.empty(rows, logits.shape[-1], device=dev)
-                    for p, stream in enumerate(streams):
-                        noise[p * n : (p + 1) * n].exponential_(generator=stream)
-                tokens, token_logprobs = select_next_tokens(logits, sampling, noise)
-                active = ~finished
-                completion[:, t] = torch.where(active, tokens, pad)
-                logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
-                completion_mask[:, t] = active
-                finished |= active & torch.isin(tokens, eos)
-                steps = t + 1
-                if steps == max_new or bool(finished.all()):
-                    break
-                still = ~finished[live]
-                if int(still.sum()) <= self.compact_fraction * len(live):
-                    keep = torch.nonzero(still).flatten()
-                    keep_rows(keep)
-                    live = live[keep]
-                if len(live) == rows:
-                    logits = next_logits(completion[:, t], t)
+            with instruments:  # router noise / the routing record while the model runs
+                instruments.before_prefill()
+                if self.static_decoder is not None:
+                    logits = self.static_decoder.prefill(ids, mask, row_src, max_new)
+                    next_logits, keep_rows = self.static_decoder.step, self.static_decoder.keep_rows
                 else:
-                    logits[live] = next_logits(completion[live, t], t)
+                    logits, next_logits, keep_rows = self._transformers_prefill(
+                        ids, mask, row_src, len(distinct) == len(prompts), n, max_new)
+                instruments.after_prefill()
+                # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep
+                # their last logits, so the tokens do not depend on when rows leave.
+                live = torch.arange(rows, device=dev)
+                for t in range(max_new):
+                    noise = None
+                    if sampling.temperature > 0:  # every row draws every step, finished or not: streams stay aligned
+                        noise = torch.empty(rows, logits.shape[-1], device=dev)
+                        for p, stream in enumerate(streams):
+                            noise[p * n : (p + 1) * n].exponential_(generator=stream)
+                    tokens, token_logprobs = select_next_tokens(instruments.noisy_logits(logits), sampling, noise)
+                    active = ~finished
+                    completion[:, t] = torch.where(active, tokens, pad)
+                    logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
+                    completion_mask[:, t] = active
+                    finished |= active & torch.isin(tokens, eos)
+                    steps = t + 1
+                    if steps == max_new or bool(finished.all()):
+                        break
+                    still = ~finished[live]
+                    if int(still.sum()) <= self.compact_fraction * len(live):
+                        keep = torch.nonzero(still).flatten()
+                        keep_rows(keep)
+                        live = live[keep]
+                    instruments.before_step(live)
+                    if len(live) == rows:
+                        logits = next_logits(completion[:, t], t)
+                    else:
+                        logits[live] = next_logits(completion[live, t], t)
+                    instruments.after_step(live, t)
 
         return {
             "prompt_ids": ids[row_src],
@@ -235,4 +245,5 @@ class TransformersEngine:
             "infer_logprobs": logprobs[:, :steps],
             "group_ids": torch.arange(len(prompts), device=dev).repeat_interleave(n),
             "truncated": ~finished,
+            "routing": instruments.routing_record(steps) if instruments is not None else None,
         }
