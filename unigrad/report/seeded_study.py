@@ -24,7 +24,10 @@ left behind and skipping a finished one, then is evaluated with `unigrad eval --
 reports test numbers (validation numbers are there to choose on): the mean over seeds with a 95% t interval,
 the change against the start checkpoint and the difference against the baseline arm, each with its interval over
 seeds and its paired per-prompt standard error (`unigrad.report.seeds`). A run that stops itself (exit code 3:
-an alarm in `monitors.stop_on`, non-finite steps) is recorded as stopped and counted as a collapse.
+an alarm in `monitors.stop_on`, non-finite steps) is recorded as stopped and counted as a collapse. A run collapsed
+when its training reward (10-step trailing mean from step 1) ends below half of the `control` arm's at the same step;
+a study without a declared `control` gets no collapse verdict. Each comparison is also tested with Holm's adjustment
+over all the comparisons the study makes (`study_verdicts`).
 
 Column statistics (`stat(metric)`): mean (over the run's steps), median (for heavy-tailed ones such as
 ratios), sum (e.g. of `flops/learner`: the run's compute), max, min, last (mean of the last tenth),
@@ -81,6 +84,9 @@ class StudySpec(BaseModel):
         [], description="further seed-paired differences to report, each [arm, other arm]: arm minus other")
     curves: list[str] = []
     collapse_metric: str = "reward/mean"
+    control: str | dict[str, str] | None = Field(
+        None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
+        "at the same step), or per model name; without one the page gives no collapse verdict")
 
     @field_validator("train")
     @classmethod
@@ -101,10 +107,10 @@ class StudySpec(BaseModel):
 
     @model_validator(mode="after")
     def _baseline_is_an_arm(self) -> StudySpec:
-        named = [self.baseline] if isinstance(self.baseline, str) else list((self.baseline or {}).values())
-        for base in named:
-            if base not in self.arms:
-                raise ValueError(f"baseline {base!r} is not an arm; arms: {', '.join(self.arms)}")
+        for key, value in (("baseline", self.baseline), ("control", self.control)):
+            for base in [value] if isinstance(value, str) else list((value or {}).values()):
+                if base not in self.arms:
+                    raise ValueError(f"{key} {base!r} is not an arm; arms: {', '.join(self.arms)}")
         for pair in self.comparisons:
             if len(pair) != 2:
                 raise ValueError(f"comparison {pair}: expected two arms, [arm, other arm]")
@@ -339,9 +345,23 @@ class Study:
     def metrics(self, arm: str, seed: int) -> list[dict[str, Any]]:
         return read_metrics(self.run_dir(arm, seed))
 
-    def is_collapsed(self, arm: str, seed: int) -> bool:
-        return bool(self.status(arm, seed).get("stopped")) or collapsed(
-            series(self.metrics(arm, seed), self.spec.collapse_metric))
+    def control_of(self, arm: str) -> str | None:
+        """The arm `arm`'s collapse is judged against (None: the study declares no control for its model)."""
+        control = self.spec.control
+        return control.get(self.model_of(arm)) if isinstance(control, dict) else control
+
+    def is_collapsed(self, arm: str, seed: int) -> bool | None:
+        """Whether run (arm, seed) collapsed against the control arm (`seeds.collapsed`), or stopped itself; None
+        for the control arm itself and for arms without a declared control (no verdict)."""
+        control = self.control_of(arm)
+        if control is None or control == arm:
+            return None
+        if self.status(arm, seed).get("stopped"):
+            return True
+        key = self.spec.collapse_metric
+        runs = [series(self.metrics(control, s), key) for s in range(self.spec.seeds)
+                if (self.run_dir(control, s) / "metrics.jsonl").is_file()]
+        return collapsed(series(self.metrics(arm, seed), key), runs) if runs else None
 
     def train_minutes(self, arm: str, seed: int, chain: bool = True) -> float:
         """Training time of the run (`chain`: and of the runs it starts `from`): the sum of their steps' `time/step`

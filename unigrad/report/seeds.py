@@ -1,5 +1,5 @@
 """Statistics over seeds for the studies: a mean with its 95% confidence interval, the paired per-prompt standard
-error of a difference, and what counts as a collapse or a grad-norm spike in a run's metrics.
+error of a difference, and what counts as a collapse (against the study's control arm).
 
 Two sources of noise are reported apart:
 - **seeds** (training noise: sampling, data order, initialisation of what the seed initialises): the mean over
@@ -78,15 +78,27 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def collapsed(rewards: Sequence[float], window: int = 20, fraction: float = 0.5) -> bool:
-    """A run collapsed when its training reward, smoothed over `window` steps, ends below `fraction` of the
-    highest the smoothed curve reached (after its first full window). A run that never rose is not a collapse."""
-    smooth = moving_average(rewards, window)[window - 1:]
-    finite = [x for x in smooth if math.isfinite(x)]
-    if not finite:
+def collapsed(run: Sequence[float], control_runs: Sequence[Sequence[float]], window: int = 10,
+              fraction: float = 0.5) -> bool:
+    """A run collapsed when its training reward, as a trailing mean over up to `window` steps counted from step 1
+    (no grace period: the first steps average over fewer values), ends below `fraction` of the control arm's at the
+    same step (the mean over the control's seeds of their trailing means). A decline the control shares is not a
+    collapse; a run that crashes at once is. The comparison is at the run's last logged step (a run shorter than
+    the control, stopped early, is compared at the step it stopped); a control at or below zero there admits no
+    collapse. ValueError when there are no control runs (a study without a declared control has no collapse
+    verdict)."""
+    if not control_runs:
+        raise ValueError("collapsed: no control runs; declare the study's `control` arm to get a collapse verdict")
+    own = moving_average(run, window)
+    last = max((i for i, x in enumerate(own) if math.isfinite(x)), default=None)
+    if last is None:
         return False
-    peak = max(finite)
-    return peak > 0 and finite[-1] < fraction * peak
+    at_step = [c[last] for c in (moving_average(r, window) for r in control_runs)
+               if last < len(c) and math.isfinite(c[last])]
+    if not at_step:
+        return False
+    reference = statistics.fmean(at_step)
+    return reference > 0 and own[last] < fraction * reference
 
 
 def series(rows: Sequence[dict[str, Any]], key: str) -> list[float]:

@@ -17,6 +17,7 @@ import yaml
 from unigrad.report.seeded_study import Study
 from unigrad.report.seeds import mean_ci, moving_average, paired_difference, series
 from unigrad.report.study import write_page
+from unigrad.report.study_verdicts import holm_section
 
 
 def pm(mean: float, half: float, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
@@ -62,8 +63,8 @@ def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
         "change": mean_ci([x - start["mean"]["pass@1"] for x in scores]),
         "change_prompt_se": paired_difference([evals[s] for s in done], [start])[1] if done else float("nan"),
         "tasks": {t: mean_ci([evals[s][t]["pass@1"] for s in done]) for t in start if t != "mean"},
-        "collapses": sum(study.is_collapsed(arm, s) for s in seeds if (study.run_dir(arm, s) / "metrics.jsonl")
-                         .is_file()),
+        "collapses": _collapse_count([study.is_collapsed(arm, s) for s in seeds
+                                      if (study.run_dir(arm, s) / "metrics.jsonl").is_file()]),
         "stopped": sum(bool(study.status(arm, s).get("stopped")) for s in seeds),
         "minutes": [study.train_minutes(arm, s) for s in seeds if (study.run_dir(arm, s) / "metrics.jsonl").is_file()],
         "columns": {label: mean_ci([study.column(arm, s, text) for s in seeds
@@ -74,6 +75,12 @@ def arm_summary(study: Study, arm: str, split: str = "test") -> dict[str, Any]:
     if base is not None and base != arm:
         out["vs_baseline"], out["vs_baseline_prompt_se"] = seed_paired(study, arm, base, split)
     return out
+
+
+def _collapse_count(verdicts: list[bool | None]) -> int | None:
+    """How many runs collapsed; None when no run has a verdict (no control declared, or the control arm itself)."""
+    judged = [v for v in verdicts if v is not None]
+    return sum(judged) if judged else None
 
 
 def seed_paired(study: Study, arm: str, other: str, split: str = "test") -> tuple[tuple[float, float], float]:
@@ -164,8 +171,9 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
         f"Held-out **test** greedy pass@1 (%) on {spec.eval.prompts} prompts per task (the same prompts for every "
         "run), mean over seeds ± the half-width of its 95% t interval; *prompt SE*: the paired per-prompt "
         "standard error of the same difference (each prompt's correctness averaged over seeds), the uncertainty "
-        "from which prompts were drawn. A run *collapsed* when its training reward (20-step trailing mean) ended "
-        "below half of its peak, or it stopped itself.",
+        "from which prompts were drawn. A run *collapsed* when its training reward (10-step trailing mean, from "
+        "step 1) ended below half of the control arm's at the same step (mean over the control's seeds), or it stopped "
+        "itself; without a declared control there is no collapse verdict (–).",
         "",
     ]
     base = spec.baseline
@@ -181,7 +189,9 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
         if base:
             row += ([pm(*s["vs_baseline"], signed=True), f"{100 * s['vs_baseline_prompt_se']:.1f}"]
                     if "vs_baseline" in s else ["(baseline)" if study.baseline_of(arm) == arm else "–", ""])
-        row += [f"{s['collapses']} of {len(s['minutes'])}" + (f" ({s['stopped']} stopped)" if s["stopped"] else "")]
+        row += [(f"{s['collapses']} of {len(s['minutes'])}" if s["collapses"] is not None
+                 else "(control)" if study.control_of(arm) == arm else "–")
+                + (f" ({s['stopped']} stopped)" if s["stopped"] else "")]
         row += [f"{num(m)} ± {num(h)}" if math.isfinite(h) else num(m) for m, h in s["columns"].values()]
         row += [f"{statistics.fmean(s['minutes']):.1f}" if s["minutes"] else "–"]
         lines.append("| " + " | ".join(row) + " |")
@@ -212,6 +222,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
                 diff, se = seed_paired(study, arm, other, sp)
                 cells += [pm(*diff, signed=True), f"{100 * se:.1f}"]
             lines.append(f"| `{arm}` − `{other}` | " + " | ".join(cells) + " |")
+    lines += holm_section(study)
     if "validation" in spec.eval.splits:
         lines += ["", "Validation pass@1 (what choices are made on; mean ± 95% CI over seeds): "
                   + "; ".join(f"`{a}` {pm(*arm_summary(study, a, 'validation')['pass1'])}" for a in spec.arms) + "."]
