@@ -3,7 +3,8 @@
 Shared by the step-level tests (per-task gradients, demonstrations): plain functions, imported by name."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from model_helpers import char_token_ids, tiny_model
+from transformers import LlamaForCausalLM
 
 from unigrad.config import OptimSection
 from unigrad.data.samplers import TaskSampler
@@ -24,12 +25,8 @@ SAMPLER_SEED = 1
 
 def small_char_llama(tok, seed: int = 0) -> LlamaForCausalLM:
     """A random 2-layer Llama (hidden 32) over the char tokenizer `tok`, weights drawn from `seed`."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    return tiny_model(len(tok), seed=seed, max_position_embeddings=256, tie_word_embeddings=True,
+                      **char_token_ids(tok))
 
 
 def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:

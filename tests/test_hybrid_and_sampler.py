@@ -147,6 +147,7 @@ def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
         L_rl  = -(1 / (N L_max)) sum_i A_i sum_t log pi(y_it)   over prompt 1's N = 2 rows, L_max = 10 (Dr. GRPO,
                                                                 on-policy: the ratio is 1, its gradient grad log pi)
         L_sft = -(1 / |d|) sum_t log pi(d_t)                    d: prompt 0's demonstration, its tokens and EOS."""
+    from model_helpers import use_plain_sgd
     from step_helpers import small_char_llama
 
     from unigrad.config import OptimSection, load_config
@@ -164,8 +165,7 @@ def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
     tok = build_char_tokenizer(model_max_length=256)
     model, lr = small_char_llama(tok, seed=3), 0.05
     learner = Learner(model, OptimSection(lr=lr, max_grad_norm=1e9, weight_decay=0.0, schedule="constant"))
-    learner.optimizer = torch.optim.SGD(learner.params, lr=lr)  # update = -lr * gradient
-    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+    use_plain_sgd(learner, lr)  # update = -lr * gradient
     prompts, completions = [[3, 7, 9], [3, 7, 9], [5, 4], [5, 4]], [[11, 12, 13, 2], [14, 2], [15, 16, 2], [17, 2]]
     rows = pad_pairs(prompts, completions, tok.pad_token_id)
     ro = Rollout(rows.prompt_ids, rows.prompt_mask, rows.completion_ids, rows.completion_mask,

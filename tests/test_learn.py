@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import use_plain_sgd
 from step_helpers import small_char_llama
 
 from unigrad.config import OptimSection
@@ -32,8 +33,7 @@ def setup(objective: str, temperature: float, max_length: int = 10, **overrides)
     model = small_char_llama(tok, seed=3)
     learner = Learner(model, OptimSection(lr=LR, max_grad_norm=1e9, weight_decay=0.0, schedule="constant"),
                       keep_reference=resolve_objective(objective, **overrides).beta > 0)
-    learner.optimizer = torch.optim.SGD(learner.params, lr=LR)  # update = -LR * gradient
-    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+    use_plain_sgd(learner, LR)  # update = -LR * gradient
     sequences = pad_pairs(PROMPTS, COMPLETIONS, tok.pad_token_id)
     obj = resolve_objective(objective, **overrides)
     comp = LossComponent("rl", sequences, ADVANTAGES, torch.tensor([0, 0, 1, 1]), obj, 1.0,
@@ -115,8 +115,7 @@ def test_a_second_iteration_measures_its_ratio_against_the_first_iterations_log_
     # num_iterations=2: the first update moves the policy, so the second iteration's ratio pi/pi_old is not 1 (it
     # would be, if the old log-probs were not kept and the second pass ran on-policy).
     model, learner, batch = setup("grpo", temperature=1.0)
-    learner.optimizer = torch.optim.SGD(learner.params, lr=5.0)
-    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+    use_plain_sgd(learner, 5.0)
     _, metrics = learned_update(model, learner, batch, LearnSettings(micro_batch_size=2, num_iterations=2))
     assert metrics["rl/ratio/max"] > 1.01 or metrics["rl/ratio/min"] < 0.99
 

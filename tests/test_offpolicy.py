@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import use_plain_sgd as sgd
 from test_learn import ADVANTAGES, COMPLETIONS, LR, assert_close, learned_update, row_logprobs, setup
 
 from unigrad.train.distributed import SINGLE
@@ -16,12 +17,6 @@ from unigrad.train.plan import mini_batch_prompts
 
 ROWS = {0: [0, 1], 1: [2, 3]}  # the toy's prompts and their rows
 EPS = 0.2  # grpo's clip range
-
-
-def sgd(learner, lr: float) -> None:
-    """Plain SGD at a constant rate: the update is -lr times the gradient."""
-    learner.optimizer = torch.optim.SGD(learner.params, lr=lr)
-    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
 
 
 def clipped_surrogate(logp: torch.Tensor, proximal: torch.Tensor, advantage: float) -> torch.Tensor:

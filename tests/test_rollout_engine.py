@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+from model_helpers import tiny_model
+from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from unigrad.rollout.base import RolloutEngine, SamplingParams
@@ -14,21 +15,9 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]  # different len
 
 
 def tiny_llama(seed: int = 0, tied: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model(VOCAB, seed=seed, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2,
+                      tie_word_embeddings=tied).eval()
 
 
 @pytest.fixture(scope="module")
@@ -276,19 +265,8 @@ def test_sequence_logprobs_entropy(model):
 
 def test_sequence_logprobs_fallback_uses_the_models_own_logits():
     """A model whose forward rescales lm_head output (Cohere's logit_scale) goes through logits_to_keep."""
-    torch.manual_seed(0)
-    config = CohereConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        logit_scale=0.5,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-    )
-    cohere = CohereForCausalLM(config).eval()
+    cohere = tiny_model(VOCAB, "cohere", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        logit_scale=0.5, pad_token_id=PAD, eos_token_id=EOS).eval()
     r = TransformersEngine(cohere, PAD, EOS).generate(PROMPTS, 2, SamplingParams(max_new_tokens=6, seed=1))
     with torch.no_grad():
         got = sequence_logprobs(cohere, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)

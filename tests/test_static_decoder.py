@@ -2,16 +2,7 @@
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from model_helpers import tiny_model
 
 from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.logprobs import sequence_logprobs
@@ -21,20 +12,19 @@ from unigrad.rollout.transformers_engine import TransformersEngine
 PAD, VOCAB = 0, 60
 STOP = [1, 2, 3, 4, 5]  # 5 of 60 tokens end a row: rows finish at different steps
 PROMPTS = [[7, 8, 9, 10, 11, 12], [13, 14], [7, 8, 9, 10, 11, 12], [20, 21, 22]]  # a repeated prompt, left padding
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128, pad_token_id=PAD, eos_token_id=1)
 
 
 def build(family: str):
-    torch.manual_seed(0)
     if family == "llama_tied":
-        return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=4, tie_word_embeddings=True)).eval()
+        return tiny_model(VOCAB, **COMMON, num_key_value_heads=4, tie_word_embeddings=True).eval()
     if family == "llama_gqa":
-        return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2)).eval()
+        return tiny_model(VOCAB, **COMMON, num_key_value_heads=2).eval()
     if family == "qwen2":  # biased q/k/v projections
-        return Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2)).eval()
+        return tiny_model(VOCAB, "qwen2", **COMMON, num_key_value_heads=2).eval()
     if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None)).eval()
+        return tiny_model(VOCAB, "mistral", **COMMON, num_key_value_heads=1, sliding_window=None).eval()
     raise ValueError(family)
 
 
@@ -96,9 +86,8 @@ def test_finished_rows_leaving_the_batch_change_nothing(decoder, monkeypatch):
 
 
 def test_unsupported_models_fall_back_to_transformers():
-    torch.manual_seed(0)
-    moe = MixtralForCausalLM(MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
-                                           num_experts_per_tok=2)).eval()
+    moe = tiny_model(VOCAB, "mixtral", **COMMON, num_key_value_heads=2, num_local_experts=4,
+                     num_experts_per_tok=2).eval()
     assert "mixtral" in unsupported_reason(moe)
     engine = TransformersEngine(moe, PAD, STOP)
     assert engine.decoder == "transformers" and "mixtral" in engine.decoder_fallback_reason
@@ -106,7 +95,7 @@ def test_unsupported_models_fall_back_to_transformers():
         TransformersEngine(moe, PAD, STOP, decoder="static")
     with pytest.raises(ValueError, match="decoder must be one of"):
         TransformersEngine(build("llama_tied"), PAD, STOP, decoder="fast")
-    windowed = MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=8)).eval()
+    windowed = tiny_model(VOCAB, "mistral", **COMMON, num_key_value_heads=2, sliding_window=8).eval()
     assert "sliding" in unsupported_reason(windowed)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import use_plain_sgd
 from step_helpers import length_rewards, step_context
 
 from unigrad.objective import resolve_objective
@@ -26,9 +27,7 @@ CASES = {
 def params_after_one_step(objective, mode: TrainingMode, micro_batch_size: int) -> tuple[list[torch.Tensor], dict]:
     ctx = step_context(objective=objective, mode=mode, micro_batch_size=micro_batch_size)
     ctx.objective = resolve_objective(objective)
-    # Plain SGD: its update is proportional to the gradient (Adam's first step is about lr * sign(g), blind to scale).
-    ctx.learner.optimizer = torch.optim.SGD(ctx.learner.params, lr=0.5)
-    ctx.learner.scheduler = torch.optim.lr_scheduler.LambdaLR(ctx.learner.optimizer, lambda _: 1.0)
+    use_plain_sgd(ctx.learner, 0.5)  # its update is proportional to the gradient (Adam's first step is not)
     length_rewards(ctx)  # rewards that differ within groups: non-zero advantages, and HPT sends some prompts to SFT
     metrics, _ = train_step(ctx, 1)
     return [p.detach().clone() for p in ctx.learner.params], metrics
