@@ -22,7 +22,8 @@ def formula(o: Objective) -> str:
     parts = [RATIO[o.ratio].formula(o), STABILISER[o.stabiliser].formula(o)]
     if o.off_policy_ratio is not None:
         f = "p" if o.shaping is None else f"p/(p+{o.shaping:g})"
-        parts.append(f"off-policy tokens: ℓ = −A·{f if o.off_policy_ratio == 'none' else 'π/sg(π)'} (p = π)")
+        term = "π/sg(π)" if RATIO.has(o.off_policy_ratio, "is_self") else f
+        parts.append(f"off-policy tokens: ℓ = −A·{term} (p = π)")
     corr = CORRECTION[o.correction].formula(o)
     if corr:
         parts.append(corr)
