@@ -90,8 +90,8 @@ def test_a_lora_run_samples_and_evaluates_with_vllm_on_merged_weights(model64, t
     after = json.loads((out / "eval_after.json").read_text())
     runs = {}
     for engine in ("vllm", "transformers"):
-        res = cli("eval", out, "--json", "--per-prompt", "--prompts", "6", "--seed", "3", "--engine", engine, cwd=tmp_path,
-                  timeout=300)
+        res = cli("eval", out, "--json", "--per-prompt", "--prompts", "6", "--seed", "3", "--engine", engine,
+                  cwd=tmp_path, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert ("sampling with vLLM" in res.stderr) == (engine == "vllm")
         runs[engine] = json.loads(res.stdout)
