@@ -8,6 +8,7 @@ printed at the start of a run and saved as `config.yaml` in the run directory.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from types import UnionType as _UnionType
@@ -23,6 +24,19 @@ HYBRID_OBJECTIVES = ("hpt",)
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
+
+
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # report_to's names -> module to import
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """Raise ValueError naming the first tracker of report_to that is unknown or not installed
+    (unigrad.train.trackers opens them)."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; choose from {sorted(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ValueError(f"{name!r} is not installed (pip install {name})")
 
 
 class _Section(BaseModel):
@@ -100,6 +114,16 @@ class RolloutSection(_Section):
     max_turns: int | None = Field(
         None, ge=1, description="multi-turn tasks: assistant turns per episode at most (None = each task's own "
         "max_turns; a smaller value caps them). docs/environments.md")
+    logit_noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="mismatch instrument: Gaussian noise of "
+                               "this scale on the engine's logits when it samples (the learner's are clean); 0 = off. "
+                               "transformers engine only. docs/mismatch.md")
+    router_noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="mismatch instrument: Gaussian noise of "
+                                "this scale on each MoE layer's router logits when the engine chooses experts (gating "
+                                "weights stay clean); 0 = off. MoE models, transformers engine only. "
+                                "docs/mismatch_moe.md")
+    routing_replay: bool = Field(False, description="rollout routing replay (R3, arXiv 2510.11370): the learner's MoE "
+                                 "routers use the experts the engine chose for each token, weighted by the learner's "
+                                 "own router. MoE models, transformers engine only. docs/objectives.md")
 
 
 class OptimSection(_Section):
@@ -305,25 +329,8 @@ class TrainConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _defaults_that_depend_on_other_keys(cls, data: Any) -> Any:
-        """The tuned defaults (docs/results.md) that only make sense with other settings: arithmetic weighs 2 when
-        it is trained with a sampler that takes weights (its prompts are short and cheap; at weight 1 the other
-        tasks' updates wore it down), and per-task gradients are balanced unless their accounting is turned off."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        sampler = data.get("sampler") if isinstance(data.get("sampler"), dict) else {}
-        tasks = data.get("tasks", cls.model_fields["tasks"].default_factory())
-        if "task_weights" not in data and isinstance(tasks, list) and "arithmetic" in tasks:
-            from unigrad.data.samplers import WEIGHTED_SAMPLERS
-
-            if sampler.get("name", "uniform") in WEIGHTED_SAMPLERS:
-                data["task_weights"] = {"arithmetic": 2.0}
-        gradients = data.get("gradients")
-        diagnostics = data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else {}
-        if (gradients is None or isinstance(gradients, dict) and "combine" not in gradients) \
-                and diagnostics.get("task_gradients") is False:
-            data["gradients"] = {**(gradients or {}), "combine": "sum"}
-        return data
+        """The one step that sets defaults (every validator after it only refuses); `set_dependent_defaults`."""
+        return set_dependent_defaults(data, cls.model_fields["tasks"].default_factory())
 
     @field_validator("objective")
     @classmethod
@@ -335,9 +342,7 @@ class TrainConfig(_Section):
     @field_validator("report_to")
     @classmethod
     def _trackers_installed(cls, v: list[str]) -> list[str]:
-        from unigrad.train.trackers import check_installed
-
-        check_installed(v)
+        check_trackers_installed(v)
         return v
 
 
@@ -395,6 +400,24 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _engine_instruments_supported(self) -> TrainConfig:
+        """The mismatch instruments and routing replay live in the in-process transformers engine."""
+        rollout = self.rollout
+        asked = [name for name, on in (("rollout.logit_noise", rollout.logit_noise > 0),
+                                       ("rollout.router_noise", rollout.router_noise > 0),
+                                       ("rollout.routing_replay", rollout.routing_replay)) if on]
+        refused = {"rollout.engine=vllm": rollout.engine == "vllm",
+                   "rollout.num_engines > 1 (Ray actors)": rollout.num_engines > 1,
+                   "rollout.max_staleness > 0 (the worker process's engine)": rollout.max_staleness > 0,
+                   "sharding=fsdp": self.sharding == "fsdp" and rollout.routing_replay}
+        for what, present in refused.items():
+            if asked and present:
+                raise ValueError(f"{' and '.join(asked)} need the in-process transformers engine; {what} cannot "
+                                 "apply them: use rollout.engine=transformers with rollout.num_engines=1 and "
+                                 "rollout.max_staleness=0 (and sharding=none for routing replay)")
+        return self
+
+    @model_validator(mode="after")
     def _sampler_consistent(self) -> TrainConfig:
         from unigrad.data.samplers import task_weight_list
 
@@ -408,12 +431,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _dapo_trainer_options(self) -> TrainConfig:
-        """DAPO's two trainer options default to on with its preset; both need sampled groups to act on."""
+        """DAPO's two trainer options (on by default with its preset) need sampled groups to act on."""
         rollout = self.rollout
-        if rollout.dynamic_sampling is None:
-            rollout.dynamic_sampling = self.objective == "dapo"
-        if rollout.overlong_buffer is None:
-            rollout.overlong_buffer = max(1, rollout.max_new_tokens // 5) if self.objective == "dapo" else 0
         if rollout.overlong_buffer > rollout.max_new_tokens:
             raise ValueError(f"rollout.overlong_buffer={rollout.overlong_buffer} is longer than rollout.max_new_tokens="
                              f"{rollout.max_new_tokens}")
@@ -425,17 +444,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _asynchronous_rollouts_supported(self) -> TrainConfig:
-        if not self.rollout.max_staleness:
-            return self
-        refused = {"objective=sft (nothing is sampled)": self.objective == "sft",
-                   "rollout.dynamic_sampling (its extra draws are synchronous)": bool(self.rollout.dynamic_sampling),
-                   "rollout.num_engines > 1": self.rollout.num_engines > 1,
-                   "sharding=fsdp": self.sharding == "fsdp",
-                   "model.lora_r > 0 (the worker's copy is a plain model)": self.model.lora_r > 0}
-        for what, present in refused.items():
-            if present:
-                raise ValueError(f"rollout.max_staleness > 0 with {what} is not supported yet: use "
-                                 "rollout.max_staleness=0 (synchronous), or drop the other setting")
+        if (reason := asynchronous_rollouts_refusal(self, processes=1)) is not None:
+            raise ValueError(reason)
         return self
 
     @model_validator(mode="after")
@@ -506,6 +516,84 @@ class TrainConfig(_Section):
         if self.is_hybrid:
             return resolve_objective(self.hybrid.rl_objective, **{"stabiliser": "none", **self.objective_args})
         return resolve_objective(self.objective, **self.objective_args)
+
+
+def set_dependent_defaults(data: Any, default_tasks: list[str]) -> Any:
+    """The defaults that depend on other keys, set in a config's raw mapping before it is validated (a key given
+    explicitly is kept):
+
+    - task_weights: {arithmetic: 2} when arithmetic is trained with a sampler that takes weights (docs/results.md:
+      its prompts are short and cheap; at weight 1 the other tasks' updates wore it down);
+    - gradients.combine: balanced, or sum when diagnostics.task_gradients=false (nothing to balance);
+    - rollout.dynamic_sampling: on with objective=dapo, else off;
+    - rollout.overlong_buffer: a fifth of rollout.max_new_tokens (at least 1) with objective=dapo, else 0.
+    """
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    sampler = data.get("sampler") if isinstance(data.get("sampler"), dict) else {}
+    tasks = data.get("tasks", default_tasks)
+    if "task_weights" not in data and isinstance(tasks, list) and "arithmetic" in tasks:
+        from unigrad.data.samplers import WEIGHTED_SAMPLERS
+
+        if sampler.get("name", "uniform") in WEIGHTED_SAMPLERS:
+            data["task_weights"] = {"arithmetic": 2.0}
+    gradients = data.get("gradients")
+    diagnostics = data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else {}
+    if (gradients is None or isinstance(gradients, dict) and "combine" not in gradients) \
+            and diagnostics.get("task_gradients") is False:
+        data["gradients"] = {**(gradients or {}), "combine": "sum"}
+    if isinstance(rollout := data.get("rollout", {}), RolloutSection):
+        rollout = rollout.model_dump(exclude_unset=True)
+    if isinstance(rollout, dict):
+        data["rollout"] = _dapo_defaults(rollout, data.get("objective", "grpo") == "dapo")
+    return data
+
+
+def _dapo_defaults(rollout: dict[str, Any], dapo: bool) -> dict[str, Any]:
+    """DAPO's trainer options default to on with its preset: dynamic sampling, and an overlong buffer of a fifth
+    of the budget (the paper: 4096 of 20480)."""
+    rollout = dict(rollout)
+    if rollout.get("dynamic_sampling") is None:
+        rollout["dynamic_sampling"] = dapo
+    if rollout.get("overlong_buffer") is None:
+        budget = rollout.get("max_new_tokens", RolloutSection.model_fields["max_new_tokens"].default)
+        try:
+            rollout["overlong_buffer"] = max(1, int(budget) // 5) if dapo else 0
+        except (TypeError, ValueError):  # an invalid budget: its own error names it
+            pass
+    return rollout
+
+
+def asynchronous_rollouts_refusal(cfg: TrainConfig, processes: int) -> str | None:
+    """Why rollout.max_staleness > 0 cannot run with `cfg` over `processes` processes (None: it can); the one place
+    that decides it (the config's validators ask with 1 process, unigrad.train.feasibility with the run's)."""
+    if not cfg.rollout.max_staleness:
+        return None
+    if processes > 1:
+        return ("rollout.max_staleness > 0 runs in one process for now (one engine worker beside one learner): "
+                "drop --nproc, or set rollout.max_staleness=0")
+    refused = {"objective=sft (nothing is sampled)": cfg.objective == "sft",
+               "rollout.dynamic_sampling (its extra draws are synchronous)": bool(cfg.rollout.dynamic_sampling),
+               "rollout.engine=vllm": cfg.rollout.engine == "vllm",
+               "rollout.num_engines > 1": cfg.rollout.num_engines > 1,
+               "sharding=fsdp": cfg.sharding == "fsdp",
+               "model.lora_r > 0 (the worker's copy is a plain model)": cfg.model.lora_r > 0}
+    for what, present in refused.items():
+        if present:
+            return (f"rollout.max_staleness > 0 with {what} is not supported yet: use rollout.max_staleness=0 "
+                    "(synchronous), or drop the other setting")
+    return None
+
+
+def single_process_refusal(cfg: TrainConfig) -> str | None:
+    """Why `cfg` cannot run over several data-parallel processes (None: it can)."""
+    if (reason := asynchronous_rollouts_refusal(cfg, processes=2)) is not None:
+        return reason
+    if cfg.rollout.dynamic_sampling:
+        return ("rollout.dynamic_sampling runs in one process for now (its extra draws are not dealt over "
+                "processes): drop --nproc, or set rollout.dynamic_sampling=false")
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -8,15 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.rollout.padding import pad_rows
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The user message through the tokenizer's chat template, ending with the assistant header."""
-    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers may return a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+from unigrad.rollout.prompts import encode_prompt  # noqa: F401 - its home is below the trainer
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
@@ -40,6 +32,8 @@ class SequenceBatch:
     completion_mask: torch.Tensor  # (N, T) bool: the tokens trained on (written by the policy or demonstrated)
     # (N, T) bool: observed tokens between a multi-turn episode's turns: in context, never trained or counted
     observation_mask: torch.Tensor | None = None
+    # (N, P + T, layers, top_k): the engine's expert choices (`Rollout.routing`), replayed by the learner; or None
+    routing: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.observation_mask is None:
@@ -52,7 +46,8 @@ class SequenceBatch:
 
     def rows(self, index: torch.Tensor) -> SequenceBatch:
         return SequenceBatch(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                             self.completion_mask[index], self.observation_mask[index])
+                             self.completion_mask[index], self.observation_mask[index],
+                             self.routing[index] if self.routing is not None else None)
 
     def trimmed(self) -> SequenceBatch:
         """The same rows without the columns that are padding in every row (left of the prompts, right
@@ -61,13 +56,16 @@ class SequenceBatch:
         p_keep = max(1, int(self.prompt_mask.sum(-1).max())) if len(self) else self.prompt_ids.shape[1]
         t_keep = max(1, int(self.context_mask.sum(-1).max())) if len(self) else self.completion_ids.shape[1]
         p_keep, t_keep = min(p_keep, self.prompt_ids.shape[1]), min(t_keep, self.completion_ids.shape[1])
+        p_len = self.prompt_ids.shape[1]
+        routing = self.routing[:, p_len - p_keep : p_len + t_keep] if self.routing is not None else None
         return SequenceBatch(self.prompt_ids[:, -p_keep:], self.prompt_mask[:, -p_keep:],
                              self.completion_ids[:, :t_keep], self.completion_mask[:, :t_keep],
-                             self.observation_mask[:, :t_keep])
+                             self.observation_mask[:, :t_keep], routing)
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
-                             self.completion_mask.to(device), self.observation_mask.to(device))
+                             self.completion_mask.to(device), self.observation_mask.to(device),
+                             self.routing.to(device) if self.routing is not None else None)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from unigrad.rollout.base import Rollout
+from unigrad.rollout.base import Rollout, widen_routing
 from unigrad.rollout.padding import widen
 from unigrad.tasks.base import Example
 from unigrad.train.batching import SequenceBatch, encode_completion, pad_pairs
@@ -61,6 +61,15 @@ def no_rollout() -> Rollout:
                    truncated=torch.zeros(0, dtype=torch.bool))
 
 
+def _with_unrouted_rows(ro: Rollout, num_prompts: int, p_len: int, t_len: int, interleave):
+    """The sampled rows' routing record widened to (p_len + t_len), the demonstrations' rows all -1 (none
+    recorded: the learner routes them itself); None without a record."""
+    if ro.routing is None:
+        return None
+    sampled = widen_routing(ro.routing, ro.prompt_ids.shape[1], p_len, t_len)
+    return interleave(sampled, sampled.new_full((num_prompts, *sampled.shape[1:]), -1))
+
+
 def with_demonstrations(ro: Rollout, demos: SequenceBatch, pad_id: int) -> tuple[Rollout, torch.Tensor]:
     """Each prompt's group of n sampled rows followed by its demonstration: (rollout with n + 1 rows per prompt,
     (N,) bool marking the demonstration rows). Rows of prompt p stay contiguous (p*(n+1) .. p*(n+1)+n), as the
@@ -90,6 +99,7 @@ def with_demonstrations(ro: Rollout, demos: SequenceBatch, pad_id: int) -> tuple
         truncated=interleave(ro.truncated, torch.zeros(num_prompts, dtype=torch.bool)),
         observation_mask=interleave(widen(ro.observation_mask, t_len, "right", False),
                                     torch.zeros(num_prompts, t_len, dtype=torch.bool)),
+        routing=_with_unrouted_rows(ro, num_prompts, p_len, t_len, interleave),
     )
     off_policy = interleave(torch.zeros(num_prompts * n, dtype=torch.bool), torch.ones(num_prompts, dtype=torch.bool))
     return out, off_policy

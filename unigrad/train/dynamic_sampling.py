@@ -16,21 +16,23 @@ shaping (verl filters on the accuracy or the score, a setting).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from unigrad.objective.shaping import uniform_groups
 from unigrad.rollout.base import Rollout, merge_rollouts
+from unigrad.train.drawn import Drawn
 
 
 class AllGroupsUniform(RuntimeError):
     """Every group drawn for a step had equal rewards: nothing to learn from."""
 
 
-def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
+def refill(ctx, step: int, first: Drawn, picks: list[tuple[int, int]], draw: Callable[..., Drawn]):
     """(the step's kept draws merged, their picks, metrics) from the first draw `first` of `picks`: non-uniform
-    groups kept in draw order, dropped ones replaced by new draws (one process)."""
-    from unigrad.train.produce import draw
-
+    groups kept in draw order, dropped ones replaced by new draws, made by `draw(ctx, step, picks, stream_offset=)`
+    (unigrad.train.produce.draw; one process)."""
     needed, kept, drawn, dropped, offset = len(picks), [], 0, 0, len(picks)
     current, current_picks, rounds, t_rollout, t_reward, errors = first, picks, 0, 0.0, 0.0, {}
     failures: dict[str, float] = {}
@@ -65,10 +67,8 @@ def refill(ctx, step: int, first, picks: list[tuple[int, int]]):
     return merged, merged.picks, metrics
 
 
-def select_groups(drawn, groups: torch.Tensor):
+def select_groups(drawn: Drawn, groups: torch.Tensor) -> Drawn:
     """The `groups` (prompt indices of `drawn`, in order) and their rows, renumbered 0 .. len(groups) - 1."""
-    from unigrad.train.produce import Drawn
-
     ro = drawn.rollout
     rows = torch.nonzero(torch.isin(ro.group_ids, groups)).flatten()
     renumber = torch.full((len(drawn.picks),), -1, dtype=torch.long)
@@ -77,15 +77,14 @@ def select_groups(drawn, groups: torch.Tensor):
     return Drawn(
         [drawn.picks[g] for g in index], [drawn.examples[g] for g in index], [drawn.prompt_ids[g] for g in index],
         Rollout(ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows],
-                ro.infer_logprobs[rows], renumber[ro.group_ids[rows]], ro.truncated[rows], ro.observation_mask[rows]),
+                ro.infer_logprobs[rows], renumber[ro.group_ids[rows]], ro.truncated[rows], ro.observation_mask[rows],
+                routing=ro.routing[rows] if ro.routing is not None else None),
         drawn.off_policy[rows], [drawn.texts[r] for r in rows.tolist()], drawn.rewards[rows], dict(drawn.errors),
         drawn.time_rollout, drawn.time_reward)
 
 
-def merge(parts: list, pad_id: int):
+def merge(parts: list[Drawn], pad_id: int) -> Drawn:
     """Several draws as one: prompts in order, rows padded to the widest prompt and completion."""
-    from unigrad.train.produce import Drawn
-
     if len(parts) == 1:
         return parts[0]
     ro = merge_rollouts([d.rollout for d in parts], pad_id)

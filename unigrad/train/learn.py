@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrad.diagnostics.mismatch import mismatch_metrics
+from unigrad.diagnostics.routing import learner_routing_agreement
 from unigrad.objective import LossInputs, policy_loss
 from unigrad.objective.aggregation import Normalisers
 from unigrad.rollout.episodes import turn_index
@@ -108,6 +109,8 @@ def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distrib
         t1 = time.perf_counter()
         sample_metrics = _sample_gradients(batch, learner, settings.sample_gradients, task_names, reference, dist)
         sample_metrics["time/sample_gradients"] = time.perf_counter() - t1
+    # MoE batches with the engine's routing record: how often the learner's routers agree with it, before updates.
+    sample_metrics.update(learner_routing_agreement(batch, learner, settings.micro_batch_size, dist))
 
     loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
     nonfinite_loss, idle_passes, updates, whole_plan = False, 0, 0, None

@@ -9,10 +9,10 @@ from functools import partial
 import torch
 
 from unigrad.config import OptimSection
+from unigrad.models.lr_schedule import lr_multiplier
 from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.train import sharding
 from unigrad.train.batching import SequenceBatch
-from unigrad.train.schedule import lr_multiplier
 from unigrad.train.weight_average import WeightAverage
 
 
@@ -38,6 +38,8 @@ class Learner:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.sharded = shard
+        # Rollout routing replay (rollout.routing_replay): MoE routers use the engine's recorded expert choices.
+        self.replay_routing = False
         # Sharded: a whole copy for the rollout engine, evaluation and saving (see `whole_model`).
         self.whole = copy.deepcopy(model) if shard else model
         self._forward = sharding.shard_model(model) if shard else None  # the FSDP root: sequence_logprobs on model
@@ -67,8 +69,10 @@ class Learner:
         self.model.train()
         batch = batch.to(self.device)
         forward = self._forward or (lambda *a, **k: sequence_logprobs(self.model, *a, **k))
+        replay = batch.routing if self.replay_routing else None  # rollout routing replay (rollout.routing_replay)
         return forward(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                       temperature=temperature, return_entropy=True, observation_mask=batch.observation_mask)
+                       temperature=temperature, return_entropy=True, observation_mask=batch.observation_mask,
+                       routing=replay)
 
     def idle_pass(self) -> None:
         """A forward and backward pass that adds nothing to the gradient (a one-token row, loss times 0). A sharded

@@ -82,7 +82,7 @@ def route(mode: TrainingMode, objective: Objective, ro: Rollout, off_policy: tor
     if mode.samples:
         rows = torch.nonzero(~sft_prompt[ro.group_ids]).flatten()  # rows trained by RL
         sequences = SequenceBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
-                                  ro.observation_mask).rows(rows)
+                                  ro.observation_mask, ro.routing).rows(rows)
         components.append(LossComponent(
             "rl", sequences, advantages[rows], ro.group_ids[rows], objective, mode.rl_coef,
             batch_normalisers(sequences.completion_mask, objective) if len(rows) else None,

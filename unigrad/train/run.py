@@ -19,18 +19,19 @@ from typing import Any
 import torch
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
-from unigrad.data.samplers import build_sampler, task_weight_list
+from unigrad.data.samplers import build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
 from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.episodes import episode_prompt_ids
+from unigrad.rollout.prompts import encode_prompt
 from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.tools.calls import tool_style
-from unigrad.train.batching import encode_prompt
 from unigrad.train.checkpoint import (
     checkpoint_step,
     list_checkpoints,
@@ -41,16 +42,15 @@ from unigrad.train.checkpoint import (
     save_checkpoint,
     write_failed,
 )
-from unigrad.train.demonstrations import check_training_demonstrations
 from unigrad.train.device import resolve_device
 from unigrad.train.distributed import (
     SINGLE,
     Distributed,
     accelerate_launch_settings,
-    check_prompts_split,
     init_distributed,
 )
 from unigrad.train.dynamic_sampling import AllGroupsUniform
+from unigrad.train.feasibility import check_installed, check_processes, load_tasks_checked, task_weights
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.pipeline import RolloutPipeline, thread_split
@@ -273,11 +273,9 @@ class Run:
 
 
 def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock | None = None):
-    """Everything before the model loads: device, processes, checks that refuse a run early, the run directory,
-    seeds, config.yaml. Returns (cfg, dist, device, tasks, console)."""
-    from unigrad import sandbox
-    from unigrad.tasks import load_tasks
-
+    """Everything before the model loads: device, processes, the checks that refuse a run early
+    (`unigrad.train.feasibility`), the run directory, seeds, config.yaml. Returns (cfg, dist, device, tasks,
+    console)."""
     try:
         device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto
     except ValueError as err:
@@ -287,47 +285,16 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: Ru
         if dist.is_main and lock is not None and output_dir.is_dir():
             lock.acquire()
         _check_resume(cfg, output_dir)
-    check_prompts_split(cfg.prompts_per_step, dist.world)
-    if dist.active and cfg.rollout.max_staleness:
-        raise ConfigError("rollout.max_staleness > 0 runs in one process for now (one engine worker beside one "
-                          "learner): drop --nproc, or set rollout.max_staleness=0")
-    if dist.active and cfg.rollout.dynamic_sampling:
-        raise ConfigError("rollout.dynamic_sampling runs in one process for now (its extra draws are not dealt over "
-                          "processes): drop --nproc, or set rollout.dynamic_sampling=false")
+    check_processes(cfg, dist.world)
     launched_sharding, launcher_notes = accelerate_launch_settings(dict(os.environ), cfg.sharding)
     if launched_sharding != cfg.sharding:
         cfg = validate_config({**cfg.model_dump(), "sharding": launched_sharding})
-    if cfg.rollout.engine == "vllm":  # refuse before loading anything
-        from unigrad.rollout.vllm_engine import vllm_unavailable_reason
-
-        if (reason := vllm_unavailable_reason()) is not None:
-            raise ConfigError(f"rollout.engine=vllm: {reason}")
-    from unigrad.models.loading import ModelNotFoundError, local_model_dir
-
-    try:  # a local directory without a model (an unfinished run's): refused before the run directory is made
-        local_model_dir(cfg.model.name)
-    except ModelNotFoundError as err:
-        raise ConfigError(f"model.name: {err}") from None
+    check_installed(cfg)
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
-    try:  # a file may hold several tasks; an unknown task, a missing file or reward function stops the run here
-        tasks = load_tasks(cfg.tasks, cfg.reward, cfg.tools)
-    except (ValueError, OSError, ImportError, AttributeError) as err:
-        raise ConfigError(f"tasks / reward: {err}") from err
-    _check_episodes(cfg, tasks)
-    _check_task_data(cfg, tasks)
-    if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
-        _print(console, jail_note)  # the code task's jail works, or the run stops here, before anything is written
-    if dist.is_main:
-        check_credentials(cfg.report_to)  # a tracker that cannot log in: refused before the directory is made
-        prepare_output_dir(output_dir, resume, lock)
-    dist.barrier()
-    learner_threads = thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[0] \
-        if cfg.rollout.max_staleness else cfg.threads
-    if learner_threads:
-        torch.set_num_threads(learner_threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    tasks = load_tasks_checked(cfg)
+    _open_run_directory(cfg, output_dir, resume, console, dist, lock, tasks)
+    _seed(cfg)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
     _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg)
@@ -338,19 +305,28 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: Ru
     return cfg, dist, device, tasks, console
 
 
-def _check_task_data(cfg: TrainConfig, tasks: list[Task]) -> None:
-    """Refuse, before the model loads, data a run would fail on later: training rows without the demonstration
-    the objective needs, a task without the split the held-out evaluation draws from."""
-    mode = TrainingMode.from_config(cfg).demonstrations
-    why = {"all": "objective=sft", "failed": "HPT", "in_group": "LUFFY-style guidance"}.get(mode)
-    try:
-        if why is not None:
-            check_training_demonstrations(tasks, why, cfg.train_pool_size, cfg.seed)
-        if cfg.eval.before_after or cfg.eval.every:
-            for task in tasks:
-                task.examples(cfg.eval.split, 1, seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+def _open_run_directory(cfg: TrainConfig, output_dir: Path, resume: bool, console, dist: Distributed,
+                        lock: RunDirectoryLock | None, tasks: list[Task]) -> None:
+    """The code task's jail started (or the run stops here, before anything is written), the trackers'
+    credentials checked, then the run directory made (rank 0)."""
+    from unigrad import sandbox
+
+    if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
+        _print(console, jail_note)
+    if dist.is_main:
+        check_credentials(cfg.report_to)  # a tracker that cannot log in: refused before the directory is made
+        prepare_output_dir(output_dir, resume, lock)
+    dist.barrier()
+
+
+def _seed(cfg: TrainConfig) -> None:
+    """torch's threads for the learner, and the seeds of torch and random."""
+    learner_threads = thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[0] \
+        if cfg.rollout.max_staleness else cfg.threads
+    if learner_threads:
+        torch.set_num_threads(learner_threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
 
 
 def _check_resume(cfg: TrainConfig, output_dir: Path) -> None:
@@ -365,19 +341,6 @@ def _check_resume(cfg: TrainConfig, output_dir: Path) -> None:
         raise ConfigError(f"--resume: max_steps={cfg.max_steps} is below the {step} steps {output_dir} has done "
                           f"(latest checkpoint: {done[-1].name}); nothing was changed. Give max_steps >= {step} "
                           "(--override max_steps=N), or train fewer steps as a new run in another --output-dir")
-
-
-def _check_episodes(cfg: TrainConfig, tasks: list[Task]) -> None:
-    """Refuse what multi-turn episodes do not run with yet."""
-    episodic = [t.name for t in tasks if is_multi_turn(t)]
-    if not episodic:
-        return
-    named = ", ".join(episodic)
-    if cfg.rollout.dynamic_sampling:
-        raise ConfigError(f"multi-turn tasks ({named}) do not run with rollout.dynamic_sampling yet: set it to false")
-    if TrainingMode.from_config(cfg).demonstrations != "none":
-        raise ConfigError(f"multi-turn tasks ({named}) have no demonstrations: SFT, HPT and LUFFY-style guidance "
-                          "need them; train them with an RL objective")
 
 
 def _restore(run: Run, resume: bool) -> int:
@@ -464,10 +427,11 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
                                 dtype=rollout_dtype, decoder=cfg.rollout.decoder)
     else:
         engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                    decoder=cfg.rollout.decoder, device=learner.device)
+                                    decoder=cfg.rollout.decoder, device=learner.device,
+                                    instruments=EngineInstruments(cfg.rollout.logit_noise, cfg.rollout.router_noise,
+                                                                  True if cfg.rollout.routing_replay else None))
+        learner.replay_routing = cfg.rollout.routing_replay
     names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"task names must be distinct, got {names}")
     sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
                             weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name),
                             ema_decay=cfg.sampler.ema_decay,
@@ -514,14 +478,6 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
         ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=make_worker)
 
     return ctx, gain, dropped
-
-
-def task_weights(tasks: list[Task], weights: dict[str, float], sampler: str = "uniform") -> list[float] | None:
-    """Sampling weight per loaded task from the config's {name: weight} (default 1.0)."""
-    try:
-        return task_weight_list(weights, [t.name for t in tasks], sampler)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _loop(run: Run, start: int) -> int:
