@@ -12,7 +12,7 @@ from unigrad.environments.base import StepResult
 from unigrad.models.tokenizer import build_char_tokenizer
 from unigrad.objective import LossInputs, compute_advantages, policy_loss, resolve_objective
 from unigrad.rollout.base import SamplingParams
-from unigrad.rollout.episodes import observation_ids, run_episodes, turn_index
+from unigrad.rollout.episodes import EpisodeBatch, observation_ids, run_episodes, turn_index
 from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.tasks.base import Example
@@ -79,9 +79,8 @@ def _episodes(tok, model, max_turns=(3, 3), done_at=99, n=2, max_new=5, context=
     engine = Recorder(TransformersEngine(model, tok.pad_token_id, tok.eos_token_id))
     prompts = [encode_prompt(tok, "q0"), encode_prompt(tok, "a longer q1")]
     envs = [Scripted(done_at) for _ in range(len(prompts) * n)]
-    ro, ep = run_episodes(engine, tok, prompts, envs, n, SamplingParams(temperature=1.0, max_new_tokens=max_new,
-                                                                        seed=7), list(max_turns), [tok.eos_token_id],
-                          context)
+    ro, ep = run_episodes(engine, tok, EpisodeBatch(prompts, envs, n, list(max_turns)),
+                          SamplingParams(temperature=1.0, max_new_tokens=max_new, seed=7), [tok.eos_token_id], context)
     return engine, envs, ro, ep, prompts
 
 
@@ -158,8 +157,9 @@ def test_an_episode_whose_next_turn_exactly_fills_the_context_is_kept(setup):
     prompt, max_new = encode_prompt(tok, "q0"), 8
 
     def play(context):
-        return run_episodes(engine, tok, [prompt], [Scripted()], 1, SamplingParams(temperature=1.0,
-                            max_new_tokens=max_new, seed=5), [2], [tok.eos_token_id], context)
+        return run_episodes(engine, tok, EpisodeBatch([prompt], [Scripted()], 1, [2]),
+                            SamplingParams(temperature=1.0, max_new_tokens=max_new, seed=5), [tok.eos_token_id],
+                            context)
 
     free, free_ep = play(None)
     assert int(free_ep.turns[0]) == 2, "turn 1 was cut by the budget in this draw: no second turn to make room for"
@@ -293,10 +293,10 @@ def test_later_turns_draw_from_their_own_streams(setup):
     engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(11, 12))
     prompts = [encode_prompt(tok, "q0"), encode_prompt(tok, "other")]
-    both, _ = run_episodes(engine, tok, prompts, [Scripted() for _ in range(4)], 2, sampling, [3, 3],
+    both, _ = run_episodes(engine, tok, EpisodeBatch(prompts, [Scripted() for _ in range(4)], 2, [3, 3]), sampling,
                            [tok.eos_token_id])
-    alone, _ = run_episodes(engine, tok, prompts[1:], [Scripted() for _ in range(2)], 2,
-                            dataclasses.replace(sampling, prompt_seeds=(12,)), [3], [tok.eos_token_id])
+    alone, _ = run_episodes(engine, tok, EpisodeBatch(prompts[1:], [Scripted() for _ in range(2)], 2, [3]),
+                            dataclasses.replace(sampling, prompt_seeds=(12,)), [tok.eos_token_id])
     assert both.observation_mask[2:].any()
     for r in range(2):
         assert both.completion_ids[2 + r][both.context_mask[2 + r]].tolist() == \
@@ -313,8 +313,8 @@ class Raising(Scripted):
 def test_an_environment_that_raises_leaves_its_episode_unscorable(setup):
     tok, model = setup
     engine = TransformersEngine(model, tok.pad_token_id, tok.eos_token_id)
-    ro, ep = run_episodes(engine, tok, [encode_prompt(tok, "q0")], [Raising(), Scripted()], 2,
-                          SamplingParams(temperature=1.0, max_new_tokens=8, seed=5), [3], [tok.eos_token_id])
+    ro, ep = run_episodes(engine, tok, EpisodeBatch([encode_prompt(tok, "q0")], [Raising(), Scripted()], 2, [3]),
+                          SamplingParams(temperature=1.0, max_new_tokens=8, seed=5), [tok.eos_token_id])
     assert ep.turns[0] >= 2, "turn 1 was cut by the budget in this draw: the second step never came"
     assert torch.isnan(ep.rewards[0]) and not torch.isnan(ep.rewards[1])
     assert "KeyError" in ep.failures[0] and 1 not in ep.failures

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from model_helpers import char_token_ids, tiny_model
 
 from unigrad.rollout.base import RolloutEngine, SamplingParams, prompt_stream_seeds
 from unigrad.rollout.transformers_engine import TransformersEngine
@@ -24,10 +24,8 @@ def cluster():
 
 
 def model(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                                        pad_token_id=PAD, eos_token_id=1)).eval()
+    return tiny_model(40, seed=seed, num_key_value_heads=1, max_position_embeddings=128, pad_token_id=PAD,
+                      eos_token_id=1).eval()
 
 
 def assert_same(a, b):
@@ -88,17 +86,11 @@ def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
     from unigrad.train.step import train_step
 
     tok = build_char_tokenizer(model_max_length=256)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    state = LlamaForCausalLM(config).state_dict()
     (tmp_path / "r.py").write_text("def r(completions, **kw):\n"
                                    "    return [sum(map(c.count, '02468')) / (1 + len(c)) for c in completions]\n")
     metrics = []
     for engines in (1, 2):
-        m = LlamaForCausalLM(config)
-        m.load_state_dict(state)
+        m = tiny_model(len(tok), max_position_embeddings=256, **char_token_ids(tok))  # the same weights each time
         cfg = load_config(None, ["tasks=[arithmetic]", f"reward={tmp_path / 'r.py'}:r", "prompts_per_step=4",
                                  "rollout.num_generations=3", "rollout.max_new_tokens=8", "train_pool_size=30",
                                  f"rollout.num_engines={engines}", "micro_batch_size=6"])
@@ -119,7 +111,7 @@ def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
 
     from unigrad.environments.base import StepResult
     from unigrad.models.tokenizer import build_char_tokenizer
-    from unigrad.rollout.episodes import run_episodes
+    from unigrad.rollout.episodes import EpisodeBatch, run_episodes
     from unigrad.rollout.ray_pool import RayRolloutPool
     from unigrad.train.batching import encode_prompt
 
@@ -137,12 +129,12 @@ def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
     pool = RayRolloutPool(m, tok.pad_token_id, tok.eos_token_id, num_engines=2)
     try:
-        a, ea = run_episodes(pool, tok, prompts, [Feedback() for _ in range(6)], 3, sampling, [3, 3],
+        a, ea = run_episodes(pool, tok, EpisodeBatch(prompts, [Feedback() for _ in range(6)], 3, [3, 3]), sampling,
                              [tok.eos_token_id])
     finally:
         pool.shutdown()
-    b, eb = run_episodes(TransformersEngine(m, tok.pad_token_id, tok.eos_token_id), tok, prompts,
-                         [Feedback() for _ in range(6)], 3, sampling, [3, 3], [tok.eos_token_id])
+    b, eb = run_episodes(TransformersEngine(m, tok.pad_token_id, tok.eos_token_id), tok,
+                         EpisodeBatch(prompts, [Feedback() for _ in range(6)], 3, [3, 3]), sampling, [tok.eos_token_id])
     assert a.observation_mask.any() and torch.equal(a.observation_mask, b.observation_mask)
     for name in ("prompt_ids", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name

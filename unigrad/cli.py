@@ -64,10 +64,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     if args.nproc > 1:  # refused before any process starts (train() checks again under torchrun or accelerate)
-        from unigrad.train.distributed import check_prompts_split
+        from unigrad.train.feasibility import check_processes
 
         try:
-            check_prompts_split(cfg.prompts_per_step, args.nproc)
+            check_processes(cfg, args.nproc)
         except ConfigError as err:
             print(f"unigrad train: {err}", file=sys.stderr)
             return 2
@@ -324,12 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_presets, _add_train, _add_tasks, _add_eval, _add_study, _add_sandbox_check, _add_report):
+        add(sub)
+    return parser
+
+
+def _add_presets(sub) -> None:
+    """The `unigrad presets` command and its options."""
     p = sub.add_parser("presets", help="list the objective presets (name, parts, defaults, paper)")
     p.add_argument("--markdown", action="store_true", help="print the docs table as Markdown")
     p.add_argument("--update-docs", metavar="FILE", help="rewrite the generated table inside FILE")
     p.add_argument("--width", type=int, default=160, help="table width in characters")
     p.set_defaults(func=_presets)
 
+
+def _add_train(sub) -> None:
+    """The `unigrad train` command and its options."""
     from unigrad.config import config_help
 
     t = sub.add_parser("train", help="post-train a model (default: the embedded unigrad-tiny)",
@@ -347,9 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes on this machine (torchrun; or launch with torchrun / accelerate)")
     t.set_defaults(func=_train)
 
+
+def _add_tasks(sub) -> None:
+    """The `unigrad tasks` command and its options."""
     k = sub.add_parser("tasks", help="list the built-in tasks: name, single- or multi-turn, tools, description")
     k.set_defaults(func=_tasks)
 
+
+def _add_eval(sub) -> None:
+    """The `unigrad eval` command and its options."""
     e = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k per task, on the test or validation split")
     e.add_argument("model", help="'unigrad-tiny', a model directory, or a run directory (uses its final/)")
     e.add_argument("--tasks", nargs="+", help="task specs (default: the run's tasks or the default mixture)")
@@ -374,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    'prompt, greedy]}}, for paired comparisons of two models on the same prompts')
     e.set_defaults(func=_eval)
 
+
+def _add_study(sub) -> None:
+    """The `unigrad study` command and its options."""
     st = sub.add_parser("study", help="run a study file (arms x seeds at fixed steps, held-out evaluation) and write "
                         "its docs page with intervals over seeds; resumes what a cut-off study left")
     st.add_argument("file", help="the study's YAML file (examples/studies/*.yaml)")
@@ -389,17 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--page-only", action="store_true", help="write the page from the runs there, train nothing")
     st.set_defaults(func=_study)
 
+
+def _add_sandbox_check(sub) -> None:
+    """The `unigrad sandbox-check` command and its options."""
     c = sub.add_parser("sandbox-check", help="prove the code sandbox's jail works here: start it and run the hostile "
                        "snippets of unigrad.sandbox.attacks, with and without the audit hook")
     c.add_argument("--jail", default="bwrap", choices=["bwrap", "none"], help="the containment to check")
     c.add_argument("--allow-root-without-jail", action="store_true", help="with --jail none as root")
     c.set_defaults(func=_sandbox_check)
 
+
+def _add_report(sub) -> None:
+    """The `unigrad report` command and its options."""
     r = sub.add_parser("report", help="plots and an HTML page of a run (works while it is still going)")
     r.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     r.add_argument("--out", help="where to write the report (default: RUN_DIR/report)")
     r.set_defaults(func=_report)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.base import SamplingParams, eos_id_list
-from unigrad.rollout.episodes import episode_prompt_ids, episode_turns, run_episodes
+from unigrad.rollout.episodes import EpisodeBatch, episode_prompt_ids, episode_turns, run_episodes
+from unigrad.rollout.prompts import encode_prompt
 from unigrad.tasks.base import Task
 from unigrad.tasks.guard import verify_guarded
 from unigrad.tools.calls import tool_style
-from unigrad.train.batching import encode_prompt
 
 
 def evaluate(
@@ -48,6 +49,23 @@ def evaluate(
     `unigrad eval --engine vllm` passes a `VLLMEngine`)."""
     from unigrad.rollout.transformers_engine import TransformersEngine
 
+    _check_settings(split, prompts_per_task, max_new_tokens, pass_k)
+    if engine is None:
+        engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                    device=next(model.parameters()).device)  # where the model is
+    was_training = model.training
+    model.eval()
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    scorer = _Scorer(engine, tokenizer, batch_size, tool_style(tokenizer), context, max_turns, max_new_tokens, seed)
+    results: dict[str, Any] = {task.name: _task_results(scorer, task, prompts_per_task, split, pass_k, per_prompt)
+                               for task in tasks}
+    keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
+    results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
+    model.train(was_training)
+    return results
+
+
+def _check_settings(split: str, prompts_per_task: int, max_new_tokens: int, pass_k: int) -> None:
     if split not in ("validation", "test"):
         raise ValueError(f"evaluate: split must be 'validation' or 'test', got {split!r}")
     for name, value, low in (("prompts_per_task", prompts_per_task, 1), ("max_new_tokens", max_new_tokens, 1),
@@ -55,38 +73,42 @@ def evaluate(
         if value < low:
             raise ValueError(f"evaluate: {name} must be at least {low}, got {value}")
 
-    if engine is None:
-        engine = TransformersEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                    device=next(model.parameters()).device)  # where the model is
-    was_training = model.training
-    model.eval()
-    results: dict[str, Any] = {}
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    style = tool_style(tokenizer)
-    for task in tasks:
-        examples, prompts, notes = _held_out_prompts(task, tokenizer, prompts_per_task, seed, context, max_new_tokens,
-                                                     style, split)
-        if not examples:
-            raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {context} tokens "
-                             f"with max_new_tokens={max_new_tokens}")
-        failed: Counter = Counter()  # completions scored as failed, by reason (`unigrad.tasks.guard`)
-        greedy = _correct(engine, tokenizer, task, examples, prompts, 1,
-                          SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed), batch_size,
-                          style, context, max_turns, failed)
-        row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
-        if per_prompt:
-            row["correct"] = greedy.int().tolist()
-        if pass_k > 0:
-            sampled = _correct(engine, tokenizer, task, examples, prompts, pass_k,
-                               SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 1),
-                               batch_size, style, context, max_turns, failed)
-            row[f"pass@{pass_k}"] = pass_at_k(sampled, pass_k, pass_k)
-        row.update({f"failed/{reason}": float(count) for reason, count in failed.items()})
-        results[task.name] = row
-    keys = [k for k in next(iter(results.values())) if k.startswith("pass@")]
-    results["mean"] = {k: sum(results[t.name][k] for t in tasks) / len(tasks) for k in keys}
-    model.train(was_training)
-    return results
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What samples and scores every task's held-out prompts in one `evaluate` call."""
+
+    engine: Any  # a RolloutEngine holding the evaluated weights
+    tokenizer: Any
+    batch_size: int  # rows per engine call
+    style: str  # tool-call style of the tokenizer's chat template
+    context: int | None  # the model's context length, where it says
+    max_turns: int | None  # cap on multi-turn tasks' episodes
+    max_new_tokens: int
+    seed: int
+
+
+def _task_results(scorer: _Scorer, task: Task, wanted: int, split: str, pass_k: int, per_prompt: bool) -> dict:
+    """One task's row of `evaluate`'s result: pass@1 (greedy), pass@k (sampled at temperature 1) where asked, the
+    notes on its prompts and its completions scored as failed, by reason."""
+    examples, prompts, notes = _held_out_prompts(task, scorer.tokenizer, wanted, scorer.seed, scorer.context,
+                                                 scorer.max_new_tokens, scorer.style, split)
+    if not examples:
+        raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {scorer.context} tokens "
+                         f"with max_new_tokens={scorer.max_new_tokens}")
+    failed: Counter = Counter()  # completions scored as failed, by reason (`unigrad.tasks.guard`)
+    greedy = _correct(scorer, task, (examples, prompts), 1,
+                      SamplingParams(temperature=0.0, max_new_tokens=scorer.max_new_tokens, seed=scorer.seed), failed)
+    row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
+    if per_prompt:
+        row["correct"] = greedy.int().tolist()
+    if pass_k > 0:
+        sampled = _correct(scorer, task, (examples, prompts), pass_k,
+                           SamplingParams(temperature=1.0, max_new_tokens=scorer.max_new_tokens, seed=scorer.seed + 1),
+                           failed)
+        row[f"pass@{pass_k}"] = pass_at_k(sampled, pass_k, pass_k)
+    row.update({f"failed/{reason}": float(count) for reason, count in failed.items()})
+    return row
 
 
 def pass_at_k(correct: torch.Tensor, n: int, k: int) -> float:
@@ -103,7 +125,8 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
                       style: str = "plain", split: str = "test"):
     """(examples, prompt ids, notes) of a task's held-out `split`: each distinct prompt (multi-turn: episode) once
     (asking for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
-    cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated."""
+    cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated; its warnings
+    point at the caller of `evaluate` (through `_task_results`)."""
     examples, seen = [], set()
     for ex in task.examples(split, wanted, seed=seed):
         # an episode of a multi-turn task is its prompt and what is hidden behind it (guess: one range, many secrets)
@@ -115,7 +138,7 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
     if len(examples) < wanted:
         notes["distinct_prompts"] = float(len(examples))
         warnings.warn(f"task {task.name!r}: its {split} split holds {len(examples)} distinct prompts; evaluating those "
-                      f"(asked for {wanted})", stacklevel=3)
+                      f"(asked for {wanted})", stacklevel=4)
     prompts = [episode_prompt_ids(task, tokenizer, ex, style) if is_multi_turn(task) else
                encode_prompt(tokenizer, ex.prompt) for ex in examples]
     if context is not None:
@@ -123,29 +146,31 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
         if not all(fits):
             notes["too_long"] = float(fits.count(False))
             warnings.warn(f"task {task.name!r}: {fits.count(False)} {split} prompts do not fit the model's context "
-                          f"({context} tokens with max_new_tokens={max_new_tokens}); left out", stacklevel=3)
+                          f"({context} tokens with max_new_tokens={max_new_tokens}); left out", stacklevel=4)
             examples = [ex for ex, ok in zip(examples, fits, strict=True) if ok]
             prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
     return examples, prompts, notes
 
 
-def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size, style: str = "plain",
-             context: int | None = None, max_turns: int | None = None, failures: Counter | None = None) -> torch.Tensor:
-    """Bool (len(examples) * n,): completion (or episode) j of prompt i at row i * n + j scored full marks. A
-    completion its verifier cannot score counts as wrong, never ends the evaluation (`unigrad.tasks.guard`); the
-    reasons of those scored as failed are counted in `failures`."""
+def _correct(scorer: _Scorer, task: Task, held_out: tuple[list, list[list[int]]], n: int, sampling: SamplingParams,
+             failures: Counter) -> torch.Tensor:
+    """Bool (len(examples) * n,): completion (or episode) j of prompt i of `held_out` (examples, their prompt ids)
+    at row i * n + j scored full marks. A completion its verifier cannot score counts as wrong, never ends the
+    evaluation (`unigrad.tasks.guard`); the reasons of those scored as failed are counted in `failures`."""
+    examples, prompts = held_out
+    engine, tokenizer = scorer.engine, scorer.tokenizer
     out = []
-    per_call = max(1, batch_size // n)
+    per_call = max(1, scorer.batch_size // n)
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start:start + per_call]
         exs = [examples[start + p] for p in range(len(chunk)) for _ in range(n)]
         if is_multi_turn(task):  # whole episodes: an episode's reward is its environment's
-            environments = [task.environment(style) for _ in exs]
+            environments = [task.environment(scorer.style) for _ in exs]
             for env, ex in zip(environments, exs, strict=True):
                 env.reset(ex)
-            _, episodes = run_episodes(engine, tokenizer, chunk, environments, n, sampling,
-                                       [episode_turns(task, max_turns)] * len(chunk),
-                                       eos_id_list(tokenizer.eos_token_id), context)
+            batch = EpisodeBatch(chunk, environments, n, [episode_turns(task, scorer.max_turns)] * len(chunk))
+            _, episodes = run_episodes(engine, tokenizer, batch, sampling, eos_id_list(tokenizer.eos_token_id),
+                                       scorer.context)
             rewards = episodes.rewards.tolist()
         else:
             ro = engine.generate(chunk, n, sampling)
@@ -153,8 +178,7 @@ def _correct(engine, tokenizer, task, examples, prompts, n, sampling, batch_size
                      for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
             verified = verify_guarded(task, texts, exs)
             rewards = verified.values
-            if failures is not None:
-                failures.update(verified.failures)
+            failures.update(verified.failures)
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
 

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
-from unigrad.train.sharding import flat_local_grads, set_flat_grads
+from unigrad.diagnostics.sharded_grads import flat_local_grads, set_flat_grads
 
 
 def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:

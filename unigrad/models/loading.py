@@ -123,16 +123,35 @@ def load_model_and_tokenizer(
 
     The model is returned in train mode, on ``device``, in ``dtype``.
     """
+    model, tokenizer = _from_pretrained(_model_source(os.fspath(name_or_path), tiny_recipe, cache_dir),
+                                        os.fspath(name_or_path), _dtype(dtype))
+    _complete_tokenizer(tokenizer)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    model.train()
+    return model, tokenizer
+
+
+def _model_source(name: str, tiny_recipe: TinyRecipe | None, cache_dir: str | os.PathLike | None) -> str:
+    """Where `name` loads from: the embedded tiny model's cached directory (built on first use), a local model
+    directory (a finished run's final/), or `name` itself as a model hub id."""
+    if name == TINY_NAME and not Path(name).exists():
+        return str(ensure_tiny(tiny_recipe, cache_dir))
+    if name == TINY_MOE_NAME and not Path(name).exists():
+        return str(ensure_tiny((tiny_recipe or TinyRecipe()).replace(**TINY_MOE_EXPERTS), cache_dir))
+    return local_model_dir(name)
+
+
+def _from_pretrained(source: str, name: str, dtype: torch.dtype):
+    """(model, tokenizer) from `source` through transformers' Auto classes; `ModelNotFoundError` naming `name` and
+    the reason when `source` is no local directory and cannot be had from the hub or the local HF cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _dtype(dtype)
-    name = os.fspath(name_or_path)
-    if name == TINY_NAME and not Path(name).exists():
-        source = str(ensure_tiny(tiny_recipe, cache_dir))
-    elif name == TINY_MOE_NAME and not Path(name).exists():
-        source = str(ensure_tiny((tiny_recipe or TinyRecipe()).replace(**TINY_MOE_EXPERTS), cache_dir))
-    else:
-        source = local_model_dir(name)
     local = Path(source).is_dir()
     if local:
         check_safetensors(source)
@@ -142,7 +161,7 @@ def load_model_and_tokenizer(
     options = {"local_files_only": True} if offline else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options), tokenizer
     except OSError as e:
         if local:
             raise
@@ -154,16 +173,6 @@ def load_model_and_tokenizer(
             f"({where}) and it is not in the local HF cache. Pass a local directory in HF format, or "
             f"{TINY_NAME!r} for the embedded default. Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
-    _complete_tokenizer(tokenizer)
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
-    if lora is not None:
-        model = apply_lora(model, lora)
-    model.train()
-    return model, tokenizer
 
 
 def apply_lora(model, lora: LoraSettings):

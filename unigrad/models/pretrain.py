@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from unigrad.models.lr_schedule import lr_multiplier
 from unigrad.models.tokenizer import PAD_ID, completion_ids, prompt_ids
-from unigrad.train.schedule import lr_multiplier
 
 if TYPE_CHECKING:
     from unigrad.models.tiny import TinyRecipe

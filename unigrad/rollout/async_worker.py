@@ -114,7 +114,7 @@ def _episodes(prompts, n, sampling, prompt_tasks, examples) -> Generated:
     """Multi-turn episodes of `prompts` (task index and example of each), as the trainer would play them."""
     global _LAST_DONE, _IDLE
     from .base import eos_id_list
-    from .episodes import episode_turns, run_episodes
+    from .episodes import EpisodeBatch, episode_turns, run_episodes
 
     start = _begin()
     idle, _IDLE = _IDLE, 0.0
@@ -127,9 +127,9 @@ def _episodes(prompts, n, sampling, prompt_tasks, examples) -> Generated:
             if env is not None:
                 env.reset(example)
             environments.append(env)
-    rollout, episodes = run_episodes(_ENGINE, tokenizer, prompts, environments, n, sampling,
-                                     [episode_turns(tasks[t], setup["max_turns"]) for t in prompt_tasks],
-                                     eos_id_list(tokenizer.eos_token_id), setup["context_length"])
+    batch = EpisodeBatch(prompts, environments, n, [episode_turns(tasks[t], setup["max_turns"]) for t in prompt_tasks])
+    rollout, episodes = run_episodes(_ENGINE, tokenizer, batch, sampling, eos_id_list(tokenizer.eos_token_id),
+                                     setup["context_length"])
     _LAST_DONE = time.perf_counter()
     return Generated(rollout, _LAST_DONE - start, idle, episodes)
 

@@ -103,76 +103,117 @@ def turn_seed(prompt_seed: int, sample: int, turn: int) -> int:
     return (prompt_seed * 1_000_003 + (sample + 1) * 7_919 + turn) % 2**63
 
 
-def run_episodes(engine: RolloutEngine, tokenizer, prompts: list[list[int]], environments: list[Environment | None],
-                 n: int, sampling: SamplingParams, max_turns: list[int], eos_ids: list[int],
-                 context_length: int | None = None) -> tuple[Rollout, Episodes]:
-    """`n` episodes per prompt (rows p*n .. p*n+n-1 belong to prompt p). `environments` (N,): a fresh environment
-    per row, already reset on its example, or None for a row of a single-turn task (one turn, no reward here: its
-    verifier scores it). `max_turns` (P,): each prompt's turn budget."""
-    first = engine.generate(prompts, n, sampling).to("cpu")
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """The episodes `run_episodes` plays: `n` per prompt, rows p*n .. p*n+n-1 belonging to prompt p."""
+
+    prompts: list[list[int]]  # (P,) token ids
+    environments: list[Environment | None]  # (P*n,): a fresh environment per row, already reset on its example, or
+    #   None for a row of a single-turn task (one turn, no reward here: its verifier scores it)
+    n: int
+    max_turns: list[int]  # (P,): each prompt's turn budget
+
+
+def run_episodes(engine: RolloutEngine, tokenizer, batch: EpisodeBatch, sampling: SamplingParams,
+                 eos_ids: list[int], context_length: int | None = None) -> tuple[Rollout, Episodes]:
+    """`batch.n` episodes per prompt of `batch`: turn 1 for every row at once, then each turn of the rows whose
+    episode goes on, until none does or the largest turn budget is spent."""
+    first = engine.generate(batch.prompts, batch.n, sampling).to("cpu")
     rows = first.num_sequences
-    if len(environments) != rows or len(max_turns) != len(prompts):
-        raise ValueError(f"{len(environments)} environments and {len(max_turns)} turn budgets for {len(prompts)} "
-                         f"prompts x {n} samples")
-    seeds = resolve_prompt_seeds(sampling, len(prompts))
-    ids: list[list[int]] = [[] for _ in range(rows)]  # the episode's completion: turns and observations
-    observed: list[list[bool]] = [[] for _ in range(rows)]
-    logps: list[list[float]] = [[] for _ in range(rows)]
-    reward = torch.full((rows,), float("nan"))
-    turns, calls, errors = (torch.zeros(rows, dtype=torch.long) for _ in range(3))
-    failures: dict[int, str] = {}
-    truncated = first.truncated.clone()
-    live = list(range(rows))
-    turn_rows = first
-    for turn in range(max(max_turns)):
-        next_live = []
-        for k, r in enumerate(live):
-            sampled = turn_rows.completion_ids[k][turn_rows.completion_mask[k]].tolist()
-            ids[r] += sampled
-            observed[r] += [False] * len(sampled)
-            logps[r] += turn_rows.infer_logprobs[k][turn_rows.completion_mask[k]].tolist()
-            turns[r] += 1
-            truncated[r] = bool(turn_rows.truncated[k])
-            env = environments[r]
-            if env is None:
-                continue
-            try:
-                result = env.step(tokenizer.decode(sampled, skip_special_tokens=True))
-                turn_reward = float(result.reward or 0.0)
-            except Exception as err:  # noqa: BLE001 - an environment's bug must not end the run: unscorable
-                failures[r] = f"{type(env).__name__}.step raised {type(err).__name__}: {err}"
-                reward[r] = float("nan")
-                continue
-            reward[r] = (0.0 if torch.isnan(reward[r]) else float(reward[r])) + turn_reward
-            calls[r] += result.tool_calls
-            errors[r] += result.tool_errors
-            if result.done or truncated[r] or turns[r] >= max_turns[r // n]:
-                continue
-            obs = observation_ids(tokenizer, result.observation, eos_ids)
-            prompt_len = len(prompts[r // n])
-            if context_length is not None and prompt_len + len(ids[r]) + len(obs) + sampling.max_new_tokens \
-                    > context_length:
-                truncated[r] = True  # no room for another turn
-                continue
-            ids[r] += obs
-            observed[r] += [True] * len(obs)
-            logps[r] += [0.0] * len(obs)
-            next_live.append(r)
-        live = next_live
+    if len(batch.environments) != rows or len(batch.max_turns) != len(batch.prompts):
+        raise ValueError(f"{len(batch.environments)} environments and {len(batch.max_turns)} turn budgets for "
+                         f"{len(batch.prompts)} prompts x {batch.n} samples")
+    seeds = resolve_prompt_seeds(sampling, len(batch.prompts))
+    play = _Play(tokenizer, batch, sampling, eos_ids, context_length, first.truncated.clone())
+    live, turn_rows = list(range(rows)), first
+    for turn in range(max(batch.max_turns)):
+        live = [r for k, r in enumerate(live) if play.take_turn(turn_rows, k, r)]
         if not live:
             break
-        contexts = [prompts[r // n] + ids[r] for r in live]
+        contexts = [batch.prompts[r // batch.n] + play.ids[r] for r in live]
         call = SamplingParams(**{**sampling.__dict__, "seed": None, "prompt_seeds": tuple(
-            turn_seed(seeds[r // n], r % n, turn + 1) for r in live)})
+            turn_seed(seeds[r // batch.n], r % batch.n, turn + 1) for r in live)})
         turn_rows = engine.generate(contexts, 1, call).to("cpu")
+    return play.rollout(first), play.episodes()
 
-    width = max(1, max(len(x) for x in ids))
-    completion_ids, context = pad_rows(ids, "right", tokenizer.pad_token_id, width=width)
-    obs_mask = pad_rows(observed, "right", False, width=width, dtype=torch.bool)[0]
-    infer = pad_rows(logps, "right", 0.0, width=width, dtype=torch.float32)[0]
-    rollout = Rollout(first.prompt_ids, first.prompt_mask, completion_ids, context & ~obs_mask, infer,
-                      first.group_ids, truncated, observation_mask=obs_mask)
-    return rollout, Episodes(reward, turns, calls, errors, failures)
+
+@dataclass
+class _Play:
+    """What one `run_episodes` call was given and what its episodes have written so far, row by row."""
+
+    tokenizer: object
+    batch: EpisodeBatch
+    sampling: SamplingParams
+    eos_ids: list[int]
+    context_length: int | None
+    truncated: torch.Tensor  # (N,) bool: the row's last turn was cut, or no further turn fits the context
+
+    def __post_init__(self) -> None:
+        rows = len(self.truncated)
+        self.ids: list[list[int]] = [[] for _ in range(rows)]  # the episode's completion: turns and observations
+        self.observed: list[list[bool]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.reward = torch.full((rows,), float("nan"))
+        self.turns, self.calls, self.errors = (torch.zeros(rows, dtype=torch.long) for _ in range(3))
+        self.failures: dict[int, str] = {}
+
+    def take_turn(self, turn_rows: Rollout, k: int, r: int) -> bool:
+        """Row `r` writes its sampled turn (row `k` of `turn_rows`) and its environment answers; True when the
+        episode goes on to another turn."""
+        sampled = turn_rows.completion_ids[k][turn_rows.completion_mask[k]].tolist()
+        self.ids[r] += sampled
+        self.observed[r] += [False] * len(sampled)
+        self.logps[r] += turn_rows.infer_logprobs[k][turn_rows.completion_mask[k]].tolist()
+        self.turns[r] += 1
+        self.truncated[r] = bool(turn_rows.truncated[k])
+        result = self._step_environment(r, sampled)
+        return result is not None and self._observe(r, result)
+
+    def _step_environment(self, r: int, sampled: list[int]):
+        """The environment's `StepResult` for row `r`'s turn, its reward and tool counts added; None when the row
+        has no environment or its environment raised (the episode ends unscorable)."""
+        env = self.batch.environments[r]
+        if env is None:
+            return None
+        try:
+            result = env.step(self.tokenizer.decode(sampled, skip_special_tokens=True))
+            turn_reward = float(result.reward or 0.0)
+        except Exception as err:  # noqa: BLE001 - an environment's bug must not end the run: unscorable
+            self.failures[r] = f"{type(env).__name__}.step raised {type(err).__name__}: {err}"
+            self.reward[r] = float("nan")
+            return None
+        self.reward[r] = (0.0 if torch.isnan(self.reward[r]) else float(self.reward[r])) + turn_reward
+        self.calls[r] += result.tool_calls
+        self.errors[r] += result.tool_errors
+        return result
+
+    def _observe(self, r: int, result) -> bool:
+        """Append the environment's answer to row `r` when its episode goes on: not done, its turn not cut, its
+        budget not spent, and room in the context for the answer and another whole turn."""
+        prompt = self.batch.prompts[r // self.batch.n]
+        if result.done or self.truncated[r] or self.turns[r] >= self.batch.max_turns[r // self.batch.n]:
+            return False
+        obs = observation_ids(self.tokenizer, result.observation, self.eos_ids)
+        if self.context_length is not None and \
+                len(prompt) + len(self.ids[r]) + len(obs) + self.sampling.max_new_tokens > self.context_length:
+            self.truncated[r] = True  # no room for another turn
+            return False
+        self.ids[r] += obs
+        self.observed[r] += [True] * len(obs)
+        self.logps[r] += [0.0] * len(obs)
+        return True
+
+    def rollout(self, first: Rollout) -> Rollout:
+        """The rows the learner trains on: `first`'s prompts, then each episode's turns and observations."""
+        width = max(1, max(len(x) for x in self.ids))
+        completion_ids, context = pad_rows(self.ids, "right", self.tokenizer.pad_token_id, width=width)
+        obs_mask = pad_rows(self.observed, "right", False, width=width, dtype=torch.bool)[0]
+        infer = pad_rows(self.logps, "right", 0.0, width=width, dtype=torch.float32)[0]
+        return Rollout(first.prompt_ids, first.prompt_mask, completion_ids, context & ~obs_mask, infer,
+                       first.group_ids, self.truncated, observation_mask=obs_mask)
+
+    def episodes(self) -> Episodes:
+        return Episodes(self.reward, self.turns, self.calls, self.errors, self.failures)
 
 
 def turn_index(completion_mask: torch.Tensor, observation_mask: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ first update. The mismatch metrics compare the engine's log-probs of the sampled
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,104 +76,171 @@ def _own_count(comp, rows: torch.Tensor) -> float:
     return float(len(rows))
 
 
+@dataclass
+class _Progress:
+    """What `learn`'s optimizer steps gather: the row caches they fill, and what their metrics are made of."""
+
+    proximal: list[RowCache]  # the proximal log-probs of every row, per component
+    entropy: list[RowCache | None]  # the entropy at the proximal weights (sampled components)
+    reference: list[RowCache]  # the KL reference's log-probs
+    needs_proximal: bool  # some row is trained after an update (several epochs or mini-batches)
+    loss_metrics: list[dict[str, float]] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    grad_metrics: dict[str, float] = field(default_factory=dict)  # the first optimizer step's per-task gradients
+    statuses: list[str] = field(default_factory=list)
+    t_optim: float = 0.0
+    nonfinite_loss: bool = False
+    idle_passes: int = 0
+    updates: int = 0
+    whole_plan: list | None = None  # one mini-batch: the same micro-batch plan every epoch
+
+
+@dataclass
+class _Learning:
+    """The fixed inputs of one `learn` call."""
+
+    batch: Batch
+    learner: Learner
+    settings: LearnSettings
+    dist: Distributed
+    task_gradients: object | None
+    task_names: list[str] | None
+
+
 def learn(batch: Batch, learner: Learner, settings: LearnSettings, dist: Distributed,
           task_gradients=None, task_names: list[str] | None = None) -> dict[str, float]:
     """Train on `batch` (num_iterations x mini_batches optimizer steps); returns the step's learner metrics.
     `task_gradients` (unigrad.diagnostics.task_gradients) measures per-task gradients, named by `task_names`."""
     t0 = time.perf_counter()
-    comps = batch.components
+    run = _Learning(batch, learner, settings, dist, task_gradients, task_names)
     epochs, pieces = settings.num_iterations, min(settings.mini_batches, batch.total_prompts)  # dynamic sampling
     # can leave a step with fewer prompts than mini-batches
-    shapes = [c.sequences.completion_ids.shape for c in comps]
-    # The proximal log-probs of every row (the loss's "old" when a row is trained after an update; always the
-    # learner's side of the mismatch metrics), the entropy at the same weights, and the reference's log-probs.
-    needs_proximal = epochs > 1 or pieces > 1
-    proximal = [RowCache(s) for s in shapes]
-    entropy = [RowCache(s) if c.sampled else None for c, s in zip(comps, shapes, strict=True)]
-    reference = [RowCache(s) for s in shapes]
-
+    progress = _row_caches(batch, needs_proximal=epochs > 1 or pieces > 1)
     schedule = [[batch.local_prompts(p) for p in mini_batch_prompts(
         batch.total_prompts, pieces, settings.shuffle_seed * 1_000_003 + epoch)] if pieces > 1 else [None]
         for epoch in range(epochs)]
-    t_proximal = 0.0
-    if pieces > 1:  # the proximal log-probs of the rows the first optimizer step does not train
-        t1 = time.perf_counter()
-        first = component_rows(batch, schedule[0][0])
-        rest = [torch.nonzero(~torch.isin(torch.arange(len(c)), f)).flatten() for c, f in zip(comps, first,
-                                                                                            strict=True)]
-        _proximal_pass(batch, learner, rest, settings.micro_batch_size, proximal, entropy)
-        t_proximal = time.perf_counter() - t1
-
-    sample_metrics = {}
-    if settings.sample_gradients and task_names:  # before any update: the weights the rows were sampled from
-        t1 = time.perf_counter()
-        sample_metrics = _sample_gradients(batch, learner, settings.sample_gradients, task_names, reference, dist)
-        sample_metrics["time/sample_gradients"] = time.perf_counter() - t1
-    # MoE batches with the engine's routing record: how often the learner's routers agree with it, before updates.
-    sample_metrics.update(learner_routing_agreement(batch, learner, settings.micro_batch_size, dist))
-
-    loss_metrics, grad_norms, grad_metrics, statuses, t_optim = [], [], {}, [], 0.0
-    nonfinite_loss, idle_passes, updates, whole_plan = False, 0, 0, None
+    t_proximal = _proximal_of_later_mini_batches(run, schedule, progress) if pieces > 1 else 0.0
+    before_updates = _measured_before_updates(run, progress)
     for epoch_pieces in schedule:
         for prompts in epoch_pieces:
-            plan = whole_plan if prompts is None else None  # one mini-batch: the same plan every epoch
-            if plan is None:
-                plan = micro_batch_plan(batch, settings.micro_batch_size, per_task=task_gradients is not None,
-                                        prompts=prompts)
-                if learner.sharded:  # every learner pass is a collective: all processes run the same sequence
-                    plan = aligned_plan(plan, dist)
-                if prompts is None:
-                    whole_plan = plan
-            normalisers = [c.normalisers for c in comps] if prompts is None else \
-                [rows_normalisers(c, rows, dist) for c, rows in zip(comps, component_rows(batch, prompts),
-                                                                        strict=True)]
-            for i, (group, c, rows) in enumerate(plan):
-                if rows is None:  # sharded: another process has a micro-batch here
-                    learner.idle_pass()
-                    idle_passes += 1
-                else:
-                    out = _forward_backward(comps[c], rows, normalisers[c], batch, learner,
-                                            proximal[c] if needs_proximal else None, reference[c])
-                    nonfinite_loss |= not torch.isfinite(out["loss"]).item()
-                    if updates == 0:  # weights untouched: this pass is the proximal one
-                        proximal[c].put(rows, out["logp"])
-                        if entropy[c] is not None:
-                            entropy[c].put(rows, out["entropy"])
-                    loss_metrics.append({f"{comps[c].name}/{k}": v for k, v in out["metrics"].items()})
-                if task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
-                    entries = [(cc, r) for g, cc, r in plan if g == group and r is not None]
-                    task_gradients.collect(task_names[group[0]], group[1], sum(len(r) for _, r in entries),
-                                           sum(_own_count(comps[cc], r) for cc, r in entries))
-            if task_gradients is not None:
-                measured_grads = task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
-                grad_metrics = grad_metrics or measured_grads  # the first optimizer step's: the fresh weights
-            elif not learner.sharded:  # sharded: FSDP has summed them in the backward passes
-                dist.sum_gradients(learner.params)
-            t1 = time.perf_counter()
-            norm, status = learner.clip_and_step(settings.grad_norm_cap)
-            grad_norms.append(norm)
-            statuses.append(status)
-            t_optim += time.perf_counter() - t1
-            updates += 1
-
-    metrics = merge_loss_metrics(sum(dist.gather(loss_metrics), []), epochs, updates)
-    metrics.update(grad_metrics)
-    metrics.update(sample_metrics)
-    metrics.update(_mismatch(batch, proximal, entropy, dist))
-    if learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
-        metrics["sharding/idle_passes"] = dist.sum_float(float(idle_passes))
-    metrics["loss"] = sum(c.coef * metrics.get(f"{c.name}/loss", 0.0) for c in comps)
-    metrics.update({
-        "grad_norm": grad_norms[-1], "grad_norm/max": max(grad_norms),
-        "skipped/nonfinite": float(statuses.count("nonfinite")),
-        "skipped/nonfinite_loss": float(dist.sum_float(float(nonfinite_loss)) > 0),
-        "skipped/grad_cap": float(statuses.count("grad_cap")),
-        "lr": learner.lr, "time/learner": time.perf_counter() - t0 - t_optim, "time/optimizer": t_optim,
-    })
-    if updates > 1:
-        metrics.update({"grad_norm/mean": sum(grad_norms) / updates, "optimizer_steps": float(updates)})
+            _optimizer_step(run, prompts, progress)
+    metrics = _learn_metrics(run, progress, epochs, before_updates)
+    metrics.update({"lr": learner.lr, "time/learner": time.perf_counter() - t0 - progress.t_optim,
+                    "time/optimizer": progress.t_optim})
+    if progress.updates > 1:
+        metrics.update({"grad_norm/mean": sum(progress.grad_norms) / progress.updates,
+                        "optimizer_steps": float(progress.updates)})
     if pieces > 1:
         metrics["time/proximal"] = t_proximal
+    return metrics
+
+
+def _row_caches(batch: Batch, needs_proximal: bool) -> _Progress:
+    """The proximal log-probs of every row (the loss's "old" when a row is trained after an update; always the
+    learner's side of the mismatch metrics), the entropy at the same weights, and the reference's log-probs."""
+    shapes = [c.sequences.completion_ids.shape for c in batch.components]
+    return _Progress(proximal=[RowCache(s) for s in shapes],
+                     entropy=[RowCache(s) if c.sampled else None for c, s in zip(batch.components, shapes,
+                                                                                   strict=True)],
+                     reference=[RowCache(s) for s in shapes], needs_proximal=needs_proximal)
+
+
+def _proximal_of_later_mini_batches(run: _Learning, schedule: list, progress: _Progress) -> float:
+    """The proximal log-probs of the rows the first optimizer step does not train; returns the seconds taken."""
+    t1 = time.perf_counter()
+    first = component_rows(run.batch, schedule[0][0])
+    rest = [torch.nonzero(~torch.isin(torch.arange(len(c)), f)).flatten()
+            for c, f in zip(run.batch.components, first, strict=True)]
+    _proximal_pass(run.batch, run.learner, rest, run.settings.micro_batch_size, progress.proximal, progress.entropy)
+    return time.perf_counter() - t1
+
+
+def _measured_before_updates(run: _Learning, progress: _Progress) -> dict[str, float]:
+    """What is measured on the weights the rows were sampled from: per-sample gradient norms, and (MoE batches with
+    the engine's routing record) how often the learner's routers agree with it."""
+    metrics = {}
+    if run.settings.sample_gradients and run.task_names:
+        t1 = time.perf_counter()
+        metrics = _sample_gradients(run.batch, run.learner, run.settings.sample_gradients, run.task_names,
+                                    progress.reference, run.dist)
+        metrics["time/sample_gradients"] = time.perf_counter() - t1
+    metrics.update(learner_routing_agreement(run.batch, run.learner, run.settings.micro_batch_size, run.dist))
+    return metrics
+
+
+def _optimizer_step(run: _Learning, prompts, progress: _Progress) -> None:
+    """One optimizer step on the mini-batch `prompts` (None: the whole batch): its micro-batches' backward passes,
+    the per-task gradients combined, the clip and the update."""
+    comps, learner, dist = run.batch.components, run.learner, run.dist
+    plan = _plan(run, prompts, progress)
+    normalisers = [c.normalisers for c in comps] if prompts is None else \
+        [rows_normalisers(c, rows, dist) for c, rows in zip(comps, component_rows(run.batch, prompts), strict=True)]
+    for i, (group, c, rows) in enumerate(plan):
+        if rows is None:  # sharded: another process has a micro-batch here
+            learner.idle_pass()
+            progress.idle_passes += 1
+        else:
+            _micro_batch(run, c, rows, normalisers[c], progress)
+        if run.task_gradients is not None and (i + 1 == len(plan) or plan[i + 1][0] != group):
+            entries = [(cc, r) for g, cc, r in plan if g == group and r is not None]
+            run.task_gradients.collect(run.task_names[group[0]], group[1], sum(len(r) for _, r in entries),
+                                       sum(_own_count(comps[cc], r) for cc, r in entries))
+    if run.task_gradients is not None:
+        measured_grads = run.task_gradients.finish()  # param.grad = sum_k g_k (or the balanced sum)
+        progress.grad_metrics = progress.grad_metrics or measured_grads  # the first optimizer step's: fresh weights
+    elif not learner.sharded:  # sharded: FSDP has summed them in the backward passes
+        dist.sum_gradients(learner.params)
+    t1 = time.perf_counter()
+    norm, status = learner.clip_and_step(run.settings.grad_norm_cap)
+    progress.grad_norms.append(norm)
+    progress.statuses.append(status)
+    progress.t_optim += time.perf_counter() - t1
+    progress.updates += 1
+
+
+def _plan(run: _Learning, prompts, progress: _Progress) -> list:
+    """The micro-batch plan of a mini-batch (the whole batch's is made once and kept)."""
+    plan = progress.whole_plan if prompts is None else None
+    if plan is None:
+        plan = micro_batch_plan(run.batch, run.settings.micro_batch_size, per_task=run.task_gradients is not None,
+                                prompts=prompts)
+        if run.learner.sharded:  # every learner pass is a collective: all processes run the same sequence
+            plan = aligned_plan(plan, run.dist)
+        if prompts is None:
+            progress.whole_plan = plan
+    return plan
+
+
+def _micro_batch(run: _Learning, c: int, rows: torch.Tensor, normalisers: Normalisers, progress: _Progress) -> None:
+    """Forward and backward of component `c`'s `rows`; before the first update, their proximal values kept."""
+    comp = run.batch.components[c]
+    out = _forward_backward(comp, rows, normalisers, run.batch, run.learner,
+                            progress.proximal[c] if progress.needs_proximal else None, progress.reference[c])
+    progress.nonfinite_loss |= not torch.isfinite(out["loss"]).item()
+    if progress.updates == 0:  # weights untouched: this pass is the proximal one
+        progress.proximal[c].put(rows, out["logp"])
+        if progress.entropy[c] is not None:
+            progress.entropy[c].put(rows, out["entropy"])
+    progress.loss_metrics.append({f"{comp.name}/{k}": v for k, v in out["metrics"].items()})
+
+
+def _learn_metrics(run: _Learning, progress: _Progress, epochs: int, before_updates: dict[str, float]
+                   ) -> dict[str, float]:
+    """The step's learner metrics, in the order they have always been logged (timings added by `learn`)."""
+    dist, comps = run.dist, run.batch.components
+    metrics = merge_loss_metrics(sum(dist.gather(progress.loss_metrics), []), epochs, progress.updates)
+    metrics.update(progress.grad_metrics)
+    metrics.update(before_updates)
+    metrics.update(_mismatch(run.batch, progress.proximal, progress.entropy, dist))
+    if run.learner.sharded:  # padding passes, summed over processes (what unequal micro-batch counts cost)
+        metrics["sharding/idle_passes"] = dist.sum_float(float(progress.idle_passes))
+    metrics["loss"] = sum(c.coef * metrics.get(f"{c.name}/loss", 0.0) for c in comps)
+    metrics.update({
+        "grad_norm": progress.grad_norms[-1], "grad_norm/max": max(progress.grad_norms),
+        "skipped/nonfinite": float(progress.statuses.count("nonfinite")),
+        "skipped/nonfinite_loss": float(dist.sum_float(float(progress.nonfinite_loss)) > 0),
+        "skipped/grad_cap": float(progress.statuses.count("grad_cap")),
+    })
     return metrics
 
 

@@ -27,10 +27,12 @@ from unigrad.environments.base import is_multi_turn
 from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty
 from unigrad.rollout.base import Rollout, SamplingParams, eos_id_list, prompt_stream_seeds
-from unigrad.rollout.episodes import Episodes, episode_turns, run_episodes
+from unigrad.rollout.episodes import EpisodeBatch, Episodes, episode_turns, run_episodes
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batch import Batch, global_normalisers
 from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
+from unigrad.train.drawn import Drawn
+from unigrad.train.dynamic_sampling import refill
 from unigrad.train.plan import task_halves
 from unigrad.train.routing import route
 
@@ -72,9 +74,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
         drawn.time_rollout = ready.job.busy
     sampling_metrics: dict[str, float] = {}
     if ctx.dynamic_sampling:  # one process (checked when the run starts): lo = 0, hi = len(picks)
-        from unigrad.train.dynamic_sampling import refill
-
-        drawn, picks, sampling_metrics = refill(ctx, step, drawn, picks)
+        drawn, picks, sampling_metrics = refill(ctx, step, drawn, picks, draw)
         lo, hi = 0, len(picks)
     prompt_half = torch.zeros(len(picks), dtype=torch.long)
     if ctx.task_gradients is not None and ctx.task_gradients.splits_halves(step):
@@ -132,24 +132,6 @@ def _overlong_penalty(ctx, ro: Rollout, off_policy: torch.Tensor, row_task: torc
     return penalty
 
 
-@dataclass
-class Drawn:
-    """Prompts of this process, their rows and the verifiers' rewards: what one draw (or several, merged) made."""
-
-    picks: list[tuple[int, int]]  # (P,) (task index, example index)
-    examples: list[Example]  # (P,)
-    prompt_ids: list[list[int]]  # (P,) chat-templated token ids
-    rollout: Rollout  # (N,) rows, demonstration rows included (LUFFY)
-    off_policy: torch.Tensor  # (N,) bool: demonstration rows
-    texts: list[str]  # (N,) decoded completions
-    rewards: torch.Tensor  # (N,) the verifiers' (NaN = unscorable)
-    errors: dict[str, str]  # {task: what made its rewards unscorable}
-    time_rollout: float = 0.0
-    time_reward: float = 0.0
-    episodes: Episodes | None = None  # multi-turn runs (`unigrad.rollout.episodes`)
-    failures: dict[str, float] = field(default_factory=dict)  # completions scored as failed, by reason (`score`)
-
-
 def draw(ctx, step: int, picks: list[tuple[int, int]], stream_offset: int, generated: Rollout | None = None,
          episodes: Episodes | None = None) -> Drawn:
     """Roll out and score `picks` (this process's). Prompt i of them samples from the step's random stream
@@ -196,7 +178,7 @@ def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, 
                 env.reset(example)
             environments.append(env)
     budgets = [episode_turns(ctx.tasks[t], ctx.max_turns) for t, _ in picks]
-    return run_episodes(ctx.engine, ctx.tokenizer, prompt_ids, environments, n, sampling, budgets,
+    return run_episodes(ctx.engine, ctx.tokenizer, EpisodeBatch(prompt_ids, environments, n, budgets), sampling,
                         eos_id_list(ctx.tokenizer.eos_token_id), ctx.context_length)
 
 

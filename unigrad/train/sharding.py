@@ -19,11 +19,10 @@ after each optimizer step), the frozen KL reference, and the copy rank 0 evaluat
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from unigrad.diagnostics.sharded_grads import flat_local_grads, is_sharded, local, set_flat_grads  # noqa: F401
 from unigrad.rollout.logprobs import sequence_logprobs
 
 
@@ -64,38 +63,6 @@ def shard_model(model: nn.Module) -> LogprobModule:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return root
-
-
-def is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded tensor; the tensor itself otherwise."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def flat_local_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    """This process's part of the gradient as one float32 vector (zeros for a parameter without a gradient)."""
-    return torch.cat([(local(p.grad) if p.grad is not None else local(p).new_zeros(local(p).shape)).reshape(-1).float()
-                      for p in params])
-
-
-def set_flat_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """`param.grad` = views of `flat` (laid out as `flat_local_grads`), as sharded tensors where the parameters are."""
-    offset = 0
-    for p in params:
-        shard = local(p)
-        view = flat[offset:offset + shard.numel()].view_as(shard).to(p.dtype)
-        offset += shard.numel()
-        if is_sharded(p):
-            from torch.distributed.tensor import DTensor
-
-            view = DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                      stride=p.stride())
-        p.grad = view
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

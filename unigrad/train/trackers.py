@@ -12,23 +12,14 @@ directory), MLflow and trackio start a new run of that name.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-SUPPORTED = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # name -> module to import
-
-
-def check_installed(names: list[str]) -> None:
-    """Raise ValueError naming the first tracker that is unknown or not installed."""
-    for name in names:
-        if name not in SUPPORTED:
-            raise ValueError(f"unknown tracker {name!r}; choose from {sorted(SUPPORTED)}")
-        if importlib.util.find_spec(SUPPORTED[name]) is None:
-            raise ValueError(f"{name!r} is not installed (pip install {name})")
+from unigrad.config import TRACKERS as SUPPORTED  # noqa: F401 - name -> module to import
+from unigrad.config import check_trackers_installed as check_installed
 
 
 def check_credentials(names: list[str]) -> None:
