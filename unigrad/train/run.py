@@ -26,6 +26,7 @@ from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
 from unigrad.rollout.base import SamplingParams
+from unigrad.rollout.engine_choice import resolve_engine
 from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.episodes import episode_prompt_ids
 from unigrad.rollout.prompts import encode_prompt
@@ -186,6 +187,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunD
     lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha) if cfg.model.lora_r else None
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=DTYPES[cfg.model.dtype], lora=lora,
                                                 device=device)
+    cfg, engine_choice = resolve_engine(cfg, model, torch.device(device).type, dist.world)  # rollout.engine=auto
+    if engine_choice is not None and dist.is_main:
+        _print(console, f"rollout.engine=auto: {engine_choice.engine} ({engine_choice.reason})")
     ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
     mon = cfg.monitors
     monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
