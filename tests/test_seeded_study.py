@@ -173,6 +173,8 @@ def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     assert f"| `gspo` − `then` | {expected} |" in page  # a further comparison, paired by seed
     assert "2 seeds × 3 arms × 2 rollout steps (then: 1), staged: then starts from grpo's final weights" in page
     assert "Validation pass@1" in page
+    assert "Study file smoke.yaml: not committed" in page  # the preregistration record (tmp_path is no repository)
+    assert "comparisons this study makes" in page and "after Holm" in page
     start = json.loads(next((runs / "start").glob("*/study_eval_test.json")).read_text())
     assert f"| start: {small_model} | {100 * start['arithmetic']['pass@1']:.1f} |" in page  # per task, the start
     for seed in range(2):  # the second stage trained from the first stage's weights of its own seed, for its steps

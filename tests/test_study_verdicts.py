@@ -8,6 +8,7 @@ import math
 import pytest
 
 from unigrad.report.multiplicity import holm, holm_adjust, paired_t
+from unigrad.report.preregistration import FileHistory
 from unigrad.report.seeded_study import Study, StudySpec
 from unigrad.report.seeds import collapsed, t975
 from unigrad.report.study_verdicts import (
@@ -134,3 +135,35 @@ def test_scores_are_read_back_from_a_committed_page():
     assert scores_from_page(text) == {"grpo": [32.6, 30.6], "gspo-moe": [31.0, 26.3]}
     with pytest.raises(ValueError, match="Per seed"):
         scores_from_page("no seeds here")
+
+
+def test_the_page_records_when_the_study_file_was_committed(tmp_path):
+    import subprocess
+
+    from unigrad.report.preregistration import file_history, parse_log, preregistration_line
+
+    assert parse_log("bbb2222 2026-12-05\naaa1111 2026-12-03\n") == FileHistory("aaa1111", "2026-12-03", "bbb2222",
+                                                                                "2026-12-05")
+    assert parse_log("") is None
+    with pytest.raises(ValueError, match="expected"):
+        parse_log("nonsense\n")
+    study = tmp_path / "s.yaml"
+    study.write_text("title: t\n")
+    assert "not committed" in preregistration_line(study)  # not even in a repository
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "before")
+    git("add", "s.yaml")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "study file")
+    first = git("rev-parse", "--short", "HEAD")
+    assert file_history(study).first_commit == first == file_history(study).last_commit
+    assert preregistration_line(study).startswith(f"Study file first committed at {first} (")
+    study.write_text("title: t2\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "edit")
+    last = git("rev-parse", "--short", "HEAD")
+    history = file_history(study)
+    assert (history.first_commit, history.last_commit) == (first, last)
+    assert f"last changed at {last}" in preregistration_line(study)

@@ -17,6 +17,7 @@ A study file holds everything the study depends on (nothing is read from another
                                                    # from that arm's final weights, same seed: a staged method)
     columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
     curves: [reward/mean, grad_norm]               # plotted per arm, mean over seeds
+    control: grpo                                  # collapse: a run's reward ending below half of this arm's
 
 Each (arm, seed) trains with the real CLI (`unigrad train`) into OUT/ARM/seedK, resuming a run a cut-off study
 left behind and skipping a finished one, then is evaluated with `unigrad eval --per-prompt` on every split in
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from unigrad.report.run_report import read_metrics
 from unigrad.report.seeds import collapsed, series
@@ -84,6 +85,7 @@ class StudySpec(BaseModel):
         [], description="further seed-paired differences to report, each [arm, other arm]: arm minus other")
     curves: list[str] = []
     collapse_metric: str = "reward/mean"
+    _source: Path | None = PrivateAttr(None)  # the file it was loaded from (`load_study`), for the page's git record
     control: str | dict[str, str] | None = Field(
         None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
         "at the same step), or per model name; without one the page gives no collapse verdict")
@@ -150,6 +152,7 @@ def load_study(path: str | Path) -> StudySpec:
     except ValidationError as err:
         raise ValueError(compact(err, path)) from None
     check_arm_configs(spec, path)
+    spec._source = path
     return spec
 
 
@@ -218,11 +221,13 @@ class Study:
     """One study file run into `out`: train, evaluate, summarise (the page is written by `study_page`)."""
 
     def __init__(self, spec: StudySpec, out: str | Path, *, seeds: int | None = None, steps: int | None = None,
-                 parallel: int | None = None, log=print):
+                 parallel: int | None = None, log=print, source: str | Path | None = None):
+        source = source if source is not None else spec._source
         given = {k: v for k, v in (("steps", steps), ("seeds", seeds), ("parallel", parallel)) if v is not None}
         if given:  # checked as the file's own values are (seeds >= 1, ...)
             spec = StudySpec.model_validate({**spec.model_dump(), **given})
         self.spec, self.out, self.log = spec, Path(out), log
+        self.source = Path(source) if source is not None else None  # the study file, for the page's git record
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.out / arm / f"seed{seed}"

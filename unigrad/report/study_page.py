@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from unigrad.report.preregistration import preregistration_line
 from unigrad.report.seeded_study import Study
 from unigrad.report.seeds import mean_ci, moving_average, paired_difference, series
 from unigrad.report.study import write_page
@@ -230,6 +231,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
         lines += [""]
         for png in plot_curves(study, doc):
             lines += [f"![{png.stem}]({png.name})", ""]
+    lines += ["", preregistration_line(study.source)] if study.source is not None else []
     lines += ["", "Study file (the training config each arm starts from, then each arm's overrides):", "",
               "```yaml", yaml.safe_dump(spec.model_dump(exclude={"question"}), sort_keys=False).rstrip(), "```"]
     lines += ["", "Columns: " + "; ".join(f"*{k}* = {v}" for k, v in spec.columns.items()) +
