@@ -167,3 +167,25 @@ def test_the_page_records_when_the_study_file_was_committed(tmp_path):
     history = file_history(study)
     assert (history.first_commit, history.last_commit) == (first, last)
     assert f"last changed at {last}" in preregistration_line(study)
+
+
+def test_the_page_shows_holm_collapses_against_the_control_and_the_study_files_record(tmp_path):
+    from unigrad.report.study_page import render
+
+    source = tmp_path / "s.yaml"
+    source.write_text("title: t\n")
+    spec = StudySpec.model_validate({
+        "title": "t", "doc": "d.md", "steps": 20, "seeds": 2, "train": {"tasks": ["arithmetic"]},
+        "arms": {"base": {}, "x": {"objective": "gspo"}}, "baseline": "base", "control": "base"})
+    study = Study(spec, tmp_path / "runs", source=source)
+    per_prompt = {"arithmetic": {"pass@1": 0.5, "correct": [1, 0]}, "mean": {"pass@1": 0.5}}
+    _write(study.start_dir("unigrad-tiny"), "study_eval_test.json", json.dumps(per_prompt))
+    for arm, rewards in (("base", [0.3] * 20), ("x", [0.3, 0.3] + [0.0] * 18)):
+        for seed in range(2):
+            _write(study.run_dir(arm, seed), "study_eval_test.json", json.dumps(per_prompt))
+            _write(study.run_dir(arm, seed), "metrics.jsonl", "".join(json.dumps({"reward/mean": r, "time/step": 1.0})
+                                                                      + "\n" for r in rewards))
+    page = render(study, "unigrad study s.yaml", tmp_path / "d.md")
+    assert "| `x` − `base` | 2 |" in page and "after Holm" in page
+    assert "| 2 of 2 |" in page and "| (control) |" in page  # x crashed at step 3: both seeds, against the control
+    assert "Study file s.yaml: not committed" in page
