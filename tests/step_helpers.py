@@ -6,7 +6,7 @@ import torch
 from model_helpers import char_token_ids, tiny_model
 from transformers import LlamaForCausalLM
 
-from unigrad.config import OptimSection
+from unigrad.config import OptimSection, TrainConfig, validate_config
 from unigrad.data.samplers import TaskSampler
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.models.tokenizer import build_char_tokenizer
@@ -16,6 +16,7 @@ from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.tasks import get_tasks
 from unigrad.train.batching import encode_prompt
 from unigrad.train.learner import Learner
+from unigrad.train.routing import TrainingMode
 from unigrad.train.step import StepContext
 
 TASKS = ("arithmetic", "countdown", "table_qa")
@@ -48,19 +49,59 @@ def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:
     return model
 
 
-def step_context(task_gradients: bool = False, seed: int = 0, objective: str = "grpo", **fields) -> StepContext:
-    """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields."""
+# step_context's keyword names for settings, as the config keys they set.
+SETTINGS = {"prompts_per_step": "prompts_per_step", "micro_batch_size": "micro_batch_size",
+            "num_iterations": "num_iterations", "seed": "seed", "samples_per_step": "samples_per_step",
+            "reward_timeout": "reward_timeout", "num_generations": "rollout.num_generations",
+            "dynamic_sampling": "rollout.dynamic_sampling", "max_resample": "rollout.max_resample",
+            "overlong_buffer": "rollout.overlong_buffer", "overlong_penalty": "rollout.overlong_penalty",
+            "max_turns": "rollout.max_turns", "mini_batches": "optim.mini_batches",
+            "sample_gradients": "diagnostics.sample_gradients", "grad_norm_cap": "monitors.grad_norm_cap"}
+
+
+def step_config(objective, mode: TrainingMode | None = None, sampling: SamplingParams | None = None,
+                **settings) -> TrainConfig:
+    """The config of `step_context`'s step: 6 prompts x 4 rollouts of 6 tokens at temperature 1, micro-batches of
+    3, `settings` under step_context's names (SETTINGS); `mode` as the objective that makes it (all: sft, failed:
+    HPT with `objective` as its RL part)."""
+    sampling = sampling or SamplingParams(temperature=1.0, max_new_tokens=6)
+    data = {"prompts_per_step": 6, "micro_batch_size": 3, "seed": 0,
+            "rollout": {"num_generations": 4, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                        "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens},
+            "objective": objective if isinstance(objective, str) else "grpo"}
+    if mode is not None and mode.demonstrations == "all":
+        data["objective"] = "sft"
+    if mode is not None and mode.demonstrations == "failed":
+        data["objective"] = "hpt"
+        data["hybrid"] = {"gamma": mode.hpt_gamma, "rl_coef": mode.rl_coef, "sft_coef": mode.sft_coef,
+                          "rl_objective": objective if isinstance(objective, str) else "dr_grpo"}
+    for name, value in settings.items():
+        *sections, key = SETTINGS[name].split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    cfg = validate_config(data)
+    assert mode is None or TrainingMode.from_config(cfg) == mode, (mode, TrainingMode.from_config(cfg))
+    return cfg
+
+
+def step_context(task_gradients: bool = False, seed: int = 0, objective="grpo", mode: TrainingMode | None = None,
+                 sampling: SamplingParams | None = None, **fields) -> StepContext:
+    """6 prompts x 4 rollouts of 6 tokens over three built-in tasks; `fields` override StepContext fields or, under
+    the names of SETTINGS, the config's settings."""
     tok = build_char_tokenizer(model_max_length=256)
     model = small_char_llama(tok, seed)
     tasks = [t for spec in TASKS for t in get_tasks(spec)]
     pools = [t.examples("train", POOL, seed=k) for k, t in enumerate(tasks)]
     learner = Learner(model, OptimSection(lr=1e-3, schedule="constant"))
+    settings = {name: fields.pop(name) for name in list(fields) if name in SETTINGS}
     return StepContext(**{
         "tokenizer": tok, "learner": learner, "engine": TransformersEngine(model, tok.pad_token_id, tok.eos_token_id),
         "tasks": tasks, "pools": pools, "pool_prompt_ids": [[encode_prompt(tok, e.prompt) for e in p] for p in pools],
         "sampler": TaskSampler([POOL] * len(tasks), seed=SAMPLER_SEED, names=[t.name for t in tasks]),
-        "objective": resolve_objective(objective), "sampling": SamplingParams(temperature=1.0, max_new_tokens=6),
-        "prompts_per_step": 6, "num_generations": 4, "micro_batch_size": 3, "seed": seed,
+        "objective": resolve_objective(objective),
+        "config": step_config(objective, mode, sampling, seed=seed, **settings),
         "task_gradients": TaskGradients(learner.params) if task_gradients else None, **fields})
 
 

@@ -266,7 +266,7 @@ def test_l_max_of_multi_turn_rows_is_the_turn_budget_times_max_new_tokens(setup)
     tok, _ = setup
     ctx = scripted_context(tok, single_turn=("arithmetic",))
     assert produce(ctx, step=1, policy_version=0)[0].max_length == 3 * 4
-    ctx.max_turns = 2
+    ctx.config.rollout.max_turns = 2
     assert produce(ctx, step=1, policy_version=0)[0].max_length == 2 * 4
 
 

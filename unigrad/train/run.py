@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
-from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.engine_choice import resolve_engine
 from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.episodes import episode_prompt_ids
@@ -55,7 +55,6 @@ from unigrad.train.feasibility import check_installed, check_processes, load_tas
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
 from unigrad.train.pipeline import RolloutPipeline, thread_split
-from unigrad.train.routing import TrainingMode
 from unigrad.train.run_lock import RunDirectoryLock
 from unigrad.train.step import StepContext, train_step
 from unigrad.train.trackers import check_credentials, open_trackers
@@ -407,81 +406,89 @@ def _finish(run: Run, last: int) -> dict[str, Any] | None:
 
 def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], dist: Distributed = SINGLE):
     """(StepContext, learning-gain tracker, prompts dropped per task) for a model and its tasks."""
-    from unigrad.rollout.transformers_engine import TransformersEngine
-
     style = tool_style(tokenizer)
     pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model), style)
     objective = cfg.resolved_objective()
-    rollout_dtype = DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
                       shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.optimizer_steps)
-    whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
     longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
-    vllm_options = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "max_model_len": longest,
-                    "seed": cfg.seed}
-    if cfg.rollout.engine == "vllm" and not cfg.rollout.max_staleness:  # one vLLM instance in this process
-        from unigrad.rollout.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                            **vllm_options)
-    elif cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
-        from unigrad.rollout.ray_pool import RayRolloutPool
-
-        engine = RayRolloutPool(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
-                                dtype=rollout_dtype, decoder=cfg.rollout.decoder)
-    else:
-        engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                    decoder=cfg.rollout.decoder, device=learner.device,
-                                    instruments=EngineInstruments(cfg.rollout.logit_noise, cfg.rollout.router_noise,
-                                                                  True if cfg.rollout.routing_replay else None))
-        learner.replay_routing = cfg.rollout.routing_replay
+    engine = build_engine(cfg, learner, tokenizer, longest)
     names = [t.name for t in tasks]
     sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
                             weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name),
                             ema_decay=cfg.sampler.ema_decay,
                             exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
-    account = cfg.diagnostics.task_gradients
-    if account is None:  # auto: on for a multi-task run and for what feeds on it (with one task, balanced to the
-        # mean norm and pcgrad leave the gradient as it is; a fixed balance_target rescales it)
-        account = len(tasks) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.balance_target is not None
-    task_gradients = TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
-                                   balance_target=cfg.gradients.balance_target,
-                                   project=cfg.gradients.combine == "pcgrad", cross_every=cfg.diagnostics.cross_every,
-                                   reduce=dist.sum_ if dist.active else None,
-                                   task_names=names if dist.active else None,
-                                   sharded=learner.sharded) if account else None
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
-    ctx = StepContext(
-        tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools, pool_prompt_ids=pool_ids,
-        sampler=sampler, objective=objective,
-        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens),
-        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.rollout.num_generations,
-        micro_batch_size=cfg.micro_batch_size, num_iterations=cfg.num_iterations,
-        mini_batches=cfg.optim.mini_batches, mode=TrainingMode.from_config(cfg), seed=cfg.seed,
-        samples_per_step=cfg.samples_per_step,
-        reward_timeout=cfg.reward_timeout, dynamic_sampling=bool(cfg.rollout.dynamic_sampling),
-        max_resample=cfg.rollout.max_resample, overlong_buffer=cfg.rollout.overlong_buffer or 0,
-        overlong_penalty=cfg.rollout.overlong_penalty,
-        task_gradients=task_gradients, sample_gradients=cfg.diagnostics.sample_gradients,
-        grad_norm_cap=cfg.monitors.grad_norm_cap, dist=dist,
-        max_turns=cfg.rollout.max_turns, tool_style=style, context_length=_context_length(model),
-    )
+    ctx = StepContext(tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools,
+                      pool_prompt_ids=pool_ids, sampler=sampler, objective=objective, config=cfg,
+                      task_gradients=task_gradient_accounting(cfg, learner, names, dist), dist=dist,
+                      tool_style=style, context_length=_context_length(model))
     if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
-        def make_worker():
-            from unigrad.rollout.async_worker import EngineWorker
-
-            episodes = {"tokenizer": tokenizer, "specs": cfg.tasks, "reward": cfg.reward, "tools": cfg.tools,
-                        "tool_style": style, "max_turns": cfg.rollout.max_turns,
-                        "context_length": _context_length(model)} if ctx.multi_turn else None
-            return EngineWorker(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=rollout_dtype,
-                                decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
-                                threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1],
-                                episodes=episodes, vllm=vllm_options if cfg.rollout.engine == "vllm" else None)
-
-        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness, make_worker=make_worker)
-
+        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness,
+                                       make_worker=partial(_engine_worker, ctx, model, longest))
     return ctx, gain, dropped
+
+
+def _rollout_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
+
+
+def _vllm_options(cfg: TrainConfig, longest: int) -> dict[str, Any]:
+    return {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "max_model_len": longest, "seed": cfg.seed}
+
+
+def build_engine(cfg: TrainConfig, learner: Learner, tokenizer, longest: int):
+    """The rollout engine the config asks for, on the learner's whole model (`longest`: the longest prompt plus the
+    completion budget, what vLLM reserves a sequence for)."""
+    whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
+    if cfg.rollout.engine == "vllm" and not cfg.rollout.max_staleness:  # one vLLM instance in this process
+        from unigrad.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
+                          **_vllm_options(cfg, longest))
+    if cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
+        from unigrad.rollout.ray_pool import RayRolloutPool
+
+        return RayRolloutPool(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
+                              dtype=_rollout_dtype(cfg), decoder=cfg.rollout.decoder)
+    from unigrad.rollout.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
+                                decoder=cfg.rollout.decoder, device=learner.device,
+                                instruments=EngineInstruments(cfg.rollout.logit_noise, cfg.rollout.router_noise,
+                                                              True if cfg.rollout.routing_replay else None))
+    learner.replay_routing = cfg.rollout.routing_replay
+    return engine
+
+
+def task_gradient_accounting(cfg: TrainConfig, learner: Learner, names: list[str], dist: Distributed
+                             ) -> TaskGradients | None:
+    """Per-task gradient accounting, or None when it is off. diagnostics.task_gradients=None (auto): on for a
+    multi-task run and for what feeds on it (with one task, balanced to the mean norm and pcgrad leave the gradient
+    as it is; a fixed balance_target rescales it)."""
+    account = cfg.diagnostics.task_gradients
+    if account is None:
+        account = len(names) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.balance_target is not None
+    if not account:
+        return None
+    return TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
+                         balance_target=cfg.gradients.balance_target, project=cfg.gradients.combine == "pcgrad",
+                         cross_every=cfg.diagnostics.cross_every, reduce=dist.sum_ if dist.active else None,
+                         task_names=names if dist.active else None, sharded=learner.sharded)
+
+
+def _engine_worker(ctx: StepContext, model, longest: int):
+    """The asynchronous rollouts' engine: a copy of the whole model in a worker process (rollout.max_staleness)."""
+    from unigrad.rollout.async_worker import EngineWorker
+
+    cfg, tokenizer = ctx.config, ctx.tokenizer
+    episodes = {"tokenizer": tokenizer, "specs": cfg.tasks, "reward": cfg.reward, "tools": cfg.tools,
+                "tool_style": ctx.tool_style, "max_turns": cfg.rollout.max_turns,
+                "context_length": _context_length(model)} if ctx.multi_turn else None
+    return EngineWorker(ctx.learner.whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
+                        decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
+                        threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1],
+                        episodes=episodes, vllm=_vllm_options(cfg, longest) if cfg.rollout.engine == "vllm" else None)
 
 
 def _loop(run: Run, start: int) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from unigrad.config import TrainConfig
 from unigrad.diagnostics.compute import step_flops
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
@@ -48,7 +49,10 @@ from unigrad.train.routing import TrainingMode
 
 @dataclass
 class StepContext:
-    """Everything a step needs; built once by `unigrad.train.run`."""
+    """Everything a step needs; built once by `unigrad.train.run.build_step_context`.
+
+    Every setting comes from the run's config (`config`: its sections rollout, optim, diagnostics, monitors and
+    its top-level keys), read through the properties below; nothing here has a default of its own."""
 
     tokenizer: Any
     learner: Learner
@@ -57,28 +61,12 @@ class StepContext:
     pools: list[list[Example]]  # training examples per task
     pool_prompt_ids: list[list[list[int]]]  # their chat-templated token ids
     sampler: Any  # TaskSampler
-    objective: Objective
-    sampling: SamplingParams
-    prompts_per_step: int
-    num_generations: int
-    micro_batch_size: int
-    num_iterations: int = 1  # epochs over each batch
-    mini_batches: int = 1  # optimizer steps per epoch
-    mode: TrainingMode = TrainingMode()  # how demonstrations enter the step (SFT, HPT, LUFFY), and the weights
-    seed: int = 0
-    samples_per_step: int = 0
+    objective: Objective  # the resolved RL objective (the config's objective with its objective_args)
+    config: TrainConfig
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
-    sample_gradients: int = 0  # rows per task whose own gradient norm is measured on the steps that split halves
-    grad_norm_cap: float | None = None  # skip a step whose pre-clip grad norm exceeds this
     dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
-    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, draw more (unigrad.train.dynamic_sampling)
-    max_resample: int = 3  # dynamic sampling's rounds after the first
-    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last tokens before the budget (0 = off)
-    overlong_penalty: float = 1.0
-    reward_timeout: float | None = None  # seconds a task's verifier may take per step (None = no limit)
     reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
     pipeline: Any = None  # asynchronous rollouts (unigrad.train.pipeline.RolloutPipeline); None = synchronous
-    max_turns: int | None = None  # cap on a multi-turn task's assistant turns (None: each task's own)
     tool_style: str = "plain"  # how tool calls are written: "hf" (chat templates with tools=) or "plain"
     context_length: int | None = None  # the model's: an episode ends when its next turn would not fit
     num_parameters: int | None = None  # the model's, for the compute estimate (counted at the first step)
@@ -87,6 +75,34 @@ class StepContext:
     def multi_turn(self) -> bool:
         """Some task is multi-turn: rollouts run as episodes."""
         return any(is_multi_turn(t) for t in self.tasks)
+
+    @property
+    def mode(self) -> TrainingMode:
+        """How demonstrations enter the step (SFT, HPT, LUFFY), and the components' weights."""
+        return TrainingMode.from_config(self.config)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        rollout = self.config.rollout
+        return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                              max_new_tokens=rollout.max_new_tokens)
+
+    # The config's keys under the names the step's code reads them by.
+    prompts_per_step = property(lambda self: self.config.prompts_per_step)
+    micro_batch_size = property(lambda self: self.config.micro_batch_size)
+    num_iterations = property(lambda self: self.config.num_iterations)  # epochs over each batch
+    seed = property(lambda self: self.config.seed)
+    samples_per_step = property(lambda self: self.config.samples_per_step)
+    reward_timeout = property(lambda self: self.config.reward_timeout)  # seconds a task's verifier may take
+    num_generations = property(lambda self: self.config.rollout.num_generations)
+    dynamic_sampling = property(lambda self: bool(self.config.rollout.dynamic_sampling))
+    max_resample = property(lambda self: self.config.rollout.max_resample)
+    overlong_buffer = property(lambda self: self.config.rollout.overlong_buffer or 0)
+    overlong_penalty = property(lambda self: self.config.rollout.overlong_penalty)
+    max_turns = property(lambda self: self.config.rollout.max_turns)  # None: each task's own
+    mini_batches = property(lambda self: self.config.optim.mini_batches)  # optimizer steps per epoch
+    sample_gradients = property(lambda self: self.config.diagnostics.sample_gradients)
+    grad_norm_cap = property(lambda self: self.config.monitors.grad_norm_cap)  # skip a step above this norm
 
 
 def train_step(ctx: StepContext, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
