@@ -1,3 +1,20 @@
-"""unigrad: reinforcement-learning post-training of language models on verifiable rewards."""
+"""unigrad: reinforcement-learning post-training of language models on verifiable rewards.
+
+The package's layers, lowest first; a module imports only from its own layer or lower ones (inside functions too;
+tests/test_import_layers.py checks it):
+
+    objective, user_code, sandbox   the estimator's maths; loading a user's code; the code jail
+    tools, data                     tool calls; the task samplers
+    tasks                           single-turn tasks and their verifiers
+    environments                    multi-turn tasks, built on tasks and tools
+    models                          model loading, the embedded tiny model, the learning-rate schedule
+    rollout                         engines that sample, episodes, prompt encoding
+    diagnostics                     measurements of a step (per-task gradients, mismatch, monitors)
+    config                          the run configuration and the refusals that need no machine
+    eval                            held-out evaluation of a model
+    train, integrations             the trainer (train/feasibility.py: what cannot run here); adapters
+    report, preset_table            pages and tables about runs and presets
+    cli                             the command line
+"""
 
 __version__ = "0.1.0"
