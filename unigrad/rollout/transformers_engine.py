@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -176,74 +177,132 @@ class TransformersEngine:
         return out.logits[:, -1][row_src], next_logits, keep_rows
 
     def _generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> dict[str, torch.Tensor]:
-        dev, pad = self.device, self.pad_token_id
-        # Distinct prompts, each prefilled once.
-        index_of: dict[tuple[int, ...], int] = {}
-        which = [index_of.setdefault(tuple(p), len(index_of)) for p in prompts]
-        distinct = list(index_of)
-        ids, mask = pad_rows(distinct, "left", pad)
-        ids, mask = ids.to(dev), mask.to(dev)
-        row_src = torch.tensor(which, dtype=torch.long, device=dev).repeat_interleave(n)  # (N,) distinct prompt of row
-        rows, max_new = row_src.shape[0], max(0, sampling.max_new_tokens)
-
-        completion = torch.full((rows, max_new), pad, dtype=torch.long, device=dev)
-        logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=dev)
-        completion_mask = torch.zeros(rows, max_new, dtype=torch.bool, device=dev)
-        finished = torch.zeros(rows, dtype=torch.bool, device=dev)
-        steps, instruments = 0, None
-        if max_new > 0:
+        call = _Call.of(prompts, n, sampling, self.pad_token_id, self.device)
+        out = _Decoded.empty(call.rows, call.max_new, self.pad_token_id, self.device)
+        instruments = None
+        if call.max_new > 0:
             # One random stream per prompt (rows p*n .. p*n+n-1): a prompt's samples do not depend on the others.
             seeds = resolve_prompt_seeds(sampling, len(prompts))
-            streams = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
-            eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
-            instruments = CallInstruments(self.model, self.instruments, seeds, which, mask, row_src, n, max_new)
-
+            instruments = CallInstruments(self.model, self.instruments, seeds, call.which, call.mask, call.row_src, n,
+                                          call.max_new)
             with instruments:  # router noise / the routing record while the model runs
-                instruments.before_prefill()
-                if self.static_decoder is not None:
-                    logits = self.static_decoder.prefill(ids, mask, row_src, max_new)
-                    next_logits, keep_rows = self.static_decoder.step, self.static_decoder.keep_rows
-                else:
-                    logits, next_logits, keep_rows = self._transformers_prefill(
-                        ids, mask, row_src, len(distinct) == len(prompts), n, max_new)
-                instruments.after_prefill()
-                # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep
-                # their last logits, so the tokens do not depend on when rows leave.
-                live = torch.arange(rows, device=dev)
-                for t in range(max_new):
-                    noise = None
-                    if sampling.temperature > 0:  # every row draws every step, finished or not: streams stay aligned
-                        noise = torch.empty(rows, logits.shape[-1], device=dev)
-                        for p, stream in enumerate(streams):
-                            noise[p * n : (p + 1) * n].exponential_(generator=stream)
-                    tokens, token_logprobs = select_next_tokens(instruments.noisy_logits(logits), sampling, noise)
-                    active = ~finished
-                    completion[:, t] = torch.where(active, tokens, pad)
-                    logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
-                    completion_mask[:, t] = active
-                    finished |= active & torch.isin(tokens, eos)
-                    steps = t + 1
-                    if steps == max_new or bool(finished.all()):
-                        break
-                    still = ~finished[live]
-                    if int(still.sum()) <= self.compact_fraction * len(live):
-                        keep = torch.nonzero(still).flatten()
-                        keep_rows(keep)
-                        live = live[keep]
-                    instruments.before_step(live)
-                    if len(live) == rows:
-                        logits = next_logits(completion[:, t], t)
-                    else:
-                        logits[live] = next_logits(completion[live, t], t)
-                    instruments.after_step(live, t)
-
+                self._decode(call, seeds, instruments, out)
+        steps = out.steps
         return {
-            "prompt_ids": ids[row_src],
-            "prompt_mask": mask[row_src],
-            "completion_ids": completion[:, :steps],
-            "completion_mask": completion_mask[:, :steps],
-            "infer_logprobs": logprobs[:, :steps],
-            "group_ids": torch.arange(len(prompts), device=dev).repeat_interleave(n),
-            "truncated": ~finished,
+            "prompt_ids": call.ids[call.row_src],
+            "prompt_mask": call.mask[call.row_src],
+            "completion_ids": out.completion[:, :steps],
+            "completion_mask": out.completion_mask[:, :steps],
+            "infer_logprobs": out.logprobs[:, :steps],
+            "group_ids": torch.arange(len(prompts), device=self.device).repeat_interleave(n),
+            "truncated": ~out.finished,
             "routing": instruments.routing_record(steps) if instruments is not None else None,
         }
+
+    def _prefill(self, call: _Call, instruments: CallInstruments):
+        """(last logits of every row, next_logits(tokens, t), keep_rows(keep)) from the static decoder or
+        transformers' cache."""
+        instruments.before_prefill()
+        if self.static_decoder is not None:
+            logits = self.static_decoder.prefill(call.ids, call.mask, call.row_src, call.max_new)
+            next_logits, keep_rows = self.static_decoder.step, self.static_decoder.keep_rows
+        else:
+            logits, next_logits, keep_rows = self._transformers_prefill(
+                call.ids, call.mask, call.row_src, call.distinct == call.prompts, call.n, call.max_new)
+        instruments.after_prefill()
+        return logits, next_logits, keep_rows
+
+    def _decode(self, call: _Call, seeds: list[int], instruments: CallInstruments, out: _Decoded) -> None:
+        """Sample up to `call.max_new` tokens per row into `out`, until every row has written an end token."""
+        streams = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
+        logits, next_logits, keep_rows = self._prefill(call, instruments)
+        # Rows still in the decoder's batch. Finished rows leave it once they are a quarter of it; they keep their
+        # last logits, so the tokens do not depend on when rows leave.
+        live = torch.arange(call.rows, device=self.device)
+        for t in range(call.max_new):
+            noise = None
+            if call.sampling.temperature > 0:  # every row draws every step, finished or not: streams stay aligned
+                noise = torch.empty(call.rows, logits.shape[-1], device=self.device)
+                for p, stream in enumerate(streams):
+                    noise[p * call.n : (p + 1) * call.n].exponential_(generator=stream)
+            tokens, token_logprobs = select_next_tokens(instruments.noisy_logits(logits), call.sampling, noise)
+            if out.record(t, tokens, token_logprobs, eos):
+                break
+            still = ~out.finished[live]
+            if int(still.sum()) <= self.compact_fraction * len(live):
+                keep = torch.nonzero(still).flatten()
+                keep_rows(keep)
+                live = live[keep]
+            instruments.before_step(live)
+            if len(live) == call.rows:
+                logits = next_logits(out.completion[:, t], t)
+            else:
+                logits[live] = next_logits(out.completion[live, t], t)
+            instruments.after_step(live, t)
+
+
+@dataclass
+class _Call:
+    """One `generate` call's prompts as the decoder takes them: each distinct prompt once, left-padded."""
+
+    ids: torch.Tensor  # (D, P) the distinct prompts
+    mask: torch.Tensor  # (D, P) bool
+    which: list[int]  # (prompts,) the distinct prompt of each prompt
+    row_src: torch.Tensor  # (N,) the distinct prompt of each row, n rows per prompt
+    n: int
+    sampling: SamplingParams
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], n: int, sampling: SamplingParams, pad: int, device) -> _Call:
+        index_of: dict[tuple[int, ...], int] = {}
+        which = [index_of.setdefault(tuple(p), len(index_of)) for p in prompts]
+        ids, mask = pad_rows(list(index_of), "left", pad)
+        row_src = torch.tensor(which, dtype=torch.long, device=device).repeat_interleave(n)
+        return cls(ids.to(device), mask.to(device), which, row_src, n, sampling)
+
+    @property
+    def rows(self) -> int:
+        return self.row_src.shape[0]
+
+    @property
+    def prompts(self) -> int:
+        return len(self.which)
+
+    @property
+    def distinct(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def max_new(self) -> int:
+        return max(0, self.sampling.max_new_tokens)
+
+
+@dataclass
+class _Decoded:
+    """What the decode loop has written: one column per step, pad and log-prob 0 after a row's end token."""
+
+    completion: torch.Tensor  # (N, max_new) long
+    logprobs: torch.Tensor  # (N, max_new) float32
+    completion_mask: torch.Tensor  # (N, max_new) bool
+    finished: torch.Tensor  # (N,) bool: the row has written an end token
+    pad: int
+    steps: int = 0
+
+    @classmethod
+    def empty(cls, rows: int, max_new: int, pad: int, device) -> _Decoded:
+        return cls(torch.full((rows, max_new), pad, dtype=torch.long, device=device),
+                   torch.zeros(rows, max_new, dtype=torch.float32, device=device),
+                   torch.zeros(rows, max_new, dtype=torch.bool, device=device),
+                   torch.zeros(rows, dtype=torch.bool, device=device), pad)
+
+    def record(self, t: int, tokens: torch.Tensor, token_logprobs: torch.Tensor, eos: torch.Tensor) -> bool:
+        """Write step `t`'s tokens of the rows not yet finished; True when decoding is over (the last step, or
+        every row finished)."""
+        active = ~self.finished
+        self.completion[:, t] = torch.where(active, tokens, self.pad)
+        self.logprobs[:, t] = torch.where(active, token_logprobs, 0.0)
+        self.completion_mask[:, t] = active
+        self.finished |= active & torch.isin(tokens, eos)
+        self.steps = t + 1
+        return self.steps == self.completion.shape[1] or bool(self.finished.all())
