@@ -149,9 +149,20 @@ def plot_curves(study: Study, path: Path, window: int = 10) -> list[Path]:
 
 def render(study: Study, command: str, doc: Path, wall_minutes: float | None = None) -> str:
     """The page's generated part; plots are written next to `doc`."""
+    summaries = {arm: arm_summary(study, arm) for arm in study.spec.arms}
+    models = {arm: study.model_of(arm) for arm in study.spec.arms}
+    lines = _intro(study, command, wall_minutes)
+    lines += _arm_table(study, summaries, models)
+    lines += _per_task_table(study, summaries, models)
+    lines += _comparisons_table(study)
+    lines += holm_section(study)
+    lines += _closing(study, doc)
+    return "\n".join(lines)
+
+
+def _intro(study: Study, command: str, wall_minutes: float | None) -> list[str]:
+    """Title, question, how the page was made (machine, commit, runs, time) and how to read its tables."""
     spec = study.spec
-    summaries = {arm: arm_summary(study, arm) for arm in spec.arms}
-    models = {arm: study.model_of(arm) for arm in spec.arms}
     lines = [f"# {spec.title}", "", spec.question.strip(), ""] if spec.question else [f"# {spec.title}", ""]
     total = sum(study.train_minutes(arm, seed, chain=False) for arm in spec.arms for seed in range(spec.seeds)
                 if (study.run_dir(arm, seed) / "metrics.jsonl").is_file())
@@ -177,6 +188,15 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
         "itself; without a declared control there is no collapse verdict (–).",
         "",
     ]
+    return lines
+
+
+def _arm_table(study: Study, summaries: dict[str, dict], models: dict[str, str]) -> list[str]:
+    """One row per arm: test pass@1, its change and differences with their standard errors, collapses, the
+    study's columns, training minutes; then the start checkpoints' scores and each seed's."""
+    spec = study.spec
+    chained = {arm: o["from"] for arm, o in spec.arms.items() if "from" in o}
+    lines: list[str] = []
     base = spec.baseline
     head = ["arm", "model", "test pass@1", "change vs start", "prompt SE"]
     if base:
@@ -202,6 +222,13 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
               + "Per seed (test pass@1): "
               + "; ".join(f"{a} " + ", ".join(f"{100 * x:.1f}" for x in s["scores"]) for a, s in summaries.items())
               + "."]
+    return lines
+
+
+def _per_task_table(study: Study, summaries: dict[str, dict], models: dict[str, str]) -> list[str]:
+    """Test pass@1 per task of each arm, and of each start model."""
+    spec = study.spec
+    lines: list[str] = []
     tasks = list(next(iter(summaries.values()))["tasks"])
     lines += ["", "Per task (test pass@1, mean ± 95% CI over seeds):", "",
               "| arm | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
@@ -211,6 +238,13 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
     for model, arm in first_arm.items():
         start = study.start_evaluation(arm, "test")
         lines.append(f"| start: {model} | " + " | ".join(f"{100 * start[t]['pass@1']:.1f}" for t in tasks) + " |")
+    return lines
+
+
+def _comparisons_table(study: Study) -> list[str]:
+    """The study's further seed-paired comparisons, on each evaluated split."""
+    spec = study.spec
+    lines: list[str] = []
     if spec.comparisons:
         splits = [sp for sp in ("test", "validation") if sp in spec.eval.splits]
         lines += ["", "Further comparisons (pass@1 of the first arm minus the second, seed-paired: mean ± 95% CI over "
@@ -223,7 +257,14 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
                 diff, se = seed_paired(study, arm, other, sp)
                 cells += [pm(*diff, signed=True), f"{100 * se:.1f}"]
             lines.append(f"| `{arm}` − `{other}` | " + " | ".join(cells) + " |")
-    lines += holm_section(study)
+    return lines
+
+
+def _closing(study: Study, doc: Path) -> list[str]:
+    """Validation pass@1, the curves (written next to `doc`), the study file's record and text, the columns'
+    meaning."""
+    spec = study.spec
+    lines: list[str] = []
     if "validation" in spec.eval.splits:
         lines += ["", "Validation pass@1 (what choices are made on; mean ± 95% CI over seeds): "
                   + "; ".join(f"`{a}` {pm(*arm_summary(study, a, 'validation')['pass1'])}" for a in spec.arms) + "."]
@@ -238,7 +279,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
               " (per run: mean/max/min over its steps, last = mean of its last tenth, growth = mean of its last "
               "third / mean of its first third, alarms = steps on which the alarm fired; then mean ± 95% CI over "
               "seeds)." if spec.columns else ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_study_page(study: Study, command: str, root: Path, wall_minutes: float | None = None) -> Path:
