@@ -52,6 +52,7 @@ def run_async(k: int, steps: int, learner_delay: float = 0.0, engine_delay: floa
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows], ctx
 
 
+@pytest.mark.slow  # 34 s and 46 s (timed at load average 5-9 on 2 cores)
 @pytest.mark.parametrize("k", [1, 2])
 def test_staleness_is_bounded_by_k_and_the_rows_do_not_depend_on_timing(k, monkeypatch):
     steps = 5
@@ -65,6 +66,7 @@ def test_staleness_is_bounded_by_k_and_the_rows_do_not_depend_on_timing(k, monke
     assert slow_learner == fast and slow_engine == fast
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-9 on 2 cores)
 def test_k_ahead_samples_with_the_weights_of_k_versions_ago():
     """Step 3 at k=1 is sampled by version 1: the weights after step 1, not the initial ones (version 0)."""
     rows, ctx = run_async(1, 3)
@@ -92,6 +94,7 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
         worker.close()
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-9 on 2 cores)
 def test_a_worker_that_stops_answering_times_out_and_closing_it_ends_its_process():
     import psutil
 
@@ -110,6 +113,7 @@ def test_a_worker_that_stops_answering_times_out_and_closing_it_ends_its_process
     assert not alive
 
 
+@pytest.mark.slow  # 20 s (timed at load average 5-9 on 2 cores)
 def test_an_idle_worker_ends_when_the_training_process_is_killed(tmp_path):
     """SIGKILL leaves the training process no chance to close its worker; an idle worker, waiting on a job queue
     it holds both ends of, would wait forever unless it watches its parent."""
@@ -152,6 +156,7 @@ def test_thread_split_gives_each_side_a_core_on_two():
     assert thread_split(0, 0, 1) == (1, 1)
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-9 on 2 cores)
 def test_the_pipeline_state_holds_the_batches_in_flight():
     ctx = step_context()
     length_rewards(ctx)
@@ -176,6 +181,7 @@ def shift(model, by: float) -> None:
             p.add_(by)
 
 
+@pytest.mark.slow  # 20 s (timed at load average 5-9 on 2 cores)
 def test_weights_sent_to_the_worker_are_a_snapshot_the_learner_cannot_change_afterwards():
     """The executor pickles a job's arguments in its own thread, later: changing the weights in place right after
     sending them (the learner's next optimizer step) must not reach the engine."""
@@ -200,6 +206,7 @@ def test_weights_sent_to_the_worker_are_a_snapshot_the_learner_cannot_change_aft
     torch.testing.assert_close(got.infer_logprobs, want.infer_logprobs)
 
 
+@pytest.mark.slow  # 24 s (timed at load average 5-9 on 2 cores)
 def test_each_batch_is_sampled_by_the_weights_of_its_version():
     """k = 1, three steps: the batches taken (steps 1-3, versions 0, 0, 1) and those in flight after step 3 (steps 4
     and 5, versions 2 and 3) are generated again here, in this process, with a copy of the learner's weights as they

@@ -34,6 +34,7 @@ def assert_same(a, b):
     torch.testing.assert_close(a.infer_logprobs, b.infer_logprobs, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # 12 s, and 9 s to start Ray (timed at load average 5-9 on 2 cores)
 def test_pool_equals_one_engine_and_follows_weights(cluster):
     from unigrad.rollout.ray_pool import RayRolloutPool
 
@@ -77,6 +78,7 @@ def test_merge_pads_like_one_engine():
     assert_same(merge_rollouts(parts, PAD), whole)
 
 
+@pytest.mark.slow  # 13 s (timed at load average 5-9 on 2 cores)
 def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
     """`rollout.num_engines=2` through the real step: same samples, same loss, same gradient norm."""
     from unigrad.config import load_config
@@ -105,6 +107,7 @@ def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow  # 16 s (timed at load average 5-9 on 2 cores)
 def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
     """The episode runner calls nothing but `generate`: multi-turn episodes on the Ray pool are those of one engine."""
     from step_helpers import turn_ending_llama

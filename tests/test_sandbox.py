@@ -520,6 +520,7 @@ def test_no_jail_as_root_is_refused_unless_said_twice():
     assert load_config(None, ["sandbox.jail=none", "sandbox.allow_root_without_jail=true"]).sandbox.jail == "none"
 
 
+@pytest.mark.slow  # 12 s (timed at load average 5-9 on 2 cores)
 def test_without_bubblewrap_the_cli_stops_and_names_the_fix(tmp_path):
     # A PATH without bwrap: `unigrad sandbox-check` and `unigrad train` on the code task stop before anything else.
     bin_dir = tmp_path / "bin"

@@ -107,6 +107,7 @@ def test_evaluate_reads_the_split_it_is_given(small_model):
         assert [e.prompt for e in examples] == [e.prompt for e in task.examples(split, 20, seed=0)]
 
 
+@pytest.mark.slow  # 30 s (timed at load average 5-9 on 2 cores)
 def test_eval_cli_split_flag(small_model):
     out = {}
     for split in ("validation", "test"):
