@@ -1,6 +1,7 @@
 """Rollout tokens per second of VLLMEngine against TransformersEngine, at two shapes, in one process.
 
     python benchmarks/vllm_rollout_speed.py [--repeats 5] [--warmup 1] [--threads N] [--shape both|default|qwen2-25m]
+                                            [--device cpu|cuda] [--json PATH]
 
 Needs vLLM (on a CPU its CPU build, the README's "vLLM on CPU": run it from `.venv-vllm`); without it the script says
 so and exits with status 2.
@@ -20,6 +21,9 @@ torch.set_num_threads are set to `--threads` before either engine is built, and 
 keeps vLLM's CPU build from rebinding OpenMP threads (it also turns torch.set_num_threads into a no-op once built,
 which is why the count is fixed first); the threads each engine actually ran with are printed.
 
+Each timed call is also printed to stderr as it ends; vLLM's own log is kept to errors (VLLM_LOGGING_LEVEL=ERROR
+unless set). `--device cuda` runs both engines on the GPU (vLLM's CUDA build; the model is moved there first and
+the transformers engine shares it). `--json PATH` writes the settings, every timed call and the ratios there.
 The last line is `vllm_rollout_speedup=<vLLM tokens/s / transformers tokens/s at qwen2-25m>`.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -34,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def vllm_missing_message() -> str | None:
@@ -96,7 +102,7 @@ def qwen2_25m_shape() -> Shape:
                  model, prompts, 8, sampling, 0)
 
 
-def build_engines(shape: Shape, save_dir: str) -> tuple[dict[str, object], dict[str, float]]:
+def build_engines(shape: Shape, save_dir: str, device: str) -> tuple[dict[str, object], dict[str, float]]:
     """The two engines on `shape`'s model, and the seconds each took to build.
 
     vLLM starts from the model saved with save_pretrained (as `VLLMEngine` does for a model without a local
@@ -107,10 +113,10 @@ def build_engines(shape: Shape, save_dir: str) -> tuple[dict[str, object], dict[
     from unigrad.rollout.transformers_engine import TransformersEngine
     from unigrad.rollout.vllm_engine import VLLMEngine
 
-    model = shape.model
+    model = shape.model.to(device)
     longest = max(map(len, shape.prompts)) + shape.sampling.max_new_tokens
     start = time.perf_counter()
-    transformers_engine = TransformersEngine(model, shape.pad_token_id, None)
+    transformers_engine = TransformersEngine(model, shape.pad_token_id, None, device=device)
     t_build = time.perf_counter() - start
     start = time.perf_counter()
     model.save_pretrained(save_dir)
@@ -127,21 +133,24 @@ def time_interleaved(runners: dict[str, Callable[[], int]], repeats: int,
         for run in runners.values():
             run()
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, run in runners.items():
             start = time.perf_counter()
             tokens = run()
             results[name].append((time.perf_counter() - start, tokens))
+            print(f"  call {i + 1}/{repeats} {name}: {results[name][-1][0]:.3f} s, {tokens} tokens", file=sys.stderr,
+                  flush=True)
     return results
 
 
-def measure(shape: Shape, repeats: int, warmup: int) -> float:
-    """Print one shape's build times and rollout speeds; vLLM tokens/s over transformers tokens/s (medians)."""
+def measure(shape: Shape, repeats: int, warmup: int, device: str) -> dict:
+    """Print one shape's build times and rollout speeds; its record, with `ratio`: vLLM tokens/s over transformers
+    tokens/s (medians)."""
     import torch
 
     n_params = sum(p.numel() for p in shape.model.parameters())
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as save_dir:
-        engines, build = build_engines(shape, save_dir)
+        engines, build = build_engines(shape, save_dir, device)
         threads_after_build = torch.get_num_threads()
 
         def runner(engine) -> Callable[[], int]:
@@ -162,14 +171,16 @@ def measure(shape: Shape, repeats: int, warmup: int) -> float:
         print(f"  {name:<12} median {seconds:8.3f} s for {tokens} tokens = {rate[name]:9.0f} tokens/s "
               f"(min {min(s for s, _ in runs):.3f} s, max {max(s for s, _ in runs):.3f} s)")
     ratio = rate["vllm"] / rate["transformers"]
-    print(f"  [{shape.name}] vllm / transformers tokens per second: {ratio:.3f}")
-    return ratio
+    print(f"  [{shape.name}] vllm / transformers tokens per second: {ratio:.3f}", flush=True)
+    return {"parameters": n_params, "build_s": build, "calls": results, "tokens_per_s": rate, "ratio": ratio}
 
 
-def set_threads(threads: int) -> None:
-    """The same thread count for both engines, fixed before vLLM is imported (see the module docstring)."""
+def configure(threads: int) -> None:
+    """The same thread count for both engines, fixed before vLLM is imported (see the module docstring); vLLM's
+    log kept to errors."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import torch
 
     torch.set_num_threads(threads)
@@ -182,28 +193,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of both engines "
                         "(default: every core)")
     parser.add_argument("--shape", choices=("both", "default", "qwen2-25m"), default="both")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", default=None, help="write the settings, every timed call and the ratios here")
     args = parser.parse_args()
     if (message := vllm_missing_message()) is not None:
         print(message, file=sys.stderr)
         raise SystemExit(2)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1, --warmup at least 0")
-    set_threads(args.threads)
+    configure(args.threads)
     import torch
     import vllm
 
     load_before = os.getloadavg()
-    print(f"vllm {vllm.__version__}, torch {torch.__version__}, {args.threads} threads "
+    print(f"vllm {vllm.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} threads "
           f"(VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']}), {os.cpu_count()} cores; "
           f"{args.warmup} warm-up call(s) per engine excluded, {args.repeats} timed calls each, interleaved; "
           f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     shapes = {"default": default_shape, "qwen2-25m": qwen2_25m_shape}
-    ratios = {}
+    records = {}
     for name, build in shapes.items():
         if args.shape in ("both", name):
-            ratios[name] = measure(build(), args.repeats, args.warmup)
+            records[name] = measure(build(), args.repeats, args.warmup, args.device)
+    ratios = {name: record["ratio"] for name, record in records.items()}
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "vllm": vllm.__version__,
+                                               "torch": torch.__version__, "load_before": load_before,
+                                               "load_after": load_after, "shapes": records}, indent=1) + "\n")
     if "default" in ratios:
         print(f"vllm_rollout_speedup_default={ratios['default']:.3f}")
     if "qwen2-25m" in ratios:

@@ -12,12 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unigrad.config import validate_config
 from unigrad.rollout import engine_choice
-from unigrad.rollout.engine_choice import (
-    EngineSituation,
-    choose_rollout_engine,
-    resolve_engine,
-    vllm_refusals,
-)
+from unigrad.rollout.engine_choice import EngineSituation, choose_rollout_engine
+from unigrad.train.engine_selection import resolve_engine, vllm_refusals
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 
@@ -48,8 +44,11 @@ def test_transformers_where_the_runs_settings_rule_vllm_out():
     assert "rollout.num_engines > 1 needs transformers" in choice.reason
 
 
-def test_transformers_on_other_devices():
-    assert choose_rollout_engine(situation(device_type="mps")).engine == "transformers"
+def test_transformers_on_other_devices(monkeypatch):
+    monkeypatch.setattr(engine_choice, "CPU_VLLM_MIN_PARAMETERS", 1)  # even where the CPU rule would pick vLLM
+    monkeypatch.setattr(engine_choice, "CPU_VLLM_MIN_NEW_TOKENS", 1)
+    choice = choose_rollout_engine(situation(device_type="mps"))
+    assert choice.engine == "transformers" and "'mps'" in choice.reason
 
 
 def test_on_a_cpu_without_measured_thresholds_always_transformers(monkeypatch):
@@ -70,10 +69,13 @@ def test_on_a_cpu_vllm_from_both_thresholds_on(monkeypatch):
         assert got.engine == engine, (params, tokens, got)
 
 
-def test_the_shipped_thresholds_keep_the_default_run_on_transformers():
+def test_the_shipped_thresholds_follow_the_measurements():
     """examples/default.yaml on unigrad-tiny (1.06 M parameters, 40 tokens) is where vLLM's CPU build lost."""
     assert choose_rollout_engine(situation(device_type="cpu", parameters=1_060_000,
                                            max_new_tokens=40)).engine == "transformers"
+    # and the measured winning point (benchmarks/vllm_rollout_speed.py's qwen2-25m shape) on vLLM
+    assert choose_rollout_engine(situation(device_type="cpu", parameters=25_310_000,
+                                           max_new_tokens=256)).engine == "vllm"
 
 
 def test_bad_sizes_are_refused():

@@ -50,8 +50,6 @@ ALLOWED: dict[str, str] = {
     "unigrad.tasks.registry -> unigrad.environments.guess": "the registry names the built-in multi-turn tasks",
     "unigrad.tasks.registry -> unigrad.environments.tool_use": "the registry names the built-in multi-turn tasks",
     "unigrad.models.tiny -> unigrad.eval": "building the tiny model ends with its held-out evaluation",
-    "unigrad.rollout.engine_choice -> unigrad.config": "rollout.engine=auto's wiring to a run's config (resolve_engine,"
-    " vllm_refusals) sits beside the pure rule; its home is the trainer",
 }
 
 

