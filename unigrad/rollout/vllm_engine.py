@@ -256,9 +256,7 @@ class VLLMEngine:
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
         # external_launcher: vLLM runs in this process, alongside a torch.distributed learner if there is one.
         if "MASTER_PORT" not in os.environ:  # a single process: any free port for vLLM's own process group
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_local_port())
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         self.model_type = getattr(model.config, "model_type", "")
@@ -330,6 +328,13 @@ class VLLMEngine:
                                     greedy=sampling.temperature == 0)
 
 
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class VLLMHost:
     """A `VLLMEngine` built from (config, state dict) inside the asynchronous rollout worker's process
     (unigrad.rollout.async_worker): the worker's own vLLM instance, which takes the weights sent to it."""
@@ -339,6 +344,10 @@ class VLLMHost:
         from transformers import AutoModelForCausalLM
 
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the learner's process uses cores too
+        # A process of its own with one vLLM instance: its process group must not take the port (or rank) this
+        # process inherited from its parent, where a vLLM instance may already listen on it.
+        os.environ.update(MASTER_PORT=str(free_local_port()), MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
         if threads:
             torch.set_num_threads(threads)
         config, state = payload
