@@ -31,6 +31,7 @@ def stable(metrics_path: Path):
     return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
 
 
+@pytest.mark.slow  # 49 s and 33 s (timed at load average 5-6 on 2 cores)
 @pytest.mark.parametrize("objective", ["grpo", "hpt"])
 def test_cli_train_then_eval(small_model, tmp_path, objective):
     out = tmp_path / "run"
@@ -61,6 +62,7 @@ def test_cli_train_then_eval(small_model, tmp_path, objective):
     assert set(result) == {"arithmetic", "countdown", "mean"} and 0.0 <= result["mean"]["pass@1"] <= 1.0
 
 
+@pytest.mark.slow  # 16 s (timed at load average 5-6 on 2 cores)
 def test_existing_run_dir_needs_resume(small_model, tmp_path):
     out = tmp_path / "run"
     assert cli("train", *common(small_model, 1), "eval.before_after=false", "--output-dir", out,
@@ -84,6 +86,7 @@ def test_vllm_engine_where_it_cannot_run_is_a_clear_error(small_model, tmp_path)
     assert not (tmp_path / "run" / "eval_before.json").exists()  # refused before any work
 
 
+@pytest.mark.slow  # 24 s to 62 s (timed at load average 5-6 on 2 cores)
 @pytest.mark.parametrize("asynchronous", [(), ("rollout.max_staleness=2",), ("tasks=[guess,countdown_calc]",),
                                           ("tasks=[guess,countdown_calc]", "rollout.max_staleness=2")],
                          ids=["synchronous", "staleness2", "multi_turn", "multi_turn_staleness2"])
@@ -179,6 +182,7 @@ def test_a_stop_alarm_stops_the_run_after_a_checkpoint(small_model, tmp_path):
     assert m["alarm/mismatch_kl"] == 1.0 and m["mismatch/kl_k3"] > 1e-12 and m["mismatch/abs_logp_diff_max"] > 0
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-6 on 2 cores)
 def test_diverged_weights_stop_the_run_with_a_clear_error(small_model, tmp_path):
     # An absurd learning rate drives the weights to overflow within a few steps (HPT: the random model
     # fails every prompt, so the SFT part gives a gradient from step 1). The run must stop with a clear

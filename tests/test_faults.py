@@ -48,6 +48,7 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
     assert load_config(None, ["rollout.num_generations=1", "objective_args.advantage=reinforce"]).max_steps == 680
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-6 on 2 cores)
 def test_unfinished_writes_of_a_killed_run_are_removed_when_it_resumes(small_model, tmp_path):
     out = tmp_path / "run"
     assert cli("train", *tiny_run(small_model), "--output-dir", out, cwd=tmp_path).returncode == 0
@@ -94,6 +95,7 @@ def test_a_full_disk_is_reported_with_the_path_and_the_free_space(small_model, t
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.slow  # 21 s (timed at load average 5-6 on 2 cores)
 def test_resume_continues_with_the_runs_own_config_or_refuses(small_model, tmp_path):
     out = tmp_path / "run"
     assert cli("train", *tiny_run(small_model), "--output-dir", out, cwd=tmp_path).returncode == 0
@@ -124,7 +126,8 @@ def test_resume_continues_with_the_runs_own_config_or_refuses(small_model, tmp_p
     ("raise SystemExit(0)", "raised SystemExit"),
     ("return [None] * len(completions)", "rewards were NaN or None"),
     ("return [1e308] * len(completions)", "returned 1e+308, beyond the float32 range"),
-    ("import time\n    time.sleep(30)", "took longer than reward_timeout=1 s"),
+    pytest.param("import time\n    time.sleep(30)", "took longer than reward_timeout=1 s",
+                 marks=pytest.mark.slow),  # 17 s (timed at load average 5-6 on 2 cores); the others 5-7 s
 ])
 def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(body, error, small_model, tmp_path):
     reward = tmp_path / "reward.py"
@@ -140,6 +143,7 @@ def test_a_reward_that_never_scores_stops_the_run_naming_the_task_and_the_error(
     assert (out / "checkpoints" / "step_000003").is_dir()
 
 
+@pytest.mark.slow  # 11 s (timed at load average 5-6 on 2 cores)
 def test_a_reward_function_returning_a_dict_ends_the_run_at_once_saying_what_it_must_return(small_model, tmp_path):
     reward = tmp_path / "reward.py"
     reward.write_text("def score(prompts, completions, **kw):\n    return {c: 1.0 for c in completions}\n")
@@ -149,6 +153,7 @@ def test_a_reward_function_returning_a_dict_ends_the_run_at_once_saying_what_it_
     assert "it must return a list of 4 floats, one per completion in order" in res.stderr
 
 
+@pytest.mark.slow  # 19 s and 20 s (timed at load average 5-6 on 2 cores)
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
 def test_an_interrupt_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(signum, code, small_model,
                                                                                     tmp_path):
@@ -177,6 +182,7 @@ def test_an_interrupt_finishes_the_step_writes_a_checkpoint_and_says_how_to_resu
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, done + 2))
 
 
+@pytest.mark.slow  # 18 s (timed at load average 5-6 on 2 cores)
 def test_eval_of_a_run_uses_its_own_reward_function(small_model, tmp_path):
     import json
 
@@ -211,6 +217,7 @@ def test_eval_takes_each_test_prompt_once_and_leaves_out_what_does_not_fit(small
     assert res["tiny"]["n"] == 2.0 and res["tiny"]["distinct_prompts"] == 3.0 and res["tiny"]["too_long"] == 1.0
 
 
+@pytest.mark.slow  # 21 s (timed at load average 5-6 on 2 cores)
 def test_errors_are_one_message_naming_the_input_and_the_fix_with_the_traceback_behind_debug(small_model, tmp_path):
     run_dir = tmp_path / "unfinished"
     run_dir.mkdir()
