@@ -168,7 +168,7 @@ def measure(shape: Shape, repeats: int, warmup: int, device: str) -> dict:
         seconds = statistics.median(s for s, _ in runs)
         tokens = statistics.median(k for _, k in runs)
         rate[name] = tokens / seconds
-        print(f"  {name:<12} median {seconds:8.3f} s for {tokens} tokens = {rate[name]:9.0f} tokens/s "
+        print(f"  {name:<12} median {seconds:8.3f} s for {tokens:.0f} tokens = {rate[name]:9.0f} tokens/s "
               f"(min {min(s for s, _ in runs):.3f} s, max {max(s for s, _ in runs):.3f} s)")
     ratio = rate["vllm"] / rate["transformers"]
     print(f"  [{shape.name}] vllm / transformers tokens per second: {ratio:.3f}", flush=True)
@@ -203,6 +203,10 @@ def main() -> None:
         parser.error("--repeats and --threads must be at least 1, --warmup at least 0")
     configure(args.threads)
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("vllm_rollout_speed: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        raise SystemExit(2)
     import vllm
 
     load_before = os.getloadavg()

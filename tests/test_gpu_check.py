@@ -49,6 +49,11 @@ def test_the_dry_run_starts_runs_every_cpu_part_and_writes_the_summary(tmp_path)
     assert trl["status"] == "passed" and 0.45e9 < trl["result"]["params"] < 0.55e9  # Qwen2.5-0.5B's shape
     assert trl["result"]["settings"] == {"shape": "qwen2-0.5b", "device": "cuda", "prompts": 8, "samples": 8,
                                          "new_tokens": 256, "micro_batch": 16}
+    vllm = stages["vllm_rollout"]  # no vLLM in this environment: skipped, saying why the kit cannot carry it
+    if not vllm["result"]["probe"]["vllm"]:
+        assert vllm["status"] == "skipped" and vllm["reason"] == gpu_check.VLLM_NOT_CARRIED
+        assert "pins torch" in vllm["reason"] and "== vllm_rollout: skipped in" in res.stdout  # said in the output
+        assert "the kit cannot carry it" in res.stdout
     assert all(Path(s["log"]).is_file() for s in stages.values() if s["log"])
 
 

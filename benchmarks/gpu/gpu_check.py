@@ -16,6 +16,9 @@ Stages, in this order; each one's outcome goes into the JSON summary, and a fail
                finite, the training reward higher in the last quarter of the steps than in the first
   trl_step     one GRPO step of unigrad and one of TRL's GRPOTrainer, interleaved, on the GPU, on Qwen2.5-0.5B's shape
                with random weights, 8 prompts x 8 samples x 256 new tokens (benchmarks/step_vs_trl.py)
+  vllm_rollout rollout tokens per second of vLLM against the transformers engine on the GPU
+               (benchmarks/vllm_rollout_speed.py --device cuda) where vLLM's CUDA build is installed; the kit cannot
+               carry it (VLLM_NOT_CARRIED), so without it the stage is skipped and says why
 
 The last line printed is `gpu_step_ratio_vs_trl=<unigrad step / TRL step>` (`nan` when the stage did not
 produce one). Each stage gets a time limit within `--budget` (default 450 s), leaving every later stage its
@@ -80,7 +83,15 @@ STAGES = (
     Stage("gpu_tests", 170, 60, True),
     Stage("train", 150, 60, True),
     Stage("trl_step", 200, 120, True),
+    Stage("vllm_rollout", 150, 5, True),
 )
+
+# Why the kit does not carry vLLM (docs/scaling.md, "GPU check"): said by the vllm_rollout stage when it skips.
+VLLM_NOT_CARRIED = (
+    "vLLM is not installed in this environment, and the kit cannot carry it: the CUDA vllm wheel (0.34.0) pins "
+    "torch==2.14.0 while the image has torch 2.11 for CUDA 13, so it would travel with a CUDA build of torch and "
+    "its libraries, some GiB against the 64 MiB that may travel with the working tree. Run this stage where "
+    "`pip install \"unigrad[vllm]\"` works: bash benchmarks/gpu/check.sh --only environment,gpu_tests,vllm_rollout")
 
 
 @dataclass
@@ -393,6 +404,37 @@ class Check:
         else:
             o.status, o.reason = "failed", f"step_vs_trl.py exited with {code}" + ("" if ratio else ", no ratio")
 
+    def stage_vllm_rollout(self, o: Outcome, timeout: float) -> None:
+        code, text = self.python(VLLM_PROBE, "VLLM_PROBE", "vllm_rollout", min(timeout, 60.0), o)
+        probe = last_json(text)
+        if code or probe is None:
+            o.status = o.status if o.status == "timeout" else "failed"
+            o.reason = o.reason or "the vLLM probe failed (see the log)"
+            return
+        o.result = {"probe": probe}
+        if not probe["vllm"] or probe.get("cpu_build"):
+            built = "vLLM's CPU build is installed here, not its CUDA build. " if probe.get("cpu_build") else ""
+            o.status, o.reason = "skipped", built + VLLM_NOT_CARRIED
+            return
+        out = self.log_dir / "vllm_rollout.json"
+        cmd = [sys.executable, "benchmarks/vllm_rollout_speed.py", "--device", "cuda", "--repeats", "3",
+               "--json", str(out)]
+        if self.dry:
+            o.command = [str(c) for c in cmd]
+            o.status, o.reason = "skipped", "dry run: vLLM's CUDA build is installed; its benchmark needs the GPU"
+            return
+        with_ignored(out.unlink)
+        code, _ = self.run("vllm_rollout", cmd, max(10.0, timeout - (time.monotonic() - self.stage_start)), o)
+        if out.is_file():
+            o.result["benchmark"] = json.loads(out.read_text())
+        if o.status == "timeout":
+            return
+        ratios = {name: shape.get("ratio") for name, shape in o.result.get("benchmark", {}).get("shapes", {}).items()}
+        o.result["ratios"] = ratios
+        good = code == 0 and ratios and all(isinstance(r, float) and math.isfinite(r) for r in ratios.values())
+        o.status = "passed" if good else "failed"
+        o.reason = None if good else f"vllm_rollout_speed.py exited with {code}, ratios {ratios}"
+
     # ------------------------------------------------------------------------------------------- main loop
     def main(self) -> int:
         say(f"unigrad GPU check{' (dry run)' if self.dry else ''}: stages {', '.join(self.selected)}; budget "
@@ -619,6 +661,16 @@ if shutil.which("nvidia-smi"):
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used,mig.mode.current",
                           "--format=csv,noheader"], capture_output=True, text=True)
     out["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+print(json.dumps(out))
+"""
+
+VLLM_PROBE = r"""
+import importlib.util, json
+out = {"vllm": importlib.util.find_spec("vllm") is not None}
+if out["vllm"]:
+    import vllm
+    from vllm.platforms import current_platform
+    out.update(version=vllm.__version__, cpu_build=bool(current_platform.is_cpu()))
 print(json.dumps(out))
 """
 
