@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from unigrad.config import validate_config
 from unigrad.rollout import engine_choice
@@ -130,3 +130,8 @@ def test_auto_with_vllms_cpu_build_follows_the_cpu_rule(monkeypatch):
     assert (resolved.rollout.engine, choice.engine) == ("vllm", "vllm")
     resolved, choice = resolve_engine(cfg, small_llama(16), "cpu")  # a head size the CPU build does not run
     assert choice.engine == "transformers" and "head size" in choice.reason
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=64, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2))
+    resolved, choice = resolve_engine(cfg, mixtral, "cpu")  # the CPU build refuses mixture-of-experts models
+    assert choice.engine == "transformers" and "mixture-of-experts" in choice.reason

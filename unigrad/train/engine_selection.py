@@ -23,12 +23,19 @@ def vllm_refusals(cfg: TrainConfig, processes: int = 1) -> tuple[str, ...]:
 
 def engine_situation(cfg: TrainConfig, model, device_type: str, processes: int = 1) -> EngineSituation:
     """The `EngineSituation` of a run: `cfg` its `TrainConfig`, `model` the loaded learner model."""
-    from unigrad.rollout.vllm_engine import VLLMUnavailable, check_cpu_head_size, vllm_on_cpu, vllm_unavailable_reason
+    from unigrad.rollout.vllm_engine import (
+        VLLMUnavailable,
+        check_cpu_head_size,
+        check_cpu_mixture_of_experts,
+        vllm_on_cpu,
+        vllm_unavailable_reason,
+    )
 
     unavailable = vllm_unavailable_reason()
-    if unavailable is None and vllm_on_cpu():
+    if unavailable is None and vllm_on_cpu():  # the models the CPU build refuses (VLLMEngine's own checks)
         try:
             check_cpu_head_size(model.config)
+            check_cpu_mixture_of_experts(model.config)
         except VLLMUnavailable as err:
             unavailable = str(err)
     return EngineSituation(vllm_unavailable=unavailable, device_type=device_type,
