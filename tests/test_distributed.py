@@ -74,6 +74,7 @@ def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
                 assert str(a[key]) == str(b[key]), (a["step"], key)
 
 
+@pytest.mark.slow  # 67 s to 76 s (timed at load average 5-7 on 2 cores)
 @pytest.mark.parametrize("objective,extra", [
     ("grpo", ()),  # seq_mean_token_mean: sequence normaliser summed over processes
     ("dapo", ("rollout.dynamic_sampling=false",)),  # token_mean normaliser summed over processes; overlong shaping
@@ -97,6 +98,7 @@ def test_two_processes_equal_one(run, objective, extra):
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow  # 41 s (timed at load average 5-7 on 2 cores)
 def test_two_processes_equal_one_with_mini_batches(run):
     """Two mini-batches dealt over the step's global prompt order (each process trains its share of each): every
     optimizer step's normalisers and gradient are summed over both processes, as one process computes them."""
@@ -123,6 +125,7 @@ def test_sharded_hpt_pads_the_processes_to_the_same_passes(setup, tmp_path):
     assert_same_metrics(one, two)
 
 
+@pytest.mark.slow  # 48 s (timed at load average 5-7 on 2 cores)
 def test_sharded_resume_continues_as_an_uninterrupted_run(setup, run, tmp_path):
     """Checkpoint of a sharded learner (model and AdamW state gathered on rank 0), then --resume on two processes."""
     model, reward = setup
@@ -178,6 +181,7 @@ def test_accelerate_launch_settings_are_read_or_refused():
         accelerate_launch_settings({"ACCELERATE_USE_DEEPSPEED": "true"}, "none")
 
 
+@pytest.mark.slow  # 20 s (timed at load average 5-7 on 2 cores)
 def test_accelerate_launch_with_fsdp_equals_one_process(setup, run, tmp_path):
     """`accelerate launch --use_fsdp` (the FSDP plugin's environment) trains sharded, with one process's metrics."""
     model, reward = setup
