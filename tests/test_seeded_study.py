@@ -140,6 +140,7 @@ def test_curves_smooth_dense_metrics_and_show_sparse_ones_where_logged():
     assert curve_points(sparse, 10) == ([3, 6], [0.35, 0.55], [0.30, 0.50], [0.40, 0.60], True)
 
 
+@pytest.mark.slow  # 128 s (timed at load average 5-7 on 2 cores)
 def test_a_small_study_end_to_end_and_resumed(tmp_path, small_model):
     spec = {
         "title": "smoke", "doc": "docs/smoke.md", "question": "does it run?", "seeds": 2, "steps": 2,
