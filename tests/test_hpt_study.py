@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 44 s (timed at load average 5-6 on 2 cores)
 def test_study_runs_chains_stages_and_writes_the_doc(small_model, tmp_path):
     out, doc = tmp_path / "study", tmp_path / "hpt.md"
     cmd = [sys.executable, str(ROOT / "examples" / "hpt_study" / "run.py"), "--steps", "2", "--points", "2",
