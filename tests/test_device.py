@@ -1,5 +1,7 @@
 """`model.device`: how it resolves per process, its errors, and (on a GPU) a step there equals a step on the CPU."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,10 +50,12 @@ def test_config_names_the_key_for_a_bad_device():
 def test_rollout_to_moves_every_tensor_and_is_a_no_op_in_place():
     ro = Rollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
                  torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4),
-                 torch.arange(2), torch.zeros(2, dtype=torch.bool))
+                 torch.arange(2), torch.zeros(2, dtype=torch.bool),
+                 routing=torch.full((2, 7, 1, 2), -1, dtype=torch.int16))
     assert ro.to("cpu") is ro
     meta = ro.to("meta")
     assert all(t.device.type == "meta" for t in vars(meta).values())
+    assert dataclasses.replace(ro, routing=None).to("meta").routing is None  # an optional field stays absent
 
 
 @pytest.mark.gpu
