@@ -11,7 +11,7 @@ The rule follows `benchmarks/vllm_rollout_speed.py` (docs/performance.md, "vLLM 
 - On a CPU (vLLM's CPU build): vLLM only for models of at least `CPU_VLLM_MIN_PARAMETERS` parameters with
   completions of at least `CPU_VLLM_MIN_NEW_TOKENS` tokens, where it was measured faster; at the default run's
   size the transformers engine with its static-cache decoder was faster, and it starts in under a second where
-  vLLM takes 10-60 s.
+  vLLM takes seconds (4.5-56 s measured, the machine loaded).
 
 The wiring to a run (its config, its model) is `unigrad.train.engine_selection`.
 - Anything else (Apple's MPS, ...): the transformers engine.
@@ -24,8 +24,8 @@ from typing import Literal
 
 EngineName = Literal["transformers", "vllm"]
 
-# Measured (docs/performance.md, 2026-12-07): on 2 cores vLLM's CPU build made 1.79 times the transformers
-# engine's tokens per second on a 25 M-parameter Qwen2 with 256-token completions (64 rows), and 0.87-0.89 times on
+# Measured (docs/performance.md, 2026-12-07): on 2 cores vLLM's CPU build made 1.8-3.1 times the transformers
+# engine's tokens per second on a 25 M-parameter Qwen2 with 256-token completions (64 rows), and 0.55-0.89 times on
 # examples/default.yaml (1.06 M parameters, 40 tokens, 128 rows). Nothing between was measured, so vLLM is picked
 # from the winning point on. None (either): vLLM's CPU build is never picked.
 CPU_VLLM_MIN_PARAMETERS: int | None = 25_000_000
