@@ -14,7 +14,7 @@ def _presets(args: argparse.Namespace) -> int:
     if args.update_docs:
         path = Path(args.update_docs)
         path.write_text(update_docs(path.read_text()))
-        print(f"updated the presets table in {path}")
+        print(f"updated the generated tables (presets, parts, KL estimators, metrics) in {path}")
         return 0
     if args.markdown:
         print(markdown_table())
@@ -333,7 +333,7 @@ def _add_presets(sub) -> None:
     """The `unigrad presets` command and its options."""
     p = sub.add_parser("presets", help="list the objective presets (name, parts, defaults, paper)")
     p.add_argument("--markdown", action="store_true", help="print the docs table as Markdown")
-    p.add_argument("--update-docs", metavar="FILE", help="rewrite the generated table inside FILE")
+    p.add_argument("--update-docs", metavar="FILE", help="rewrite the generated tables inside FILE")
     p.add_argument("--width", type=int, default=160, help="table width in characters")
     p.set_defaults(func=_presets)
 
