@@ -86,6 +86,19 @@ def test_eval_json_stays_pure_json_when_the_reward_function_prints(capsys, tmp_p
     assert "loading my reward" in err and "scoring" in err  # what it printed is not lost
 
 
+def test_eval_of_a_run_configured_auto_asks_the_engine_rule(capsys, tmp_path, small_model, monkeypatch):
+    # rollout.engine=auto (the default) is resolved for `unigrad eval RUN` as for training. The rule is made to pick
+    # vLLM: the evaluation then asks for vLLM (built, or refused where it cannot run), not the transformers engine.
+    from unigrad.rollout.engine_choice import EngineChoice
+    from unigrad.train import engine_selection
+
+    run = fake_run_dir(tmp_path, small_model)
+    assert yaml.safe_load((run / "config.yaml").read_text())["rollout"]["engine"] == "auto"
+    monkeypatch.setattr(engine_selection, "choose_rollout_engine", lambda situation: EngineChoice("vllm", "test"))
+    code, out, err = run_main(capsys, "eval", run, "--prompts", "2", "--json")
+    assert "unigrad eval: --engine vllm:" in err or "unigrad eval: sampling with vLLM" in err, err
+
+
 def test_eval_names_a_truncated_weights_file(capsys, tmp_path, small_model):
     run = fake_run_dir(tmp_path, small_model)
     weights = run / "final" / "model.safetensors"

@@ -215,6 +215,12 @@ def _evaluate_model(args: argparse.Namespace):
         return 2
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     engine_name = args.engine or (cfg.rollout.engine if cfg is not None else "transformers")
+    if engine_name == "auto":  # a run configured with rollout.engine=auto: the engine the rule picks for it here
+        import torch
+
+        from unigrad.train.engine_selection import resolve_engine
+
+        engine_name = resolve_engine(cfg, model, torch.device(device).type)[0].rollout.engine
     engine = None  # evaluate's transformers engine
     if engine_name == "vllm":
         from unigrad.rollout.vllm_engine import VLLMEngine, VLLMUnavailable
@@ -382,7 +388,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--engine", choices=["transformers", "vllm"], default=None,
                    help="what samples: transformers or vllm (vLLM, as rollout.engine=vllm; default: the run's "
-                        "rollout.engine, else transformers)")
+                        "rollout.engine, with auto resolved as training resolves it, else transformers)")
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N "
                                                     "or mps")
     e.add_argument("--json", action="store_true", help='print one JSON object {task: {"pass@1": x}, "mean": ...}')
