@@ -35,10 +35,17 @@ def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:
     observation (a random model rarely writes its end-of-turn token, so its multi-turn episodes would all be cut
     after turn 1)."""
     model = small_char_llama(tok, seed)
+    teach_turn_ending(model, tok)
+    return model
+
+
+def teach_turn_ending(model, tok, steps: int = 60) -> None:
+    """Train `model` (char tokenizer `tok`) for `steps` Adam passes over three chats whose assistant turns end after
+    a few characters, also after an observation."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
              "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
-    for _ in range(60):
+    for _ in range(steps):
         for text in texts:
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
             loss = model(input_ids=ids, labels=ids).loss
@@ -46,7 +53,6 @@ def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:
             loss.backward()
             opt.step()
     model.zero_grad(set_to_none=True)
-    return model
 
 
 # step_context's keyword names for settings, as the config keys they set.

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from step_helpers import teach_turn_ending
 from test_end_to_end import cli, common, stable
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,21 +100,6 @@ def test_a_lora_run_samples_and_evaluates_with_vllm_on_merged_weights(model64, t
     assert correct == [runs["transformers"][t]["correct"] for t in ("arithmetic", "countdown")]
     assert correct == [after[t]["correct"] for t in ("arithmetic", "countdown")]  # the run's own, through vLLM
     assert 0 < sum(map(sum, correct)) < sum(map(len, correct))  # a mix: equal lists that say something
-
-
-def teach_turn_ending(model, tok, steps: int = 60) -> None:
-    """Teach `model` to end an assistant turn after a few characters (a random model rarely does, so its
-    multi-turn episodes would all end after turn 1)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
-             "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
-    for _ in range(steps):
-        for text in texts:
-            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
 
 
 def test_multi_turn_episodes_with_tools_sample_with_a_bf16_vllm_engine(tmp_path):
