@@ -49,7 +49,6 @@ ALLOWED: dict[str, str] = {
     "unigrad.tasks.registry -> unigrad.environments.code_retry": "the registry names the built-in multi-turn tasks",
     "unigrad.tasks.registry -> unigrad.environments.guess": "the registry names the built-in multi-turn tasks",
     "unigrad.tasks.registry -> unigrad.environments.tool_use": "the registry names the built-in multi-turn tasks",
-    "unigrad.models.tiny -> unigrad.eval": "building the tiny model ends with its held-out evaluation",
 }
 
 

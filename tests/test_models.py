@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from unigrad.eval import tiny_heldout_accuracy
 from unigrad.models import pretrain, tiny
 from unigrad.models.loading import (
     DEFAULT_CHAT_TEMPLATE,
@@ -293,7 +294,7 @@ def test_tiny_build_deterministic(tmp_path):
 def test_tiny_cache_reuse_and_contents(tmp_path):
     recipe = _micro_recipe()
     before = tiny.build_count()
-    path = tiny.ensure_tiny(recipe, tmp_path, progress=False)
+    path = tiny.ensure_tiny(recipe, tmp_path, progress=False, evaluate_built=tiny_heldout_accuracy)
     assert tiny.build_count() == before + 1
     mtime = (path / "manifest.json").stat().st_mtime_ns
     assert tiny.ensure_tiny(recipe, tmp_path, progress=False) == path
@@ -342,9 +343,30 @@ def test_tiny_damaged_cache_rebuilt(tmp_path, damage):
 
 
 def test_tiny_progress_lines(tmp_path, capsys):
-    tiny.ensure_tiny(_micro_recipe(steps=10), tmp_path, progress=True)
+    tiny.ensure_tiny(_micro_recipe(steps=10), tmp_path, progress=True, evaluate_built=tiny_heldout_accuracy)
     err = capsys.readouterr().err
-    assert "step 10/10 loss" in err and "held-out greedy accuracy" in err
+    assert "step 10/10 loss" in err and "held-out greedy accuracy: arithmetic" in err
+
+
+def test_tiny_build_records_the_evaluation_it_is_handed(tmp_path):
+    """The build ends with the evaluation its caller hands in (the models layer cannot import unigrad.eval):
+    called once with the trained model and the recipe, its numbers land in report.json; without one, or with
+    eval_examples=0, nothing is evaluated and the report holds no accuracy."""
+    calls = []
+
+    def evaluation(model, tokenizer, recipe):
+        calls.append((model.training, tokenizer.pad_token_id, recipe))
+        return {"arithmetic": 0.25, "countdown": 0.5}
+
+    recipe = _micro_recipe()
+    report = tiny.build_tiny(recipe, tmp_path / "a", progress=False, evaluate_built=evaluation)
+    assert calls == [(False, PAD_ID, recipe)]
+    assert report["heldout_greedy_accuracy"] == {"arithmetic": 0.25, "countdown": 0.5}
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["heldout_greedy_accuracy"] == {
+        "arithmetic": 0.25, "countdown": 0.5}
+    assert tiny.build_tiny(recipe, tmp_path / "b", progress=False)["heldout_greedy_accuracy"] == {}
+    tiny.build_tiny(recipe.replace(eval_examples=0), tmp_path / "c", progress=False, evaluate_built=evaluation)
+    assert len(calls) == 1
 
 
 def test_default_recipe_trains_on_default_mixture():

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,9 +20,13 @@ from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.base import SamplingParams, eos_id_list
 from unigrad.rollout.episodes import EpisodeBatch, episode_prompt_ids, episode_turns, run_episodes
 from unigrad.rollout.prompts import encode_prompt
+from unigrad.tasks import get_task
 from unigrad.tasks.base import Task
 from unigrad.tasks.guard import verify_guarded
 from unigrad.tools.calls import tool_style
+
+if TYPE_CHECKING:
+    from unigrad.models.tiny import TinyRecipe
 
 
 def evaluate(
@@ -96,18 +100,21 @@ def _task_results(scorer: _Scorer, task: Task, wanted: int, split: str, pass_k: 
     if not examples:
         raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {scorer.context} tokens "
                          f"with max_new_tokens={scorer.max_new_tokens}")
-    failed: Counter = Counter()  # completions scored as failed, by reason (`unigrad.tasks.guard`)
+    counts: Counter = Counter()  # "failed/<reason>": completions scored as failed (`unigrad.tasks.guard`)
     greedy = _correct(scorer, task, (examples, prompts), 1,
-                      SamplingParams(temperature=0.0, max_new_tokens=scorer.max_new_tokens, seed=scorer.seed), failed)
+                      SamplingParams(temperature=0.0, max_new_tokens=scorer.max_new_tokens, seed=scorer.seed), counts)
     row: dict[str, Any] = {"pass@1": greedy.float().mean().item(), "n": float(len(examples)), **notes}
+    if counts["episodes"]:  # a multi-turn task: its greedy episodes' tool calls, per episode
+        row["tool_calls"] = counts["tool_calls"] / counts["episodes"]
+        row["tool_errors"] = counts["tool_errors"] / counts["episodes"]
     if per_prompt:
         row["correct"] = greedy.int().tolist()
     if pass_k > 0:
         sampled = _correct(scorer, task, (examples, prompts), pass_k,
                            SamplingParams(temperature=1.0, max_new_tokens=scorer.max_new_tokens, seed=scorer.seed + 1),
-                           failed)
+                           counts)
         row[f"pass@{pass_k}"] = pass_at_k(sampled, pass_k, pass_k)
-    row.update({f"failed/{reason}": float(count) for reason, count in failed.items()})
+    row.update({key: float(count) for key, count in counts.items() if key.startswith("failed/")})
     return row
 
 
@@ -153,10 +160,11 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
 
 
 def _correct(scorer: _Scorer, task: Task, held_out: tuple[list, list[list[int]]], n: int, sampling: SamplingParams,
-             failures: Counter) -> torch.Tensor:
+             counts: Counter) -> torch.Tensor:
     """Bool (len(examples) * n,): completion (or episode) j of prompt i of `held_out` (examples, their prompt ids)
     at row i * n + j scored full marks. A completion its verifier cannot score counts as wrong, never ends the
-    evaluation (`unigrad.tasks.guard`); the reasons of those scored as failed are counted in `failures`."""
+    evaluation (`unigrad.tasks.guard`); the reasons of those scored as failed are counted in `counts` (as
+    "failed/<reason>"), and so are a multi-turn task's "episodes", their "tool_calls" and "tool_errors"."""
     examples, prompts = held_out
     engine, tokenizer = scorer.engine, scorer.tokenizer
     out = []
@@ -172,15 +180,26 @@ def _correct(scorer: _Scorer, task: Task, held_out: tuple[list, list[list[int]]]
             _, episodes = run_episodes(engine, tokenizer, batch, sampling, eos_id_list(tokenizer.eos_token_id),
                                        scorer.context)
             rewards = episodes.rewards.tolist()
+            counts.update({"episodes": len(rewards), "tool_calls": int(episodes.tool_calls.sum()),
+                           "tool_errors": int(episodes.tool_errors.sum())})
         else:
             ro = engine.generate(chunk, n, sampling)
             texts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
                      for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True)]
             verified = verify_guarded(task, texts, exs)
             rewards = verified.values
-            failures.update(verified.failures)
+            counts.update({f"failed/{reason}": count for reason, count in verified.failures.items()})
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
+
+
+def tiny_heldout_accuracy(model, tokenizer, recipe: TinyRecipe) -> dict[str, float]:
+    """The held-out evaluation a tiny-model build ends with (`ensure_tiny(evaluate_built=...)`): greedy pass@1 on
+    `recipe.eval_examples` test prompts of each of the recipe's tasks."""
+    # Demonstrations are at most ~40 characters; 48 new tokens leave room for the EOS.
+    results = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
+                       max_new_tokens=48, seed=recipe.eval_seed)
+    return {t: results[t]["pass@1"] for t in recipe.task_names}
 
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:

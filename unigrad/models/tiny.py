@@ -9,8 +9,10 @@ the same machine (seeded init, seeded data order, fixed thread count). The resul
 ``cache_root()/models/unigrad-tiny-<hash>`` where the hash covers the recipe (which includes a format
 version) and a fingerprint of the task generators' data. The directory is written atomically (built in a
 temporary directory, then ``os.replace``) with ``manifest.json`` (sha256 and size of every file),
-``recipe.json`` and ``report.json`` (held-out greedy accuracy per task, final loss, parameter count, build
-time). A damaged cache (missing, truncated or altered file) is rebuilt with a warning.
+``recipe.json`` and ``report.json`` (final loss, parameter count, build time, and the held-out greedy accuracy
+per task when the caller passes the evaluation a build ends with: ``ensure_tiny(evaluate_built=
+unigrad.eval.tiny_heldout_accuracy)``; evaluation sits in a layer above models, so it is handed in).
+A damaged cache (missing, truncated or altered file) is rebuilt with a warning.
 
 Training packs each batch's examples into rows of ``pack_length`` tokens with a block-diagonal causal mask
 and per-example positions (the same logits as unpacked, ~30% less padding). The default recipe, measured on
@@ -33,7 +35,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "report.json"
+
+# The held-out evaluation that ends a build: (model, tokenizer, recipe) -> greedy accuracy per task. The build
+# takes it from its caller (unigrad.eval.tiny_heldout_accuracy; the models layer sits below eval), and a build
+# given none records no accuracy (report.json's "heldout_greedy_accuracy" is {}).
+BuildEvaluation = Callable[[Any, Any, "TinyRecipe"], dict[str, float]]
 
 # (task name, sampling weight): the built-in tasks (unigrad.tasks.DEFAULT_MIXTURE) and how often each is drawn
 # during pretraining. The weights set how far each task gets in 750 steps. Arithmetic examples are short
@@ -163,11 +170,13 @@ def ensure_tiny(
     recipe: TinyRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    evaluate_built: BuildEvaluation | None = None,
 ) -> Path:
     """Path of the cached tiny model of ``recipe`` (default recipe if None), building it first if needed.
 
     A cache directory that fails its manifest check is rebuilt with a ``RuntimeWarning``. Concurrent callers
-    on one machine wait for each other (file lock) instead of building twice.
+    on one machine wait for each other (file lock) instead of building twice. ``evaluate_built``: the held-out
+    evaluation a build ends with (``unigrad.eval.tiny_heldout_accuracy``); None: a build records no accuracy.
     """
     global _BUILDS
     recipe = recipe or TinyRecipe()
@@ -186,7 +195,7 @@ def ensure_tiny(
             shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            build_tiny(recipe, tmp, progress=progress)
+            build_tiny(recipe, tmp, progress=progress, evaluate_built=evaluate_built)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -257,8 +266,10 @@ def tiny_config(recipe: TinyRecipe):
     )
 
 
-def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
-    """Build the model of ``recipe`` into ``out_dir`` (HF format + recipe, report and manifest); its report."""
+def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = True,
+               evaluate_built: BuildEvaluation | None = None) -> dict[str, Any]:
+    """Build the model of ``recipe`` into ``out_dir`` (HF format + recipe, report and manifest); its report.
+    ``evaluate_built`` (when given and ``recipe.eval_examples`` > 0) measures the held-out accuracy it records."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
@@ -276,15 +287,9 @@ def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = 
         train_seconds = time.perf_counter() - started
         tokenizer = build_char_tokenizer(model_max_length=recipe.max_position_embeddings)
         accuracy: dict[str, float] = {}
-        if recipe.eval_examples > 0:
-            from unigrad.eval import evaluate
-            from unigrad.tasks import get_task
-
+        if recipe.eval_examples > 0 and evaluate_built is not None:
             model.eval()
-            # Demonstrations are at most ~40 characters; 48 new tokens leave room for the EOS.
-            res = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
-                           max_new_tokens=48, seed=recipe.eval_seed)
-            accuracy = {t: res[t]["pass@1"] for t in recipe.task_names}
+            accuracy = evaluate_built(model, tokenizer, recipe)
         tail = losses[-max(1, len(losses) // 20) :]
         report = {
             "name": TINY_NAME,
