@@ -45,7 +45,8 @@ def evaluate(
     engine=None,
 ) -> dict[str, Any]:
     """{task: {"pass@1": x, "pass@k": y, "n": prompts}, "mean": {...}} on each task's `split` ("test", the held-out
-    split numbers are reported on, or "validation", the one choices are tuned on).
+    split numbers are reported on, or "validation", the one choices are tuned on). A multi-turn task's row also has
+    "tool_calls" and "tool_errors": the mean per greedy episode.
 
     `per_prompt`: also {task: {"correct": [0 or 1 per prompt, greedy]}}, for paired comparisons (`paired_gain`).
     `max_turns`: a cap on multi-turn tasks' episodes (None: each task's own `max_turns`).

@@ -26,32 +26,35 @@ holds the numbers of the model actually built.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unigrad.models.model_cache import (
+    FORMAT_VERSION,
+    REPORT_FILE,
+    cache_root,  # noqa: F401 - part of this module's interface (unigrad.models re-exports it)
+    ensure_entry,
+    entry_dir,
+    library_versions,
+    task_data_fingerprint,
+    verify_cache,  # noqa: F401 - part of this module's interface
+    write_entry,
+)
 from unigrad.models.pretrain import pretrain, say, training_data
 from unigrad.models.tokenizer import PAD_ID, VOCAB_SIZE, build_char_tokenizer
 
 TINY_NAME = "unigrad-tiny"
 TINY_MOE_NAME = "unigrad-tiny-moe"  # the same recipe with 4 experts per layer, 2 routed per token (mismatch lab)
 TINY_MOE_EXPERTS = {"num_experts": 4, "experts_per_token": 2, "intermediate_size": 256}
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-RECIPE_FILE = "recipe.json"
-REPORT_FILE = "report.json"
 
 # The held-out evaluation that ends a build: (model, tokenizer, recipe) -> greedy accuracy per task. The build
 # takes it from its caller (unigrad.eval.tiny_heldout_accuracy; the models layer sits below eval), and a build
@@ -142,20 +145,9 @@ class TinyRecipe:
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """``$UNIGRAD_CACHE``, else ``$XDG_CACHE_HOME/unigrad``, else ``~/.cache/unigrad``."""
-    if os.environ.get("UNIGRAD_CACHE"):
-        return Path(os.environ["UNIGRAD_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "unigrad"
-    return Path.home() / ".cache" / "unigrad"
-
-
 def tiny_cache_dir(recipe: TinyRecipe | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the model of ``recipe`` is (or will be) cached."""
-    recipe = recipe or TinyRecipe()
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    return root / "models" / f"{TINY_NAME}-{_recipe_key(recipe)}"
+    return entry_dir(TINY_NAME, _recipe_key(recipe or TinyRecipe()), cache_dir)
 
 
 _BUILDS = 0
@@ -175,59 +167,16 @@ def ensure_tiny(
     """Path of the cached tiny model of ``recipe`` (default recipe if None), building it first if needed.
 
     A cache directory that fails its manifest check is rebuilt with a ``RuntimeWarning``. Concurrent callers
-    on one machine wait for each other (file lock) instead of building twice. ``evaluate_built``: the held-out
-    evaluation a build ends with (``unigrad.eval.tiny_heldout_accuracy``); None: a build records no accuracy.
+    on one machine wait for each other (file lock) instead of building twice (``unigrad.models.model_cache``).
+    ``evaluate_built``: the held-out evaluation a build ends with (``unigrad.eval.tiny_heldout_accuracy``); None:
+    a build records no accuracy.
     """
     global _BUILDS
     recipe = recipe or TinyRecipe()
     final = tiny_cache_dir(recipe, cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f"{final.name}.lock"):
-        problem = verify_cache(final)
-        if problem is None:
-            return final
-        if final.exists():
-            warnings.warn(
-                f"unigrad-tiny cache at {final} is damaged ({problem}); rebuilding it", RuntimeWarning, stacklevel=2
-            )
-            trash = final.parent / f".{final.name}.damaged-{os.getpid()}-{time.time_ns()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            build_tiny(recipe, tmp, progress=progress, evaluate_built=evaluate_built)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    if ensure_entry(final, lambda tmp: build_tiny(recipe, tmp, progress, evaluate_built), TINY_NAME):
         _BUILDS += 1
     return final
-
-
-def verify_cache(path: str | os.PathLike) -> str | None:
-    """None if ``path`` holds a complete tiny model matching its manifest, else what is wrong with it."""
-    path = Path(path)
-    if not path.is_dir():
-        return "missing"
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest: {e}"
-    if manifest.get("format_version") != FORMAT_VERSION:
-        return f"format version {manifest.get('format_version')} != {FORMAT_VERSION}"
-    for required in ("config.json", "model.safetensors", "tokenizer.json", RECIPE_FILE, REPORT_FILE):
-        if required not in files:
-            return f"manifest lists no {required}"
-    for name, meta in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"missing file {name}"
-        if f.stat().st_size != meta["size"]:
-            return f"{name} has {f.stat().st_size} bytes, manifest says {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
 
 
 def tiny_report(recipe: TinyRecipe | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -302,12 +251,9 @@ def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = 
             "train_seconds": round(train_seconds, 2),
             "build_seconds": round(time.perf_counter() - started, 2),
             "num_threads": recipe.num_threads,
-            "versions": _versions(),
+            "versions": library_versions(),
         }
-        _save_quietly(model, tokenizer, out_dir)
-        (out_dir / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _write_manifest(out_dir, recipe)
+        write_entry(out_dir, model, tokenizer, recipe.to_dict(), report)
         if progress:
             acc = ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()) or "not evaluated"
             say(
@@ -319,76 +265,10 @@ def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = 
         torch.set_num_threads(previous_threads)
 
 
-def _save_quietly(model, tokenizer, out_dir: Path) -> None:
-    """``save_pretrained`` without transformers' own "Writing model shards" progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _recipe_key(recipe: TinyRecipe) -> str:
     fields = recipe.to_dict()
     if not recipe.num_experts:  # dense recipes keep the key they had before the MoE option existed
         fields.pop("num_experts"), fields.pop("experts_per_token")
-    payload = json.dumps({"recipe": fields, "data": _data_fingerprint(recipe)}, sort_keys=True)
+    payload = json.dumps({"recipe": fields, "data": task_data_fingerprint(recipe.task_names, recipe.seed)},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _data_fingerprint(recipe: TinyRecipe) -> str:
-    """A hash of a few train and test examples per task, so that a changed task generator gives a new cache."""
-    from unigrad.tasks import get_task
-
-    h = hashlib.sha256()
-    for name in recipe.task_names:
-        task = get_task(name)
-        for split in ("train", "test"):
-            for ex in task.examples(split, 4, recipe.seed):
-                h.update(json.dumps([ex.prompt, ex.demonstration, ex.answer]).encode())
-    return h.hexdigest()
-
-
-def _write_manifest(out_dir: Path, recipe: TinyRecipe) -> None:
-    files = {
-        f.name: {"sha256": _sha256(f), "size": f.stat().st_size}
-        for f in sorted(out_dir.iterdir())
-        if f.is_file() and f.name != MANIFEST
-    }
-    manifest = {"format_version": FORMAT_VERSION, "name": TINY_NAME, "files": files}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import tokenizers
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the atomic rename still keeps the cache consistent
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
