@@ -1,7 +1,10 @@
-"""Pretraining the tiny model: demonstrations of the built-in tasks, packed, and an SFT loop.
+"""Pretraining the embedded models: demonstrations of the built-in tasks, packed, and an SFT loop.
 
-Examples of a batch are packed into rows of `pack_length` tokens with block-diagonal attention
-and per-example positions, so packing changes the speed (30% faster here), not the logits.
+An example is (token ids, prompt length): the loss is on the tokens after the prompt (the tiny model's
+demonstrations); or (token ids, loss mask): the loss is on the tokens whose mask is True (the assistant turns
+of a multi-turn chat, ``unigrad-chat``). Examples of a batch are packed into rows of `pack_length` tokens with
+block-diagonal attention and per-example positions, so packing changes the speed (30% faster here), not the
+logits. Padding uses id 0 (both models' pad token) and is out of the loss.
 """
 
 from __future__ import annotations
@@ -78,10 +81,21 @@ def pack(batch: list[tuple[list[int], int]], capacity: int) -> list[list[tuple[l
     return rows
 
 
+def loss_mask(example: tuple[list[int], int | list[bool]]) -> list[bool]:
+    """Which tokens of an example are trained: those after its prompt length, or those its loss mask marks."""
+    ids, target = example
+    if isinstance(target, int):
+        return [False] * target + [True] * (len(ids) - target)
+    if len(target) != len(ids):
+        raise ValueError(f"an example's loss mask has {len(target)} entries for {len(ids)} tokens")
+    return list(target)
+
+
 def micro_batches(batch: list[tuple[list[int], int]], recipe: TinyRecipe) -> Iterator[tuple[torch.Tensor, ...]]:
     """The batch packed into rows, ``micro_batch_size`` rows at a time: (input_ids, attention_mask, position_ids,
     labels). Each example attends only to itself (4-D block-diagonal causal additive mask) and has positions from
-    0, so its logits equal those of the example alone; labels are -100 except on completion tokens and eos."""
+    0, so its logits equal those of the example alone; labels are -100 except on trained tokens (`loss_mask`:
+    completion tokens and eos, or an assistant turn's tokens)."""
     rows = pack(batch, recipe.pack_length)
     for start in range(0, len(rows), recipe.micro_batch_size):
         chunk = rows[start : start + recipe.micro_batch_size]
@@ -92,12 +106,13 @@ def micro_batches(batch: list[tuple[list[int], int]], recipe: TinyRecipe) -> Ite
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         for i, row in enumerate(chunk):
             at = 0
-            for j, (ids, n_prompt) in enumerate(row):
-                n = len(ids)
-                input_ids[i, at : at + n] = torch.tensor(ids)
+            for j, example in enumerate(row):
+                n = len(example[0])
+                input_ids[i, at : at + n] = torch.tensor(example[0])
                 position_ids[i, at : at + n] = torch.arange(n)
                 segment[i, at : at + n] = j
-                labels[i, at + n_prompt : at + n] = input_ids[i, at + n_prompt : at + n]  # completion + eos only
+                trained = torch.tensor(loss_mask(example), dtype=torch.bool)
+                labels[i, at : at + n] = torch.where(trained, input_ids[i, at : at + n], -100)
                 at += n
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
@@ -126,7 +141,7 @@ def pretrain(model, data, recipe: TinyRecipe, progress: bool, on_step=None) -> l
     model.train()
     losses: list[float] = []
     stream = batches(data, recipe)
-    with Progress(recipe.steps, enabled=progress) as bar:
+    with Progress(recipe.steps, enabled=progress, name=recipe.model_name) as bar:
         for _ in range(recipe.steps):
             micro = list(micro_batches(next(stream), recipe))
             n_tokens = sum(int((labels[:, 1:] != -100).sum()) for *_, labels in micro)
@@ -165,8 +180,8 @@ def say(message: str) -> None:
 class Progress:
     """A rich progress bar on a terminal; otherwise a log line with the loss every ~10% of the steps."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.step = total, enabled, 0
+    def __init__(self, total: int, enabled: bool, name: str = "unigrad-tiny") -> None:
+        self.total, self.enabled, self.step, self.name = total, enabled, 0, name
         self.started = time.perf_counter()
         self.every = max(1, total // 10)
         self._rich = None
@@ -174,12 +189,12 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled:
-            say(f"unigrad-tiny: building the default model ({self.total} SFT steps); cached after the first time")
+            say(f"{self.name}: building the model ({self.total} SFT steps); cached after the first time")
             if sys.stderr.isatty():
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
                 self._rich = Progress(
-                    TextColumn("unigrad-tiny SFT"),
+                    TextColumn(f"{self.name} SFT"),
                     BarColumn(),
                     TextColumn("{task.completed}/{task.total}"),
                     TextColumn("loss {task.fields[loss]}"),
@@ -200,7 +215,7 @@ class Progress:
             self._rich.update(self._task, advance=1, loss=f"{self._ema:.3f}")
         elif self.step % self.every == 0 or self.step == self.total:
             say(
-                f"unigrad-tiny: step {self.step}/{self.total} loss {self._ema:.3f} "
+                f"{self.name}: step {self.step}/{self.total} loss {self._ema:.3f} "
                 f"({time.perf_counter() - self.started:.0f} s)"
             )
 

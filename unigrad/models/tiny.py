@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -79,6 +79,7 @@ DEFAULT_TASKS: tuple[tuple[str, float], ...] = (
 class TinyRecipe:
     """Every choice that determines the tiny model's weights (its hash names the cache directory)."""
 
+    model_name: ClassVar[str] = TINY_NAME  # not a field: in neither the hash nor recipe.json
     tasks: tuple[tuple[str, float], ...] = DEFAULT_TASKS
     seed: int = 0
     # architecture (Llama, tied embeddings)
