@@ -13,6 +13,7 @@ The layers, lowest first (unigrad/__init__.py's docstring draws them):
     diagnostics                     measurements of a step
     config                          the run configuration
     eval                            held-out evaluation of a model
+    serve                           the OpenAI-compatible HTTP server over the rollout engines
     train, integrations             the trainer; adapters to other trainers
     report, preset_table            pages and tables about runs and presets
     cli                             the command line
@@ -37,6 +38,7 @@ LAYERS = [
     {"diagnostics"},
     {"config"},
     {"eval"},
+    {"serve"},
     {"train", "integrations"},
     {"report", "preset_table"},
     {"cli"},

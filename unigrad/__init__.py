@@ -12,6 +12,7 @@ tests/test_import_layers.py checks it):
     diagnostics                     measurements of a step (per-task gradients, mismatch, monitors)
     config                          the run configuration and the refusals that need no machine
     eval                            held-out evaluation of a model
+    serve                           the OpenAI-compatible HTTP server over the rollout engines
     train, integrations             the trainer (train/feasibility.py: what cannot run here); adapters
     report, preset_table            pages and tables about runs and presets
     cli                             the command line
