@@ -5,8 +5,9 @@ tests/test_import_layers.py checks it):
 
     objective, user_code, sandbox   the estimator's maths; loading a user's code; the code jail
     tools, data                     tool calls; the task samplers
-    tasks                           single-turn tasks and their verifiers
-    environments                    multi-turn tasks, built on tasks and tools
+    tasks                           single-turn tasks and their verifiers; the task catalogue (get_task)
+    environments                    multi-turn tasks, built on tasks and tools; they register themselves into
+                                    the task catalogue (environments/builtin.py), which cannot import them
     models                          model loading, the embedded tiny model, the learning-rate schedule
     rollout                         engines that sample, episodes, prompt encoding
     diagnostics                     measurements of a step (per-task gradients, mismatch, monitors)
@@ -16,6 +17,11 @@ tests/test_import_layers.py checks it):
     train, integrations             the trainer (train/feasibility.py: what cannot run here); adapters
     report, preset_table            pages and tables about runs and presets
     cli                             the command line
+
+This package imports unigrad.environments, so that the built-in multi-turn tasks are in the task catalogue
+whatever part of unigrad is imported first (the root is in no layer: it may import anything).
 """
+
+import unigrad.environments  # noqa: F401  (registers the built-in multi-turn tasks into unigrad.tasks)
 
 __version__ = "0.1.0"

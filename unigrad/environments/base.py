@@ -21,8 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # unigrad.tasks imports the multi-turn tasks, which import this module
+from unigrad.tasks.base import is_multi_turn
+
+if TYPE_CHECKING:
     from unigrad.tasks.base import Example, Split
+
+__all__ = ["Environment", "Message", "MultiTurnTask", "StepResult", "is_multi_turn"]
 
 Message = dict[str, Any]  # a chat message: {"role": "user" | "system" | "tool" | ..., "content": str, ...}
 
@@ -70,7 +74,3 @@ class MultiTurnTask(Protocol):
     def tool_schemas(self) -> list[dict[str, Any]]:
         """JSON schemas of its tools, as `apply_chat_template(..., tools=...)` takes them (empty: no tools)."""
         ...
-
-
-def is_multi_turn(task: Any) -> bool:
-    return bool(getattr(task, "multi_turn", False))

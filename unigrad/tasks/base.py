@@ -35,3 +35,8 @@ class Task(Protocol):
         built-in verifiers; any finite float from a user reward function, or NaN where it gave no usable
         reward (the trainer counts and skips NaN)."""
         ...
+
+
+def is_multi_turn(task: Any) -> bool:
+    """Whether `task` is a multi-turn task (unigrad.environments: it sets `multi_turn = True` and runs episodes)."""
+    return bool(getattr(task, "multi_turn", False))

@@ -12,6 +12,12 @@
 
 `reward=` ("module:function", "file.py:function" or a callable) replaces the verifier with a
 TRL-style reward function (reward_fn.py). Keyword options go to the task's constructor.
+
+This module knows the single-turn tasks only: the multi-turn ones are built on it (unigrad.environments, a layer
+above), so they register themselves here: unigrad.environments.builtin calls `register_multi_turn_task` for each
+built-in multi-turn task and `register_tool_offering` for the wrapper that offers tools to a single-turn task.
+The package root (unigrad/__init__.py) imports unigrad.environments, so whatever part of unigrad is imported first,
+the catalogue is complete before `get_task` can be called.
 """
 
 from __future__ import annotations
@@ -22,9 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unigrad.environments.base import is_multi_turn
 from unigrad.tasks.arithmetic import ArithmeticTask
-from unigrad.tasks.base import Task
+from unigrad.tasks.base import Task, is_multi_turn
 from unigrad.tasks.code_task import CodeTask
 from unigrad.tasks.countdown import CountdownTask
 from unigrad.tasks.files import load_file_tasks
@@ -37,17 +42,25 @@ from unigrad.tasks.word_problems import WordProblemsTask
 BUILTIN_TASKS: dict[str, type] = {
     t.name: t for t in (ArithmeticTask, CountdownTask, WordProblemsTask, CodeTask, TableQATask)
 }
-# Multi-turn tasks (unigrad.environments), made from keyword options (difficulty, max_turns). Imported when one is
-# made: their modules import the single-turn tasks and the tools, which import this package.
-MULTI_TURN_TASKS = ("countdown_calc", "guess", "code_retry")
+# Multi-turn tasks by name, each made from keyword options (difficulty, max_turns); filled by unigrad.environments.
+MULTI_TURN_TASKS: dict[str, Callable[..., Task]] = {}
+# How a single-turn task is offered tools (a tool-use episode ending in an answer it scores); set by
+# unigrad.environments: (task, tool specs) -> a multi-turn task.
+_TOOL_OFFERING: list[Callable[[Task, tuple[str, ...]], Task]] = []
 
 
-def _multi_turn_task(name: str) -> Callable[..., Task]:
-    from unigrad.environments.code_retry import CodeRetryTask
-    from unigrad.environments.guess import GuessTask
-    from unigrad.environments.tool_use import countdown_with_calculator
+def register_multi_turn_task(name: str, make: Callable[..., Task]) -> None:
+    """Name a multi-turn task: `get_task(name)` calls `make(**options)`."""
+    if name in BUILTIN_TASKS or MULTI_TURN_TASKS.get(name, make) is not make:
+        raise ValueError(f"task name {name!r} is taken")
+    MULTI_TURN_TASKS[name] = make
 
-    return {"countdown_calc": countdown_with_calculator, "guess": GuessTask, "code_retry": CodeRetryTask}[name]
+
+def register_tool_offering(offer: Callable[[Task, tuple[str, ...]], Task]) -> None:
+    """Set how `load_tasks(..., tools=...)` turns a single-turn task into one that offers tools."""
+    _TOOL_OFFERING[:] = [offer]
+
+
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
 SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "env:PATH.py:NAME", "jsonl:PATH", "parquet:PATH",
               "PATH.jsonl", "PATH.parquet", "<file spec>#TASK"]
@@ -90,12 +103,13 @@ def load_tasks(specs: list[str], reward: RewardFunc | str | None = None, tools: 
     """Every task of `specs`; with `tools`, each single-turn task becomes a tool-use task offering them (an
     episode of tool calls ending in an answer its verifier scores; named "<task>+tools"). Multi-turn tasks keep
     their own tools."""
-    from unigrad.environments.tool_use import ToolUseTask
-
     tasks = [task for spec in specs for task in get_tasks(spec, reward=reward)]
     if not tools:
         return tasks
-    return [task if is_multi_turn(task) else ToolUseTask(task, tuple(tools)) for task in tasks]
+    if not _TOOL_OFFERING:
+        raise RuntimeError("no tool offering is registered (unigrad.environments registers it on import)")
+    offer = _TOOL_OFFERING[0]
+    return [task if is_multi_turn(task) else offer(task, tuple(tools)) for task in tasks]
 
 
 def _options(text: str, spec: str) -> dict[str, Any]:
@@ -154,7 +168,7 @@ def _get_tasks(spec: str, reward: RewardFunc | str | None, options: dict[str, An
         if reward is not None:
             raise ValueError(f"task {kind!r} is multi-turn: its environment rewards the episodes, so a reward "
                              "function cannot replace its verifier")
-        tasks = [_multi_turn_task(kind)(**{**_options(rest, spec), **options})]
+        tasks = [MULTI_TURN_TASKS[kind](**{**_options(rest, spec), **options})]
     elif sep and kind == "math":
         tasks = [MathTask(rest, **options)]
     elif sep and kind == "reasoning_gym":
