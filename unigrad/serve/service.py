@@ -126,13 +126,20 @@ class ServeService:
                               f"context of {self.context_length}", "max_tokens", "context_length_exceeded")
         return asked
 
+    def sampling(self, request: SamplingRequest, calls: list[PromptCall],
+                 prompts: list[list[int]]) -> tuple[SamplingKey, tuple[int, ...]]:
+        """How `prompts` (the ids of `calls`) are sampled: the request's settings and each prompt's random stream
+        (a trainer's service overrides this to sample as the run trains)."""
+        key = SamplingKey(request.n, request.temperature, request.top_p, max(request.top_k, 0),
+                          self.max_new_tokens(request, prompts))
+        return key, request_seeds(request.seed, len(prompts))
+
     async def answer(self, request: SamplingRequest, calls: list[PromptCall], tools: bool) -> Answer:
         """Sample `request.n` choices for each prompt of `calls` and tell the hook."""
         prompts = [self.prompt_ids(call) for call in calls]
-        key = SamplingKey(request.n, request.temperature, request.top_p, max(request.top_k, 0),
-                          self.max_new_tokens(request, prompts))
+        key, seeds = self.sampling(request, calls, prompts)
         try:
-            samples = await self.batcher.sample(prompts, key, request_seeds(request.seed, len(prompts)))
+            samples = await self.batcher.sample(prompts, key, seeds)
         except Exception as err:  # noqa: BLE001 - the engine failed: the client gets its message, not a traceback
             raise ApiError(500, f"the engine failed: {type(err).__name__}: {err}", "server_error") from None
         choices = [finish_choice(self.tokenizer, s, request.stop_strings, tools) for row in samples for s in row]
