@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,31 @@ def _smooth(values: list[float], span: int) -> list[float]:
     return out
 
 
-def _plot(path: Path, steps, curves: dict[str, list[float]], title: str, ylabel: str, log: bool = False,
+@dataclass(frozen=True)
+class Axes:
+    """How a figure's curves are labelled and scaled."""
+
+    title: str
+    ylabel: str
+    log: bool = False  # a logarithmic y axis
+
+
+@dataclass(frozen=True)
+class ReportContents:
+    """Everything index.html shows, gathered by `build_report`."""
+
+    run_dir: Path
+    n_steps: int
+    window: int  # the learning-gain window s
+    summary: dict[str, dict[str, float]]  # per task: its summary numbers
+    figures: list[tuple[str, str]]  # (PNG name in out_dir, title): the per-task figures
+    table: list[dict[str, Any]]  # the correlations of ||g_k||^2
+    out_dir: Path
+    stability: list[tuple[str, str]]  # (PNG name, title): the mismatch and stability figures
+    alarms: list[dict[str, Any]]
+
+
+def _plot(path: Path, steps, curves: dict[str, list[float]], axes: Axes,
           raw: dict[str, list[float]] | None = None) -> None:
     import matplotlib
 
@@ -131,11 +156,11 @@ def _plot(path: Path, steps, curves: dict[str, list[float]], title: str, ylabel:
         if raw is not None:
             ax.plot(steps, raw[name], color=color, alpha=0.2, linewidth=0.8)
         ax.plot(steps, ys, color=color, label=name, linewidth=1.6)
-    if log:
+    if axes.log:
         ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(axes.title)
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(axes.ylabel)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
@@ -165,18 +190,18 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     if has_grad:
         raw = {t: positive(data[t]["sq_norm"]) for t in data}
         _plot(out_dir / "grad_sq_norm.png", steps, {t: _smooth(raw[t], span) for t in data},
-              f"per-task squared gradient norm ||g_k||^2 (trailing mean over {span} steps)", "||g_k||^2",
-              log=True, raw=raw)
+              Axes(f"per-task squared gradient norm ||g_k||^2 (trailing mean over {span} steps)", "||g_k||^2",
+                   log=True), raw=raw)
         figures.append(("grad_sq_norm.png", "Per-task squared gradient norm"))
         ratio = [_value(r, "grad/sq_norm_ratio") for r in rows]
         _plot(out_dir / "sq_norm_ratio.png", steps, {"max/min": _smooth(ratio, span)},
-              "max_k / min_k of ||g_k||^2", "ratio", log=True, raw={"max/min": ratio})
+              Axes("max_k / min_k of ||g_k||^2", "ratio", log=True), raw={"max/min": ratio})
         figures.append(("sq_norm_ratio.png", "Gradient imbalance ratio"))
     _plot(out_dir / "learning_gain.png", steps, {t: data[t]["gain_posthoc"] for t in data},
-          f"learning gain Gain_k(t), s = {window} (post hoc)", "gain")
+          Axes(f"learning gain Gain_k(t), s = {window} (post hoc)", "gain"))
     figures.append(("learning_gain.png", "Learning gain"))
     _plot(out_dir / "reward.png", steps, {t: _smooth(data[t]["reward"], span) for t in data},
-          f"training reward per task (trailing mean over {span} steps)", "reward",
+          Axes(f"training reward per task (trailing mean over {span} steps)", "reward"),
           raw={t: data[t]["reward"] for t in data})
     figures.append(("reward.png", "Reward per task"))
 
@@ -184,7 +209,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     summary = _summary(rows, data, has_grad)
     table = correlations(data) if has_grad else []
     alarms = _alarms(run_dir)
-    page = _html(run_dir, len(rows), window, summary, figures, table, out_dir, stability, alarms)
+    page = _html(ReportContents(run_dir, len(rows), window, summary, figures, table, out_dir, stability, alarms))
     path = out_dir / "index.html"
     path.write_text(page)
     doc = {"steps": len(rows), "tasks": summary, "correlations": table}
@@ -216,7 +241,7 @@ def _stability_figures(out_dir: Path, rows, steps, span) -> list[tuple[str, str]
             continue
         if log:
             curves = {k: [v if v > 0 else float("nan") for v in c] for k, c in curves.items()}
-        _plot(out_dir / name, steps, {k: _smooth(c, span) for k, c in curves.items()}, title, ylabel, log=log,
+        _plot(out_dir / name, steps, {k: _smooth(c, span) for k, c in curves.items()}, Axes(title, ylabel, log),
               raw=curves)
         figures.append((name, title))
     positions = sorted({k for r in rows for k in r if k.startswith("mismatch/abs_logp_diff/pos_")},
@@ -282,8 +307,9 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.{digits}f}"
 
 
-def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability, alarms) -> str:
-    e = html.escape
+def _html(contents: ReportContents) -> str:
+    c, e = contents, html.escape
+    run_dir, n_steps, window, summary, table, out_dir = c.run_dir, c.n_steps, c.window, c.summary, c.table, c.out_dir
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>unigrad report: {e(str(run_dir))}</title>",
              "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
@@ -303,7 +329,7 @@ def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability,
         parts.append("</table>")
     else:
         parts.append("<p>No per-task metrics in this run.</p>")
-    for name, title in figures:
+    for name, title in c.figures:
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
     if table:
@@ -319,7 +345,7 @@ def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability,
         parts.append("<p>No per-task gradient metrics in this run (single task, or "
                      "diagnostics.task_gradients=false).</p>")
     parts.append("<h1>Mismatch and stability</h1>")
-    if alarms:
+    if alarms := c.alarms:
         parts.append(f"<p>{len(alarms)} alarm(s):</p><table><tr><th>step</th><th>alarm</th><th>message</th></tr>")
         for a in alarms[:200]:
             parts.append(f"<tr><td>{a.get('step')}</td><td>{e(str(a.get('alarm')))}</td>"
@@ -327,7 +353,7 @@ def _html(run_dir, n_steps, window, summary, figures, table, out_dir, stability,
         parts.append("</table>" + (f"<p>({len(alarms) - 200} more in alarms.jsonl)</p>" if len(alarms) > 200 else ""))
     else:
         parts.append("<p>No alarms.</p>")
-    for name, title in stability:
+    for name, title in c.stability:
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")

@@ -14,6 +14,8 @@ makes. Models it cannot reproduce exactly are left to the transformers path: `un
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,16 @@ from torch import nn
 # Architectures whose decoder layer is: x += o(attn(rope(q), rope(k), v)) on rms(x); x += down(silu(gate) * up) on
 # rms(x). Qwen2 adds biases to q/k/v, which the fused projection keeps.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class CacheAccess:
+    """Where one forward pass of the decoder writes and reads the key/value cache."""
+
+    write: slice  # cache positions the new keys and values go to
+    read: int  # queries attend to cache positions [0, read)
+    attn_mask: torch.Tensor  # (B, 1, T, read) bool: which of those positions each query sees
+    kv_rows: torch.Tensor | None = None  # prefill: the prompt of each cache row (None: row i is input row i)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -110,10 +122,10 @@ class StaticCacheDecoder:
 
     # -------------------------------------------------------------------------------------------------- layers
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write: slice,
-                 read: int, attn_mask: torch.Tensor, kv_rows: torch.Tensor | None) -> torch.Tensor:
-        """Run every layer on x (B, T, hidden); keys/values go to cache positions `write` (of rows `kv_rows` or all),
-        queries attend to cache positions [0, read) under `attn_mask` (B, 1, T, read) bool."""
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheAccess) -> torch.Tensor:
+        """Run every layer on x (B, T, hidden); keys/values go to cache positions `cache.write` (of rows
+        `cache.kv_rows` or all), queries attend to cache positions [0, cache.read) under `cache.attn_mask`."""
+        write, read, attn_mask, kv_rows = cache.write, cache.read, cache.attn_mask, cache.kv_rows
         b, t, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
@@ -165,7 +177,7 @@ class StaticCacheDecoder:
         eye = torch.eye(prompt_len, dtype=torch.bool, device=dev)  # padding queries see themselves: no empty rows
         attn_mask = (causal & mask[:, None, None, :]) | eye
         x = self._forward(embed(ids), self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1),
-                          slice(0, prompt_len), prompt_len, attn_mask, kv_rows=row_src)
+                          CacheAccess(slice(0, prompt_len), prompt_len, attn_mask, kv_rows=row_src))
         self.prompt_len = prompt_len
         self.key_mask = torch.ones(rows, total, dtype=torch.bool, device=dev)
         self.key_mask[:, :prompt_len] = mask[row_src]
@@ -185,5 +197,5 @@ class StaticCacheDecoder:
         x = self.model.model.embed_tokens(tokens).unsqueeze(1)  # (rows, 1, hidden)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         attn_mask = self.key_mask[:, None, None, : at + 1]
-        x = self._forward(x, cos, sin, slice(at, at + 1), at + 1, attn_mask, kv_rows=None)
+        x = self._forward(x, cos, sin, CacheAccess(slice(at, at + 1), at + 1, attn_mask))
         return self._logits(x[:, 0])
