@@ -10,10 +10,11 @@ The layers, lowest first (unigrad/__init__.py's docstring draws them):
     environments                    multi-turn tasks, built on tasks and tools (registered into the catalogue)
     models                          model loading, the embedded tiny model
     rollout                         engines that sample, episodes
+    serve                           the OpenAI-compatible HTTP server over the rollout engines
+    agents                          agent programs as tasks: their episodes through the server
     diagnostics                     measurements of a step
     config                          the run configuration
     eval                            held-out evaluation of a model
-    serve                           the OpenAI-compatible HTTP server over the rollout engines
     train, integrations             the trainer; adapters to other trainers
     report, preset_table            pages and tables about runs and presets
     cli                             the command line
@@ -35,10 +36,11 @@ LAYERS = [
     {"environments"},
     {"models"},
     {"rollout"},
+    {"serve"},
+    {"agents"},
     {"diagnostics"},
     {"config"},
     {"eval"},
-    {"serve"},
     {"train", "integrations"},
     {"report", "preset_table"},
     {"cli"},

@@ -10,10 +10,11 @@ tests/test_import_layers.py checks it):
                                     the task catalogue (environments/builtin.py), which cannot import them
     models                          model loading, the embedded tiny model, the learning-rate schedule
     rollout                         engines that sample, episodes, prompt encoding
+    serve                           the OpenAI-compatible HTTP server over the rollout engines
+    agents                          agent programs as tasks: their episodes through the server
     diagnostics                     measurements of a step (per-task gradients, mismatch, monitors)
     config                          the run configuration and the refusals that need no machine
     eval                            held-out evaluation of a model
-    serve                           the OpenAI-compatible HTTP server over the rollout engines
     train, integrations             the trainer (train/feasibility.py: what cannot run here); adapters
     report, preset_table            pages and tables about runs and presets
     cli                             the command line
@@ -22,6 +23,7 @@ This package imports unigrad.environments, so that the built-in multi-turn tasks
 whatever part of unigrad is imported first (the root is in no layer: it may import anything).
 """
 
+import unigrad.agents  # noqa: F401  (registers the "agent:" task spec into unigrad.tasks)
 import unigrad.environments  # noqa: F401  (registers the built-in multi-turn tasks into unigrad.tasks)
 
 __version__ = "0.1.0"

@@ -33,6 +33,7 @@ class Segment:
     ids: list[int] = field(default_factory=list)  # after the prompt: sampled turns and observations
     observed: list[bool] = field(default_factory=list)  # True on observation ids
     logps: list[float] = field(default_factory=list)  # the engine's log-prob of each sampled id; 0 on observations
+    truncated: bool = False  # its last call was cut by the token budget before the end-of-turn token
 
     @property
     def context(self) -> list[int]:
@@ -73,8 +74,9 @@ class Trajectory:
         row.logps += [0.0] * len(observation)
         return row.context
 
-    def record(self, sampled: list[int], logps: list[float]) -> None:
-        """The ids the call sampled and the engine's log-prob of each, appended to the current row."""
+    def record(self, sampled: list[int], logps: list[float], truncated: bool = False) -> None:
+        """The ids the call sampled and the engine's log-prob of each, appended to the current row; `truncated`: the
+        call was cut by its token budget."""
         if not self.segments:
             raise RuntimeError("record() before prompt_for()")
         if len(sampled) != len(logps):
@@ -83,6 +85,7 @@ class Trajectory:
         row.ids += list(sampled)
         row.observed += [False] * len(sampled)
         row.logps += [float(x) for x in logps]
+        row.truncated = truncated
         self.calls += 1
 
     def rows(self) -> list[Segment]:

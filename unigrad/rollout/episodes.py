@@ -43,6 +43,10 @@ class Episodes:
     tool_calls: torch.Tensor  # (N,) long
     tool_errors: torch.Tensor  # (N,) long
     failures: dict[int, str]  # {row: what its environment raised}: the episode ended there, its reward is NaN
+    # (N,) long: the first row of each row's episode (itself but where an agent episode was split into several rows,
+    # `unigrad.agents.trajectory`: those share the first row's advantage); None: one row per episode
+    first_row: torch.Tensor | None = None
+    splits: int = 0  # agent episodes: rows started because a request did not extend the episode's tokens
 
 
 def encode_messages(tokenizer, messages: list[Message], tools: list[dict] | None = None,

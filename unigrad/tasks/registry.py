@@ -8,6 +8,7 @@
     reasoning_gym:DATASET | reasoning_gym:DATASET,key=value,...  a Reasoning Gym dataset (reasoning_gym_task.py)
     jsonl:PATH | parquet:PATH | PATH.jsonl | PATH.parquet        user tasks (files.py), one per `task`
     ...#NAME                                                     one task of a multi-task file
+    agent:PATH.py:FUNCTION@SPEC | agent:PATH.py:FUNCTION          an agent program playing a task (docs/agents.md)
     PATH.jsonl,validation_fraction=0.1                           file and math tasks take options after a comma
 
 `reward=` ("module:function", "file.py:function" or a callable) replaces the verifier with a
@@ -15,7 +16,8 @@ TRL-style reward function (reward_fn.py). Keyword options go to the task's const
 
 This module knows the single-turn tasks only: the multi-turn ones are built on it (unigrad.environments, a layer
 above), so they register themselves here: unigrad.environments.builtin calls `register_multi_turn_task` for each
-built-in multi-turn task and `register_tool_offering` for the wrapper that offers tools to a single-turn task.
+built-in multi-turn task and `register_tool_offering` for the wrapper that offers tools to a single-turn task;
+unigrad.agents registers the "agent:" form with `register_spec_kind`.
 The package root (unigrad/__init__.py) imports unigrad.environments, so whatever part of unigrad is imported first,
 the catalogue is complete before `get_task` can be called.
 """
@@ -47,6 +49,8 @@ MULTI_TURN_TASKS: dict[str, Callable[..., Task]] = {}
 # How a single-turn task is offered tools (a tool-use episode ending in an answer it scores); set by
 # unigrad.environments: (task, tool specs) -> a multi-turn task.
 _TOOL_OFFERING: list[Callable[[Task, tuple[str, ...]], Task]] = []
+# Spec forms "KIND:REST" made by a layer above this one: KIND -> (spec, options) -> the task.
+SPEC_KINDS: dict[str, Callable[..., Task]] = {}
 
 
 def register_multi_turn_task(name: str, make: Callable[..., Task]) -> None:
@@ -56,6 +60,13 @@ def register_multi_turn_task(name: str, make: Callable[..., Task]) -> None:
     MULTI_TURN_TASKS[name] = make
 
 
+def register_spec_kind(kind: str, make: Callable[..., Task]) -> None:
+    """Name a spec form "KIND:...": `get_task("KIND:...", **options)` calls `make(spec, **options)`."""
+    if SPEC_KINDS.get(kind, make) is not make:
+        raise ValueError(f"task spec kind {kind!r} is taken")
+    SPEC_KINDS[kind] = make
+
+
 def register_tool_offering(offer: Callable[[Task, tuple[str, ...]], Task]) -> None:
     """Set how `load_tasks(..., tools=...)` turns a single-turn task into one that offers tools."""
     _TOOL_OFFERING[:] = [offer]
@@ -63,7 +74,7 @@ def register_tool_offering(offer: Callable[[Task, tuple[str, ...]], Task]) -> No
 
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
 SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "env:PATH.py:NAME", "jsonl:PATH", "parquet:PATH",
-              "PATH.jsonl", "PATH.parquet", "<file spec>#TASK"]
+              "PATH.jsonl", "PATH.parquet", "<file spec>#TASK", "agent:PATH.py:FUNCTION[@TASK]"]
 
 
 def list_tasks() -> list[str]:
@@ -148,6 +159,10 @@ def get_tasks(spec: str, *, reward: RewardFunc | str | None = None, **options: A
 
 def _get_tasks(spec: str, reward: RewardFunc | str | None, options: dict[str, Any]) -> list[Task]:
     kind, sep, rest = spec.partition(":")
+    if sep and kind in SPEC_KINDS:
+        if reward is not None:
+            raise ValueError(f"task {spec!r} scores its own episodes: a reward function cannot replace its verifier")
+        return [SPEC_KINDS[kind](spec, **options)]
     file_kind = bool(sep) and kind in ("jsonl", "parquet", "json")
     path = rest if file_kind else spec
     is_file = file_kind or any(ext in path.lower() for ext in (".jsonl", ".parquet", ".json"))

@@ -1,0 +1,156 @@
+"""Agent episodes: many agent programs at once, each with an `openai` client pointed at the trainer's endpoint, and
+the rows the learner trains on built from what they sampled (`unigrad.agents.trajectory`).
+
+The endpoint (`unigrad.serve`) runs in this process for the duration of the batch, over the run's engine; concurrent
+calls from the agents are batched into engine calls. A plain agent function runs in a thread of its own, a coroutine
+function on one event loop; every episode has `timeout` seconds. What an agent does wrong ends its episode
+unscorable (reward NaN, the reason in `Episodes.failures`), never the run: it raised, it ran out of time, it made no
+model call, it returned something that is not a reward. A timed-out plain function cannot be stopped; its episode is
+closed, so its further calls are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unigrad.agents.program import AgentTask
+from unigrad.agents.recorder import EpisodeRecorder
+from unigrad.rollout.base import Rollout, RolloutEngine, SamplingParams
+from unigrad.rollout.episodes import Episodes
+from unigrad.rollout.padding import pad_rows
+from unigrad.tasks.base import Example
+
+
+@dataclass(frozen=True)
+class AgentBatch:
+    """The episodes to play: `n` per example, episode p*n + j playing example p with random stream
+    `seeds[p]` (sample j)."""
+
+    task: AgentTask
+    examples: list[Example]  # (P,)
+    fallback_prompts: list[list[int]]  # (P,) a row's prompt where its episode made no call (the example's prompt)
+    n: int
+    seeds: tuple[int, ...]  # (P,)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    model_name: str  # what the endpoint serves, and the agents are told
+    timeout: float  # seconds per episode
+    context_length: int | None = None
+
+
+@dataclass
+class Outcome:
+    """What an agent's episode returned: a reward (NaN: none) or why it has none."""
+
+    reward: float = math.nan
+    failure: str | None = None
+
+
+def run_agent_episodes(engine: RolloutEngine, tokenizer, batch: AgentBatch, sampling: SamplingParams,
+                       settings: AgentSettings) -> tuple[Rollout, Episodes]:
+    """Play `batch` through an endpoint over `engine` sampling with `sampling`; the rows and what they scored."""
+    from unigrad.agents.training_service import training_endpoint
+
+    recorder = EpisodeRecorder(tokenizer)
+    keys = [recorder.open_episode(e, batch.seeds[e // batch.n] + e % batch.n, batch.task.max_turns)
+            for e in range(len(batch.examples) * batch.n)]
+    with training_endpoint(engine, tokenizer, settings, recorder, sampling) as url:
+        outcomes = asyncio.run(_play_all(batch, keys, url, settings, recorder))
+    return episode_rows(tokenizer, batch, [recorder.episodes[k] for k in keys], outcomes)
+
+
+async def _play_all(batch: AgentBatch, keys: list[str], url: str, settings: AgentSettings,
+                    recorder: EpisodeRecorder) -> list[Outcome]:
+    threads = ThreadPoolExecutor(max_workers=max(1, len(keys)), thread_name_prefix="unigrad-agent")
+    try:
+        return list(await asyncio.gather(*(
+            _play(batch, e, key, url, settings, recorder, threads) for e, key in enumerate(keys))))
+    finally:
+        threads.shutdown(wait=False, cancel_futures=True)
+
+
+async def _play(batch: AgentBatch, episode: int, key: str, url: str, settings: AgentSettings,
+                recorder: EpisodeRecorder, threads: ThreadPoolExecutor) -> Outcome:
+    import openai
+
+    program, example = batch.task.program, batch.examples[episode // batch.n]
+    given = batch.task.example_dict(example, settings.model_name)
+    try:
+        if program.is_async:
+            client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=settings.timeout)
+            returned = await asyncio.wait_for(program.function(client, given), settings.timeout)
+        else:
+            client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=settings.timeout)
+            call = asyncio.get_running_loop().run_in_executor(threads, program.function, client, given)
+            returned = await asyncio.wait_for(call, settings.timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        return Outcome(failure=f"took longer than rollout.agent_timeout={settings.timeout:g} s")
+    except Exception as err:  # noqa: BLE001 - an agent's bug ends its episode, never the run
+        return Outcome(failure=f"agent {program.name} raised {type(err).__name__}: {str(err)[:300]}")
+    finally:
+        recorder.close(key)
+    if recorder.episodes[key].trajectory.calls == 0:
+        return Outcome(failure=f"agent {program.name} made no model call")
+    return reward_of(returned, program.name)
+
+
+def reward_of(returned: Any, agent: str) -> Outcome:
+    """An agent's return value as an `Outcome`: a number, or (number, info dict)."""
+    value = returned[0] if isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[1], dict) \
+        else returned
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return Outcome(failure=f"agent {agent} returned a {type(value).__name__} ({value!r:.40}), not a reward")
+    if not math.isfinite(float(value)) or abs(float(value)) > float(torch.finfo(torch.float32).max):
+        return Outcome(failure=f"agent {agent} returned {value!r}, not a finite float32 reward")
+    return Outcome(float(value))
+
+
+def episode_rows(tokenizer, batch: AgentBatch, states: list, outcomes: list[Outcome]) -> tuple[Rollout, Episodes]:
+    """One row per trajectory segment (an episode that made no call: one empty row at its example's prompt); every
+    row of an episode carries the episode's reward, and `Episodes.first_row` points each row at its episode's first."""
+    prompts, ids, observed, logps, cut, groups, first_row, episode_of = [], [], [], [], [], [], [], []
+    for e, state in enumerate(states):
+        segments = state.trajectory.rows()
+        start = len(prompts)
+        if not segments:
+            prompts.append(batch.fallback_prompts[e // batch.n])
+            ids.append([]), observed.append([]), logps.append([]), cut.append(False)
+        for s in segments:
+            prompts.append(s.prompt), ids.append(s.ids), observed.append(s.observed), logps.append(s.logps)
+            cut.append(s.truncated)
+        rows = len(prompts) - start
+        groups += [e // batch.n] * rows
+        first_row += [start] * rows
+        episode_of += [e] * rows
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = pad_rows(prompts, "left", pad)
+    width = max(1, max(len(x) for x in ids))
+    completion_ids, context = pad_rows(ids, "right", pad, width=width)
+    obs_mask = pad_rows(observed, "right", False, width=width, dtype=torch.bool)[0]
+    infer = pad_rows(logps, "right", 0.0, width=width, dtype=torch.float32)[0]
+    truncated = torch.tensor(cut, dtype=torch.bool)
+    rollout = Rollout(prompt_ids, prompt_mask, completion_ids, context & ~obs_mask, infer,
+                      torch.tensor(groups, dtype=torch.long), truncated, observation_mask=obs_mask)
+    return rollout, _episodes(states, outcomes, episode_of, first_row)
+
+
+def _episodes(states: list, outcomes: list[Outcome], episode_of: list[int], first_row: list[int]) -> Episodes:
+    def per_row(values: list) -> torch.Tensor:
+        return torch.tensor([values[e] for e in episode_of])
+
+    failures = {r: outcomes[e].failure for r, e in enumerate(episode_of)
+                if outcomes[e].failure is not None and first_row[r] == r}
+    return Episodes(rewards=per_row([o.reward for o in outcomes]).float(),
+                    turns=per_row([s.trajectory.calls for s in states]).long(),
+                    tool_calls=per_row([s.tool_calls for s in states]).long(),
+                    tool_errors=torch.zeros(len(episode_of), dtype=torch.long), failures=failures,
+                    first_row=torch.tensor(first_row, dtype=torch.long),
+                    splits=sum(s.trajectory.splits for s in states))
