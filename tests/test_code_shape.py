@@ -25,7 +25,6 @@ ALLOWED_PARAMETERS = {
     "unigrad/eval.py:_held_out_prompts": 8,
     "unigrad/eval.py:evaluate": 12,
     "unigrad/integrations/verl.py:make_policy_loss.policy_loss": 7,
-    "unigrad/objective/corrections.py:behaviour_weights": 9,
     "unigrad/objective/registry.py:Registry.register": 8,
     "unigrad/report/seeded_study.py:Study.__init__": 7,
     "unigrad/rollout/async_worker.py:EngineWorker.__init__": 9,

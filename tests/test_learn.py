@@ -15,7 +15,7 @@ from unigrad.config import OptimSection
 from unigrad.models.tokenizer import build_char_tokenizer
 from unigrad.objective import batch_normalisers, resolve_objective
 from unigrad.objective.aggregation import count_normalisers
-from unigrad.objective.corrections import behaviour_weights
+from unigrad.objective.corrections import CorrectionSettings, behaviour_weights
 from unigrad.train.batch import Batch, LossComponent
 from unigrad.train.batching import pad_pairs
 from unigrad.train.distributed import SINGLE
@@ -161,6 +161,7 @@ def test_icepop_keeps_a_ratio_exactly_on_either_bound_of_its_band():
     # outside.
     rho = torch.tensor([[0.5, 2.0, 0.49, 2.01, 1.0]])
     mask = torch.ones_like(rho, dtype=torch.bool)
-    w = behaviour_weights("icepop", torch.log(rho), torch.zeros_like(rho), mask, icepop_low=0.5, icepop_high=2.0)
+    w = behaviour_weights("icepop", torch.log(rho), torch.zeros_like(rho), mask,
+                          CorrectionSettings(icepop_low=0.5, icepop_high=2.0))
     assert w.weight[0].tolist() == pytest.approx([0.5, 2.0, 0.0, 0.0, 1.0])
     assert w.zeroed.tolist() == [[False, False, True, True, False]]

@@ -17,7 +17,6 @@ reported. Weights are always detached: they re-weight the gradient, they are not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -86,23 +85,21 @@ def _sequence_log_rho(log_rho: torch.Tensor, mask: torch.Tensor, form: str) -> t
     return seq.expand_as(log_rho)
 
 
-def behaviour_weights(
-    name: str,
-    old: torch.Tensor,
-    infer: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    form: str = "geometric",
-    tis_cap: float = 2.0,
-    tis_floor: float | None = None,
-    icepop_low: float = 0.5,
-    icepop_high: float = 5.0,
-) -> BehaviourWeights:
-    """Detached behaviour-correction weights of the registered rule.  old, infer: (B, T), zero at masked positions.
-    The keywords are the `Objective` fields of the same meaning (`form` is `correction_form`)."""
-    fields = SimpleNamespace(correction_form=form, tis_cap=tis_cap, tis_floor=tis_floor, icepop_low=icepop_low,
-                             icepop_high=icepop_high)
-    return correct(name, fields, CorrectionInput(old, infer, mask))
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """The `Objective` fields a behaviour correction reads, under the same names, with the same defaults."""
+
+    correction_form: str = "geometric"
+    tis_cap: float = 2.0
+    tis_floor: float | None = None
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+
+
+def behaviour_weights(name: str, old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor,
+                      settings: CorrectionSettings = CorrectionSettings()) -> BehaviourWeights:
+    """Detached behaviour-correction weights of the registered rule.  old, infer: (B, T), zero at masked positions."""
+    return correct(name, settings, CorrectionInput(old, infer, mask))
 
 
 def correct(name: str, objective: Any, x: CorrectionInput) -> BehaviourWeights:
