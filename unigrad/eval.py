@@ -26,6 +26,7 @@ from unigrad.tasks.guard import verify_guarded
 from unigrad.tools.calls import tool_style
 
 if TYPE_CHECKING:
+    from unigrad.models.chat_model import ChatRecipe
     from unigrad.models.tiny import TinyRecipe
 
 
@@ -202,6 +203,19 @@ def tiny_heldout_accuracy(model, tokenizer, recipe: TinyRecipe) -> dict[str, flo
                        max_new_tokens=48, seed=recipe.eval_seed)
     return {t: results[t]["pass@1"] for t in recipe.task_names}
 
+
+
+def chat_heldout_report(model, tokenizer, recipe: ChatRecipe) -> dict[str, Any]:
+    """The held-out evaluation a unigrad-chat build ends with (`ensure_chat(evaluate_built=...)`): greedy pass@1 on
+    `recipe.eval_examples` test prompts of each of the recipe's tasks ("heldout_greedy_accuracy"), and for its
+    multi-turn tasks the tool calls and failed calls per greedy episode ("heldout_tool_calls")."""
+    # A calculator call is about 25 tokens; 48 leave room for the end of the turn.
+    results = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
+                       max_new_tokens=48, seed=recipe.eval_seed)
+    tools = {t: {k: results[t][k] for k in ("tool_calls", "tool_errors")} for t in recipe.task_names
+             if "tool_calls" in results[t]}
+    return {"heldout_greedy_accuracy": {t: results[t]["pass@1"] for t in recipe.task_names},
+            "heldout_tool_calls": tools}
 
 def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
     """(gain, standard error) of the mean greedy pass@1 over tasks, from two `evaluate(..., per_prompt=True)` results

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from unigrad.models.chat_model import CHAT_NAME, ChatRecipe, ensure_chat
 from unigrad.models.tiny import TINY_MOE_EXPERTS, TINY_MOE_NAME, TINY_NAME, TinyRecipe, ensure_tiny
 
 # Used for tokenizers that come without a chat template: plain "role: content" lines, after the bos token
@@ -107,7 +108,7 @@ def load_model_and_tokenizer(
     lora: LoraSettings | None = None,
     device: str | torch.device = "cpu",
     *,
-    tiny_recipe: TinyRecipe | None = None,
+    tiny_recipe: TinyRecipe | ChatRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
 ):
     """(model, tokenizer) for ``name_or_path``.
@@ -116,6 +117,9 @@ def load_model_and_tokenizer(
       (see ``unigrad.models.tiny``; ``tiny_recipe`` and ``cache_dir`` select another recipe or cache root).
     - ``"unigrad-tiny-moe"``: the same recipe as a Mixtral mixture of experts (4 experts, 2 per token), whose
       router can pick different experts in a bfloat16 rollout than in the float32 learner.
+    - ``"unigrad-chat"``: the second embedded model, a small Qwen2 with a byte-level BPE tokenizer and a chat
+      template with tools (see ``unigrad.models.chat_model``), built on first use and cached the same way;
+      ``tiny_recipe`` is then a ``ChatRecipe``.
     - a local directory in HF format: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``; a finished
       run directory loads its final/.
     - anything else is treated as a model hub id; where no hub is reachable and the model is not in the local
@@ -137,9 +141,16 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _model_source(name: str, tiny_recipe: TinyRecipe | None, cache_dir: str | os.PathLike | None) -> str:
-    """Where `name` loads from: the embedded tiny model's cached directory (built on first use), a local model
+def _model_source(name: str, tiny_recipe: TinyRecipe | ChatRecipe | None, cache_dir: str | os.PathLike | None
+                  ) -> str:
+    """Where `name` loads from: an embedded model's cached directory (built on first use), a local model
     directory (a finished run's final/), or `name` itself as a model hub id."""
+    if name == CHAT_NAME and not Path(name).exists():
+        if tiny_recipe is not None and not isinstance(tiny_recipe, ChatRecipe):
+            raise TypeError(f"{CHAT_NAME} is built from a ChatRecipe, got {type(tiny_recipe).__name__}")
+        return str(ensure_chat(tiny_recipe, cache_dir))
+    if isinstance(tiny_recipe, ChatRecipe):
+        raise TypeError(f"a ChatRecipe builds {CHAT_NAME}, not {name!r}")
     if name == TINY_NAME and not Path(name).exists():
         return str(ensure_tiny(tiny_recipe, cache_dir))
     if name == TINY_MOE_NAME and not Path(name).exists():
@@ -171,7 +182,8 @@ def _from_pretrained(source: str, name: str, dtype: torch.dtype):
         raise ModelNotFoundError(
             f"could not load model {name!r}: it is not a local directory, loading it as a model hub id failed "
             f"({where}) and it is not in the local HF cache. Pass a local directory in HF format, or "
-            f"{TINY_NAME!r} for the embedded default. Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
+            f"{TINY_NAME!r} for the embedded default ({CHAT_NAME!r}: the embedded chat model). "
+            f"Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
 
 
