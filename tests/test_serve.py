@@ -3,6 +3,11 @@
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
@@ -303,3 +308,32 @@ def test_tool_calls_round_trip_through_the_template():
     assert CALL in rendered and "result add: 5" in rendered  # arguments as an object, the tool named by its call
     assert rendered == tok.apply_chat_template(ASK + RESULT, tools=[ADD], tokenize=False, add_generation_prompt=True)
     assert (second.message.content, second.finish_reason) == ("the sum is 5", "stop")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_cli_serves_a_model_under_the_given_name():
+    port = free_port()
+    command = [sys.executable, "-m", "unigrad.cli", "serve", MODEL, "--port", str(port), "--engine", "transformers",
+               "--served-model-name", "mine"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        first = next(line for line in server.stdout if "unigrad serve" in line or server.poll() is not None)
+        assert f"mine on http://127.0.0.1:{port}/v1 (engine: transformers" in first, first
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=5)
+        for _ in range(100):  # the line is printed just before uvicorn binds the port
+            try:
+                assert [m.id for m in client.models.list().data] == ["mine"]
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        reply = client.chat.completions.create(model="mine", messages=QUESTION, max_tokens=8, seed=1)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_presets, _add_train, _add_tasks, _add_eval, _add_study, _add_sandbox_check, _add_report):
+    for add in (_add_presets, _add_train, _add_tasks, _add_eval, _add_study, _add_sandbox_check, _add_report,
+                _add_serve):
         add(sub)
     return parser
 
@@ -430,6 +431,34 @@ def _add_report(sub) -> None:
     r.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     r.add_argument("--out", help="where to write the report (default: RUN_DIR/report)")
     r.set_defaults(func=_report)
+
+
+def _add_serve(sub) -> None:
+    """The `unigrad serve` command and its options."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions) over a rollout engine")
+    s.add_argument("model", help="'unigrad-tiny', a model directory, or a run directory (uses its final/)")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    s.add_argument("--port", type=_at_least(1, "the port"), default=8000)
+    s.add_argument("--engine", choices=["auto", "transformers", "vllm"], default="auto",
+                   help="what samples (auto: as rollout.engine=auto picks it)")
+    s.add_argument("--served-model-name", help="the model name requests give (default: MODEL as written)")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from unigrad.serve.app import build_app
+    from unigrad.serve.engines import open_engine
+    from unigrad.serve.service import ServeService
+
+    opened = open_engine(args.model, args.engine)
+    name = args.served_model_name or args.model
+    service = ServeService(opened.engine, opened.tokenizer, name, context_length=opened.context_length)
+    print(f"unigrad serve: {name} on http://{args.host}:{args.port}/v1 (engine: {opened.name}, {opened.reason})",
+          flush=True)
+    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
