@@ -59,6 +59,8 @@ def open_engine(model_name: str, engine: str = "auto") -> OpenedEngine:
             vllm_unavailable=vllm_unavailable_for(model), device_type=device,
             parameters=sum(p.numel() for p in model.parameters()), max_new_tokens=DEFAULT_MAX_TOKENS))
         engine, reason = choice.engine, choice.reason
+    if engine == "vllm" and (unavailable := vllm_unavailable_for(model)) is not None:
+        raise ValueError(f"--engine vllm: {unavailable}")
     if engine == "vllm":
         from unigrad.rollout.vllm_engine import VLLMEngine
 
