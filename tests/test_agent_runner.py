@@ -82,7 +82,7 @@ def play(setup, function: str, prompts: int = 2, n: int = 2, timeout: float = 60
     task = get_task(f"agent:{path}:{function}@arithmetic")
     examples = task.examples("train", prompts, seed=3)
     fallback = [tokenizer(e.prompt)["input_ids"] for e in examples]
-    batch = AgentBatch(task, examples, fallback, n, tuple(range(100, 100 + prompts)))
+    batch = AgentBatch([task] * prompts, examples, fallback, n, tuple(range(100, 100 + prompts)))
     sampling = SamplingParams(temperature=temperature, max_new_tokens=8)
     ro, episodes = run_agent_episodes(engine, tokenizer, batch, sampling, AgentSettings("unigrad-tiny", timeout))
     return task, ro, episodes

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unigrad.agents.program import DEFAULT_AGENT_TIMEOUT, is_agent_task, served_model_name
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.base import SamplingParams, eos_id_list
 from unigrad.rollout.episodes import EpisodeBatch, episode_prompt_ids, episode_turns, run_episodes
@@ -174,7 +175,10 @@ def _correct(scorer: _Scorer, task: Task, held_out: tuple[list, list[list[int]]]
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start:start + per_call]
         exs = [examples[start + p] for p in range(len(chunk)) for _ in range(n)]
-        if is_multi_turn(task):  # whole episodes: an episode's reward is its environment's
+        if is_agent_task(task):  # whole episodes played by the task's agent program through an endpoint
+            played = [examples[start + p] for p in range(len(chunk))]
+            rewards = _agent_rewards(scorer, task, (played, chunk), n, sampling, counts)
+        elif is_multi_turn(task):  # whole episodes: an episode's reward is its environment's
             environments = [task.environment(scorer.style) for _ in exs]
             for env, ex in zip(environments, exs, strict=True):
                 env.reset(ex)
@@ -193,6 +197,23 @@ def _correct(scorer: _Scorer, task: Task, held_out: tuple[list, list[list[int]]]
             counts.update({f"failed/{reason}": count for reason, count in verified.failures.items()})
         out.extend(r is not None and r == r and r >= 1.0 for r in rewards)
     return torch.tensor(out, dtype=torch.bool)
+
+
+def _agent_rewards(scorer: _Scorer, task, held_out: tuple[list, list[list[int]]], n: int, sampling: SamplingParams,
+                   counts: Counter) -> list[float]:
+    """The rewards of `n` episodes per example of `held_out` (examples, their prompt ids) of an agent task
+    (`unigrad.agents`), episode j of example i at i * n + j; its model calls and tool calls are counted in `counts`."""
+    from unigrad.agents.runner import AgentBatch, AgentSettings, run_agent_episodes
+
+    examples, prompts = held_out
+    seeds = tuple(scorer.seed * 1_000_003 + i for i in range(len(examples)))
+    batch = AgentBatch([task] * len(examples), examples, prompts, n, seeds)
+    settings = AgentSettings(served_model_name(scorer.tokenizer.name_or_path), DEFAULT_AGENT_TIMEOUT, scorer.context)
+    _, episodes = run_agent_episodes(scorer.engine, scorer.tokenizer, batch, sampling, settings)
+    first = episodes.first_row == torch.arange(len(episodes.first_row))  # one row per episode
+    counts.update({"episodes": int(first.sum()), "tool_calls": int(episodes.tool_calls[first].sum()),
+                   "tool_errors": 0, "model_calls": int(episodes.turns[first].sum())})
+    return episodes.rewards[first].tolist()
 
 
 def tiny_heldout_accuracy(model, tokenizer, recipe: TinyRecipe) -> dict[str, float]:

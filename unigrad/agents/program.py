@@ -29,6 +29,7 @@ from unigrad.user_code import load_object
 
 AGENT_PREFIX = "agent:"
 DEFAULT_MAX_CALLS = 8
+DEFAULT_AGENT_TIMEOUT = 120.0  # seconds per episode (rollout.agent_timeout's default; evaluations use it)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,15 @@ class _AgentPromptOnly:
 
     def step(self, turn: str):  # pragma: no cover - agent episodes are played by their agent, never stepped
         raise RuntimeError("an agent task's episodes are played by its agent program")
+
+
+def served_model_name(model: str) -> str:
+    """The name a run's endpoint serves its model under (what agents pass as `model`): a hub id or embedded name as
+    it is, a local directory by its last component."""
+    from pathlib import Path
+
+    path = Path(str(model))
+    return path.name if path.is_dir() else str(model)
 
 
 def is_agent_task(task: Any) -> bool:

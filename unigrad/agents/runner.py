@@ -29,10 +29,10 @@ from unigrad.tasks.base import Example
 
 @dataclass(frozen=True)
 class AgentBatch:
-    """The episodes to play: `n` per example, episode p*n + j playing example p with random stream
-    `seeds[p]` (sample j)."""
+    """The episodes to play: `n` per example, episode p*n + j playing example p (with the agent of `tasks[p]`) from
+    random stream `seeds[p]` (sample j)."""
 
-    task: AgentTask
+    tasks: list[AgentTask]  # (P,)
     examples: list[Example]  # (P,)
     fallback_prompts: list[list[int]]  # (P,) a row's prompt where its episode made no call (the example's prompt)
     n: int
@@ -60,44 +60,56 @@ def run_agent_episodes(engine: RolloutEngine, tokenizer, batch: AgentBatch, samp
     from unigrad.agents.training_service import training_endpoint
 
     recorder = EpisodeRecorder(tokenizer)
-    keys = [recorder.open_episode(e, batch.seeds[e // batch.n] + e % batch.n, batch.task.max_turns)
+    keys = [recorder.open_episode(e, batch.seeds[e // batch.n] + e % batch.n, batch.tasks[e // batch.n].max_turns)
             for e in range(len(batch.examples) * batch.n)]
     with training_endpoint(engine, tokenizer, settings, recorder, sampling) as url:
         outcomes = asyncio.run(_play_all(batch, keys, url, settings, recorder))
     return episode_rows(tokenizer, batch, [recorder.episodes[k] for k in keys], outcomes)
 
 
+@dataclass(frozen=True)
+class _Playground:
+    """What every episode of a batch is played with."""
+
+    batch: AgentBatch
+    url: str  # the endpoint's base URL
+    settings: AgentSettings
+    recorder: EpisodeRecorder
+    threads: ThreadPoolExecutor  # where plain agent functions run
+
+
 async def _play_all(batch: AgentBatch, keys: list[str], url: str, settings: AgentSettings,
                     recorder: EpisodeRecorder) -> list[Outcome]:
     threads = ThreadPoolExecutor(max_workers=max(1, len(keys)), thread_name_prefix="unigrad-agent")
+    ground = _Playground(batch, url, settings, recorder, threads)
     try:
-        return list(await asyncio.gather(*(
-            _play(batch, e, key, url, settings, recorder, threads) for e, key in enumerate(keys))))
+        return list(await asyncio.gather(*(_play(ground, e, key) for e, key in enumerate(keys))))
     finally:
         threads.shutdown(wait=False, cancel_futures=True)
 
 
-async def _play(batch: AgentBatch, episode: int, key: str, url: str, settings: AgentSettings,
-                recorder: EpisodeRecorder, threads: ThreadPoolExecutor) -> Outcome:
+async def _play(ground: _Playground, episode: int, key: str) -> Outcome:
+    """Episode `episode` (its API key `key`) played by its agent, as an `Outcome`."""
     import openai
 
-    program, example = batch.task.program, batch.examples[episode // batch.n]
-    given = batch.task.example_dict(example, settings.model_name)
+    batch, settings, url = ground.batch, ground.settings, ground.url
+    task, example = batch.tasks[episode // batch.n], batch.examples[episode // batch.n]
+    program, given = task.program, task.example_dict(example, settings.model_name)
     try:
         if program.is_async:
             client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=settings.timeout)
             returned = await asyncio.wait_for(program.function(client, given), settings.timeout)
         else:
             client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=settings.timeout)
-            call = asyncio.get_running_loop().run_in_executor(threads, program.function, client, given)
+            call = asyncio.get_running_loop().run_in_executor(ground.threads, program.function, client, given)
             returned = await asyncio.wait_for(call, settings.timeout)
     except (asyncio.TimeoutError, TimeoutError):
         return Outcome(failure=f"took longer than rollout.agent_timeout={settings.timeout:g} s")
     except Exception as err:  # noqa: BLE001 - an agent's bug ends its episode, never the run
         return Outcome(failure=f"agent {program.name} raised {type(err).__name__}: {str(err)[:300]}")
     finally:
-        recorder.close(key)
-    if recorder.episodes[key].trajectory.calls == 0:
+        ground.recorder.close(key)
+    if ground.recorder.episodes[key].trajectory.calls == 0:
         return Outcome(failure=f"agent {program.name} made no model call")
     return reward_of(returned, program.name)
 

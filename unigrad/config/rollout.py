@@ -53,6 +53,9 @@ class RolloutSection(_Section):
     max_turns: int | None = Field(
         None, ge=1, description="multi-turn tasks: assistant turns per episode at most (None = each task's own "
         "max_turns; a smaller value caps them). docs/environments.md")
+    agent_timeout: float = Field(120.0, gt=0, allow_inf_nan=False, description="agent tasks (agent:...): seconds an "
+                                 "agent program may take for one episode; past it the episode is unscorable. "
+                                 "docs/agents.md")
     logit_noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="mismatch instrument: Gaussian noise of "
                                "this scale on the engine's logits when it samples (the learner's are clean); 0 = off. "
                                "transformers engine only. docs/mismatch.md")

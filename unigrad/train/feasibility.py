@@ -14,6 +14,7 @@ is a `ConfigError` that names the keys and the fix.
 
 from __future__ import annotations
 
+from unigrad.agents.program import is_agent_task
 from unigrad.config import ConfigError, TrainConfig, single_process_refusal
 from unigrad.data.samplers import task_weight_list
 from unigrad.environments.base import is_multi_turn
@@ -112,4 +113,25 @@ def check_before_model_load(cfg: TrainConfig, processes: int) -> list[Task]:
     """Every check of this module, in the order a user meets them; returns the loaded tasks."""
     check_processes(cfg, processes)
     check_installed(cfg)
-    return load_tasks_checked(cfg)
+    tasks = load_tasks_checked(cfg)
+    check_agents(cfg, tasks, processes)
+    return tasks
+
+
+def check_agents(cfg: TrainConfig, tasks: list[Task], processes: int = 1) -> None:
+    """Refuse what agent tasks (agent:...) do not run with yet: other tasks beside them, several processes,
+    asynchronous rollouts."""
+    agents = [t.name for t in tasks if is_agent_task(t)]
+    if not agents:
+        return
+    named = ", ".join(agents)
+    others = [t.name for t in tasks if not is_agent_task(t)]
+    if others:
+        raise ConfigError(f"agent tasks ({named}) run only beside other agent tasks for now; train "
+                          f"{', '.join(others)} in another run, or play them with an agent")
+    if processes > 1:
+        raise ConfigError(f"agent tasks ({named}) run in one process for now (the endpoint serves one engine): drop "
+                          "--nproc")
+    if cfg.rollout.max_staleness:
+        raise ConfigError(f"agent tasks ({named}) do not run with asynchronous rollouts yet: set "
+                          "rollout.max_staleness=0")

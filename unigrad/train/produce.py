@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from unigrad.agents.program import is_agent_task
+from unigrad.agents.runner import AgentBatch, AgentSettings, run_agent_episodes
 from unigrad.environments.base import is_multi_turn
 from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty
@@ -90,9 +92,14 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
 
     obj = ctx.objective
     all_rewards, all_row_task = dist.cat(rewards), dist.cat(row_task)
+    first_row = drawn.episodes.first_row if drawn.episodes is not None else None  # split agent episodes (1 process)
+    if first_row is not None:  # an episode's later rows stay out of its group's statistics
+        trained_rewards = trained_rewards.masked_fill(first_row != torch.arange(len(first_row)), float("nan"))
     all_adv = compute_advantages(dist.cat(trained_rewards), dist.cat(ro.group_ids + lo), obj.advantage,
                                  task_ids=all_row_task, per_task=obj.per_task_advantage,
                                  eps=obj.advantage_eps)  # (N_all,)
+    if first_row is not None:  # ... and take its advantage
+        all_adv = all_adv[first_row]
     first_row = lo * ctx.num_generations
     adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
 
@@ -169,6 +176,10 @@ def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, 
     """This process's rows as multi-turn episodes (`unigrad.rollout.episodes`): a fresh environment per row of a
     multi-turn task, reset on its example; rows of single-turn tasks are one-turn episodes."""
     prompt_ids, n, sampling = generation_request(ctx, step, picks, stream_offset)
+    if all(is_agent_task(ctx.tasks[t]) for t, _ in picks):  # agent programs play them (no other task beside them)
+        batch = AgentBatch([ctx.tasks[t] for t, _ in picks], examples, prompt_ids, n, sampling.prompt_seeds)
+        settings = AgentSettings(ctx.model_name, ctx.agent_timeout, ctx.context_length)
+        return run_agent_episodes(ctx.engine, ctx.tokenizer, batch, sampling, settings)
     environments = []
     for (t, _), example in zip(picks, examples, strict=True):
         task = ctx.tasks[t]

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from unigrad.agents.program import served_model_name
 from unigrad.config import TrainConfig
 from unigrad.diagnostics.compute import step_flops
 from unigrad.diagnostics.task_gradients import TaskGradients
@@ -100,6 +101,8 @@ class StepContext:
     overlong_buffer = property(lambda self: self.config.rollout.overlong_buffer or 0)
     overlong_penalty = property(lambda self: self.config.rollout.overlong_penalty)
     max_turns = property(lambda self: self.config.rollout.max_turns)  # None: each task's own
+    agent_timeout = property(lambda self: self.config.rollout.agent_timeout)  # seconds per agent episode
+    model_name = property(lambda self: served_model_name(self.config.model.name))  # what agents are told to call
     mini_batches = property(lambda self: self.config.optim.mini_batches)  # optimizer steps per epoch
     sample_gradients = property(lambda self: self.config.diagnostics.sample_gradients)
     grad_norm_cap = property(lambda self: self.config.monitors.grad_norm_cap)  # skip a step above this norm
@@ -190,7 +193,8 @@ def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[s
 
 def episode_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[str, float]:
     """Multi-turn runs: assistant turns, tool calls, tool calls that returned an error, and the episode's length in
-    tokens (its turns and observations), per episode over every process; turns per task too."""
+    tokens (its turns and observations), per episode over every process; turns per task too. Agent episodes: turns are
+    model calls, and the trajectory splits are counted (one process)."""
     e, ro = p.episodes, p.rollout
     turns, row_task = dist.cat(e.turns).float(), p.all_row_task
     m = {"episode/turns": turns.mean().item(), "episode/tool_calls": dist.cat(e.tool_calls).float().mean().item(),
@@ -200,6 +204,9 @@ def episode_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[st
     for k, name in enumerate(names):
         if (row_task == k).any():
             m[f"episode/turns/{name}"] = turns[row_task == k].mean().item()
+    if e.first_row is not None:  # agent episodes: rows started where a request did not extend the episode's tokens
+        m["agents/splits"] = float(e.splits)
+        m["agents/rows_per_episode"] = len(e.first_row) / max(1, len(e.first_row.unique()))
     return m
 
 
