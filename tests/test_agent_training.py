@@ -44,7 +44,7 @@ def agent_file(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_and_eval_an_agent_task(agent_file, tmp_path):
+def test_train_and_eval_an_agent_task(agent_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", f"tasks=[agent:{agent_file}:draft_then_revise@arithmetic]", "max_steps=2", "prompts_per_step=2",
             "rollout.num_generations=2", "rollout.max_new_tokens=8", "train_pool_size=20", "eval.prompts_per_task=4",
@@ -55,7 +55,10 @@ def test_train_and_eval_an_agent_task(agent_file, tmp_path):
     for m in metrics:
         assert m["episode/turns"] == 2.0 and m["agents/splits"] == 0.0 and m["agents/rows_per_episode"] == 1.0
         assert m["episode/observation_tokens"] > 0 and "loss" in m
-    assert main(["eval", str(out), "--prompts-per-task", "4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--prompts", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["draft_then_revise@arithmetic"]
+    assert row["model_calls"] == 2.0 and row["n"] == 4.0 and 0.0 <= row["pass@1"] <= 1.0
 
 
 def test_a_split_episode_shares_its_first_rows_advantage(agent_file):

@@ -110,6 +110,8 @@ def _task_results(scorer: _Scorer, task: Task, wanted: int, split: str, pass_k: 
     if counts["episodes"]:  # a multi-turn task: its greedy episodes' tool calls, per episode
         row["tool_calls"] = counts["tool_calls"] / counts["episodes"]
         row["tool_errors"] = counts["tool_errors"] / counts["episodes"]
+    if counts["model_calls"]:  # an agent task: the model calls its greedy episodes made, per episode
+        row["model_calls"] = counts["model_calls"] / counts["episodes"]
     if per_prompt:
         row["correct"] = greedy.int().tolist()
     if pass_k > 0:

@@ -12,8 +12,9 @@ closed, so its further calls are refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,17 +76,34 @@ class _Playground:
     url: str  # the endpoint's base URL
     settings: AgentSettings
     recorder: EpisodeRecorder
-    threads: ThreadPoolExecutor  # where plain agent functions run
 
 
 async def _play_all(batch: AgentBatch, keys: list[str], url: str, settings: AgentSettings,
                     recorder: EpisodeRecorder) -> list[Outcome]:
-    threads = ThreadPoolExecutor(max_workers=max(1, len(keys)), thread_name_prefix="unigrad-agent")
-    ground = _Playground(batch, url, settings, recorder, threads)
-    try:
-        return list(await asyncio.gather(*(_play(ground, e, key) for e, key in enumerate(keys))))
-    finally:
-        threads.shutdown(wait=False, cancel_futures=True)
+    ground = _Playground(batch, url, settings, recorder)
+    return list(await asyncio.gather(*(_play(ground, e, key) for e, key in enumerate(keys))))
+
+
+def in_daemon_thread(function, *args) -> asyncio.Future:
+    """`function(*args)` in a daemon thread of its own, as a future of the running loop: an agent that never returns
+    cannot keep the process alive (a thread pool's workers are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value=None, error: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = function(*args), None
+        except BaseException as err:  # noqa: BLE001 - handed to the episode, which ends unscorable
+            value, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the episode ran out of time long ago
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="unigrad-agent", daemon=True).start()
+    return future
 
 
 async def _play(ground: _Playground, episode: int, key: str) -> Outcome:
@@ -101,8 +119,7 @@ async def _play(ground: _Playground, episode: int, key: str) -> Outcome:
             returned = await asyncio.wait_for(program.function(client, given), settings.timeout)
         else:
             client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=settings.timeout)
-            call = asyncio.get_running_loop().run_in_executor(ground.threads, program.function, client, given)
-            returned = await asyncio.wait_for(call, settings.timeout)
+            returned = await asyncio.wait_for(in_daemon_thread(program.function, client, given), settings.timeout)
     except (asyncio.TimeoutError, TimeoutError):
         return Outcome(failure=f"took longer than rollout.agent_timeout={settings.timeout:g} s")
     except Exception as err:  # noqa: BLE001 - an agent's bug ends its episode, never the run
