@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from unigrad.models import chat_model
-from unigrad.models.chat_data import chat_text_and_spans, encode_with_mask, task_chats, tool_transcript
+from unigrad.models.chat_data import chat_text_and_spans, encode_with_masks, task_chats, tool_transcript
 from unigrad.models.chat_model import CHAT_NAME, ChatRecipe, ensure_chat
 from unigrad.models.chat_tokenizer import IM_END, IM_END_ID, PAD_ID, train_chat_tokenizer
 from unigrad.models.loading import load_model_and_tokenizer
@@ -135,7 +135,7 @@ def test_the_loss_mask_covers_exactly_the_assistant_turns(tokenizer):
     (example,) = get_task("countdown_calc").examples("train", 1, 0)
     messages = tool_transcript(tools, example, random.Random(3))
     text, spans = chat_text_and_spans((messages, _calc_tools()))
-    ids, mask = encode_with_mask(tokenizer, text, spans)
+    ((ids, mask),) = encode_with_masks(tokenizer, [(text, spans)])
     assert tokenizer.decode(ids) == text
     trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     turns = [text[s:e] for s, e in spans]
@@ -199,3 +199,18 @@ def test_the_default_model_calls_its_calculator_and_bpe_retokenisation_differs()
         differ += tok(tok.decode(sampled), add_special_tokens=False)["input_ids"] != sampled
     assert differ > 0
     assert torch.is_tensor(ro.completion_ids)
+
+
+def test_packed_chats_train_only_their_masked_tokens():
+    """pretrain.micro_batches with (ids, loss mask) examples: labels are the ids where the mask is set, -100 elsewhere;
+    an (ids, prompt length) example still trains everything after its prompt."""
+    from unigrad.models import pretrain
+
+    recipe = _micro_recipe(pack_length=16, micro_batch_size=4)
+    chat = ([5, 6, 7, 8, 9, 10], [False, True, True, False, False, True])
+    demo = ([11, 12, 13, 14], 2)
+    ((input_ids, _, position_ids, labels),) = pretrain.micro_batches([chat, demo], recipe)
+    assert input_ids.shape[0] == 1 and position_ids[0, :10].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    assert labels[0, :10].tolist() == [-100, 6, 7, -100, -100, 10, -100, -100, 13, 14]
+    with pytest.raises(ValueError, match="loss mask"):
+        list(pretrain.micro_batches([([1, 2], [True])], recipe))

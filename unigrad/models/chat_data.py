@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from unigrad.tasks.base import Example
-from unigrad.tools.base import ToolCall
-from unigrad.tools.running import run_tool_call
 
 Chat = tuple[list[dict[str, Any]], list[dict] | None]  # (messages, tool schemas or None)
+# An assistant turn as the template writes it: its header, then what the model writes, through <|im_end|>.
+_ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
 
 
 def task_chats(task, examples: Sequence[Example], seed: int) -> list[Chat]:
@@ -52,9 +53,8 @@ def tool_transcript(tools: dict, example: Example, rng: random.Random) -> list[d
     for expressions in rounds:
         messages.append({"role": "assistant", "content": "",
                          "tool_calls": [_calculator_call(e, rng) for e in expressions]})
-        for e in expressions:
-            result, _ = run_tool_call(tools, ToolCall("calculator", {"expression": e}))
-            messages.append({"role": "tool", "name": "calculator", "content": result})
+        for e in expressions:  # the calculator itself (run_tool_call would add a timeout thread per call)
+            messages.append({"role": "tool", "name": "calculator", "content": str(tools["calculator"].function(e))})
     answer = solution if rng.random() < 0.8 else f"{solution} = {example.answer}"
     messages.append({"role": "assistant", "content": answer})
     return messages
@@ -84,26 +84,21 @@ def _wrong_expression(example: Example, rng: random.Random) -> str | None:
 
 def chat_text_and_spans(chat: Chat) -> tuple[str, list[tuple[int, int]]]:
     """The chat rendered through the template, and the character spans of its assistant turns: each from the end of
-    the assistant header to the end of its ``<|im_end|>`` (the tokens a model writes)."""
-    from unigrad.models.chat_tokenizer import IM_END, render_chat
+    its assistant header to the end of its ``<|im_end|>`` (the tokens a model writes)."""
+    from unigrad.models.chat_tokenizer import render_chat
 
     messages, tools = chat
     text = render_chat(messages, tools)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render_chat(messages[:i], tools, add_generation_prompt=True))
-        upto = render_chat(messages[: i + 1], tools)
-        end = upto.rindex(IM_END) + len(IM_END)
-        if not text.startswith(upto):
-            raise ValueError("the chat template does not render a conversation as the start of its continuation")
-        spans.append((start, end))
+    spans = [m.span(1) for m in _ASSISTANT_TURN.finditer(text)]
+    if len(spans) != sum(m["role"] == "assistant" for m in messages):
+        raise ValueError("a chat's text holds an assistant header or end-of-turn token inside a message")
     return text, spans
 
 
-def encode_with_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-    """Token ids of `text` and, per token, whether it starts inside one of `spans` (the trained tokens)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
+def encode_with_masks(tokenizer, texts: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, loss mask) of each (text, spans): a token is trained when it starts inside one of the spans."""
+    enc = tokenizer([text for text, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
+    rows = []
+    for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], texts, strict=True):
+        rows.append((list(ids), [any(s <= start < e for s, e in spans) for start, _ in offsets]))
+    return rows

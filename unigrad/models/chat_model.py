@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from unigrad.models.chat_data import chat_text_and_spans, encode_with_mask, task_chats
+from unigrad.models.chat_data import chat_text_and_spans, encode_with_masks, task_chats
 from unigrad.models.chat_tokenizer import IM_END_ID, IM_START_ID, PAD_ID, train_chat_tokenizer
 from unigrad.models.model_cache import (
     FORMAT_VERSION,
@@ -50,7 +50,7 @@ DEFAULT_CHAT_TASKS: tuple[tuple[str, float], ...] = (
     ("word_problems", 1.0),
     ("code", 0.2),
     ("table_qa", 1.0),
-    ("countdown_calc", 1.5),
+    ("countdown_calc", 1.0),
 )
 
 # The held-out evaluation that ends a build: (model, tokenizer, recipe) -> entries of report.json
@@ -81,7 +81,7 @@ class ChatRecipe:
     steps: int = 750
     batch_size: int = 48
     pack_length: int = 256
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -179,7 +179,7 @@ def chat_training_data(recipe: ChatRecipe):
                                      recipe.max_position_embeddings)
     data, skipped = [], {}
     for name, texts in zip(recipe.task_names, rendered, strict=True):
-        rows = [encode_with_mask(tokenizer, text, spans) for text, spans in texts]
+        rows = encode_with_masks(tokenizer, texts)
         data.append([row for row in rows if len(row[0]) <= recipe.max_length])
         skipped[name] = len(rows) - len(data[-1])
         if not data[-1]:
