@@ -77,14 +77,15 @@ def setup(tmp_path_factory):
     return path, model, tokenizer, engine
 
 
-def play(setup, function: str, prompts: int = 2, n: int = 2, timeout: float = 60.0, temperature: float = 1.0):
+def play(setup, function: str, prompts: int = 2, n: int = 2, timeout: float = 60.0, max_calls: int | None = None):
     path, model, tokenizer, engine = setup
     task = get_task(f"agent:{path}:{function}@arithmetic")
     examples = task.examples("train", prompts, seed=3)
     fallback = [tokenizer(e.prompt)["input_ids"] for e in examples]
     batch = AgentBatch([task] * prompts, examples, fallback, n, tuple(range(100, 100 + prompts)))
-    sampling = SamplingParams(temperature=temperature, max_new_tokens=8)
-    ro, episodes = run_agent_episodes(engine, tokenizer, batch, sampling, AgentSettings("unigrad-tiny", timeout))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    settings = AgentSettings("unigrad-tiny", timeout, max_calls=max_calls)
+    ro, episodes = run_agent_episodes(engine, tokenizer, batch, sampling, settings)
     return task, ro, episodes
 
 
@@ -146,6 +147,12 @@ def test_faulty_agents_end_their_episodes_unscorable(setup, agent, reason):
     _, ro, episodes = play(setup, agent, prompts=1, n=2)
     assert torch.isnan(episodes.rewards).all() and ro.num_sequences == 2
     assert len(episodes.failures) == 2 and all(reason in f for f in episodes.failures.values()), episodes.failures
+
+
+def test_rollout_max_turns_caps_an_agents_model_calls(setup):
+    _, ro, episodes = play(setup, "two_calls", prompts=1, n=1, max_calls=1)
+    assert episodes.turns.tolist() == [1] and "made its 1 model calls" in episodes.failures[0]
+    assert int(ro.completion_mask.sum()) > 0  # the call it made is recorded (its reward is NaN: no gradient)
 
 
 def test_an_agent_past_its_timeout_is_cut_off(setup):

@@ -210,7 +210,8 @@ def _agent_rewards(scorer: _Scorer, task, held_out: tuple[list, list[list[int]]]
     examples, prompts = held_out
     seeds = tuple(scorer.seed * 1_000_003 + i for i in range(len(examples)))
     batch = AgentBatch([task] * len(examples), examples, prompts, n, seeds)
-    settings = AgentSettings(served_model_name(scorer.tokenizer.name_or_path), DEFAULT_AGENT_TIMEOUT, scorer.context)
+    settings = AgentSettings(served_model_name(scorer.tokenizer.name_or_path), DEFAULT_AGENT_TIMEOUT, scorer.context,
+                             scorer.max_turns)
     _, episodes = run_agent_episodes(scorer.engine, scorer.tokenizer, batch, sampling, settings)
     first = episodes.first_row == torch.arange(len(episodes.first_row))  # one row per episode
     counts.update({"episodes": int(first.sum()), "tool_calls": int(episodes.tool_calls[first].sum()),

@@ -45,6 +45,7 @@ class AgentSettings:
     model_name: str  # what the endpoint serves, and the agents are told
     timeout: float  # seconds per episode
     context_length: int | None = None
+    max_calls: int | None = None  # a cap on every task's model calls per episode (rollout.max_turns)
 
 
 @dataclass
@@ -61,7 +62,8 @@ def run_agent_episodes(engine: RolloutEngine, tokenizer, batch: AgentBatch, samp
     from unigrad.agents.training_service import training_endpoint
 
     recorder = EpisodeRecorder(tokenizer)
-    keys = [recorder.open_episode(e, batch.seeds[e // batch.n] + e % batch.n, batch.tasks[e // batch.n].max_turns)
+    budgets = [min(t.max_turns, settings.max_calls or t.max_turns) for t in batch.tasks]
+    keys = [recorder.open_episode(e, batch.seeds[e // batch.n] + e % batch.n, budgets[e // batch.n])
             for e in range(len(batch.examples) * batch.n)]
     with training_endpoint(engine, tokenizer, settings, recorder, sampling) as url:
         outcomes = asyncio.run(_play_all(batch, keys, url, settings, recorder))

@@ -52,7 +52,7 @@ class RolloutSection(_Section):
     )
     max_turns: int | None = Field(
         None, ge=1, description="multi-turn tasks: assistant turns per episode at most (None = each task's own "
-        "max_turns; a smaller value caps them). docs/environments.md")
+        "max_turns; a smaller value caps them; agent tasks: model calls per episode). docs/environments.md")
     agent_timeout: float = Field(120.0, gt=0, allow_inf_nan=False, description="agent tasks (agent:...): seconds an "
                                  "agent program may take for one episode; past it the episode is unscorable. "
                                  "docs/agents.md")

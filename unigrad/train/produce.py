@@ -178,7 +178,7 @@ def rollout_episodes(ctx, step: int, stream_offset: int, picks: list[tuple[int, 
     prompt_ids, n, sampling = generation_request(ctx, step, picks, stream_offset)
     if all(is_agent_task(ctx.tasks[t]) for t, _ in picks):  # agent programs play them (no other task beside them)
         batch = AgentBatch([ctx.tasks[t] for t, _ in picks], examples, prompt_ids, n, sampling.prompt_seeds)
-        settings = AgentSettings(ctx.model_name, ctx.agent_timeout, ctx.context_length)
+        settings = AgentSettings(ctx.model_name, ctx.agent_timeout, ctx.context_length, ctx.max_turns)
         return run_agent_episodes(ctx.engine, ctx.tokenizer, batch, sampling, settings)
     environments = []
     for (t, _), example in zip(picks, examples, strict=True):
