@@ -177,6 +177,16 @@ def test_a_damaged_chat_cache_is_rebuilt_identically(tmp_path):
     assert chat_model.chat_cache_dir(recipe.replace(seed=1), tmp_path) != path
 
 
+def test_a_build_load_model_and_tokenizer_starts_records_its_heldout_report(tmp_path):
+    """A unigrad-chat build no caller hands an evaluation ends with the one the package root registers
+    (unigrad.eval.chat_heldout_report): report.json holds accuracy per task and the calculator task's tool calls."""
+    recipe = _micro_recipe(steps=2, train_examples_per_task=40, eval_examples=2)
+    load_model_and_tokenizer(CHAT_NAME, tiny_recipe=recipe, cache_dir=tmp_path)
+    report = json.loads((chat_model.chat_cache_dir(recipe, tmp_path) / "report.json").read_text())
+    assert set(report["heldout_greedy_accuracy"]) == {"arithmetic", "countdown_calc"}
+    assert set(report["heldout_tool_calls"]) == {"countdown_calc"}
+
+
 @pytest.mark.slow
 def test_the_default_model_calls_its_calculator_and_bpe_retokenisation_differs():
     """The default unigrad-chat (built once per cache, ~3-4 min on 2 cores): its countdown_calc episodes call the

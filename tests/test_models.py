@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import string
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFas
 
 from unigrad.eval import tiny_heldout_accuracy
 from unigrad.models import pretrain, tiny
+from unigrad.models.build_evaluations import build_evaluation
 from unigrad.models.loading import (
     DEFAULT_CHAT_TEMPLATE,
     LoraSettings,
@@ -364,9 +367,29 @@ def test_tiny_build_records_the_evaluation_it_is_handed(tmp_path):
     assert report["heldout_greedy_accuracy"] == {"arithmetic": 0.25, "countdown": 0.5}
     assert json.loads((tmp_path / "a" / "report.json").read_text())["heldout_greedy_accuracy"] == {
         "arithmetic": 0.25, "countdown": 0.5}
-    assert tiny.build_tiny(recipe, tmp_path / "b", progress=False)["heldout_greedy_accuracy"] == {}
     tiny.build_tiny(recipe.replace(eval_examples=0), tmp_path / "c", progress=False, evaluate_built=evaluation)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", [tiny.TINY_NAME, tiny.TINY_MOE_NAME])
+def test_a_build_load_model_and_tokenizer_starts_records_its_heldout_accuracy(tmp_path, name):
+    """A build no caller hands an evaluation (load_model_and_tokenizer's, unigrad train's, unigrad eval's) ends with
+    the one the package root registers, unigrad.eval.tiny_heldout_accuracy: report.json holds accuracy per task."""
+    assert build_evaluation(tiny.TINY_NAME).__name__ == "tiny_heldout_accuracy"
+    load_model_and_tokenizer(name, tiny_recipe=_micro_recipe(), cache_dir=tmp_path)
+    (report_file,) = tmp_path.glob("models/unigrad-tiny-*/report.json")
+    accuracy = json.loads(report_file.read_text())["heldout_greedy_accuracy"]
+    assert set(accuracy) == {"arithmetic", "countdown"} and all(0.0 <= v <= 1.0 for v in accuracy.values())
+
+
+def test_importing_unigrad_registers_the_build_evaluations_without_importing_them():
+    """`import unigrad` wires unigrad.eval's build evaluations into the models layer, and stays fast: neither
+    unigrad.eval nor torch is imported until a build calls one."""
+    code = ("import sys, unigrad; from unigrad.models.build_evaluations import build_evaluation as b; "
+            "print(b('unigrad-tiny').__name__, b('unigrad-chat').__name__, 'unigrad.eval' in sys.modules, "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["tiny_heldout_accuracy", "chat_heldout_report", "False", "False"]
 
 
 def test_default_recipe_trains_on_default_mixture():

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unigrad.models.build_evaluations import build_evaluation
 from unigrad.models.chat_data import chat_text_and_spans, encode_with_masks, task_chats
 from unigrad.models.chat_tokenizer import IM_END_ID, IM_START_ID, PAD_ID, train_chat_tokenizer
 from unigrad.models.model_cache import (
@@ -55,7 +56,8 @@ DEFAULT_CHAT_TASKS: tuple[tuple[str, float], ...] = (
 
 # The held-out evaluation that ends a build: (model, tokenizer, recipe) -> entries of report.json
 # ({"heldout_greedy_accuracy": {...}, "heldout_tool_calls": {...}}); unigrad.eval.chat_heldout_report is the one.
-# The build takes it from its caller (the models layer sits below eval); a build given none records no accuracy.
+# The build takes the one its caller hands in, else the one registered for unigrad-chat (the package root registers
+# it: the models layer sits below eval, unigrad.models.build_evaluations); with neither it records no accuracy.
 ChatEvaluation = Callable[[Any, Any, "ChatRecipe"], dict[str, Any]]
 
 
@@ -135,7 +137,7 @@ def ensure_chat(recipe: ChatRecipe | None = None, cache_dir: str | os.PathLike |
                 evaluate_built: ChatEvaluation | None = None) -> Path:
     """Path of the cached unigrad-chat of ``recipe`` (default recipe if None), building it first if needed (a
     damaged entry is rebuilt with a ``RuntimeWarning``). ``evaluate_built``: the held-out evaluation a build ends
-    with (``unigrad.eval.chat_heldout_report``); None: a build records no accuracy."""
+    with; None: the one registered for unigrad-chat (``unigrad.eval.chat_heldout_report``)."""
     recipe = recipe or ChatRecipe()
     final = chat_cache_dir(recipe, cache_dir)
     ensure_entry(final, lambda tmp: build_chat(recipe, tmp, progress, evaluate_built), CHAT_NAME)
@@ -206,6 +208,7 @@ def build_chat(recipe: ChatRecipe, out_dir: str | os.PathLike, progress: bool = 
         losses = pretrain(model, data, recipe, progress)
         train_seconds = time.perf_counter() - started
         heldout: dict[str, Any] = {"heldout_greedy_accuracy": {}}
+        evaluate_built = evaluate_built or build_evaluation(CHAT_NAME)
         if recipe.eval_examples > 0 and evaluate_built is not None:
             model.eval()
             heldout.update(evaluate_built(model, tokenizer, recipe))

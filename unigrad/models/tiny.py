@@ -10,8 +10,9 @@ the same machine (seeded init, seeded data order, fixed thread count). The resul
 version) and a fingerprint of the task generators' data. The directory is written atomically (built in a
 temporary directory, then ``os.replace``) with ``manifest.json`` (sha256 and size of every file),
 ``recipe.json`` and ``report.json`` (final loss, parameter count, build time, and the held-out greedy accuracy
-per task when the caller passes the evaluation a build ends with: ``ensure_tiny(evaluate_built=
-unigrad.eval.tiny_heldout_accuracy)``; evaluation sits in a layer above models, so it is handed in).
+per task: ``unigrad.eval.tiny_heldout_accuracy``, which the package root registers for every build however it is
+started, evaluation sitting in a layer above models (``unigrad.models.build_evaluations``); ``eval_examples=0``
+skips it).
 A damaged cache (missing, truncated or altered file) is rebuilt with a warning.
 
 Training packs each batch's examples into rows of ``pack_length`` tokens with a block-diagonal causal mask
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unigrad.models.build_evaluations import build_evaluation
 from unigrad.models.model_cache import (
     FORMAT_VERSION,
     REPORT_FILE,
@@ -56,9 +58,9 @@ TINY_NAME = "unigrad-tiny"
 TINY_MOE_NAME = "unigrad-tiny-moe"  # the same recipe with 4 experts per layer, 2 routed per token (mismatch lab)
 TINY_MOE_EXPERTS = {"num_experts": 4, "experts_per_token": 2, "intermediate_size": 256}
 
-# The held-out evaluation that ends a build: (model, tokenizer, recipe) -> greedy accuracy per task. The build
-# takes it from its caller (unigrad.eval.tiny_heldout_accuracy; the models layer sits below eval), and a build
-# given none records no accuracy (report.json's "heldout_greedy_accuracy" is {}).
+# The held-out evaluation that ends a build: (model, tokenizer, recipe) -> greedy accuracy per task. The build takes
+# the one its caller hands in, else the one registered for unigrad-tiny (unigrad.eval.tiny_heldout_accuracy, which
+# the package root registers: the models layer sits below eval); with neither it records no accuracy.
 BuildEvaluation = Callable[[Any, Any, "TinyRecipe"], dict[str, float]]
 
 # (task name, sampling weight): the built-in tasks (unigrad.tasks.DEFAULT_MIXTURE) and how often each is drawn
@@ -169,8 +171,8 @@ def ensure_tiny(
 
     A cache directory that fails its manifest check is rebuilt with a ``RuntimeWarning``. Concurrent callers
     on one machine wait for each other (file lock) instead of building twice (``unigrad.models.model_cache``).
-    ``evaluate_built``: the held-out evaluation a build ends with (``unigrad.eval.tiny_heldout_accuracy``); None:
-    a build records no accuracy.
+    ``evaluate_built``: the held-out evaluation a build ends with; None: the one registered for unigrad-tiny
+    (``unigrad.eval.tiny_heldout_accuracy``, see ``unigrad.models.build_evaluations``).
     """
     global _BUILDS
     recipe = recipe or TinyRecipe()
@@ -219,7 +221,8 @@ def tiny_config(recipe: TinyRecipe):
 def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = True,
                evaluate_built: BuildEvaluation | None = None) -> dict[str, Any]:
     """Build the model of ``recipe`` into ``out_dir`` (HF format + recipe, report and manifest); its report.
-    ``evaluate_built`` (when given and ``recipe.eval_examples`` > 0) measures the held-out accuracy it records."""
+    ``evaluate_built`` (None: the registered one) measures the held-out accuracy it records when
+    ``recipe.eval_examples`` > 0."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
@@ -237,6 +240,7 @@ def build_tiny(recipe: TinyRecipe, out_dir: str | os.PathLike, progress: bool = 
         train_seconds = time.perf_counter() - started
         tokenizer = build_char_tokenizer(model_max_length=recipe.max_position_embeddings)
         accuracy: dict[str, float] = {}
+        evaluate_built = evaluate_built or build_evaluation(TINY_NAME)
         if recipe.eval_examples > 0 and evaluate_built is not None:
             model.eval()
             accuracy = evaluate_built(model, tokenizer, recipe)
