@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
 from unigrad.data.samplers import build_sampler
@@ -188,7 +189,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunD
                                                 device=device)
     cfg, engine_choice = resolve_engine(cfg, model, torch.device(device).type, dist.world)  # rollout.engine=auto
     if engine_choice is not None and dist.is_main:
-        _print(console, f"rollout.engine=auto: {engine_choice.engine} ({engine_choice.reason})")
+        _print(console, escape(f"rollout.engine=auto: {engine_choice.engine} ({engine_choice.reason})"))
     ctx, gain, dropped = build_step_context(cfg, model, tokenizer, tasks, dist=dist)
     mon = cfg.monitors
     monitor = StabilityMonitor(mismatch_kl_max=mon.mismatch_kl_max, grad_spike_factor=mon.grad_spike_factor,
@@ -300,7 +301,7 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: Ru
     _seed(cfg)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    _print(console, "[bold]resolved config[/bold]\n" + config_to_yaml(cfg)
+    _print(console, "[bold]resolved config[/bold]\n" + escape(config_to_yaml(cfg))
            + (f"\n{dist.world} data-parallel processes" if dist.active else "")
            + "".join(f"\n{note}" for note in launcher_notes)
            + ("\nsharding=fsdp needs more than one process (--nproc N): training unsharded"
@@ -589,7 +590,7 @@ def _step(run: Run, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
 def _record_alarm(output_dir: Path, alarm, console) -> None:
     with open(output_dir / "alarms.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": alarm.step, "alarm": alarm.name, "message": alarm.message}) + "\n")
-    _print(console, f"[yellow]alarm[/yellow] ({alarm.name}, step {alarm.step}): {alarm.message}")
+    _print(console, f"[yellow]alarm[/yellow] ({alarm.name}, step {alarm.step}): {escape(alarm.message)}")
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]):
