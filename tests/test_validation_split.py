@@ -97,13 +97,14 @@ def test_math_task_uses_the_datasets_own_validation_split_else_carves_one(tmp_pa
 
 
 def test_evaluate_reads_the_split_it_is_given(small_model):
-    from unigrad.eval import _held_out_prompts
+    from unigrad.eval import _held_out_prompts, _Scorer
     from unigrad.models.loading import load_model_and_tokenizer
 
     _, tok = load_model_and_tokenizer(str(small_model))
     task = get_task("arithmetic")
+    scorer = _Scorer(None, tok, batch_size=1, style="plain", context=256, max_turns=None, max_new_tokens=6, seed=0)
     for split in ("validation", "test"):
-        examples, _, _ = _held_out_prompts(task, tok, 20, 0, 256, 6, split=split)
+        examples, _, _ = _held_out_prompts(scorer, task, 20, split=split)
         assert [e.prompt for e in examples] == [e.prompt for e in task.examples(split, 20, seed=0)]
 
 

@@ -98,8 +98,7 @@ class _Scorer:
 def _task_results(scorer: _Scorer, task: Task, wanted: int, split: str, pass_k: int, per_prompt: bool) -> dict:
     """One task's row of `evaluate`'s result: pass@1 (greedy), pass@k (sampled at temperature 1) where asked, the
     notes on its prompts and its completions scored as failed, by reason."""
-    examples, prompts, notes = _held_out_prompts(task, scorer.tokenizer, wanted, scorer.seed, scorer.context,
-                                                 scorer.max_new_tokens, scorer.style, split)
+    examples, prompts, notes = _held_out_prompts(scorer, task, wanted, split)
     if not examples:
         raise ValueError(f"task {task.name!r}: no {split} prompt fits the model's context of {scorer.context} tokens "
                          f"with max_new_tokens={scorer.max_new_tokens}")
@@ -133,14 +132,15 @@ def pass_at_k(correct: torch.Tensor, n: int, k: int) -> float:
     return sum(1.0 - math.comb(n - c, k) / math.comb(n, k) for c in counts) / len(counts)
 
 
-def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: int | None, max_new_tokens: int,
-                      style: str = "plain", split: str = "test"):
-    """(examples, prompt ids, notes) of a task's held-out `split`: each distinct prompt (multi-turn: episode) once
+def _held_out_prompts(scorer: _Scorer, task: Task, wanted: int, split: str = "test"):
+    """(examples, prompt ids, notes) of a task's held-out `split`, encoded by `scorer`'s tokenizer in its tool style
+    and drawn with its seed: each distinct prompt (multi-turn: episode) once
     (asking for more than the split holds evaluates what it holds: `distinct_prompts` says how many), and prompts that
     cannot fit the model's context with max_new_tokens left out and counted (`too_long`), never truncated; its warnings
     point at the caller of `evaluate` (through `_task_results`)."""
+    tokenizer, context, max_new_tokens = scorer.tokenizer, scorer.context, scorer.max_new_tokens
     examples, seen = [], set()
-    for ex in task.examples(split, wanted, seed=seed):
+    for ex in task.examples(split, wanted, seed=scorer.seed):
         # an episode of a multi-turn task is its prompt and what is hidden behind it (guess: one range, many secrets)
         key = (ex.prompt, ex.answer) if is_multi_turn(task) else ex.prompt
         if key not in seen:
@@ -151,7 +151,7 @@ def _held_out_prompts(task: Task, tokenizer, wanted: int, seed: int, context: in
         notes["distinct_prompts"] = float(len(examples))
         warnings.warn(f"task {task.name!r}: its {split} split holds {len(examples)} distinct prompts; evaluating those "
                       f"(asked for {wanted})", stacklevel=4)
-    prompts = [episode_prompt_ids(task, tokenizer, ex, style) if is_multi_turn(task) else
+    prompts = [episode_prompt_ids(task, tokenizer, ex, scorer.style) if is_multi_turn(task) else
                encode_prompt(tokenizer, ex.prompt) for ex in examples]
     if context is not None:
         fits = [len(p) + max_new_tokens <= context for p in prompts]

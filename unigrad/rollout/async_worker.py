@@ -75,18 +75,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _start(payload, pad_token_id, eos_token_id, dtype, decoder, threads, episodes=None, vllm=None) -> None:
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the worker process builds its engine from (sent to it once, when it starts; see `EngineWorker`)."""
+
+    payload: tuple[Any, dict[str, torch.Tensor]]  # (model config, state dict): the engine's copy of the model
+    pad_token_id: int
+    eos_token_id: Any  # an id, a list of ids, or None
+    dtype: torch.dtype | None
+    decoder: str  # the TransformersEngine's decoder ("vllm" with `vllm`)
+    threads: int
+    episodes: dict | None = None  # multi-turn runs: what the worker plays episodes with
+    vllm: dict | None = None  # a VLLMEngine's options beyond the model, tokens and dtype: a vLLM engine instead
+
+
+def _start(setup: WorkerSetup) -> None:
     global _ENGINE, _LAST_DONE, _EPISODES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    if vllm is not None:  # vLLM is built here, in the worker, and takes the weights sent here
+    built_from = (setup.payload, setup.pad_token_id, setup.eos_token_id, setup.dtype)
+    if setup.vllm is not None:  # vLLM is built here, in the worker, and takes the weights sent here
         from .vllm_engine import VLLMHost
 
-        _ENGINE = VLLMHost(payload, pad_token_id, eos_token_id, dtype, threads, vllm)
+        _ENGINE = VLLMHost(*built_from, setup.threads, setup.vllm)
     else:
         from .ray_pool import EngineHost
 
-        _ENGINE = EngineHost(payload, pad_token_id, eos_token_id, dtype, decoder, threads)
+        _ENGINE = EngineHost(*built_from, setup.decoder, setup.threads)
+    episodes = setup.episodes
     if episodes is not None:  # the tasks are made here again from their specs (user code cannot be pickled over)
         from unigrad.tasks import load_tasks
 
@@ -152,8 +168,8 @@ class EngineWorker:
         self.timeout = timeout
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start,
-                                         initargs=((model.config, state), pad_token_id, eos_token_id, dtype, decoder,
-                                                   threads, episodes, vllm))
+                                         initargs=(WorkerSetup((model.config, state), pad_token_id, eos_token_id,
+                                                               dtype, decoder, threads, episodes, vllm),))
         try:
             self.decoder = self._wait(self._submit(_ping), "starting")
         except BaseException:

