@@ -48,13 +48,16 @@ def test_train_and_eval_an_agent_task(agent_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", f"tasks=[agent:{agent_file}:draft_then_revise@arithmetic]", "max_steps=2", "prompts_per_step=2",
             "rollout.num_generations=2", "rollout.max_new_tokens=8", "train_pool_size=20", "eval.prompts_per_task=4",
-            "micro_batch_size=4", "threads=1", "seed=1", "--output-dir", str(out)]
+            "micro_batch_size=4", "threads=1", "seed=1", "save_every=1", "--output-dir", str(out)]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["episode/turns"] == 2.0 and m["agents/splits"] == 0.0 and m["agents/rows_per_episode"] == 1.0
         assert m["episode/observation_tokens"] > 0 and "loss" in m
+    assert main(["train", "--output-dir", str(out), "--resume", "--override", "max_steps=3"]) == 0  # as after a crash
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["episode/turns"] == 2.0
     capsys.readouterr()
     assert main(["eval", str(out), "--prompts", "4", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["draft_then_revise@arithmetic"]
