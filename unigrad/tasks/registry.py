@@ -9,6 +9,7 @@
     jsonl:PATH | parquet:PATH | PATH.jsonl | PATH.parquet        user tasks (files.py), one per `task`
     ...#NAME                                                     one task of a multi-task file
     agent:PATH.py:FUNCTION@SPEC | agent:PATH.py:FUNCTION          an agent program playing a task (docs/agents.md)
+    verifiers:PATH.py:FUNCTION[,key=value,...]                   an environment written for verifiers 0.4
     PATH.jsonl,validation_fraction=0.1                           file and math tasks take options after a comma
 
 `reward=` ("module:function", "file.py:function" or a callable) replaces the verifier with a
@@ -17,7 +18,7 @@ TRL-style reward function (reward_fn.py). Keyword options go to the task's const
 This module knows the single-turn tasks only: the multi-turn ones are built on it (unigrad.environments, a layer
 above), so they register themselves here: unigrad.environments.builtin calls `register_multi_turn_task` for each
 built-in multi-turn task and `register_tool_offering` for the wrapper that offers tools to a single-turn task;
-unigrad.agents registers the "agent:" form with `register_spec_kind`.
+unigrad.agents registers the "agent:" and "verifiers:" forms with `register_spec_kind`.
 The package root (unigrad/__init__.py) imports unigrad.environments, so whatever part of unigrad is imported first,
 the catalogue is complete before `get_task` can be called.
 """
@@ -74,7 +75,8 @@ def register_tool_offering(offer: Callable[[Task, tuple[str, ...]], Task]) -> No
 
 DEFAULT_MIXTURE = ["arithmetic", "countdown", "word_problems", "code", "table_qa"]
 SPEC_FORMS = ["math:PATH", "reasoning_gym:DATASET[,key=value,...]", "env:PATH.py:NAME", "jsonl:PATH", "parquet:PATH",
-              "PATH.jsonl", "PATH.parquet", "<file spec>#TASK", "agent:PATH.py:FUNCTION[@TASK]"]
+              "PATH.jsonl", "PATH.parquet", "<file spec>#TASK", "agent:PATH.py:FUNCTION[@TASK]",
+              "verifiers:PATH.py:FUNCTION[,key=value,...]"]
 
 
 def list_tasks() -> list[str]:
