@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from unigrad.data.samplers import build_sampler
+from unigrad.data.samplers import SamplerChoice, build_sampler
 from unigrad.diagnostics.correlation import spearman
 from unigrad.diagnostics.learning_gain import LearningGainTracker, learning_gain, learning_gain_series
 from unigrad.report.run_report import build_report
@@ -46,7 +46,7 @@ def test_live_tracker_lags_by_s_and_resumes_exactly():
 
 
 def test_gradient_sampler_follows_the_ema_with_exploration_and_resumes():
-    s = build_sampler("gradient", [50, 50], ["a", "b"], seed=0, ema_decay=0.5, exploration=0.2)
+    s = build_sampler(SamplerChoice("gradient", ema_decay=0.5, exploration=0.2), [50, 50], ["a", "b"], seed=0)
     assert s.task_probabilities() == [0.5, 0.5]  # no measurement yet
     s.update({"grad/a/sq_norm": 3.0})
     assert s.task_probabilities() == [0.5, 0.5]  # b still unmeasured
@@ -56,7 +56,7 @@ def test_gradient_sampler_follows_the_ema_with_exploration_and_resumes():
     assert s.task_probabilities() == pytest.approx([0.74, 0.26])
     state = s.state_dict()
     draws = s.sample(30)
-    other = build_sampler("gradient", [50, 50], ["a", "b"], seed=5, ema_decay=0.5, exploration=0.2)
+    other = build_sampler(SamplerChoice("gradient", ema_decay=0.5, exploration=0.2), [50, 50], ["a", "b"], seed=5)
     other.load_state_dict(state)
     assert other.sample(30) == draws
     counts = [t for t, _ in build_sampler("size", [30, 10], ["a", "b"]).sample(4000)]
@@ -64,7 +64,7 @@ def test_gradient_sampler_follows_the_ema_with_exploration_and_resumes():
 
 
 def test_learning_progress_sampler_uses_absolute_gain():
-    s = build_sampler("learning_progress", [5, 5, 5], ["a", "b", "c"], ema_decay=0.0, exploration=0.0)
+    s = build_sampler(SamplerChoice("learning_progress", ema_decay=0.0, exploration=0.0), [5, 5, 5], ["a", "b", "c"])
     s.update({"gain/a": -0.3, "gain/b": 0.1, "gain/c": 0.0})
     assert s.task_probabilities() == pytest.approx([0.75, 0.25, 0.0])
     with pytest.raises(ValueError, match="task_weights"):

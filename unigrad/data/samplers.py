@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -207,10 +208,25 @@ def task_weight_list(weights: dict[str, float], names: list[str] | None = None,
     return out
 
 
-def build_sampler(name: str, pool_sizes: list[int], names: list[str], seed: int = 0,
-                  weights: list[float] | None = None, ema_decay: float = 0.9,
-                  exploration: float = 0.1, draw: str = "stratified") -> TaskSampler:
-    """The sampler called `name` (one of SAMPLERS); `uniform` takes fixed `weights`."""
+@dataclass(frozen=True)
+class SamplerChoice:
+    """Which sampler deals the prompt slots their tasks, and how (the run configuration's `sampler` section):
+    `name` one of SAMPLERS, `draw` "stratified" or "independent", and the adaptive samplers' EMA decay and uniform
+    exploration share."""
+
+    name: str = "uniform"
+    draw: str = "stratified"
+    ema_decay: float = 0.9
+    exploration: float = 0.1
+
+
+def build_sampler(choice: SamplerChoice | str, pool_sizes: list[int], names: list[str], seed: int = 0,
+                  weights: list[float] | None = None) -> TaskSampler:
+    """The sampler `choice` names (a bare name: that sampler with the default settings); `uniform` takes fixed
+    `weights`."""
+    if isinstance(choice, str):
+        choice = SamplerChoice(choice)
+    name, draw, ema_decay, exploration = choice.name, choice.draw, choice.ema_decay, choice.exploration
     if name in WEIGHTED_SAMPLERS:
         return TaskSampler(pool_sizes, seed, weights=weights, names=names, draw=draw)
     if weights is not None:

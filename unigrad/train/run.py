@@ -21,7 +21,7 @@ import torch
 from rich.markup import escape
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
-from unigrad.data.samplers import build_sampler
+from unigrad.data.samplers import SamplerChoice, build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
 from unigrad.diagnostics.task_gradients import TaskGradients
@@ -415,10 +415,10 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
     engine = build_engine(cfg, learner, tokenizer, longest)
     names = [t.name for t in tasks]
-    sampler = build_sampler(cfg.sampler.name, [len(p) for p in pools], names, seed=cfg.seed,
-                            weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name),
-                            ema_decay=cfg.sampler.ema_decay,
-                            exploration=cfg.sampler.exploration, draw=cfg.sampler.draw)
+    choice = SamplerChoice(name=cfg.sampler.name, draw=cfg.sampler.draw, ema_decay=cfg.sampler.ema_decay,
+                           exploration=cfg.sampler.exploration)
+    sampler = build_sampler(choice, [len(p) for p in pools], names, seed=cfg.seed,
+                            weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name))
     gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
     ctx = StepContext(tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools,
                       pool_prompt_ids=pool_ids, sampler=sampler, objective=objective, config=cfg,
