@@ -149,6 +149,21 @@ def test_faulty_agents_end_their_episodes_unscorable(setup, agent, reason):
     assert len(episodes.failures) == 2 and all(reason in f for f in episodes.failures.values()), episodes.failures
 
 
+@pytest.mark.parametrize("agent", ["async_one_call", "two_calls"])
+def test_64_agents_at_once_share_few_engine_calls(setup, agent):
+    engine = setup[3]
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda prompts, n, sampling: calls.append(len(prompts)) or generate(prompts, n, sampling)
+    try:
+        _, ro, episodes = play(setup, agent, prompts=8, n=8)
+    finally:
+        engine.generate = generate
+    per_episode = 1 if agent == "async_one_call" else 2
+    assert ro.num_sequences == 64 and episodes.turns.tolist() == [per_episode] * 64 and episodes.failures == {}
+    assert sum(calls) == 64 * per_episode and len(calls) <= 8 * per_episode, calls  # batched, not one by one
+
+
 def test_rollout_max_turns_caps_an_agents_model_calls(setup):
     _, ro, episodes = play(setup, "two_calls", prompts=1, n=1, max_calls=1)
     assert episodes.turns.tolist() == [1] and "made its 1 model calls" in episodes.failures[0]
