@@ -160,6 +160,8 @@ def test_transcripts_vary_and_their_calls_are_right():
         assert task.verify([messages[-1]["content"]], [example]) == [1.0]
         shapes.add(tuple(len(m.get("tool_calls", [])) for m in messages if m["role"] == "assistant"))
     assert shapes == {(1, 0), (1, 1, 0), (2, 0)}
+    with pytest.raises(ValueError, match="no pretraining chats for the multi-turn task 'guess'"):
+        task_chats(get_task("guess"), get_task("guess").examples("train", 2, 0), 0)
 
 
 def test_a_damaged_chat_cache_is_rebuilt_identically(tmp_path):

@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from unigrad.environments.base import is_multi_turn
 from unigrad.tasks.base import Example
 
 Chat = tuple[list[dict[str, Any]], list[dict] | None]  # (messages, tool schemas or None)
@@ -29,8 +30,13 @@ _ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.D
 
 
 def task_chats(task, examples: Sequence[Example], seed: int) -> list[Chat]:
-    """Each example of `task` as a chat: a tool-use transcript for a task with tools, else one exchange."""
-    if not hasattr(task, "tool_table"):
+    """Each example of `task` as a chat: a calculator transcript for a tool-use task around countdown
+    (``countdown_calc``), one exchange for a single-turn task; ValueError for other multi-turn tasks."""
+    if is_multi_turn(task) and not (getattr(task, "tool_table", None) and "calculator" in task.tool_table
+                                    and getattr(task.task, "name", None) == "countdown"):
+        raise ValueError(f"unigrad-chat has no pretraining chats for the multi-turn task {task.name!r} (only "
+                         "countdown_calc among them)")
+    if not is_multi_turn(task):
         return [([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.demonstration}], None)
                 for ex in examples if ex.demonstration is not None]
     rng = random.Random(f"unigrad-chat/{task.name}/{seed}")
