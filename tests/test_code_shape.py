@@ -26,7 +26,6 @@ ALLOWED_PARAMETERS = {
     # object beside them would need a **kwargs path for the documented calls); _Scorer groups them inside.
     "unigrad/eval.py:evaluate": 12,
     "unigrad/integrations/verl.py:make_policy_loss.policy_loss": 7,
-    "unigrad/objective/registry.py:Registry.register": 8,
     "unigrad/report/seeded_study.py:Study.__init__": 7,
     "unigrad/rollout/async_worker.py:EngineWorker.__init__": 9,
     "unigrad/rollout/engine_instruments.py:CallInstruments.__init__": 8,

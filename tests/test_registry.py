@@ -19,7 +19,16 @@ from unigrad.objective import (
     policy_loss,
     resolve_objective,
 )
-from unigrad.objective.registry import ADVANTAGE, AGGREGATION, CORRECTION, KL_ESTIMATOR, RATIO, STABILISER, Registry
+from unigrad.objective.registry import (
+    ADVANTAGE,
+    AGGREGATION,
+    CORRECTION,
+    KL_ESTIMATOR,
+    RATIO,
+    STABILISER,
+    PartText,
+    Registry,
+)
 from unigrad.objective.spec import Objective
 from unigrad.objective.stabilisers import Stabilised, StabiliserInput
 
@@ -49,9 +58,9 @@ def test_an_unknown_name_is_an_error_that_lists_the_registered_ones():
     with pytest.raises(ValueError, match="unknown stabiliser 'bogus'; valid: none, clip, dual_clip"):
         STABILISER["bogus"]
     registry = Registry("thing")
-    registry.register("a", formula=lambda o: "x")(lambda: 1)
+    registry.register("a", text=PartText(lambda o: "x"))(lambda: 1)
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register("a", formula=lambda o: "y")
+        registry.register("a", text=PartText(lambda o: "y"))
 
 
 def _metrics_with(**fields) -> set[str]:
@@ -118,10 +127,14 @@ def scaled_stabiliser():
     """A stabiliser added the way a new part is: one function, one registration (its parameter is the existing
     `epsilon` field: l = -(1 + epsilon) * r * A), removed again afterwards."""
 
-    @STABILISER.register("scaled", traits=("needs_old_logprobs",), args=lambda o: _Scale(1 + o.epsilon),
-                         summary="the unstabilised term times 1 + epsilon", formula=lambda o: "ℓ = −k·r·A",
-                         label=lambda o: f"scaled k={1 + o.epsilon:g}",
-                         metrics={"toy/positive_fraction": "fraction of tokens with A > 0"})
+    @STABILISER.register(
+        "scaled", traits=("needs_old_logprobs",), args=lambda o: _Scale(1 + o.epsilon),
+        metrics={"toy/positive_fraction": "fraction of tokens with A > 0"},
+        text=PartText(
+            lambda o: "ℓ = −k·r·A", summary="the unstabilised term times 1 + epsilon",
+            label=lambda o: f"scaled k={1 + o.epsilon:g}",
+        ),
+    )
     def _scaled(x: StabiliserInput, args: _Scale) -> Stabilised:
         return Stabilised(-args.k * x.ratio * x.adv, {"toy/positive_fraction": x.adv > 0})
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from unigrad.objective.registry import ADVANTAGE
+from unigrad.objective.registry import ADVANTAGE, PartText
 
 
 def _segment_stats(values: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor):
@@ -90,53 +90,77 @@ def _batch_std(rewards, valid) -> torch.Tensor:
     return _segment_stats(rewards, valid, torch.zeros(len(rewards), dtype=torch.long, device=rewards.device))[2]
 
 
-@ADVANTAGE.register("grpo", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_g + ε)",
-                    summary="(R - mean_g) / (std_g + eps) within each group (DeepSeekMath)",
-                    doc=("(R − mean_g)/(std_g + ε), std unbiased, ε = 1e-6", "DeepSeekMath"))
+@ADVANTAGE.register(
+    "grpo", traits=("needs_groups",),
+    text=PartText(
+        lambda o: "A = (R − mean_g)/(std_g + ε)",
+        summary="(R - mean_g) / (std_g + eps) within each group (DeepSeekMath)",
+        doc=("(R − mean_g)/(std_g + ε), std unbiased, ε = 1e-6", "DeepSeekMath"),
+    ),
+)
 def _grpo(rewards, valid, groups, eps):
     _, centred, std_g = _centred(rewards, valid, groups)
     return centred / (std_g + eps)
 
 
-@ADVANTAGE.register("dr_grpo", traits=("needs_groups",), formula=lambda o: "A = R − mean_g",
-                    summary="R - mean_g, no std (Dr. GRPO)", doc=("R − mean_g", "Dr. GRPO"))
+@ADVANTAGE.register(
+    "dr_grpo", traits=("needs_groups",),
+    text=PartText(lambda o: "A = R − mean_g", summary="R - mean_g, no std (Dr. GRPO)", doc=("R − mean_g", "Dr. GRPO")),
+)
 def _dr_grpo(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1]
 
 
-@ADVANTAGE.register("rloo", traits=("needs_groups",), formula=lambda o: "A = R − mean of the others in g",
-                    summary="R - mean of the other members of the group (RLOO)",
-                    doc=("R − mean of the other members of the group = G/(G−1)·(R − mean_g)", "RLOO"))
+@ADVANTAGE.register(
+    "rloo", traits=("needs_groups",),
+    text=PartText(
+        lambda o: "A = R − mean of the others in g", summary="R - mean of the other members of the group (RLOO)",
+        doc=("R − mean of the other members of the group = G/(G−1)·(R − mean_g)", "RLOO"),
+    ),
+)
 def _rloo(rewards, valid, groups, eps):
     # R_i - (sum_g - R_i)/(n-1) = n/(n-1) * (R_i - mean_g); 0 for a group of one.
     count_g, centred, _ = _centred(rewards, valid, groups)
     return torch.where(count_g > 1, centred * count_g / (count_g - 1).clamp(min=1), torch.zeros_like(rewards))
 
 
-@ADVANTAGE.register("batch_std", traits=("needs_groups",), formula=lambda o: "A = (R − mean_g)/(std_batch + ε)",
-                    summary="(R - mean_g) / (std over the batch + eps) (Lite PPO)",
-                    doc=("(R − mean_g)/(std_batch + ε)", "Lite PPO, TRL `scale_rewards=\"batch\"`"))
+@ADVANTAGE.register(
+    "batch_std", traits=("needs_groups",),
+    text=PartText(
+        lambda o: "A = (R − mean_g)/(std_batch + ε)", summary="(R - mean_g) / (std over the batch + eps) (Lite PPO)",
+        doc=("(R − mean_g)/(std_batch + ε)", "Lite PPO, TRL `scale_rewards=\"batch\"`"),
+    ),
+)
 def _batch_std_advantage(rewards, valid, groups, eps):
     return _centred(rewards, valid, groups)[1] / (_batch_std(rewards, valid) + eps)
 
 
-@ADVANTAGE.register("whiten", formula=lambda o: "A = (R − mean_batch)/(std_batch + ε)",
-                    summary="(R - mean over the batch) / (std over the batch + eps), no groups",
-                    doc=("(R − mean_batch)/(std_batch + ε)", "PPO without a critic"))
+@ADVANTAGE.register(
+    "whiten",
+    text=PartText(
+        lambda o: "A = (R − mean_batch)/(std_batch + ε)",
+        summary="(R - mean over the batch) / (std over the batch + eps), no groups",
+        doc=("(R − mean_batch)/(std_batch + ε)", "PPO without a critic"),
+    ),
+)
 def _whiten(rewards, valid, groups, eps):
     batch = torch.zeros(len(rewards), dtype=torch.long, device=rewards.device)
     _, mean_b, std_b = _segment_stats(rewards, valid, batch)
     return (rewards - mean_b) / (std_b + eps)
 
 
-@ADVANTAGE.register("reinforce", formula=lambda o: "A = R", summary="R, no baseline (REINFORCE)",
-                    doc=("R", "REINFORCE"))
+@ADVANTAGE.register(
+    "reinforce",
+    text=PartText(lambda o: "A = R", summary="R, no baseline (REINFORCE)", doc=("R", "REINFORCE")),
+)
 def _reinforce(rewards, valid, groups, eps):
     return rewards
 
 
-@ADVANTAGE.register("sft", traits=("is_supervised",), formula=lambda o: "A = 1",
-                    summary="1 on every demonstration token (SFT)", doc=("1", "UPGE"))
+@ADVANTAGE.register(
+    "sft", traits=("is_supervised",),
+    text=PartText(lambda o: "A = 1", summary="1 on every demonstration token (SFT)", doc=("1", "UPGE")),
+)
 def _sft(rewards, valid, groups, eps):
     return torch.ones_like(rewards)
 

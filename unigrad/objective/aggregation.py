@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigrad.objective.registry import AGGREGATION
+from unigrad.objective.registry import AGGREGATION, PartText
 
 
 @dataclass(frozen=True)
@@ -55,29 +55,48 @@ def aggregate(
 
 
 @AGGREGATION.register(
-    "token_mean", traits=("per_token_normaliser",), summary="sum over tokens / N_tok (DAPO, BNPO)",
-    formula=lambda o: "Σ ℓ / N_tok" + (" (this micro-batch)" if o.normaliser_scope == "local" else ""),
-    label=lambda o: "token_mean" + (" (local)" if o.normaliser_scope == "local" else ""),
-    doc=("Σ m·ℓ / N_tok", "DAPO"))
+    "token_mean", traits=("per_token_normaliser",),
+    text=PartText(
+        lambda o: "Σ ℓ / N_tok" + (" (this micro-batch)" if o.normaliser_scope == "local" else ""),
+        summary="sum over tokens / N_tok (DAPO, BNPO)",
+        label=lambda o: "token_mean" + (" (local)" if o.normaliser_scope == "local" else ""),
+        doc=("Σ m·ℓ / N_tok", "DAPO"),
+    ),
+)
 def _token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
     return masked.sum() / max(num_tokens, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_mean", summary="mean over each sequence's tokens, sum / N_seq (GRPO)",
-                      formula=lambda o: "Σ_i (Σ_t ℓ / |y_i|) / N_seq", doc=("Σ_i (Σ_t m·ℓ / Σ_t m) / N_seq", "GRPO"))
+@AGGREGATION.register(
+    "seq_mean_token_mean",
+    text=PartText(
+        lambda o: "Σ_i (Σ_t ℓ / |y_i|) / N_seq", summary="mean over each sequence's tokens, sum / N_seq (GRPO)",
+        doc=("Σ_i (Σ_t m·ℓ / Σ_t m) / N_seq", "GRPO"),
+    ),
+)
 def _seq_mean_token_mean(masked, mask, *, num_tokens, num_sequences, max_length):
     per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (B,)
     return per_seq.sum() / max(num_sequences, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_sum", summary="sum over tokens / N_seq (REINFORCE on whole sequences)",
-                      formula=lambda o: "Σ ℓ / N_seq", doc=("Σ m·ℓ / N_seq", "REINFORCE"))
+@AGGREGATION.register(
+    "seq_mean_token_sum",
+    text=PartText(
+        lambda o: "Σ ℓ / N_seq", summary="sum over tokens / N_seq (REINFORCE on whole sequences)",
+        doc=("Σ m·ℓ / N_seq", "REINFORCE"),
+    ),
+)
 def _seq_mean_token_sum(masked, mask, *, num_tokens, num_sequences, max_length):
     return masked.sum() / max(num_sequences, 1.0)
 
 
-@AGGREGATION.register("seq_mean_token_sum_norm", summary="sum over tokens / (N_seq * max_length) (Dr. GRPO)",
-                      formula=lambda o: "Σ ℓ / (N_seq · L_max)", doc=("Σ m·ℓ / (N_seq · L_max)", "Dr. GRPO"))
+@AGGREGATION.register(
+    "seq_mean_token_sum_norm",
+    text=PartText(
+        lambda o: "Σ ℓ / (N_seq · L_max)", summary="sum over tokens / (N_seq * max_length) (Dr. GRPO)",
+        doc=("Σ m·ℓ / (N_seq · L_max)", "Dr. GRPO"),
+    ),
+)
 def _seq_mean_token_sum_norm(masked, mask, *, num_tokens, num_sequences, max_length):
     if max_length is None:
         raise ValueError(

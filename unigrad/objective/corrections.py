@@ -23,7 +23,7 @@ import torch
 
 from unigrad.objective.aggregation import masked_extreme, masked_mean
 from unigrad.objective.ratios import masked_row_mean
-from unigrad.objective.registry import CORRECTION
+from unigrad.objective.registry import CORRECTION, PartText
 
 METRICS = {
     "correction/rho_mean": "mean of the raw behaviour ratio rho = pi_old/pi_infer (before the rule)",
@@ -150,7 +150,7 @@ def _band_text(o, rho: str) -> str:
     return f"{rho}·1[{o.icepop_low:g} ≤ {rho} ≤ {o.icepop_high:g}]"
 
 
-@CORRECTION.register("none", summary="no correction, weight 1", formula=lambda o: "", doc=("1", ""))
+@CORRECTION.register("none", text=PartText(lambda o: "", summary="no correction, weight 1", doc=("1", "")))
 def _none(x: CorrectionInput, args: Any) -> BehaviourWeights:
     rho = _rho(x.old, x.infer, x.mask, None)
     return BehaviourWeights(torch.ones_like(rho), rho, torch.zeros_like(x.mask), torch.zeros_like(x.mask))
@@ -160,40 +160,52 @@ _CORRECTS = ("reads_infer_logprobs",)
 
 
 @CORRECTION.register(
-    "tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor),
-    summary="truncated IS, w = min(rho, tis_cap) (and >= tis_floor if set)",
-    formula=lambda o: f"ℓ ← min(ρ, {o.tis_cap:g})·ℓ, ρ = π_old/π_infer", label=lambda o: f"tis C={o.tis_cap:g}",
-    doc=("clamp(ρ_t, `tis_floor`, C)", "C = `tis_cap` = 2 (verl; TRL uses 3)"), metrics=METRICS)
+    "tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor), metrics=METRICS,
+    text=PartText(
+        lambda o: f"ℓ ← min(ρ, {o.tis_cap:g})·ℓ, ρ = π_old/π_infer",
+        summary="truncated IS, w = min(rho, tis_cap) (and >= tis_floor if set)", label=lambda o: f"tis C={o.tis_cap:g}",
+        doc=("clamp(ρ_t, `tis_floor`, C)", "C = `tis_cap` = 2 (verl; TRL uses 3)"),
+    ),
+)
 def _tis(x: CorrectionInput, args: Truncation) -> BehaviourWeights:
     return _truncate(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
 
 
 @CORRECTION.register(
-    "icepop", traits=(*_CORRECTS, "zeroes_tokens"), args=lambda o: Band(o.icepop_low, o.icepop_high),
-    summary="keep rho inside [icepop_low, icepop_high], zero outside",
-    formula=lambda o: f"ℓ ← {_band_text(o, 'ρ')}·ℓ, ρ = π_old/π_infer",
-    label=lambda o: f"icepop [{o.icepop_low:g}, {o.icepop_high:g}]",
-    doc=("ρ_t if α ≤ ρ_t ≤ β else 0", "α = 0.5, β = 5 (slime uses [0, 2])"), metrics=METRICS)
+    "icepop", traits=(*_CORRECTS, "zeroes_tokens"), args=lambda o: Band(o.icepop_low, o.icepop_high), metrics=METRICS,
+    text=PartText(
+        lambda o: f"ℓ ← {_band_text(o, 'ρ')}·ℓ, ρ = π_old/π_infer",
+        summary="keep rho inside [icepop_low, icepop_high], zero outside",
+        label=lambda o: f"icepop [{o.icepop_low:g}, {o.icepop_high:g}]",
+        doc=("ρ_t if α ≤ ρ_t ≤ β else 0", "α = 0.5, β = 5 (slime uses [0, 2])"),
+    ),
+)
 def _icepop(x: CorrectionInput, args: Band) -> BehaviourWeights:
     return _band(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
 
 
 @CORRECTION.register(
-    "seq_tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor, o.correction_form),
-    summary="tis on a sequence-level rho (correction_form), shared by the sequence's tokens",
-    formula=lambda o: f"ℓ ← min(ρ_i, {o.tis_cap:g})·ℓ, {_seq(o)}",
-    label=lambda o: f"seq_tis ({o.correction_form}) C={o.tis_cap:g}",
-    doc=("clamp(ρ_i, floor, C) for every token of i", ""), metrics=METRICS)
+    "seq_tis", traits=_CORRECTS, args=lambda o: Truncation(o.tis_cap, o.tis_floor, o.correction_form), metrics=METRICS,
+    text=PartText(
+        lambda o: f"ℓ ← min(ρ_i, {o.tis_cap:g})·ℓ, {_seq(o)}",
+        summary="tis on a sequence-level rho (correction_form), shared by the sequence's tokens",
+        label=lambda o: f"seq_tis ({o.correction_form}) C={o.tis_cap:g}",
+        doc=("clamp(ρ_i, floor, C) for every token of i", ""),
+    ),
+)
 def _seq_tis(x: CorrectionInput, args: Truncation) -> BehaviourWeights:
     return _truncate(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)
 
 
 @CORRECTION.register(
     "seq_mask", traits=(*_CORRECTS, "zeroes_tokens"),
-    args=lambda o: Band(o.icepop_low, o.icepop_high, o.correction_form),
-    summary="icepop's band on a sequence-level rho (correction_form), shared by the sequence's tokens",
-    formula=lambda o: f"ℓ ← {_band_text(o, 'ρ_i')}·ℓ, {_seq(o)}",
-    label=lambda o: f"seq_mask ({o.correction_form}) [{o.icepop_low:g}, {o.icepop_high:g}]",
-    doc=("ρ_i if α ≤ ρ_i ≤ β else 0", ""), metrics=METRICS)
+    args=lambda o: Band(o.icepop_low, o.icepop_high, o.correction_form), metrics=METRICS,
+    text=PartText(
+        lambda o: f"ℓ ← {_band_text(o, 'ρ_i')}·ℓ, {_seq(o)}",
+        summary="icepop's band on a sequence-level rho (correction_form), shared by the sequence's tokens",
+        label=lambda o: f"seq_mask ({o.correction_form}) [{o.icepop_low:g}, {o.icepop_high:g}]",
+        doc=("ρ_i if α ≤ ρ_i ≤ β else 0", ""),
+    ),
+)
 def _seq_mask(x: CorrectionInput, args: Band) -> BehaviourWeights:
     return _band(_rho(x.old, x.infer, x.mask, args.form), x.mask, args)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unigrad.objective.registry import RATIO
+from unigrad.objective.registry import RATIO, PartText
 
 
 def masked_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,38 +96,59 @@ def _shaping(o) -> float | None:
 _OLD = ("uses_old_logprobs",)
 
 
-@RATIO.register("token", traits=_OLD, args=_clamp, formula=lambda o: "r = π/π_old",
-                summary="r_t = pi/pi_old per token", doc=("exp(logp_t − old_t)", "r_t ∇logp_t",
-                                                          "PPO, GRPO, DAPO, SAPO, CISPO"))
+@RATIO.register(
+    "token", traits=_OLD, args=_clamp,
+    text=PartText(
+        lambda o: "r = π/π_old", summary="r_t = pi/pi_old per token",
+        doc=("exp(logp_t − old_t)", "r_t ∇logp_t",
+             "PPO, GRPO, DAPO, SAPO, CISPO"),
+    ),
+)
 def _token(x: RatioInput, clamp: float | None) -> torch.Tensor:
     return token_ratio(x.logp, x.old, clamp)
 
 
-@RATIO.register("sequence", traits=_OLD, args=_clamp, formula=lambda o: "r = s_i = exp(mean_t log(π/π_old))",
-                summary="GSPO geometric-mean ratio shared by a sequence",
-                doc=("s_i = exp(Σ_t m(logp−old) / Σ_t m), shared by the sequence", "s_i · mean_t ∇logp_t",
-                     "GSPO (geometric mean)"))
+@RATIO.register(
+    "sequence", traits=_OLD, args=_clamp,
+    text=PartText(
+        lambda o: "r = s_i = exp(mean_t log(π/π_old))", summary="GSPO geometric-mean ratio shared by a sequence",
+        doc=("s_i = exp(Σ_t m(logp−old) / Σ_t m), shared by the sequence", "s_i · mean_t ∇logp_t",
+             "GSPO (geometric mean)"),
+    ),
+)
 def _sequence(x: RatioInput, clamp: float | None) -> torch.Tensor:
     return sequence_ratio(x.logp, x.old, x.mask, clamp)
 
 
-@RATIO.register("sequence_token", traits=_OLD, args=_clamp, formula=lambda o: "r = sg(s_i)·π/sg(π)",
-                summary="GSPO-token form (value of the sequence ratio, gradient per token)",
-                doc=("s_i (value)", "s_i ∇logp_t per token (allows per-token A)", "GSPO-token"))
+@RATIO.register(
+    "sequence_token", traits=_OLD, args=_clamp,
+    text=PartText(
+        lambda o: "r = sg(s_i)·π/sg(π)", summary="GSPO-token form (value of the sequence ratio, gradient per token)",
+        doc=("s_i (value)", "s_i ∇logp_t per token (allows per-token A)", "GSPO-token"),
+    ),
+)
 def _sequence_token(x: RatioInput, clamp: float | None) -> torch.Tensor:
     return sequence_token_ratio(x.logp, x.old, x.mask, clamp)
 
 
-@RATIO.register("self", traits=("is_self",), formula=lambda o: "r = π/sg(π)",
-                summary="pi_ref = sg(pi_theta), the SFT form", doc=("1 (π/sg(π))", "∇logp_t", "SFT"))
+@RATIO.register(
+    "self", traits=("is_self",),
+    text=PartText(
+        lambda o: "r = π/sg(π)", summary="pi_ref = sg(pi_theta), the SFT form", doc=("1 (π/sg(π))", "∇logp_t", "SFT"),
+    ),
+)
 def _self(x: RatioInput, args: None) -> torch.Tensor:
     return self_ratio(x.logp)
 
 
-@RATIO.register("none", args=_shaping, formula=lambda o: f"r = f(π), f(p) = {_f(o)}",
-                label=lambda o: "none" if o.shaping is None else f"none, f(p)=p/(p+{o.shaping:g})",
-                summary="pi_ref = 1, the term is f(pi_theta)",
-                doc=("f(π_θ), f(p) = p or p/(p+γ) (`shaping=γ`)", "f'(p)·p·∇logp_t", "LUFFY's off-policy tokens"))
+@RATIO.register(
+    "none", args=_shaping,
+    text=PartText(
+        lambda o: f"r = f(π), f(p) = {_f(o)}", summary="pi_ref = 1, the term is f(pi_theta)",
+        label=lambda o: "none" if o.shaping is None else f"none, f(p)=p/(p+{o.shaping:g})",
+        doc=("f(π_θ), f(p) = p or p/(p+γ) (`shaping=γ`)", "f'(p)·p·∇logp_t", "LUFFY's off-policy tokens"),
+    ),
+)
 def _none(x: RatioInput, shaping: float | None) -> torch.Tensor:
     return shaped_probability(x.logp, shaping)
 

@@ -4,8 +4,8 @@ A part's module registers each of its choices once, next to its function; every 
 signature, `function(inputs, args)`, where `inputs` is the kind's typed input object and `args` the part's own
 typed arguments, built from the `Objective` by the registration's `args`:
 
-    @STABILISER.register("clip", summary="PPO's clipped surrogate", args=lambda o: ClipRange(o.epsilon, ...),
-                         formula=lambda o: "ℓ = −min(r·A, clip(r, ...)·A)", metrics={"clip/region_fraction": "..."})
+    @STABILISER.register("clip", args=lambda o: ClipRange(o.epsilon, ...), metrics={"clip/region_fraction": "..."},
+                         text=PartText(lambda o: "ℓ = −min(r·A, clip(r, ...)·A)", summary="PPO's clipped surrogate"))
     def _clip(x: StabiliserInput, a: ClipRange) -> Stabilised: ...
 
 Traits name what other code asks of a part, so no code compares part names: a ratio "uses_old_logprobs" (it needs
@@ -35,6 +35,19 @@ def no_args(objective: Any) -> None:
 
 
 @dataclass(frozen=True)
+class PartText:
+    """How a part is written for people: its formula with the objective's parameters (`formula(objective)`, "" =
+    nothing to say), a one-line `summary` (the Objective field's description and the docs), a short `label` with the
+    active parameters for tables and logs (`label(objective)`; None: the part's name), and its row's cells in
+    docs/objectives.md (`doc`, one per column of the registry)."""
+
+    formula: Callable[[Any], str]
+    summary: str = ""
+    label: Callable[[Any], str] | None = None
+    doc: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Part:
     name: str
     function: Callable[..., Any]  # function(inputs, args): the kind's typed inputs, the part's own arguments
@@ -58,18 +71,20 @@ class Registry:
         self._parts: dict[str, Part] = {}
         self._listeners: list[Callable[[], None]] = []
 
-    def register(self, name: str, *, formula: Callable[[Any], str], summary: str = "",
-                 label: Callable[[Any], str] | None = None, args: Callable[[Any], Any] = no_args,
-                 doc: tuple[str, ...] = (), metrics: Mapping[str, str] | None = None,
-                 traits: tuple[str, ...] = ()) -> Callable:
+    def register(self, name: str, *, text: PartText, args: Callable[[Any], Any] = no_args,
+                 metrics: Mapping[str, str] | None = None, traits: tuple[str, ...] = ()) -> Callable:
+        """A decorator registering its function as the choice `name`: `text` how it is written, `args` its typed
+        arguments read from an `Objective`, `metrics` the metric names it adds and their meanings, `traits` what
+        other code asks of it."""
         if name in self._parts:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
+        doc = tuple(text.doc)
         if doc and len(doc) != len(self.columns):
             raise ValueError(f"{self.kind} {name!r}: doc has {len(doc)} cells, the table has {len(self.columns)}")
 
         def add(function: Callable) -> Callable:
-            self._parts[name] = Part(name, function, formula, label or (lambda o: name), summary, tuple(doc), args,
-                                     MappingProxyType(dict(metrics or {})), frozenset(traits))
+            self._parts[name] = Part(name, function, text.formula, text.label or (lambda o: name), text.summary, doc,
+                                     args, MappingProxyType(dict(metrics or {})), frozenset(traits))
             self._changed()
             return function
 

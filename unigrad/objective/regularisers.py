@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from unigrad.objective.registry import KL_ESTIMATOR
+from unigrad.objective.registry import KL_ESTIMATOR, PartText
 
 
 def kl_penalty(
@@ -26,20 +26,28 @@ def kl_penalty(
     return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
-@KL_ESTIMATOR.register("k1", formula=lambda o: "KL_t = −d", summary="-d, unbiased, high variance, can be negative",
-                       doc=("−d",))
+@KL_ESTIMATOR.register(
+    "k1",
+    text=PartText(lambda o: "KL_t = −d", summary="-d, unbiased, high variance, can be negative", doc=("−d",)),
+)
 def _k1(d, clamp):
     return -d
 
 
-@KL_ESTIMATOR.register("k2", formula=lambda o: "KL_t = d²/2", summary="d^2/2, low variance, biased",
-                       doc=("d²/2",))
+@KL_ESTIMATOR.register(
+    "k2",
+    text=PartText(lambda o: "KL_t = d²/2", summary="d^2/2, low variance, biased", doc=("d²/2",)),
+)
 def _k2(d, clamp):
     return 0.5 * d * d
 
 
-@KL_ESTIMATOR.register("k3", formula=lambda o: "KL_t = e^d − d − 1", summary="exp(d) - d - 1, unbiased and >= 0 (GRPO)",
-                       doc=("e^d − d − 1",))
+@KL_ESTIMATOR.register(
+    "k3",
+    text=PartText(
+        lambda o: "KL_t = e^d − d − 1", summary="exp(d) - d - 1, unbiased and >= 0 (GRPO)", doc=("e^d − d − 1",),
+    ),
+)
 def _k3(d, clamp):
     if clamp is not None:
         d = d.clamp(-20.0, 20.0)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from unigrad.objective.registry import STABILISER
+from unigrad.objective.registry import STABILISER, PartText
 
 
 @dataclass(frozen=True)
@@ -88,17 +88,22 @@ _CLIP_METRICS = {
 }
 
 
-@STABILISER.register("none", summary="no stabilisation, l = -r*A (REINFORCE)", formula=lambda o: "ℓ = −r·A",
-                     doc=("−r·A", ""))
+@STABILISER.register(
+    "none",
+    text=PartText(lambda o: "ℓ = −r·A", summary="no stabilisation, l = -r*A (REINFORCE)", doc=("−r·A", "")),
+)
 def _none(x: StabiliserInput, args: Any) -> Stabilised:
     return Stabilised(-x.ratio * x.adv, {})
 
 
 @STABILISER.register(
     "clip", traits=("clips", "needs_old_logprobs"), args=lambda o: ClipRange(o.epsilon, o.epsilon_upper),
-    summary="PPO's clipped surrogate on [1 - epsilon, 1 + epsilon_high]",
-    formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A)", label=lambda o: f"clip [{_bounds(o)}]",
-    doc=("−min(r·A, clip(r, 1−ε, 1+ε_high)·A)", "ε = 0.2, ε_high = ε (DAPO: 0.28)"), metrics=_CLIP_METRICS,
+    metrics=_CLIP_METRICS,
+    text=PartText(
+        lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A)",
+        summary="PPO's clipped surrogate on [1 - epsilon, 1 + epsilon_high]", label=lambda o: f"clip [{_bounds(o)}]",
+        doc=("−min(r·A, clip(r, 1−ε, 1+ε_high)·A)", "ε = 0.2, ε_high = ε (DAPO: 0.28)"),
+    ),
 )
 def _clip(x: StabiliserInput, args: ClipRange) -> Stabilised:
     ratio, adv = x.ratio, x.adv
@@ -113,11 +118,13 @@ def _clip(x: StabiliserInput, args: ClipRange) -> Stabilised:
 @STABILISER.register(
     "dual_clip", traits=("clips", "needs_old_logprobs"),
     args=lambda o: DualClipRange(o.epsilon, o.epsilon_upper, o.dual_clip_c),
-    summary="clip, and the loss of A < 0 tokens capped at dual_clip_c*|A|",
-    formula=lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A), ≤ {o.dual_clip_c:g}·|A| if A<0",
-    label=lambda o: f"dual_clip [{_bounds(o)}], c={o.dual_clip_c:g}",
-    doc=("clip, and for A < 0 also ℓ ≤ c·|A|", "c = 3 (verl)"),
     metrics={**_CLIP_METRICS, "clip/dual_fraction": "dual_clip: fraction of A < 0 tokens capped at c*|A|"},
+    text=PartText(
+        lambda o: f"ℓ = −min(r·A, clip(r, {_bounds(o)})·A), ≤ {o.dual_clip_c:g}·|A| if A<0",
+        summary="clip, and the loss of A < 0 tokens capped at dual_clip_c*|A|",
+        label=lambda o: f"dual_clip [{_bounds(o)}], c={o.dual_clip_c:g}",
+        doc=("clip, and for A < 0 also ℓ ≤ c·|A|", "c = 3 (verl)"),
+    ),
 )
 def _dual_clip(x: StabiliserInput, args: DualClipRange) -> Stabilised:
     loss, flags = _clip(x, args)
@@ -131,12 +138,14 @@ def _dual_clip(x: StabiliserInput, args: DualClipRange) -> Stabilised:
 
 @STABILISER.register(
     "soft_gate", traits=("needs_old_logprobs",), args=lambda o: GateTemperatures(o.tau_pos, o.tau_neg),
-    summary="SAPO's sigmoid gate with temperatures tau_pos (A > 0) and tau_neg (A <= 0)",
-    formula=lambda o: f"ℓ = −σ(τ(r−1))·(4/τ)·A, τ = {o.tau_pos:g} if A>0 else {o.tau_neg:g}",
-    label=lambda o: f"soft_gate tau+={o.tau_pos:g} tau-={o.tau_neg:g}",
-    doc=("−σ(τ(r−1))·(4/τ)·A, τ = τ_pos if A > 0 else τ_neg; gradient weight 4σ(1−σ), = 1 at r = 1",
-         "τ_pos = 1.0, τ_neg = 1.05 (SAPO)"),
     metrics={"gate/weight_mean": "soft_gate: mean gradient weight 4*sigma*(1-sigma) (1 = on-policy)"},
+    text=PartText(
+        lambda o: f"ℓ = −σ(τ(r−1))·(4/τ)·A, τ = {o.tau_pos:g} if A>0 else {o.tau_neg:g}",
+        summary="SAPO's sigmoid gate with temperatures tau_pos (A > 0) and tau_neg (A <= 0)",
+        label=lambda o: f"soft_gate tau+={o.tau_pos:g} tau-={o.tau_neg:g}",
+        doc=("−σ(τ(r−1))·(4/τ)·A, τ = τ_pos if A > 0 else τ_neg; gradient weight 4σ(1−σ), = 1 at r = 1",
+             "τ_pos = 1.0, τ_neg = 1.05 (SAPO)"),
+    ),
 )
 def _soft_gate(x: StabiliserInput, args: GateTemperatures) -> Stabilised:
     ratio, adv = x.ratio, x.adv
@@ -150,11 +159,13 @@ def _soft_gate(x: StabiliserInput, args: GateTemperatures) -> Stabilised:
 
 @STABILISER.register(
     "cispo", traits=("needs_old_logprobs",), args=lambda o: WeightCap(o.cispo_max),
-    summary="CISPO's truncated detached IS weight times A * logp, min(r, cispo_max)",
-    formula=lambda o: f"ℓ = −sg(min(r, {o.cispo_max:g}))·A·log π",
-    label=lambda o: f"cispo min(r, {o.cispo_max:g})",
-    doc=("−sg(min(r, ε_max))·A·logp", "ε_max = 5 (ScaleRL / TRL)"),
     metrics={"clip/truncated_fraction": "cispo: fraction of tokens whose IS weight is truncated at cispo_max"},
+    text=PartText(
+        lambda o: f"ℓ = −sg(min(r, {o.cispo_max:g}))·A·log π",
+        summary="CISPO's truncated detached IS weight times A * logp, min(r, cispo_max)",
+        label=lambda o: f"cispo min(r, {o.cispo_max:g})",
+        doc=("−sg(min(r, ε_max))·A·logp", "ε_max = 5 (ScaleRL / TRL)"),
+    ),
 )
 def _cispo(x: StabiliserInput, args: WeightCap) -> Stabilised:
     weight = x.ratio.clamp(max=args.cap).detach()
