@@ -38,10 +38,7 @@ ALLOWED_PARAMETERS = {
     "unigrad/tasks/files.py:FileTask.__init__": 8,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
     "unigrad/train/checkpoint.py:save_checkpoint": 7,
-    "unigrad/train/learn.py:_forward_backward": 7,
-    "unigrad/train/learn.py:_loss": 7,
     "unigrad/train/routing.py:route": 9,
-    "unigrad/train/run.py:_open_run_directory": 7,
     "unigrad/train/step.py:step_metrics": 9,
 }
 

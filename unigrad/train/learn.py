@@ -68,6 +68,15 @@ class RowCache:
         self.filled[rows] = True
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """The cached log-probs of one component a loss pass reads: the proximal policy's (None: the pass needs none,
+    or it is the proximal pass itself) and the KL reference's (computed and kept where missing)."""
+
+    proximal: RowCache | None
+    reference: RowCache
+
+
 def _own_count(comp, rows: torch.Tensor) -> float:
     """What the component's objective normalises by, counted over `rows`: tokens for token-mean aggregation,
     else sequences (Dr. GRPO's constant L_max cancels in a ratio of counts)."""
@@ -214,8 +223,8 @@ def _plan(run: _Learning, prompts, progress: _Progress) -> list:
 def _micro_batch(run: _Learning, c: int, rows: torch.Tensor, normalisers: Normalisers, progress: _Progress) -> None:
     """Forward and backward of component `c`'s `rows`; before the first update, their proximal values kept."""
     comp = run.batch.components[c]
-    out = _forward_backward(comp, rows, normalisers, run.batch, run.learner,
-                            progress.proximal[c] if progress.needs_proximal else None, progress.reference[c])
+    cached = _Cached(progress.proximal[c] if progress.needs_proximal else None, progress.reference[c])
+    out = _forward_backward(comp, rows, normalisers, run.batch, run.learner, cached)
     progress.nonfinite_loss |= not torch.isfinite(out["loss"]).item()
     if progress.updates == 0:  # weights untouched: this pass is the proximal one
         progress.proximal[c].put(rows, out["logp"])
@@ -245,16 +254,16 @@ def _learn_metrics(run: _Learning, progress: _Progress, epochs: int, before_upda
 
 
 def _forward_backward(comp: LossComponent, rows: torch.Tensor, normalisers: Normalisers | None, batch: Batch,
-                      learner: Learner, proximal: RowCache | None, reference: RowCache) -> dict:
+                      learner: Learner, cached: _Cached) -> dict:
     """One micro-batch: log-probs, loss, backward. Returns the loss, its metrics and the (detached, CPU)
     log-probs and entropy of the pass."""
-    out, logp, entropy = _loss(comp, rows, normalisers, batch, learner, proximal, reference)
+    out, logp, entropy = _loss(comp, rows, normalisers, batch, learner, cached)
     (comp.coef * out.loss).backward()
     return {"loss": out.loss, "metrics": out.metrics, "logp": logp.detach().cpu(), "entropy": entropy.detach().cpu()}
 
 
 def _loss(comp: LossComponent, rows: torch.Tensor, normalisers: Normalisers | None, batch: Batch,
-          learner: Learner, proximal: RowCache | None, reference: RowCache):
+          learner: Learner, cached: _Cached):
     """The objective's loss on `rows` of `comp` (its output, the learner's log-probs and entropy), not yet
     differentiated."""
     device = learner.device  # bookkeeping stays on the CPU; each micro-batch's loss is formed here
@@ -264,14 +273,14 @@ def _loss(comp: LossComponent, rows: torch.Tensor, normalisers: Normalisers | No
     logp, entropy = learner.logprobs(mb, batch.temperature)  # (b, T') each
     ref = None
     if obj.beta > 0:
-        ref = reference.get(rows, width, device)
+        ref = cached.reference.get(rows, width, device)
         if ref is None:
             ref = learner.reference_logprobs(mb, batch.temperature)
-            reference.put(rows, ref)
+            cached.reference.put(rows, ref)
     off = comp.off_policy
     out = policy_loss(LossInputs(
         logp, mb.completion_mask, comp.advantages[rows].to(device),
-        old_logprobs=proximal.get(rows, width, device) if proximal is not None else None,
+        old_logprobs=cached.proximal.get(rows, width, device) if cached.proximal is not None else None,
         infer_logprobs=comp.infer_logprobs[rows, :width].to(device) if obj.needs_infer_logprobs else None,
         ref_logprobs=ref, entropy=entropy if comp.sampled else None,
         off_policy_mask=off[rows, None].to(device) & mb.completion_mask if off is not None else None,
@@ -309,7 +318,7 @@ def _sample_gradients(batch: Batch, learner: Learner, wanted: int, task_names: l
             for row in sample_rows(live, wanted).tolist():
                 rows = torch.tensor([row])
                 own = batch_normalisers(comp.sequences.completion_mask[rows], comp.objective)
-                out, _, _ = _loss(comp, rows, own, batch, learner, None, ref)
+                out, _, _ = _loss(comp, rows, own, batch, learner, _Cached(None, ref))
                 grads = torch.autograd.grad(comp.coef * out.loss, params, allow_unused=True)
                 sums[k] += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
                 counts[k] += 1

@@ -297,7 +297,8 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: Ru
     if not dist.is_main:
         console = False  # rank 0 prints and writes the run directory; the others train
     tasks = load_tasks_checked(cfg)
-    _open_run_directory(cfg, output_dir, resume, console, dist, lock, tasks)
+    _start_jail(cfg, tasks, console)
+    _open_run_directory(cfg, output_dir, resume, dist, lock)
     _seed(cfg)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
@@ -309,14 +310,17 @@ def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: Ru
     return cfg, dist, device, tasks, console
 
 
-def _open_run_directory(cfg: TrainConfig, output_dir: Path, resume: bool, console, dist: Distributed,
-                        lock: RunDirectoryLock | None, tasks: list[Task]) -> None:
-    """The code task's jail started (or the run stops here, before anything is written), the trackers'
-    credentials checked, then the run directory made (rank 0)."""
+def _start_jail(cfg: TrainConfig, tasks: list[Task], console) -> None:
+    """The code task's jail started, or the run stops here, before anything is written."""
     from unigrad import sandbox
 
     if (jail_note := sandbox.prepare(tasks, cfg.sandbox.jail, cfg.sandbox.allow_root_without_jail)) is not None:
         _print(console, jail_note)
+
+
+def _open_run_directory(cfg: TrainConfig, output_dir: Path, resume: bool, dist: Distributed,
+                        lock: RunDirectoryLock | None) -> None:
+    """The trackers' credentials checked, then the run directory made (rank 0)."""
     if dist.is_main:
         check_credentials(cfg.report_to)  # a tracker that cannot log in: refused before the directory is made
         prepare_output_dir(output_dir, resume, lock)
