@@ -37,7 +37,6 @@ ALLOWED_PARAMETERS = {
     "unigrad/sandbox/runner.py:run": 8,
     "unigrad/tasks/files.py:FileTask.__init__": 8,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
-    "unigrad/train/checkpoint.py:save_checkpoint": 7,
     "unigrad/train/routing.py:route": 9,
     "unigrad/train/step.py:step_metrics": 9,
 }

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,22 @@ def _dir(root: Path) -> Path:
     return root / "checkpoints"
 
 
-def save_checkpoint(
-    root: Path, step: int, learner, sampler, keep: int = 2, extra: dict[str, Any] | None = None, write: bool = True
-) -> Path:
-    """`extra`: {name: object with state_dict()} saved beside the rest (e.g. the learning-gain tracker).
+@dataclass(frozen=True)
+class CheckpointParts:
+    """What a checkpoint saves: the learner (weights, optimizer, schedule), the task sampler, and `extra`
+    {name: object with state_dict()} beside them (e.g. the learning-gain tracker)."""
+
+    learner: Any
+    sampler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(root: Path, step: int, parts: CheckpointParts, keep: int = 2, write: bool = True) -> Path:
+    """Checkpoint `step` of `parts` under `root` (written whole or not at all), keeping the `keep` newest.
 
     `write`: whether this process writes the files. A sharded learner gathers its state over every process, so
     with sharding all processes call this and only rank 0 writes; without it, the other processes need not call."""
+    learner = parts.learner
     if not write and not learner.sharded:
         return _dir(root) / f"step_{step:06d}"
     model_state, optimizer_state = learner.checkpoint_state()  # a collective when sharded
@@ -99,9 +109,9 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "sharded": learner.sharded,
         "scheduler": learner.scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
+        "sampler": parts.sampler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()},
+        "extra": {name: obj.state_dict() for name, obj in parts.extra.items()},
     }
     try:
         torch.save(state, tmp / "state.pt")

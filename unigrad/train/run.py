@@ -34,6 +34,7 @@ from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.tools.calls import tool_style
 from unigrad.train.checkpoint import (
+    CheckpointParts,
     checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
@@ -272,8 +273,8 @@ class Run:
         return res
 
     def checkpoint(self, step: int) -> None:
-        save_checkpoint(self.output_dir, step, self.ctx.learner, self.ctx.sampler, keep=self.cfg.keep_checkpoints,
-                        extra=self.extras(), write=self.ctx.dist.is_main)
+        parts = CheckpointParts(self.ctx.learner, self.ctx.sampler, self.extras())
+        save_checkpoint(self.output_dir, step, parts, keep=self.cfg.keep_checkpoints, write=self.ctx.dist.is_main)
 
 
 def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock | None = None):
