@@ -35,7 +35,6 @@ ALLOWED_PARAMETERS = {
     "unigrad/rollout/vllm_engine.py:VLLMEngine.__init__": 8,
     "unigrad/sandbox/child.py:_make_hook.hook": 18,
     "unigrad/sandbox/runner.py:run": 8,
-    "unigrad/tasks/files.py:FileTask.__init__": 8,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
     "unigrad/train/routing.py:route": 9,
     "unigrad/train/step.py:step_metrics": 9,

@@ -38,6 +38,20 @@ def test_one_file_holds_several_tasks_with_disjoint_splits(tmp_path):
     assert halves.examples("train", 1)[0].answer in {str(i / 2) for i in range(1, 11)}
 
 
+def test_split_seed_and_fractions_deal_the_rows_without_a_split(tmp_path):
+    """Rows naming no split are dealt by the fractions, from split_seed: the same seed deals them the same way, an
+    other seed another way; validation_fraction carves its share out of what test leaves."""
+    path = write_jsonl(tmp_path / "c.jsonl", CAPITALS)
+
+    def pools(**options):
+        (task,) = load_file_tasks(path, test_fraction=0.3, **options)
+        return {split: sorted(e.prompt for e in examples) for split, examples in task.pools.items()}
+
+    assert pools(split_seed=0) == pools(split_seed=0) != pools(split_seed=1)
+    dealt = pools(split_seed=0, validation_fraction=0.4)
+    assert [len(dealt[s]) for s in ("train", "validation", "test")] == [4, 3, 3]
+
+
 def test_split_column_is_honoured(tmp_path):
     rows = [{"prompt": f"q{i}", "answer": str(i), "split": "test" if i < 3 else "train"} for i in range(8)]
     (task,) = load_file_tasks(write_jsonl(tmp_path / "s.jsonl", rows))

@@ -27,7 +27,14 @@ from unigrad.tasks.base import Example, Split
 from unigrad.tasks.extract import answer_text, normalise
 from unigrad.tasks.guard import score_each
 from unigrad.tasks.mathcheck import looks_like_math, math_equal
-from unigrad.tasks.splits import SPLITS, draw, no_validation_error, seeded_split, seeded_validation
+from unigrad.tasks.splits import (
+    SPLITS,
+    SplitFractions,
+    draw,
+    no_validation_error,
+    seeded_split,
+    seeded_validation,
+)
 
 VERIFIERS = ("auto", "exact", "math")
 
@@ -98,20 +105,25 @@ def _cell(row: dict[str, Any], column: str, where: str, required: bool) -> str |
     return str(value)
 
 
+DEFAULT_FRACTIONS = SplitFractions()
+
+
 class FileTask:
     """One named task over rows of a file; see the module docstring."""
 
     def __init__(self, name: str, examples: list[Example], splits: list[Split | None], verifier: str = "auto",
-                 test_fraction: float = 0.1, split_seed: int = 0, validation_fraction: float = 0.0,
-                 rows: list[int] | None = None):
-        """`rows`: each example's row number in its file (for messages; default 1, 2, ...)."""
+                 fractions: SplitFractions = DEFAULT_FRACTIONS, rows: list[int] | None = None):
+        """`splits`: each example's split, None where its row names none (dealt by `fractions`); `rows`: each
+        example's row number in its file (for messages; default 1, 2, ...)."""
         if verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
         self.name, self.verifier = name, verifier
         unassigned = [e.prompt for e, s in zip(examples, splits, strict=True) if s is None]
-        self._split_note = (len(examples), len(set(e.prompt for e in examples)), len(unassigned), test_fraction)
-        held_out = seeded_split(unassigned, test_fraction, split_seed)
-        validation = seeded_validation([p for p in unassigned if p not in held_out], validation_fraction, split_seed)
+        self._split_note = (len(examples), len(set(e.prompt for e in examples)), len(unassigned),
+                            fractions.test_fraction)
+        held_out = seeded_split(unassigned, fractions.test_fraction, fractions.split_seed)
+        validation = seeded_validation([p for p in unassigned if p not in held_out], fractions.validation_fraction,
+                                       fractions.split_seed)
         self.pools: dict[str, list[Example]] = {s: [] for s in SPLITS}
         #: row numbers of training rows without a demonstration (checked when SFT / HPT / guidance loads the task)
         self.rows_without_demonstration: list[int] = []
@@ -197,5 +209,5 @@ def load_file_tasks(path: str | Path, verifier: str = "auto", test_fraction: flo
         examples.append(Example(prompt, answer, demonstration, name, meta))
         splits.append(split)
         numbers.append(number)
-    return [FileTask(name, ex, sp, verifier, test_fraction, split_seed, validation_fraction, rows)
-            for name, (ex, sp, rows) in grouped.items()]
+    fractions = SplitFractions(test_fraction, split_seed, validation_fraction)
+    return [FileTask(name, ex, sp, verifier, fractions, rows) for name, (ex, sp, rows) in grouped.items()]

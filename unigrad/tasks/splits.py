@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from typing import TypeVar
 
 from unigrad.tasks.base import Split
@@ -23,6 +24,17 @@ T = TypeVar("T")
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 TEST_PERCENT = 20  # share of a built-in task's prompt space held out for evaluation
 VALIDATION_PERCENT = 10  # share of a built-in task's prompt space held out for validation (`three_way_split_of`)
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """How a dataset's rows that name no split are dealt: a seeded `test_fraction` of their distinct prompts held
+    out for test (`seeded_split`), then `validation_fraction` of the rest for validation (`seeded_validation`),
+    both drawn from `split_seed`."""
+
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    validation_fraction: float = 0.0
 
 
 def split_of(prompt: str, test_percent: int = TEST_PERCENT) -> Split:
