@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,13 +125,13 @@ def test_an_idle_worker_ends_when_the_training_process_is_killed(tmp_path):
 
     script = tmp_path / "parent.py"
     script.write_text(
-        "import time\n"
-        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from model_helpers import tiny_model\n"
         "from unigrad.rollout.async_worker import EngineWorker\n"
         "if __name__ == '__main__':\n"
-        "    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,\n"
-        "                         num_attention_heads=2, num_key_value_heads=2)\n"
-        "    worker = EngineWorker(LlamaForCausalLM(config), 0, 1, threads=1, timeout=120)\n"
+        "    model = tiny_model(16, hidden_size=8, num_hidden_layers=1)\n"
+        "    worker = EngineWorker(model, 0, 1, threads=1, timeout=120)\n"
         "    print(worker.pid, flush=True)\n"
         "    time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,

@@ -9,10 +9,8 @@ import sys
 import time
 
 import pytest
-import torch
-from step_helpers import teach_turn_ending
+from step_helpers import small_char_llama, teach_turn_ending
 from test_end_to_end import cli, common, stable
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from unigrad.models.tokenizer import build_char_tokenizer
 from unigrad.rollout.vllm_engine import vllm_unavailable_reason
@@ -31,12 +29,7 @@ def model64(tmp_path_factory):
     (the usual one, hidden 32 over 2 heads, has head size 16, which it refuses)."""
     path = tmp_path_factory.mktemp("model64")
     tok = build_char_tokenizer(model_max_length=256)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
+    small_char_llama(tok, hidden_size=64).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -107,12 +100,7 @@ def test_multi_turn_episodes_with_tools_sample_with_a_bf16_vllm_engine(tmp_path)
     for a float32 learner: episodes of several turns, and a real rounding gap in the mismatch metrics."""
     require_vllm()
     tok = build_char_tokenizer(model_max_length=256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=256, tie_word_embeddings=True,
-                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    model = small_char_llama(tok, hidden_size=64)
     teach_turn_ending(model, tok)
     path = tmp_path / "model"
     model.save_pretrained(path)

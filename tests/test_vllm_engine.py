@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from model_helpers import tiny_model
+from transformers import LlamaForCausalLM
 
 from unigrad.config import ConfigError, load_config
 from unigrad.rollout.base import RolloutEngine, SamplingParams, prompt_stream_seeds
@@ -153,17 +154,24 @@ def test_config_checks_for_the_vllm_engine():
         load_config(None, ["rollout.engine=vllm", "rollout.temperature=3.0"])
 
 
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    """A random 2-layer Llama, head size 32 (the smallest vLLM's CPU attention runs), with a sharpened output layer so
-    that top-k and top-p cut real mass off its next-token distributions."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
+# The config fields tiny_llama and tiny_mixtral share beside the vocabulary of 100: an untied output layer (it is
+# sharpened), the test's token ids.
+SHARPENED_CONFIG = {"max_position_embeddings": 512, "tie_word_embeddings": False, "pad_token_id": PAD,
+                    "eos_token_id": EOS, "bos_token_id": 2}
+
+
+def sharpened(model):
+    """`model` in eval mode with its output layer scaled by 10, so that top-k and top-p cut real mass off its
+    next-token distributions."""
+    model.eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)
     return model
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    """A random 2-layer Llama, head size 32 (the smallest vLLM's CPU attention runs), sharpened."""
+    return sharpened(tiny_model(100, seed=seed, hidden_size=64, num_key_value_heads=1, **SHARPENED_CONFIG))
 
 
 @pytest.mark.skipif(UNAVAILABLE is None, reason="vLLM can run here: the engine tests below run instead")
@@ -304,9 +312,7 @@ def test_the_cpu_build_refuses_a_head_size_it_cannot_run():
     require_vllm()
     if not vllm_on_cpu():
         pytest.skip("not vLLM's CPU build")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()  # head size 16
+    model = tiny_model(100, num_hidden_layers=1).eval()  # hidden 32 over 2 heads: head size 16
     with pytest.raises(VLLMUnavailable, match="head sizes .* this model's is 16"):
         VLLMEngine(model, PAD, EOS)
 
@@ -365,17 +371,8 @@ def test_mixtral_experts_get_the_checkpoint_names_save_pretrained_writes(tmp_pat
 
 def tiny_mixtral(seed: int):
     """A random 2-layer Mixtral (4 experts, 2 per token), head size 32, sharpened output layer (see tiny_llama)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS,
-                           bos_token_id=2)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    return model
+    return sharpened(tiny_model(100, "mixtral", seed, hidden_size=64, intermediate_size=96, num_local_experts=4,
+                                num_experts_per_tok=2, **SHARPENED_CONFIG))
 
 
 FILTERED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=5)
@@ -425,7 +422,7 @@ def bpe_qwen2(path):
     """A Qwen2-shaped model (head size 64, 0.35 M parameters) saved with a byte-level BPE tokenizer trained here
     on a small corpus; returns (model loaded back from `path`, tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -434,12 +431,9 @@ def bpe_qwen2(path):
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    model = Qwen2ForCausalLM(config)
+    model = tiny_model(len(tokenizer), "qwen2", hidden_size=128, num_key_value_heads=1, max_position_embeddings=512,
+                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
