@@ -36,7 +36,8 @@ And per sample (`diagnostics.sample_gradients` rows of each task, measured in `u
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -174,6 +175,18 @@ def own_normaliser_stats(metrics: dict[str, float], own: dict[str, float]) -> di
     return out
 
 
+@dataclass(frozen=True)
+class ProcessReduction:
+    """How the per-task gradients of data-parallel processes are summed: `reduce` sums a tensor over the processes
+    in place, `task_names` (the run's tasks in a fixed order) are the vectors every process reduces, zeros where it
+    had none. `sharded` (FSDP): the gradients are already summed and each process holds its shard of them, in the
+    same groups on every process; only the dot products and the row counts are reduced."""
+
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    task_names: list[str]
+    sharded: bool = False
+
+
 class TaskGradients:
     """Collects per-(task, half) gradients from `param.grad` during one optimizer step.
 
@@ -182,18 +195,14 @@ class TaskGradients:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], balance: bool = False, balance_target: float | None = None,
-                 project: bool = False, reduce=None, task_names: list[str] | None = None, cross_every: int = 1,
-                 sharded: bool = False):
+                 project: bool = False, cross_every: int = 1, processes: ProcessReduction | None = None):
         """`cross_every`: steps that split tasks in halves for the cross term (see `splits_halves`).
-        `reduce`: sums a tensor over data-parallel processes in place (then `task_names`, the run's tasks in a fixed
-        order, is required). Replicated learner: every process reduces the same (task, half) vectors, zeros where it
-        had none. `sharded` (FSDP): the gradients are already summed and each process holds its shard of them, in
-        the same groups on every process; only the dot products and the row counts are reduced."""
-        if reduce is not None and not task_names:
-            raise ValueError("reduce needs task_names")
-        if sharded and reduce is None:
-            raise ValueError("sharded needs reduce")
-        self.reduce, self.task_names, self.sharded = reduce, task_names, sharded
+        `processes`: how the gradients of data-parallel processes are summed (None: one process)."""
+        if processes is not None and not processes.task_names:
+            raise ValueError("reducing over processes needs task_names")
+        self.reduce = processes.reduce if processes is not None else None
+        self.task_names = processes.task_names if processes is not None else None
+        self.sharded = processes is not None and processes.sharded
         if balance and project:
             raise ValueError("choose one of balance and project")
         self.params = params

@@ -24,7 +24,7 @@ from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_co
 from unigrad.data.samplers import SamplerChoice, build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
-from unigrad.diagnostics.task_gradients import TaskGradients
+from unigrad.diagnostics.task_gradients import ProcessReduction, TaskGradients
 from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
 from unigrad.rollout.engine_instruments import EngineInstruments
@@ -477,10 +477,10 @@ def task_gradient_accounting(cfg: TrainConfig, learner: Learner, names: list[str
         account = len(names) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.balance_target is not None
     if not account:
         return None
+    processes = ProcessReduction(dist.sum_, names, learner.sharded) if dist.active else None
     return TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
                          balance_target=cfg.gradients.balance_target, project=cfg.gradients.combine == "pcgrad",
-                         cross_every=cfg.diagnostics.cross_every, reduce=dist.sum_ if dist.active else None,
-                         task_names=names if dist.active else None, sharded=learner.sharded)
+                         cross_every=cfg.diagnostics.cross_every, processes=processes)
 
 
 def _engine_worker(ctx: StepContext, model, longest: int):
