@@ -27,7 +27,6 @@ ALLOWED_PARAMETERS = {
     "unigrad/integrations/verl.py:make_policy_loss.policy_loss": 7,
     "unigrad/report/seeded_study.py:Study.__init__": 7,
     "unigrad/rollout/async_worker.py:EngineWorker.__init__": 9,
-    "unigrad/rollout/engine_instruments.py:CallInstruments.__init__": 8,
     "unigrad/rollout/logprobs.py:sequence_logprobs": 11,
     "unigrad/rollout/ray_pool.py:RayRolloutPool.__init__": 8,
     "unigrad/rollout/transformers_engine.py:TransformersEngine.__init__": 7,

@@ -73,16 +73,27 @@ class EngineInstruments:
             require_routers(model, "rollout.routing_replay")
 
 
+@dataclass(frozen=True)
+class CallRows:
+    """The rows of one `generate` call as its instruments see them: `which[p]` is prompt p's distinct prompt, `mask`
+    (D, Lp) the distinct prompts' mask, `row_src` (N,) each row's distinct prompt, rows p*n .. p*n+n-1 belong to
+    prompt p, at most `max_new` tokens are generated per row."""
+
+    which: list[int]
+    mask: torch.Tensor
+    row_src: torch.Tensor
+    n: int
+    max_new: int
+
+
 class CallInstruments:
-    """One `generate` call's instruments: noise streams, the routers' control and the routing record.
+    """One `generate` call's instruments: noise streams (one per prompt, from `seeds`), the routers' control and the
+    routing record."""
 
-    `which[p]` is prompt p's distinct prompt, `mask` (D, Lp) the distinct prompts' mask, `row_src` (N,) each row's
-    distinct prompt, rows p*n .. p*n+n-1 belong to prompt p."""
-
-    def __init__(self, model: nn.Module, settings: EngineInstruments, seeds, which: list[int], mask: torch.Tensor,
-                 row_src: torch.Tensor, n: int, max_new: int) -> None:
-        self.settings, self.n, self.model = settings, n, model
-        self.mask, self.row_src, self.which = mask, row_src, which
+    def __init__(self, model: nn.Module, settings: EngineInstruments, seeds, rows: CallRows) -> None:
+        self.settings, self.n, self.model = settings, rows.n, model
+        self.mask, self.row_src, self.which = rows.mask, rows.row_src, rows.which
+        mask, row_src, max_new = rows.mask, rows.row_src, rows.max_new
         dev = mask.device
         self.streams = [torch.Generator(device=dev).manual_seed((int(s) ^ _NOISE_STREAM_SALT) % 2**63) for s in seeds]
         self.control = RoutingControl(record=settings.record_routing)

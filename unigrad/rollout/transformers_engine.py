@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .base import Rollout, SamplingParams, check_generate_args, eos_id_list, resolve_prompt_seeds
-from .engine_instruments import CallInstruments, EngineInstruments
+from .engine_instruments import CallInstruments, CallRows, EngineInstruments
 from .logprobs import cache_kwargs, output_cache, position_ids_from_mask
 from .padding import pad_rows
 from .sampling import select_next_tokens
@@ -183,8 +183,8 @@ class TransformersEngine:
         if call.max_new > 0:
             # One random stream per prompt (rows p*n .. p*n+n-1): a prompt's samples do not depend on the others.
             seeds = resolve_prompt_seeds(sampling, len(prompts))
-            instruments = CallInstruments(self.model, self.instruments, seeds, call.which, call.mask, call.row_src, n,
-                                          call.max_new)
+            rows = CallRows(call.which, call.mask, call.row_src, n, call.max_new)
+            instruments = CallInstruments(self.model, self.instruments, seeds, rows)
             with instruments:  # router noise / the routing record while the model runs
                 self._decode(call, seeds, instruments, out)
         steps = out.steps
