@@ -220,8 +220,9 @@ def _agent_rewards(scorer: _Scorer, task, held_out: tuple[list, list[list[int]]]
 
 
 def tiny_heldout_accuracy(model, tokenizer, recipe: TinyRecipe) -> dict[str, float]:
-    """The held-out evaluation a tiny-model build ends with (`ensure_tiny(evaluate_built=...)`): greedy pass@1 on
-    `recipe.eval_examples` test prompts of each of the recipe's tasks."""
+    """The held-out evaluation every tiny-model build ends with (the package root registers it:
+    `unigrad.models.build_evaluations`): greedy pass@1 on `recipe.eval_examples` test prompts of each of the recipe's
+    tasks."""
     # Demonstrations are at most ~40 characters; 48 new tokens leave room for the EOS.
     results = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
                        max_new_tokens=48, seed=recipe.eval_seed)
@@ -230,9 +231,10 @@ def tiny_heldout_accuracy(model, tokenizer, recipe: TinyRecipe) -> dict[str, flo
 
 
 def chat_heldout_report(model, tokenizer, recipe: ChatRecipe) -> dict[str, Any]:
-    """The held-out evaluation a unigrad-chat build ends with (`ensure_chat(evaluate_built=...)`): greedy pass@1 on
-    `recipe.eval_examples` test prompts of each of the recipe's tasks ("heldout_greedy_accuracy"), and for its
-    multi-turn tasks the tool calls and failed calls per greedy episode ("heldout_tool_calls")."""
+    """The held-out evaluation every unigrad-chat build ends with (the package root registers it:
+    `unigrad.models.build_evaluations`): greedy pass@1 on `recipe.eval_examples` test prompts of each of the recipe's
+    tasks ("heldout_greedy_accuracy"), and for its multi-turn tasks the tool calls and failed calls per greedy
+    episode ("heldout_tool_calls")."""
     # A calculator call is about 25 tokens; 48 leave room for the end of the turn.
     results = evaluate(model, tokenizer, [get_task(t) for t in recipe.task_names], recipe.eval_examples,
                        max_new_tokens=48, seed=recipe.eval_seed)
