@@ -241,14 +241,17 @@ def _study(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from unigrad.report.seeded_study import Study, load_study
+    from unigrad.report.seeded_study import Study
     from unigrad.report.study_checks import compact, refuse_other_settings, refuse_page_without_results
     from unigrad.report.study_page import write_study_page
+    from unigrad.report.tuning_record import load_tuned_study, refuse_untuned
 
     try:
-        spec = load_study(args.file)
+        spec, _ = load_tuned_study(args.file)  # with a tuning record: each arm at its value picked on validation
         other_steps = args.steps is not None and args.steps != spec.steps
         smoke = other_steps or (args.seeds is not None and args.seeds != spec.seeds)  # not the study the file pins
+        if not (smoke or args.page_only):
+            refuse_untuned(spec, args.file)
         out = Path(args.out or Path("runs") / "studies" / (Path(args.file).stem
                                                            + (f"-steps{args.steps}" if other_steps else "")))
         study = Study(spec, out, seeds=args.seeds, steps=args.steps, parallel=args.parallel)
@@ -275,6 +278,30 @@ def _study(args: argparse.Namespace) -> int:
     page = write_study_page(study, command, root, None if args.page_only else (time.time() - started) / 60)
     print(f"study: wrote {page}" + (" (--steps / --seeds differ from the study file's: a smoke run, so not the docs "
                                     "page; --doc-root . writes that)" if smoke and args.doc_root is None else ""))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from unigrad.report.seeded_study import load_study
+    from unigrad.report.study_checks import compact
+    from unigrad.report.tuning import tune
+
+    try:
+        spec = load_study(args.file)
+        if args.parallel is not None:
+            spec = type(spec).model_validate({**spec.model_dump(), "parallel": args.parallel})
+            spec._source = Path(args.file)
+        out = Path(args.out or Path("runs") / "studies" / f"{Path(args.file).stem}-tuning")
+        table, record = tune(spec, Path(args.file), out, Path(args.doc_root))
+    except ValidationError as err:
+        print(f"unigrad tune: {compact(err, Path(args.file))}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"unigrad tune: {err}", file=sys.stderr)
+        return 2 if isinstance(err, (FileNotFoundError, ValueError)) else 1
+    print(f"tune: wrote {table} and {record}; `unigrad study {args.file}` now trains with these values")
     return 0
 
 
@@ -330,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigrad", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_presets, _add_train, _add_tasks, _add_eval, _add_study, _add_sandbox_check, _add_report,
-                _add_serve):
+    for add in (_add_presets, _add_train, _add_tasks, _add_eval, _add_study, _add_tune, _add_sandbox_check,
+                _add_report, _add_serve):
         add(sub)
     return parser
 
@@ -414,6 +441,19 @@ def _add_study(sub) -> None:
                     "directory; OUT/page when --steps or --seeds differ from the file's)")
     st.add_argument("--page-only", action="store_true", help="write the page from the runs there, train nothing")
     st.set_defaults(func=_study)
+
+
+def _add_tune(sub) -> None:
+    """The `unigrad tune` command and its options."""
+    tu = sub.add_parser("tune", help="choose a study's tuned value (its tuning: section, e.g. optim.lr) on the "
+                        "validation split: runs the grid, writes its table and the record `unigrad study` reads")
+    tu.add_argument("file", help="the study's YAML file, with a tuning: section")
+    tu.add_argument("--out", help="where the tuning runs go (default: runs/studies/<file name>-tuning)")
+    tu.add_argument("--doc-root", default=".", help="the table is written at DOC_ROOT/docs/studies/<name>_tuning.md "
+                    "(default: the current directory)")
+    tu.add_argument("--parallel", type=_at_least(1, "the runs at once"),
+                    help="runs at once, one torch thread each (default: the file's)")
+    tu.set_defaults(func=_tune)
 
 
 def _add_sandbox_check(sub) -> None:

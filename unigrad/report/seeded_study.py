@@ -17,6 +17,9 @@ A study file holds everything the study depends on (nothing is read from another
                                                    # from that arm's final weights, same seed: a staged method)
     columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
     curves: [reward/mean, grad_norm]               # plotted per arm, mean over seeds
+    tuning: {key: optim.lr, grid: [3.0e-5, 1.0e-4, 3.0e-4], per: arm}   # chosen on validation first: `unigrad
+                                                   # tune FILE` (`tuning_spec`, `tuning`); the study then runs with
+                                                   # the picks recorded in tuned/NAME.yaml beside the file
     control: grpo                                  # collapse: a run's reward ending below half of this arm's
 
 Each (arm, seed) trains with the real CLI (`unigrad train`) into OUT/ARM/seedK, resuming a run a cut-off study
@@ -56,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from unigrad.report.run_report import read_metrics
 from unigrad.report.seeds import collapsed, series
 from unigrad.report.study import run_training
+from unigrad.report.tuning_spec import TUNING_SEED_BASE, TuningSpec
 
 STATS = ("mean", "median", "sum", "max", "min", "last", "growth", "alarms", "count")
 COLUMN = re.compile(r"^(\w+)\(([^()]+)\)$")
@@ -72,7 +76,7 @@ class StudySpec(BaseModel):
     title: str
     doc: str = Field(description="the page the study writes, relative to the repository root")
     question: str = ""
-    seeds: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1, lt=TUNING_SEED_BASE, description="seeds 0 .. seeds-1 (tuning runs use 1000 ..)")
     steps: int = Field(ge=1, description="rollout steps per run (train.max_steps)")
     parallel: int = Field(1, ge=1, le=8)
     eval: EvalSpec = EvalSpec()
@@ -85,7 +89,10 @@ class StudySpec(BaseModel):
         [], description="further seed-paired differences to report, each [arm, other arm]: arm minus other")
     curves: list[str] = []
     collapse_metric: str = "reward/mean"
+    tuning: TuningSpec | None = Field(None, description="a value chosen on the validation split before the study "
+                                      "runs (`unigrad tune`; `tuning_spec`)")
     _source: Path | None = PrivateAttr(None)  # the file it was loaded from (`load_study`), for the page's git record
+    _tuned: dict[str, Any] | None = PrivateAttr(None)  # the tuning record applied to the arms (`tuning_record`)
     control: str | dict[str, str] | None = Field(
         None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
         "at the same step), or per model name; without one the page gives no collapse verdict")
@@ -134,6 +141,14 @@ class StudySpec(BaseModel):
                 if parent in chain:
                     raise ValueError(f"arms {' -> '.join([*chain, parent])}: a cycle of from")
                 chain.append(parent)
+        return self
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> StudySpec:
+        from unigrad.report.tuning_spec import check_tuning_fits
+
+        if self.tuning is not None:
+            check_tuning_fits(self.tuning, self.arms)
         return self
 
 
@@ -225,7 +240,9 @@ class Study:
         source = source if source is not None else spec._source
         given = {k: v for k, v in (("steps", steps), ("seeds", seeds), ("parallel", parallel)) if v is not None}
         if given:  # checked as the file's own values are (seeds >= 1, ...)
+            tuned = spec._tuned
             spec = StudySpec.model_validate({**spec.model_dump(), **given})
+            spec._tuned = tuned
         self.spec, self.out, self.log = spec, Path(out), log
         self.source = Path(source) if source is not None else None  # the study file, for the page's git record
 

@@ -19,6 +19,7 @@ from unigrad.report.seeded_study import Study
 from unigrad.report.seeds import mean_ci, moving_average, paired_difference, series
 from unigrad.report.study import write_page
 from unigrad.report.study_verdicts import holm_section
+from unigrad.report.tuning_record import provenance
 
 
 def pm(mean: float, half: float, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
@@ -180,6 +181,8 @@ def _intro(study: Study, command: str, wall_minutes: float | None) -> list[str]:
         f"Training time summed over runs: {total:.0f} min (steps only, no loading or evaluation)"
         + (f"; the study took {wall_minutes:.0f} min of wall time" if wall_minutes else "") + ".",
         "",
+        provenance(spec, spec._tuned),
+        "",
         f"Held-out **test** greedy pass@1 (%) on {spec.eval.prompts} prompts per task (the same prompts for every "
         "run), mean over seeds ± the half-width of its 95% t interval; *prompt SE*: the paired per-prompt "
         "standard error of the same difference (each prompt's correctness averaged over seeds), the uncertainty "
@@ -274,7 +277,8 @@ def _closing(study: Study, doc: Path) -> list[str]:
             lines += [f"![{png.stem}]({png.name})", ""]
     lines += ["", preregistration_line(study.source)] if study.source is not None else []
     lines += ["", "Study file (the training config each arm starts from, then each arm's overrides):", "",
-              "```yaml", yaml.safe_dump(spec.model_dump(exclude={"question"}), sort_keys=False).rstrip(), "```"]
+              "```yaml", yaml.safe_dump(spec.model_dump(exclude={"question", "tuning"} if spec.tuning is None
+                                                     else {"question"}), sort_keys=False).rstrip(), "```"]
     lines += ["", "Columns: " + "; ".join(f"*{k}* = {v}" for k, v in spec.columns.items()) +
               " (per run: mean/max/min over its steps, last = mean of its last tenth, growth = mean of its last "
               "third / mean of its first third, alarms = steps on which the alarm fired; then mean ± 95% CI over "
