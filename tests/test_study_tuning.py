@@ -173,7 +173,7 @@ def test_the_page_says_when_the_rate_was_not_tuned():
         assert spec.tuning.per == ("study" if f == "kl_beta" else "arm"), f
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 120 s (timed at load average about 3 on 2 cores)
 def test_a_tiny_tuning_end_to_end(tmp_path, small_model):
     spec = {"title": "tiny", "doc": "docs/tiny.md", "seeds": 1, "steps": 2, "eval": {"prompts": 4, "splits": ["test"]},
             "train": {"model": {"name": str(small_model)}, "tasks": ["arithmetic"], "prompts_per_step": 2,
