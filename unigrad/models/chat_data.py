@@ -21,8 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from unigrad.environments.base import is_multi_turn
-from unigrad.tasks.base import Example
+from unigrad.tasks.base import Example, is_multi_turn
 
 Chat = tuple[list[dict[str, Any]], list[dict] | None]  # (messages, tool schemas or None)
 # An assistant turn as the template writes it: its header, then what the model writes, through <|im_end|>.
