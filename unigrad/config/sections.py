@@ -28,7 +28,8 @@ def check_trackers_installed(names: list[str]) -> None:
 
 class ModelSection(_Section):
     name: str = Field("unigrad-tiny", description="'unigrad-tiny' (built locally; 'unigrad-tiny-moe' its mixture-of-"
-                      "experts twin), an HF model id or a local path")
+                      "experts twin; 'unigrad-chat' a BPE chat model whose template renders tools), an HF model id "
+                      "or a local path")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="learner dtype")
     lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 trains all weights")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is alpha / r times B A)")
