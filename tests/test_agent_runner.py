@@ -164,6 +164,29 @@ def test_64_agents_at_once_share_few_engine_calls(setup, agent):
     assert sum(calls) == 64 * per_episode and len(calls) <= 8 * per_episode, calls  # batched, not one by one
 
 
+def test_the_endpoint_kept_between_batches_refuses_calls_and_follows_the_engine(setup):
+    import openai
+
+    from unigrad.agents import training_service
+
+    play(setup, "async_one_call", prompts=1, n=1)
+    (kept,) = training_service._KEPT
+    assert kept.engine is setup[3]
+    client = openai.OpenAI(base_url=kept.url, api_key="anything", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="no agent episode is running"):
+        client.chat.completions.create(model="unigrad-tiny", messages=[{"role": "user", "content": "1+1"}])
+    play(setup, "async_one_call", prompts=1, n=1)
+    assert training_service._KEPT == [kept]  # the same engine: the same endpoint
+    other = TransformersEngine(setup[1], setup[2].pad_token_id, setup[2].eos_token_id)
+    task = get_task(f"agent:{setup[0]}:async_one_call@arithmetic")
+    example = task.examples("train", 1)
+    run_agent_episodes(other, setup[2], AgentBatch([task], example, [[1]], 1, (0,)),
+                       SamplingParams(max_new_tokens=4), AgentSettings("unigrad-tiny", 60.0))
+    assert training_service._KEPT[0].engine is other and training_service._KEPT[0].url != kept.url
+    training_service.close_kept_endpoint()
+    assert training_service._KEPT == []
+
+
 def test_rollout_max_turns_caps_an_agents_model_calls(setup):
     _, ro, episodes = play(setup, "two_calls", prompts=1, n=1, max_calls=1)
     assert episodes.turns.tolist() == [1] and "made its 1 model calls" in episodes.failures[0]
