@@ -16,7 +16,6 @@ default is described in docs/environments.md ("unigrad-chat").
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from unigrad.models.chat_tokenizer import IM_END_ID, IM_START_ID, PAD_ID, train_
 from unigrad.models.model_cache import (
     FORMAT_VERSION,
     REPORT_FILE,
+    RecipeRecord,
     ensure_entry,
     entry_dir,
     library_versions,
@@ -62,7 +62,7 @@ ChatEvaluation = Callable[[Any, Any, "ChatRecipe"], dict[str, Any]]
 
 
 @dataclass(frozen=True)
-class ChatRecipe:
+class ChatRecipe(RecipeRecord):
     """Every choice that determines unigrad-chat's tokenizer and weights (its hash names the cache directory)."""
 
     model_name: ClassVar[str] = CHAT_NAME
@@ -104,25 +104,6 @@ class ChatRecipe:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be a multiple of num_heads, and num_heads of num_kv_heads")
 
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.tasks)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["tasks"] = [[name, float(w)] for name, w in self.tasks]
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ChatRecipe:
-        d = dict(d)
-        d["tasks"] = tuple((str(name), float(w)) for name, w in d["tasks"])
-        d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> ChatRecipe:
-        return dataclasses.replace(self, **changes)
 
 
 def chat_cache_dir(recipe: ChatRecipe | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -12,6 +12,7 @@ twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +31,31 @@ MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "report.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", RECIPE_FILE, REPORT_FILE)
+
+
+class RecipeRecord:
+    """What the embedded models' recipes (frozen dataclasses with `tasks` as ((name, weight), ...) and `betas`)
+    share: their task names, their JSON form (recipe.json, the cache key) and copies with changes."""
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = [[name, float(w)] for name, w in self.tasks]
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        d["tasks"] = tuple((str(name), float(w)) for name, w in d["tasks"])
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
 
 
 def cache_root() -> Path:

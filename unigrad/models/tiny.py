@@ -27,7 +27,6 @@ holds the numbers of the model actually built.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from unigrad.models.build_evaluations import build_evaluation
 from unigrad.models.model_cache import (
     FORMAT_VERSION,
     REPORT_FILE,
+    RecipeRecord,
     cache_root,  # noqa: F401 - part of this module's interface (unigrad.models re-exports it)
     ensure_entry,
     entry_dir,
@@ -78,7 +78,7 @@ DEFAULT_TASKS: tuple[tuple[str, float], ...] = (
 
 
 @dataclass(frozen=True)
-class TinyRecipe:
+class TinyRecipe(RecipeRecord):
     """Every choice that determines the tiny model's weights (its hash names the cache directory)."""
 
     model_name: ClassVar[str] = TINY_NAME  # not a field: in neither the hash nor recipe.json
@@ -124,25 +124,6 @@ class TinyRecipe:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
 
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.tasks)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["tasks"] = [[name, float(w)] for name, w in self.tasks]
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TinyRecipe:
-        d = dict(d)
-        d["tasks"] = tuple((str(name), float(w)) for name, w in d["tasks"])
-        d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> TinyRecipe:
-        return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------------------------- cache
