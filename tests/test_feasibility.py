@@ -85,8 +85,31 @@ def test_a_given_value_is_kept_and_the_input_mapping_is_not_changed():
     assert off["gradients"] == {"combine": "sum"}
 
 
+@pytest.mark.parametrize(("given", "model"), [
+    ({"tasks": ["countdown_calc"]}, "unigrad-chat"),                      # a built-in task whose episodes call tools
+    ({"tasks": ["arithmetic", "countdown_calc"]}, "unigrad-chat"),        # one such task is enough
+    ({"tasks": ["arithmetic"], "tools": ["calculator"]}, "unigrad-chat"),  # tools offered to single-turn tasks
+    ({"tasks": ["guess", "code_retry"]}, "unigrad-tiny"),                 # multi-turn without tools
+    ({"tasks": ["arithmetic"]}, "unigrad-tiny"),
+    ({}, "unigrad-tiny"),                                                  # the default mixture
+    ({"tasks": ["countdown_calc"], "model": {"name": "unigrad-tiny"}}, "unigrad-tiny"),  # a named model is kept
+    ({"tasks": ["countdown_calc"], "model": {"dtype": "bfloat16"}}, "unigrad-chat"),
+])
+def test_runs_whose_episodes_offer_tools_default_to_the_model_that_calls_them(given, model):
+    """unigrad-tiny never saw a tool call (it never makes one); unigrad-chat was pretrained on calculator
+    transcripts, so tool tasks default to it unless a model is named."""
+    data = set_dependent_defaults(given, ["arithmetic"])
+    assert data["model"]["name"] == model
+    assert "model" not in given or given["model"].get("name") in (None, "unigrad-tiny")  # input left alone
+    overrides = [f"tasks=[{','.join(given['tasks'])}]"] if "tasks" in given else []
+    overrides += [f"tools=[{','.join(given['tools'])}]"] if "tools" in given else []
+    overrides += [f"model.{key}={value}" for key, value in given.get("model", {}).items()]
+    assert load_config(overrides=overrides).model.name == model
+
+
 def test_a_resolved_config_validates_to_itself():
     """The validators after the defaults step only refuse: validating a resolved config again changes nothing."""
-    for overrides in (["objective=dapo"], ["objective=hpt"], ["diagnostics.task_gradients=false"], []):
+    for overrides in (["objective=dapo"], ["objective=hpt"], ["diagnostics.task_gradients=false"], [],
+                      ["tasks=[countdown_calc]"]):
         cfg = load_config(overrides=overrides)
         assert type(cfg).model_validate(cfg.model_dump()) == cfg

@@ -198,6 +198,38 @@ def test_64_concurrent_requests_are_answered_in_few_engine_calls(server, client)
     assert [r.choices[0].message.content for r in replies] == [alone[s % 2] for s in range(64)]
 
 
+@pytest.mark.parametrize(("expected", "sent", "calls"), [
+    (None, 3, 3),  # the window alone: requests 20 ms apart are three calls
+    (3, 3, 1),     # waiting for the three expected requests: one call
+    (4, 3, 1),     # one never comes: the call goes out after max_wait_s, not never
+])
+def test_the_batcher_waits_for_the_expected_requests(tiny, expected, sent, calls):
+    """Agents' threads send their requests over a few milliseconds; the trainer says how many are coming, and the
+    batcher waits (at most max_wait_s) until they are all there."""
+    from unigrad.serve.batcher import Batcher, SamplingKey
+
+    _, tok, engine = tiny
+    batcher = Batcher(engine, window_s=0.005, max_wait_s=0.2,
+                      expected=None if expected is None else (lambda: expected))
+    prompt = tok("12+7=")["input_ids"]
+    key = SamplingKey(1, 1.0, 1.0, 0, 4)
+
+    async def send_spread():
+        async def one(i):
+            await asyncio.sleep(0.02 * i)
+            return await batcher.sample([prompt], key, (i,))
+        started = time.perf_counter()
+        samples = await asyncio.gather(*(one(i) for i in range(sent)))
+        await batcher.stop()
+        return samples, time.perf_counter() - started
+
+    samples, took = asyncio.run(send_spread())
+    assert len(samples) == sent and all(len(s[0][0].token_ids) >= 1 for s in samples)
+    assert batcher.engine_calls == calls and sum(batcher.call_rows) == sent, batcher.call_rows
+    if expected == 4:
+        assert took >= 0.2  # waited the whole max_wait_s for the request that never came
+
+
 def test_the_hook_sees_every_call_with_the_exact_ids(server, client, tiny):
     _, tok, _ = tiny
     _, _, hook = server

@@ -43,13 +43,20 @@ class EpisodeRecorder:
     def open_episode(self, index: int, seed: int, max_calls: int) -> str:
         """A new episode's API key."""
         key = f"unigrad-episode-{self.nonce}-{index}"
-        self.episodes[key] = EpisodeState(Trajectory(self.tokenizer), seed, max_calls)
+        with self._lock:
+            self.episodes[key] = EpisodeState(Trajectory(self.tokenizer), seed, max_calls)
         return key
 
     def close(self, key: str) -> None:
         """No more calls for this episode (it returned, raised or ran out of time)."""
         with self._lock:
             self.episodes[key].open = False
+
+    def waiting_calls(self) -> int:
+        """How many calls may come next: one per open episode with calls left (what the endpoint's batcher waits
+        for, so that the agents' requests share engine calls)."""
+        with self._lock:
+            return sum(s.open and s.trajectory.calls < s.max_calls for s in self.episodes.values())
 
     def _episode(self, key: str | None) -> EpisodeState:
         state = self.episodes.get(key or "")

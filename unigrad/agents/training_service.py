@@ -25,6 +25,15 @@ class TrainingService(ServeService):
 
     run_sampling: SamplingParams = field(default_factory=SamplingParams)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.batcher.expected = self.waiting_calls  # the agents call together: one engine call for all of them
+
+    def waiting_calls(self) -> int:
+        """The calls the running episodes may make next (0 between batches)."""
+        waiting = getattr(self.hook, "waiting_calls", None)
+        return waiting() if waiting is not None else 0
+
     def sampling(self, request: SamplingRequest, calls: list[PromptCall],
                  prompts: list[list[int]]) -> tuple[SamplingKey, tuple[int, ...]]:
         if request.n != 1:

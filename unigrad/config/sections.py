@@ -26,10 +26,18 @@ def check_trackers_installed(names: list[str]) -> None:
 
 
 
+# The model a run trains when none is named: the char-level tiny model, or, when the run's episodes offer tools
+# (a built-in tool task or `tools=`), the chat model whose pretraining saw tool calls (unigrad-tiny never calls
+# a tool: docs/environments.md). Set by config.train_config.set_dependent_defaults.
+DEFAULT_MODEL = "unigrad-tiny"
+DEFAULT_TOOL_MODEL = "unigrad-chat"
+
+
 class ModelSection(_Section):
-    name: str = Field("unigrad-tiny", description="'unigrad-tiny' (built locally; 'unigrad-tiny-moe' its mixture-of-"
-                      "experts twin; 'unigrad-chat' a BPE chat model whose template renders tools), an HF model id "
-                      "or a local path")
+    name: str = Field(DEFAULT_MODEL, description="'unigrad-tiny' (built locally; 'unigrad-tiny-moe' its mixture-of-"
+                      "experts twin; 'unigrad-chat' a BPE chat model whose template renders tools, the default when "
+                      "the tasks offer tools: a built-in tool task such as countdown_calc, or `tools=`), an HF "
+                      "model id or a local path")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="learner dtype")
     lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 trains all weights")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is alpha / r times B A)")

@@ -11,6 +11,8 @@ from unigrad.config.base import _Section
 from unigrad.config.refusals import asynchronous_rollouts_refusal
 from unigrad.config.rollout import RolloutSection, dapo_defaults
 from unigrad.config.sections import (
+    DEFAULT_MODEL,
+    DEFAULT_TOOL_MODEL,
     DiagnosticsSection,
     EvalSection,
     GradientsSection,
@@ -281,7 +283,9 @@ def set_dependent_defaults(data: Any, default_tasks: list[str]) -> Any:
       its prompts are short and cheap; at weight 1 the other tasks' updates wore it down);
     - gradients.combine: balanced, or sum when diagnostics.task_gradients=false (nothing to balance);
     - rollout.dynamic_sampling: on with objective=dapo, else off;
-    - rollout.overlong_buffer: a fifth of rollout.max_new_tokens (at least 1) with objective=dapo, else 0.
+    - rollout.overlong_buffer: a fifth of rollout.max_new_tokens (at least 1) with objective=dapo, else 0;
+    - model.name: unigrad-chat when the episodes offer tools (a built-in tool task such as countdown_calc, or
+      `tools=`), else unigrad-tiny: the tiny model never saw a tool call and never makes one.
     """
     if not isinstance(data, dict):
         return data
@@ -302,4 +306,18 @@ def set_dependent_defaults(data: Any, default_tasks: list[str]) -> Any:
         rollout = rollout.model_dump(exclude_unset=True)
     if isinstance(rollout, dict):
         data["rollout"] = dapo_defaults(rollout, data.get("objective", "grpo") == "dapo")
-    return data
+    return _default_model(data, tasks)
+
+
+def _default_model(data: dict[str, Any], tasks: Any) -> dict[str, Any]:
+    """model.name, when not given: the tool-calling chat model for runs whose episodes offer tools."""
+    from unigrad.tasks.registry import builtin_task_calls_tools
+
+    model = data.get("model", {})
+    if isinstance(model, ModelSection):
+        model = model.model_dump(exclude_unset=True)
+    if not isinstance(model, dict) or "name" in model:
+        return data
+    offers_tools = bool(data.get("tools")) or isinstance(tasks, list) and any(
+        isinstance(spec, str) and builtin_task_calls_tools(spec) for spec in tasks)
+    return {**data, "model": {**model, "name": DEFAULT_TOOL_MODEL if offers_tools else DEFAULT_MODEL}}

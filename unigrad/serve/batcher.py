@@ -1,6 +1,10 @@
 """Concurrent requests as few engine calls: requests arriving within `window_s` of each other whose sampling
 settings agree (`SamplingKey`) are sampled by ONE `engine.generate` call.
 
+A caller that knows how many requests are coming (a trainer whose agents all call at once) passes `expected`: the
+batcher then waits past the window until that many are pending, at most `max_wait_s`, so that requests sent by
+many agent threads over a few milliseconds still share one call.
+
 Each request's prompts keep their own random streams (`SamplingParams.prompt_seeds`), so a request's samples do not
 depend on which others shared its call. The blocking engine call runs in one worker thread (one call at a time);
 while it runs, new requests gather and form the next calls.
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -85,10 +89,13 @@ def split_samples(rollout: Rollout, prompts: int, n: int) -> list[list[Sample]]:
 @dataclass
 class Batcher:
     """Samples requests with `engine`, batching those that arrive together (module docstring). `engine_calls`
-    counts the calls made, `call_rows` the rows of each."""
+    counts the calls made, `call_rows` the rows of each. `expected`: how many requests to wait for (None: the
+    window alone decides)."""
 
     engine: RolloutEngine
     window_s: float = 0.005
+    expected: Callable[[], int] | None = None
+    max_wait_s: float = 0.05
     max_rows: int = 512
     engine_calls: int = 0
     call_rows: list[int] = field(default_factory=list)
@@ -131,10 +138,21 @@ class Batcher:
         while True:
             await self._wake.wait()
             await asyncio.sleep(self.window_s)  # let the requests sent together arrive
+            await self._wait_for_expected()
             jobs, self._pending = self._pending, []
             self._wake.clear()
             for call in plan_calls(jobs, self.max_rows):
                 await self._call(call)
+
+    async def _wait_for_expected(self) -> None:
+        """Past the window: until `expected()` requests are pending, polled each millisecond, for at most
+        `max_wait_s`."""
+        if self.expected is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s - self.window_s
+        while len(self._pending) < self.expected() and loop.time() < deadline:
+            await asyncio.sleep(0.001)
 
     async def _call(self, jobs: list[_Job]) -> None:
         prompts = [p for job in jobs for p in job.prompts]

@@ -84,6 +84,13 @@ def list_tasks() -> list[str]:
     return [*BUILTIN_TASKS, *MULTI_TURN_TASKS]
 
 
+def builtin_task_calls_tools(spec: str) -> bool:
+    """Whether `spec` names a built-in multi-turn task whose episodes offer tools (`countdown_calc`); False for
+    every other spec (user tasks and files are not opened here)."""
+    name = spec.partition(":")[0]
+    return name in MULTI_TURN_TASKS and bool(getattr(MULTI_TURN_TASKS[name](), "tools", ()))
+
+
 def task_listing() -> list[dict[str, str]]:
     """One row per built-in task: name, "single-turn" or "multi-turn", its tools and a one-line description."""
     rows = []

@@ -418,6 +418,8 @@ def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], di
     learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
                       shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.optimizer_steps)
     longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
+    if any(is_multi_turn(t) for t in tasks):  # an episode's context grows turn by turn, up to the model's
+        longest = max(longest, _context_length(model) or longest)
     engine = build_engine(cfg, learner, tokenizer, longest)
     names = [t.name for t in tasks]
     choice = SamplerChoice(name=cfg.sampler.name, draw=cfg.sampler.draw, ema_decay=cfg.sampler.ema_decay,
