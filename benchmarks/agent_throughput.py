@@ -12,6 +12,10 @@ hits both alike; medians are printed, with each path's time inside `engine.gener
 the endpoint adds (server start and stop, batching window, HTTP, JSON, rendering, trajectory) is total minus engine.
 
     python benchmarks/agent_throughput.py [--repeats 7] [--episodes 64] [--prompts 16] [--max-new-tokens 24]
+                                          [--model unigrad-tiny]
+
+The endpoint's cost is close to a fixed time per model call (printed as "endpoint cost per call"), so the ratio
+falls as the engine's time per call grows: a larger model (`--model unigrad-chat`) or longer completions.
 
 Last line: `agent_endpoint_overhead=<the median of the paired ratios agent time / built-in time>`.
 """
@@ -95,11 +99,11 @@ def built_in(engine, tok, examples, n: int, sampling: SamplingParams):
     return run_episodes(engine, tok, batch, sampling, [tok.eos_token_id], context_length_of(tok, engine.model))
 
 
-def through_agent(engine, tok, examples, n: int, sampling: SamplingParams):
+def through_agent(engine, tok, examples, n: int, sampling: SamplingParams, model_name: str):
     task = get_task(f"agent:{AGENT}:solve@arithmetic")
     fallback = [tok(e.prompt)["input_ids"] for e in examples]
     batch = AgentBatch([task] * len(examples), examples, fallback, n, tuple(range(len(examples))))
-    settings = AgentSettings("unigrad-tiny", 120.0, context_length_of(tok, engine.model))
+    settings = AgentSettings(model_name, 120.0, context_length_of(tok, engine.model))
     return run_agent_episodes(engine, tok, batch, sampling, settings)
 
 
@@ -118,7 +122,7 @@ def endpoint_start_stop(engine, tok) -> float:
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        with serving(engine, tok, "unigrad-tiny"):
+        with serving(engine, tok, "served"):
             pass
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -138,20 +142,22 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--model", default="unigrad-tiny", help="a model name or path (default unigrad-tiny)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer("unigrad-tiny")
+    model, tok = load_model_and_tokenizer(args.model)
     engine = CountingEngine(TransformersEngine(model.eval(), tok.pad_token_id, tok.eos_token_id), model=model)
     examples = get_task("arithmetic").examples("train", args.prompts, seed=0)
     n = args.episodes // args.prompts
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
-    timed(built_in, engine, tok, examples, n, sampling), timed(through_agent, engine, tok, examples, n, sampling)
+    agent = (engine, tok, examples, n, sampling, args.model)
+    timed(built_in, engine, tok, examples, n, sampling), timed(through_agent, *agent)
     runs = {"built-in": [], "agent": []}
     for _ in range(args.repeats):
         runs["built-in"].append(timed(built_in, engine, tok, examples, n, sampling))
-        runs["agent"].append(timed(through_agent, engine, tok, examples, n, sampling))
-    print(f"{len(examples)} prompts x {n} = {len(examples) * n} episodes, 2 turns, max_new_tokens "
+        runs["agent"].append(timed(through_agent, *agent))
+    print(f"{args.model}: {len(examples)} prompts x {n} = {len(examples) * n} episodes, 2 turns, max_new_tokens "
           f"{args.max_new_tokens}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
           f"{args.repeats} paired repeats (after one warm-up each); medians:")
     for name, results in runs.items():
@@ -159,6 +165,10 @@ def main() -> None:
     ratios = [a["total"] / b["total"] for a, b in zip(runs["agent"], runs["built-in"], strict=True)]
     print(f"rows per engine call, last agent repeat: {engine.call_rows}")
     print(f"endpoint start and stop alone: {endpoint_start_stop(engine, tok):.3f} s")
+    other = {name: statistics.median(r["total"] - r["engine"] for r in results) for name, results in runs.items()}
+    calls = statistics.median(r["turns"] for r in runs["agent"]) * len(examples) * n
+    print(f"endpoint cost per call (agent's time outside the engine less the built-in runner's, over {calls:.0f} "
+          f"calls): {1000 * (other['agent'] - other['built-in']) / calls:.2f} ms")
     print(f"paired ratios: {' '.join(f'{r:.2f}' for r in ratios)}")
     base = statistics.median(r["total"] for r in runs["built-in"])
     print(f"ratio of the medians: {statistics.median(r['total'] for r in runs['agent']) / base:.3f}")

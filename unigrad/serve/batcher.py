@@ -2,8 +2,9 @@
 settings agree (`SamplingKey`) are sampled by ONE `engine.generate` call.
 
 A caller that knows how many requests are coming (a trainer whose agents all call at once) passes `expected`: the
-batcher then waits past the window until that many are pending, at most `max_wait_s`, so that requests sent by
-many agent threads over a few milliseconds still share one call.
+batcher then waits past the window until that many are pending, so that requests sent by many agent threads over
+tens of milliseconds still share one call; at most as long as the last engine call took (waiting longer costs more
+than a second call would), and at least `max_wait_s`.
 
 Each request's prompts keep their own random streams (`SamplingParams.prompt_seeds`), so a request's samples do not
 depend on which others shared its call. The blocking engine call runs in one worker thread (one call at a time);
@@ -96,6 +97,7 @@ class Batcher:
     window_s: float = 0.005
     expected: Callable[[], int] | None = None
     max_wait_s: float = 0.05
+    last_call_s: float = 0.0  # how long the last engine call took
     max_rows: int = 512
     engine_calls: int = 0
     call_rows: list[int] = field(default_factory=list)
@@ -145,12 +147,12 @@ class Batcher:
                 await self._call(call)
 
     async def _wait_for_expected(self) -> None:
-        """Past the window: until `expected()` requests are pending, polled each millisecond, for at most
-        `max_wait_s`."""
+        """Past the window: until `expected()` requests are pending, polled each millisecond, for at most the last
+        engine call's time (within [`max_wait_s`, 0.5 s])."""
         if self.expected is None:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s - self.window_s
+        deadline = loop.time() + min(max(self.max_wait_s, self.last_call_s), 0.5) - self.window_s
         while len(self._pending) < self.expected() and loop.time() < deadline:
             await asyncio.sleep(0.001)
 
@@ -159,9 +161,11 @@ class Batcher:
         seeds = tuple(s for job in jobs for s in job.seeds)
         key = jobs[0].key
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             rollout = await loop.run_in_executor(self._worker, self.engine.generate, prompts, key.n,
                                                  key.sampling(seeds))
+            self.last_call_s = loop.time() - started
             samples = split_samples(rollout, len(prompts), key.n)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the engine's error
             for job in jobs:
