@@ -22,7 +22,7 @@ from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.logprobs import ScoringOptions, TokenSequences, score_sequences
 from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.tasks import get_task
-from unigrad.train.batching import encode_prompt
+from unigrad.train.learning.batching import encode_prompt
 
 
 def measure(model, tok, prompts, kind: str, sigma: float, seed: int) -> dict[str, float]:

@@ -58,7 +58,7 @@ def without_timings(line: dict) -> dict:
 def run_reference(name: str, out_dir: Path) -> list[dict]:
     """Train reference run `name` into a fresh directory; its metrics lines without timing keys."""
     from unigrad.config import load_config
-    from unigrad.train.run import train
+    from unigrad.train.lifecycle.run import train
 
     cfg = load_config(EXAMPLE, [*COMMON, *REFERENCE_RUNS[name]])
     run_dir = out_dir / name

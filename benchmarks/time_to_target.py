@@ -64,8 +64,8 @@ class Clock:
 def run_unigrad(model_dir: Path, task, target: float, args, seed: int, staleness: int = 0) -> Clock:
     from unigrad.config import load_config
     from unigrad.models.loading import load_model_and_tokenizer
-    from unigrad.train.pipeline import thread_split
-    from unigrad.train.run import build_step_context
+    from unigrad.train.lifecycle.run import build_step_context
+    from unigrad.train.producing.pipeline import thread_split
     from unigrad.train.step import train_step
 
     cfg = load_config(None, [f"model.name={model_dir}", "tasks=[arithmetic]", "objective=grpo", f"seed={seed}",

@@ -14,9 +14,9 @@ from unigrad.objective import resolve_objective
 from unigrad.rollout.base import SamplingParams
 from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.tasks import get_tasks
-from unigrad.train.batching import encode_prompt
-from unigrad.train.learner import Learner
-from unigrad.train.routing import TrainingMode
+from unigrad.train.learning.batching import encode_prompt
+from unigrad.train.learning.learner import Learner
+from unigrad.train.producing.routing import TrainingMode
 from unigrad.train.step import StepContext
 
 TASKS = ("arithmetic", "countdown", "table_qa")

@@ -15,8 +15,8 @@ from unigrad.config import ConfigError
 from unigrad.data.samplers import TaskSampler
 from unigrad.objective import compute_advantages
 from unigrad.tasks import get_task
-from unigrad.train.feasibility import check_agents
-from unigrad.train.produce import produce
+from unigrad.train.lifecycle.feasibility import check_agents
+from unigrad.train.producing.produce import produce
 
 AGENT = '''
 def draft_then_revise(client, example):

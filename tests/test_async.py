@@ -17,7 +17,7 @@ from step_helpers import length_rewards, step_context
 
 import unigrad.train.step as step_module
 from unigrad.rollout.async_worker import EngineWorker, RolloutWorkerDied
-from unigrad.train.pipeline import RolloutPipeline, thread_split
+from unigrad.train.producing.pipeline import RolloutPipeline, thread_split
 from unigrad.train.step import train_step
 
 
@@ -216,7 +216,7 @@ def test_each_batch_is_sampled_by_the_weights_of_its_version():
     from step_helpers import small_char_llama
 
     from unigrad.rollout.transformers_engine import TransformersEngine
-    from unigrad.train.produce import generation_request
+    from unigrad.train.producing.produce import generation_request
 
     ctx = step_context()
     length_rewards(ctx)

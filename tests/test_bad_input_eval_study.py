@@ -90,7 +90,7 @@ def test_eval_of_a_run_configured_auto_asks_the_engine_rule(capsys, tmp_path, sm
     # rollout.engine=auto (the default) is resolved for `unigrad eval RUN` as for training. The rule is made to pick
     # vLLM: the evaluation then asks for vLLM (built, or refused where it cannot run), not the transformers engine.
     from unigrad.rollout.engine_choice import EngineChoice
-    from unigrad.train import engine_selection
+    from unigrad.train.lifecycle import engine_selection
 
     run = fake_run_dir(tmp_path, small_model)
     assert yaml.safe_load((run / "config.yaml").read_text())["rollout"]["engine"] == "auto"

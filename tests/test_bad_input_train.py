@@ -192,7 +192,7 @@ def test_a_finished_run_directory_as_the_model_trains_from_its_final_model(finis
 
 @pytest.mark.slow  # 22 s (timed at load average 5-7 on 2 cores)
 def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_pid(small_model, tmp_path):
-    from unigrad.train.run_lock import RunDirectoryLock
+    from unigrad.train.lifecycle.run_lock import RunDirectoryLock
 
     out = tmp_path / "run"
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}

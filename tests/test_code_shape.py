@@ -34,7 +34,7 @@ ALLOWED_PARAMETERS = {
     "unigrad/sandbox/child.py:_make_hook.hook": 18,
     "unigrad/sandbox/runner.py:run": 8,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
-    "unigrad/train/routing.py:route": 9,
+    "unigrad/train/producing/routing.py:route": 9,
     "unigrad/train/step.py:step_metrics": 9,
 }
 

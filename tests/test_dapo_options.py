@@ -10,9 +10,9 @@ from test_faults import cli, tiny_run
 from unigrad.config import load_config
 from unigrad.objective import compute_advantages
 from unigrad.objective.shaping import overlong_penalty, uniform_groups
-from unigrad.train.dynamic_sampling import AllGroupsUniform
-from unigrad.train.produce import produce
-from unigrad.train.routing import TrainingMode
+from unigrad.train.producing.dynamic_sampling import AllGroupsUniform
+from unigrad.train.producing.produce import produce
+from unigrad.train.producing.routing import TrainingMode
 
 
 def test_overlong_penalty_follows_the_papers_formula_at_its_boundaries():

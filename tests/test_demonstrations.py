@@ -9,9 +9,9 @@ from unigrad.config import ConfigError, load_config
 from unigrad.objective import batch_normalisers, compute_advantages, compute_policy_loss
 from unigrad.rollout.base import Rollout
 from unigrad.rollout.logprobs import sequence_logprobs
-from unigrad.train.batching import SequenceBatch, encode_completion, pad_pairs
-from unigrad.train.demonstrations import with_demonstrations
-from unigrad.train.routing import TrainingMode
+from unigrad.train.learning.batching import SequenceBatch, encode_completion, pad_pairs
+from unigrad.train.producing.demonstrations import with_demonstrations
+from unigrad.train.producing.routing import TrainingMode
 from unigrad.train.step import decode_completions, train_step
 
 

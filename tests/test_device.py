@@ -7,7 +7,7 @@ import torch
 
 from unigrad.config import ConfigError, validate_config
 from unigrad.rollout.base import Rollout
-from unigrad.train.device import resolve_device
+from unigrad.train.lifecycle.device import resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
@@ -67,7 +67,7 @@ def test_a_learner_on_the_gpu_gets_the_gradient_of_the_cpu(hpt):
     from step_helpers import flat_grad, length_rewards, step_context
 
     from unigrad.rollout.transformers_engine import TransformersEngine
-    from unigrad.train.routing import TrainingMode
+    from unigrad.train.producing.routing import TrainingMode
     from unigrad.train.step import train_step
 
     grads, metrics = [], []

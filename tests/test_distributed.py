@@ -141,7 +141,7 @@ def test_sharded_resume_continues_as_an_uninterrupted_run(setup, run, tmp_path):
 def test_prompts_must_split_evenly(setup, tmp_path, monkeypatch):
     """--nproc is checked before the processes start; the same check inside `train` covers torchrun and accelerate."""
     from unigrad.config import ConfigError, validate_config
-    from unigrad.train import run as run_module
+    from unigrad.train.lifecycle import run as run_module
 
     model, reward = setup
     env = {**os.environ, "UNIGRAD_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
@@ -164,7 +164,7 @@ def test_prompts_must_split_evenly(setup, tmp_path, monkeypatch):
 
 def test_accelerate_launch_settings_are_read_or_refused():
     from unigrad.config import ConfigError
-    from unigrad.train.distributed import accelerate_launch_settings
+    from unigrad.train.lifecycle.distributed import accelerate_launch_settings
 
     assert accelerate_launch_settings({}, "none") == ("none", [])
     sharding, notes = accelerate_launch_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "1",

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from unigrad.config import validate_config
 from unigrad.rollout import engine_choice
 from unigrad.rollout.engine_choice import EngineSituation, choose_rollout_engine
-from unigrad.train.engine_selection import resolve_engine, vllm_refusals
+from unigrad.train.lifecycle.engine_selection import resolve_engine, vllm_refusals
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 

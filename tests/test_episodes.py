@@ -16,8 +16,8 @@ from unigrad.rollout.episodes import EpisodeBatch, observation_ids, run_episodes
 from unigrad.rollout.logprobs import sequence_logprobs
 from unigrad.rollout.transformers_engine import TransformersEngine
 from unigrad.tasks.base import Example
-from unigrad.train.batching import encode_prompt
-from unigrad.train.produce import produce
+from unigrad.train.learning.batching import encode_prompt
+from unigrad.train.producing.produce import produce
 
 
 class Scripted:

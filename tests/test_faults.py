@@ -64,7 +64,7 @@ def test_unfinished_writes_of_a_killed_run_are_removed_when_it_resumes(small_mod
 
 
 def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-    from unigrad.train.checkpoint import publish, remove_stale_temporaries
+    from unigrad.train.lifecycle.checkpoint import publish, remove_stale_temporaries
 
     final = tmp_path / "final"
     final.mkdir()

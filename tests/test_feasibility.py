@@ -1,4 +1,4 @@
-"""Where a run is refused: unigrad.train.feasibility (what cannot run here: processes, tasks, engines) and the
+"""Where a run is refused: unigrad.train.lifecycle.feasibility (what cannot run here: processes, tasks, engines) and the
 config's one defaults step (validators after it only refuse)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from unigrad.cli import main
 from unigrad.config import ConfigError, load_config, set_dependent_defaults
 from unigrad.tasks import get_tasks
-from unigrad.train.feasibility import check_processes, check_tasks
+from unigrad.train.lifecycle.feasibility import check_processes, check_tasks
 
 
 def test_prompts_that_do_not_split_over_the_processes_are_refused():

@@ -9,7 +9,7 @@ import torch
 
 from unigrad.data.samplers import TaskSampler, systematic_draw
 from unigrad.objective.hybrid import hpt_switch, prompt_success_rate
-from unigrad.train.metrics import merge_loss_metrics
+from unigrad.train.learning.metrics import merge_loss_metrics
 
 NAN = float("nan")
 
@@ -123,7 +123,7 @@ def test_from_config_gives_each_component_its_own_coefficient():
     demonstration rows in one RL loss, unweighted (the hybrid coefficients are HPT's); objective=sft weighs its only
     component by hybrid.sft_coef."""
     from unigrad.config import load_config
-    from unigrad.train.routing import TrainingMode
+    from unigrad.train.producing.routing import TrainingMode
 
     coefs = ["hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"]
     hpt = TrainingMode.from_config(load_config(None, ["objective=hpt", "hybrid.gamma=0.25", *coefs]))
@@ -155,11 +155,11 @@ def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
     from unigrad.rollout.base import Rollout
     from unigrad.tasks.base import Example
     from unigrad.train.batch import Batch
-    from unigrad.train.batching import pad_pairs
-    from unigrad.train.distributed import SINGLE
-    from unigrad.train.learn import LearnSettings, learn
-    from unigrad.train.learner import Learner
-    from unigrad.train.routing import TrainingMode, route
+    from unigrad.train.learning.batching import pad_pairs
+    from unigrad.train.learning.learn import LearnSettings, learn
+    from unigrad.train.learning.learner import Learner
+    from unigrad.train.lifecycle.distributed import SINGLE
+    from unigrad.train.producing.routing import TrainingMode, route
 
     cfg = load_config(None, ["objective=hpt", "hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"])
     tok = build_char_tokenizer(model_max_length=256)

@@ -152,10 +152,10 @@ def test_the_scan_sees_imports_inside_functions_and_relative_ones():
 
 
 def test_an_upward_import_and_a_cycle_are_found():
-    graph = {"unigrad.tasks.x": {"unigrad.train.run"}, "unigrad.train.a": {"unigrad.train.b"},
+    graph = {"unigrad.tasks.x": {"unigrad.train.lifecycle.run"}, "unigrad.train.a": {"unigrad.train.b"},
              "unigrad.train.b": {"unigrad.train.c"}, "unigrad.train.c": {"unigrad.train.a", "unigrad.objective"},
-             "unigrad.train.run": set()}
-    assert upward_imports(graph) == {"unigrad.tasks.x -> unigrad.train.run"}
+             "unigrad.train.lifecycle.run": set()}
+    assert upward_imports(graph) == {"unigrad.tasks.x -> unigrad.train.lifecycle.run"}
     assert cycles(graph, "unigrad.train.") == [["unigrad.train.a", "unigrad.train.b", "unigrad.train.c",
                                                 "unigrad.train.a"]]
 

@@ -17,10 +17,10 @@ from unigrad.objective import batch_normalisers, resolve_objective
 from unigrad.objective.aggregation import count_normalisers
 from unigrad.objective.corrections import CorrectionSettings, behaviour_weights
 from unigrad.train.batch import Batch, LossComponent
-from unigrad.train.batching import pad_pairs
-from unigrad.train.distributed import SINGLE
-from unigrad.train.learn import LearnSettings, learn
-from unigrad.train.learner import Learner
+from unigrad.train.learning.batching import pad_pairs
+from unigrad.train.learning.learn import LearnSettings, learn
+from unigrad.train.learning.learner import Learner
+from unigrad.train.lifecycle.distributed import SINGLE
 
 PROMPTS = [[3, 7, 9], [3, 7, 9], [5, 4], [5, 4]]  # two prompts, two rows each (a prompt's rows share its pass)
 COMPLETIONS = [[11, 12, 13, 2], [14, 2], [15, 16, 2], [2]]

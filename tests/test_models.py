@@ -451,7 +451,7 @@ def test_tiny_moe_builds_loads_and_its_bf16_router_creates_mismatch(tmp_path):
     from unigrad.rollout.base import SamplingParams
     from unigrad.rollout.logprobs import sequence_logprobs
     from unigrad.rollout.transformers_engine import TransformersEngine
-    from unigrad.train.batching import encode_prompt
+    from unigrad.train.learning.batching import encode_prompt
 
     recipe = _micro_recipe()
     model, tok = load_model_and_tokenizer("unigrad-tiny-moe", tiny_recipe=recipe, cache_dir=tmp_path)

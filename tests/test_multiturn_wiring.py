@@ -84,7 +84,7 @@ def test_eval_scores_multi_turn_tasks_by_whole_episodes():
 @pytest.mark.parametrize("setting", ["rollout.dynamic_sampling=true", "objective=sft",
                                      "objective=hpt"])
 def test_multi_turn_runs_refuse_what_they_do_not_run_with_yet(setting, small_model, tmp_path):
-    from unigrad.train.run import train
+    from unigrad.train.lifecycle.run import train
 
     cfg = load_config(None, [f"model.name={small_model}", "tasks=[guess]", "max_steps=1", setting])
     with pytest.raises(ConfigError, match="multi-turn"):
@@ -92,7 +92,7 @@ def test_multi_turn_runs_refuse_what_they_do_not_run_with_yet(setting, small_mod
 
 
 def test_a_short_multi_turn_run_logs_its_episodes(turn_ending_model, tmp_path):
-    from unigrad.train.run import train
+    from unigrad.train.lifecycle.run import train
 
     cfg = load_config(None, [f"model.name={turn_ending_model}", "tasks=[guess,arithmetic]", "max_steps=2",
                              "prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=6",

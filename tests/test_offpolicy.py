@@ -11,9 +11,9 @@ import torch
 from model_helpers import use_plain_sgd as sgd
 from test_learn import ADVANTAGES, COMPLETIONS, LR, assert_close, learned_update, row_logprobs, setup
 
-from unigrad.train.distributed import SINGLE
-from unigrad.train.learn import LearnSettings, learn
-from unigrad.train.plan import mini_batch_prompts
+from unigrad.train.learning.learn import LearnSettings, learn
+from unigrad.train.learning.plan import mini_batch_prompts
+from unigrad.train.lifecycle.distributed import SINGLE
 
 ROWS = {0: [0, 1], 1: [2, 3]}  # the toy's prompts and their rows
 EPS = 0.2  # grpo's clip range
@@ -169,7 +169,7 @@ def test_trained_tokens_are_the_batchs_tokens_however_many_epochs(mini_batches, 
 
 def record_losses(monkeypatch) -> list:
     """Every `policy_loss` call `learn` makes, in order: (advantages, old log-probs or None), detached copies."""
-    import unigrad.train.learn as learn_module
+    import unigrad.train.learning.learn as learn_module
 
     calls = []
     real = learn_module.policy_loss
@@ -214,7 +214,7 @@ def toy_prompts_batch(num_prompts: int):
     """`num_prompts` prompts of two rows each for `learn`, each row with its own advantage (which identifies it)."""
     from unigrad.objective import batch_normalisers, resolve_objective
     from unigrad.train.batch import Batch, LossComponent
-    from unigrad.train.batching import pad_pairs
+    from unigrad.train.learning.batching import pad_pairs
 
     model, learner, _ = setup("grpo", temperature=1.0)
     prompts = [[3 + p, 7, 9] for p in range(num_prompts) for _ in range(2)]

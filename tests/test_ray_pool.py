@@ -84,7 +84,7 @@ def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
     from unigrad.config import load_config
     from unigrad.models.tokenizer import build_char_tokenizer
     from unigrad.tasks import get_tasks
-    from unigrad.train.run import build_step_context
+    from unigrad.train.lifecycle.run import build_step_context
     from unigrad.train.step import train_step
 
     tok = build_char_tokenizer(model_max_length=256)
@@ -116,7 +116,7 @@ def test_episodes_through_the_pool_equal_those_of_one_engine(cluster):
     from unigrad.models.tokenizer import build_char_tokenizer
     from unigrad.rollout.episodes import EpisodeBatch, run_episodes
     from unigrad.rollout.ray_pool import RayRolloutPool
-    from unigrad.train.batching import encode_prompt
+    from unigrad.train.learning.batching import encode_prompt
 
     class Feedback:
         def __init__(self):

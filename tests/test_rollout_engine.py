@@ -312,7 +312,7 @@ def test_shared_prompt_pass_equals_flat_forward_with_gradients(model):
 
 
 def test_micro_batches_keep_a_prompts_rows_together():
-    from unigrad.train.batching import SequenceBatch, length_grouped_micro_batches
+    from unigrad.train.learning.batching import SequenceBatch, length_grouped_micro_batches
 
     lengths = [5, 1, 3, 2, 9, 4, 1, 1]
     groups = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])

@@ -17,7 +17,7 @@ from unigrad.rollout.base import Rollout, SamplingParams, merge_rollouts
 from unigrad.rollout.engine_instruments import EngineInstruments
 from unigrad.rollout.logprobs import ScoringOptions, TokenSequences, score_sequences, sequence_logprobs
 from unigrad.rollout.transformers_engine import TransformersEngine
-from unigrad.train.batching import SequenceBatch
+from unigrad.train.learning.batching import SequenceBatch
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9], [3, 4, 5, 6, 7], [10, 11, 12]]
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)

@@ -472,8 +472,8 @@ def test_a_training_step_on_the_code_task_survives_hostile_demonstrations():
     from step_helpers import step_context
 
     from unigrad.data.samplers import TaskSampler
-    from unigrad.train.batching import encode_prompt
-    from unigrad.train.routing import TrainingMode
+    from unigrad.train.learning.batching import encode_prompt
+    from unigrad.train.producing.routing import TrainingMode
     from unigrad.train.step import train_step
 
     task = get_task("code")

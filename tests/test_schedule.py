@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unigrad.config import ConfigError, OptimSection, validate_config
-from unigrad.train.learner import Learner
-from unigrad.train.schedule import lr_multiplier
+from unigrad.train.learning.learner import Learner
+from unigrad.train.learning.schedule import lr_multiplier
 
 
 def test_multipliers_by_hand():

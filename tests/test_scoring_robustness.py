@@ -18,7 +18,7 @@ from unigrad.tasks import get_task
 from unigrad.tasks.code_result import MAX_DEPTH, MAX_LINE_CHARS, nesting_depth, read_results
 from unigrad.tasks.code_task import MARKER, CodeTask
 from unigrad.tasks.guard import verify_guarded
-from unigrad.train.produce import decode_completions, score
+from unigrad.train.producing.produce import decode_completions, score
 from unigrad.train.step import train_step
 
 # Completions a model could write (one line, under the 300 characters a completion may have), each of which makes

@@ -12,7 +12,7 @@ from model_helpers import use_plain_sgd
 from step_helpers import length_rewards, step_context
 
 from unigrad.objective import resolve_objective
-from unigrad.train.routing import TrainingMode
+from unigrad.train.producing.routing import TrainingMode
 from unigrad.train.step import train_step
 
 CASES = {

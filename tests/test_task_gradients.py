@@ -11,7 +11,7 @@ from unigrad.config import OptimSection
 from unigrad.diagnostics.task_gradients import TaskGradients, balanced_sum, task_gradient_stats
 from unigrad.objective import batch_normalisers, compute_advantages, compute_policy_loss
 from unigrad.rollout.logprobs import sequence_logprobs
-from unigrad.train.learner import Learner
+from unigrad.train.learning.learner import Learner
 from unigrad.train.step import decode_completions, train_step
 
 
@@ -138,7 +138,7 @@ def test_per_sample_gradient_norms_from_scratch(objective):
     """grad/<task>/sample_sq_norm is the mean over the measured rows of ||A_i grad (1/|y_i|) sum_t log p_t||^2: one
     row's loss over its own normaliser (for one row, its sequence or its tokens give the same 1/|y_i|), at the step's
     starting weights, where every ratio is 1. Computed here without the objective code. The update is unchanged."""
-    from unigrad.train.learn import sample_rows
+    from unigrad.train.learning.learn import sample_rows
 
     wanted = 2
     ctx, seen, metrics, ro, model, picks_task, adv = _one_step_then_rewind(objective, sample_gradients=wanted)
@@ -169,7 +169,7 @@ def test_per_sample_gradient_norms_from_scratch(objective):
 
 
 def test_sample_rows_spread_over_the_candidates():
-    from unigrad.train.learn import sample_rows
+    from unigrad.train.learning.learn import sample_rows
 
     assert sample_rows(torch.arange(10, 20), 3).tolist() == [10, 14, 19]  # positions 0, 4.5 -> 4 (half to even), 9
     assert sample_rows(torch.arange(4), 9).tolist() == [0, 1, 2, 3]

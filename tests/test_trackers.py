@@ -16,8 +16,8 @@ from unigrad.config import ConfigError, load_config
 SCRIPT = textwrap.dedent("""
     import json, math, sys
     from pathlib import Path
-    from unigrad.train.logger import RunLogger
-    from unigrad.train.trackers import open_trackers
+    from unigrad.train.lifecycle.logger import RunLogger
+    from unigrad.train.lifecycle.trackers import open_trackers
 
     run_dir = Path(sys.argv[1]); run_dir.mkdir()
     trackers = open_trackers([sys.argv[2]], run_dir, {"objective": "grpo", "optim": {"lr": 1e-4}}, project="utest")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from unigrad.config import ConfigError, OptimSection, validate_config
-from unigrad.train.learner import Learner
-from unigrad.train.weight_average import WeightAverage
+from unigrad.train.learning.learner import Learner
+from unigrad.train.learning.weight_average import WeightAverage
 
 
 def test_average_is_the_normalised_weighted_sum_of_every_steps_weights():

@@ -49,7 +49,7 @@ def _tasks(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
     from unigrad.sandbox import JailUnavailable, SandboxError
-    from unigrad.train.run import RunInterrupted, RunStopped, train
+    from unigrad.train.lifecycle.run import RunInterrupted, RunStopped, train
 
     try:
         config_path, overrides = _config_and_settings(args.items)
@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unigrad train: {err}", file=sys.stderr)
         return 2
     if args.nproc > 1:  # refused before any process starts (train() checks again under torchrun or accelerate)
-        from unigrad.train.feasibility import check_processes
+        from unigrad.train.lifecycle.feasibility import check_processes
 
         try:
             check_processes(cfg, args.nproc)
@@ -196,7 +196,7 @@ def _evaluate_model(args: argparse.Namespace):
         model_path = str(target / "final")
         tasks = tasks or cfg.tasks
         max_new_tokens = cfg.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
-    from unigrad.train.device import resolve_device
+    from unigrad.train.lifecycle.device import resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -218,7 +218,7 @@ def _evaluate_model(args: argparse.Namespace):
     if engine_name == "auto":  # a run configured with rollout.engine=auto: the engine the rule picks for it here
         import torch
 
-        from unigrad.train.engine_selection import resolve_engine
+        from unigrad.train.lifecycle.engine_selection import resolve_engine
 
         engine_name = resolve_engine(cfg, model, torch.device(device).type)[0].rollout.engine
     engine = None  # evaluate's transformers engine

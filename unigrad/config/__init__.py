@@ -12,7 +12,7 @@ One module per concern (every name is importable from `unigrad.config`):
     sections.py      the other sections: model, optim, hybrid, eval, sampler, gradients, diagnostics, monitors,
                      sandbox; the trackers report_to may name
     train_config.py  TrainConfig (the whole configuration and its cross-section checks), set_dependent_defaults
-    refusals.py      settings that cannot run together, decided once (also asked by unigrad.train.feasibility)
+    refusals.py      settings that cannot run together, decided once (also asked by unigrad.train.lifecycle.feasibility)
     yaml_io.py       load_config / load_run_config / validate_config / config_to_yaml / config_help
     resume.py        resume_config and the keys a resumed run may change
 """

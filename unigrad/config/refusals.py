@@ -1,5 +1,5 @@
 """The refusals that need no machine: settings that cannot run together, decided here once (the config's
-validators ask them, and so does unigrad.train.feasibility with the run's process count)."""
+validators ask them, and so does unigrad.train.lifecycle.feasibility with the run's process count)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def asynchronous_rollouts_refusal(cfg: TrainConfig, processes: int) -> str | None:
     """Why rollout.max_staleness > 0 cannot run with `cfg` over `processes` processes (None: it can); the one place
-    that decides it (the config's validators ask with 1 process, unigrad.train.feasibility with the run's)."""
+    that decides it (the config's validators ask with 1 process, unigrad.train.lifecycle.feasibility with the run's)."""
     if not cfg.rollout.max_staleness:
         return None
     if processes > 1:

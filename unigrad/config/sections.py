@@ -17,7 +17,7 @@ TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # repor
 
 def check_trackers_installed(names: list[str]) -> None:
     """Raise ValueError naming the first tracker of report_to that is unknown or not installed
-    (unigrad.train.trackers opens them)."""
+    (unigrad.train.lifecycle.trackers opens them)."""
     for name in names:
         if name not in TRACKERS:
             raise ValueError(f"unknown tracker {name!r}; choose from {sorted(TRACKERS)}")
@@ -65,7 +65,7 @@ class OptimSection(_Section):
     weight_ema_decay: float = Field(
         0.0, ge=0, lt=1, description="0: off. Else the decay of an exponential moving average of the weights, which "
         "final/ and the evaluation after training use (rollouts use the live weights; with LoRA the adapter "
-        "factors are averaged; unigrad.train.weight_average)")
+        "factors are averaged; unigrad.train.learning.weight_average)")
 
 
 class HybridSection(_Section):

@@ -1,6 +1,6 @@
 """Gradients of parameters that may be sharded (torch DTensor, `sharding=fsdp`): this process's part of them as
 one flat vector, and back. Below the trainer, so that the per-task gradient accounting (unigrad.diagnostics.
-task_gradients) and the sharded learner (unigrad.train.sharding) share them."""
+task_gradients) and the sharded learner (unigrad.train.learning.sharding) share them."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ normaliser is a count, not a function of the weights), logged as
 - `grad/<task>/sq_norm_own`   (N / N_k)^2 ||g_k||^2, and `grad/sq_norm_ratio_own` its max / min over tasks:
                               the imbalance with the count artefact removed. (The length artefact of GRPO's 1/|y|
                               weighting goes with token-mean aggregation: `objective_args.aggregation=token_mean`.)
-And per sample (`diagnostics.sample_gradients` rows of each task, measured in `unigrad.train.learn`):
+And per sample (`diagnostics.sample_gradients` rows of each task, measured in `unigrad.train.learning.learn`):
 - `grad/<task>/sample_sq_norm` the mean over the rows of ||grad of one row's loss over its own normaliser||^2, and
                               `grad/sample_sq_norm_ratio` its max / min over tasks: the imbalance of single samples,
                               where neither counts nor other rows' lengths enter.

@@ -13,7 +13,7 @@ The rule follows `benchmarks/vllm_rollout_speed.py` (docs/performance.md, "vLLM 
   size the transformers engine with its static-cache decoder was faster, and it starts in under a second where
   vLLM takes seconds (4.5-56 s measured, the machine loaded).
 
-The wiring to a run (its config, its model) is `unigrad.train.engine_selection`.
+The wiring to a run (its config, its model) is `unigrad.train.lifecycle.engine_selection`.
 - Anything else (Apple's MPS, ...): the transformers engine.
 """
 

@@ -1,7 +1,8 @@
 """The typed hand-off between the two halves of a step: `produce` makes a `Batch`, `learn` trains on it.
 
 A `Batch` holds every tensor the update needs and nothing else, as loss components: each is a set of sequences
-with its own objective, coefficient and normalisers (`unigrad.train.routing` decides which components a training
+with its own objective, coefficient and normalisers (`unigrad.train.producing.routing` decides which components a
+training
 mode makes). Nothing in it refers to the rollout engine, the tasks or the sampler, so a batch can be produced by
 another process or at another policy version than the one that learns from it.
 """
@@ -14,8 +15,8 @@ import torch
 
 from unigrad.objective import Objective, batch_normalisers
 from unigrad.objective.aggregation import Normalisers
-from unigrad.train.batching import SequenceBatch
-from unigrad.train.distributed import Distributed
+from unigrad.train.learning.batching import SequenceBatch
+from unigrad.train.lifecycle.distributed import Distributed
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One training step, as an outline of named phases.
 
-    produce (unigrad.train.produce): task sampler -> rollouts -> verifiers -> advantages -> routing -> Batch
-    learn   (unigrad.train.learn):   mini-batches -> micro-batch plan -> log-probs -> policy_loss -> backward
+    produce (unigrad.train.producing.produce): task sampler -> rollouts -> verifiers -> advantages -> routing -> Batch
+    learn   (unigrad.train.learning.learn):   mini-batches -> micro-batch plan -> log-probs -> policy_loss -> backward
                                      -> grad clip -> optimizer step (num_iterations x mini_batches times)
     sync:    the rollout engine takes the new weights
     report:  metrics of the whole batch, and a few samples
@@ -11,14 +11,15 @@ Departures from the textbook loop, and why:
   the engine runs in another dtype.
 - Normalisers (tokens, sequences, L_max) are computed once over the whole step's batch, per loss component, and
   passed to every micro-batch, so micro-batching never changes the gradient; HPT's SFT and RL parts each have their
-  own (unigrad.train.routing).
+  own (unigrad.train.producing.routing).
 - Per-task gradient accounting (multi-task runs) only regroups the micro-batches, by task (and by half on the steps
   that measure the cross term), and takes each group's gradient out of param.grad
   (unigrad.diagnostics.task_gradients); `balanced` rescales those and `pcgrad` projects them before the clip.
 - A prompt's G rows share one forward pass of the prompt in the learner (its keys and values are expanded to the
   rows; unigrad.rollout.logprobs): same gradient, about 1/G of the prompt's cost. Micro-batches keep a prompt's rows
   together for this.
-- Over several processes (unigrad.train.distributed) each takes a block of the step's prompts; rewards are gathered
+- Over several processes (unigrad.train.lifecycle.distributed) each takes a block of the step's prompts; rewards are
+gathered
   for the advantages, normalisers and gradients are summed, and metrics come from gathered data, so N processes
   compute what one process computes. With one process every `dist` call is a no-op.
 """
@@ -41,16 +42,16 @@ from unigrad.objective import Objective
 from unigrad.rollout.base import RolloutEngine, SamplingParams
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batch import Batch
-from unigrad.train.distributed import SINGLE, Distributed
-from unigrad.train.learn import LearnSettings, learn
-from unigrad.train.learner import Learner
-from unigrad.train.produce import Produced, decode_completions, produce, score  # noqa: F401 - re-exported
-from unigrad.train.routing import TrainingMode
+from unigrad.train.learning.learn import LearnSettings, learn
+from unigrad.train.learning.learner import Learner
+from unigrad.train.lifecycle.distributed import SINGLE, Distributed
+from unigrad.train.producing.produce import Produced, decode_completions, produce, score  # noqa: F401 - re-exported
+from unigrad.train.producing.routing import TrainingMode
 
 
 @dataclass
 class StepContext:
-    """Everything a step needs; built once by `unigrad.train.run.build_step_context`.
+    """Everything a step needs; built once by `unigrad.train.lifecycle.run.build_step_context`.
 
     Every setting comes from the run's config (`config`: its sections rollout, optim, diagnostics, monitors and
     its top-level keys), read through the properties below; nothing here has a default of its own."""
@@ -65,9 +66,9 @@ class StepContext:
     objective: Objective  # the resolved RL objective (the config's objective with its objective_args)
     config: TrainConfig
     task_gradients: TaskGradients | None = None  # per-task gradient accounting (None = off)
-    dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.distributed); one by default
+    dist: Distributed = SINGLE  # data-parallel processes (unigrad.train.lifecycle.distributed); one by default
     reward_errors: dict[str, str] = field(default_factory=dict)  # the last step's, by task: for the run's messages
-    pipeline: Any = None  # asynchronous rollouts (unigrad.train.pipeline.RolloutPipeline); None = synchronous
+    pipeline: Any = None  # asynchronous rollouts (unigrad.train.producing.pipeline.RolloutPipeline); None = synchronous
     tool_style: str = "plain"  # how tool calls are written: "hf" (chat templates with tools=) or "plain"
     context_length: int | None = None  # the model's: an episode ends when its next turn would not fit
     num_parameters: int | None = None  # the model's, for the compute estimate (counted at the first step)

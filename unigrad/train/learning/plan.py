@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from unigrad.train.batch import Batch
-from unigrad.train.batching import length_grouped_micro_batches
-from unigrad.train.distributed import Distributed
+from unigrad.train.learning.batching import length_grouped_micro_batches
+from unigrad.train.lifecycle.distributed import Distributed
 
 # (accounting group, component index, row indices of that component; None = an idle pass on this process)
 Pass = tuple[Any, int, torch.Tensor | None]

@@ -10,7 +10,8 @@ How a step uses the tasks' demonstrations (reference solutions) is one setting, 
               group and trained through the objective's off-policy route -> [rl] with off-policy rows
 
 `route` is a pure function of its inputs: the same rows, advantages and rewards give the same components. Each
-component's normalisers are this process's counts; the caller sums them over processes (`unigrad.train.produce`).
+component's normalisers are this process's counts; the caller sums them over processes
+(`unigrad.train.producing.produce`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from unigrad.objective.hybrid import hpt_switch
 from unigrad.rollout.base import Rollout
 from unigrad.tasks.base import Example
 from unigrad.train.batch import LossComponent
-from unigrad.train.batching import SequenceBatch
-from unigrad.train.demonstrations import check_demonstrations, demonstration_batch
+from unigrad.train.learning.batching import SequenceBatch
+from unigrad.train.producing.demonstrations import check_demonstrations, demonstration_batch
 
 Demonstrations = Literal["none", "all", "failed", "in_group"]
 SFT = resolve_objective("sft")

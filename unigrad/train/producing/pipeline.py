@@ -113,7 +113,7 @@ class RolloutPipeline:
         self.pending[step] = Pending(step, self.version, picks, self._generate(step, picks))
 
     def _generate(self, step: int, picks: list[tuple[int, int]]):
-        from unigrad.train.produce import generation_request
+        from unigrad.train.producing.produce import generation_request
 
         prompts, n, sampling = generation_request(self.ctx, step, picks, stream_offset=0)
         if self.ctx.multi_turn:  # the worker plays the episodes, environments included

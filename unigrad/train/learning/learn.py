@@ -8,7 +8,8 @@ The objective's correction (TIS, IcePop, ...) weighs proximal against behaviour;
 against proximal.
 
 The batch is trained in `num_iterations` epochs of `mini_batches` optimizer steps each. Every optimizer step takes
-a disjoint mini-batch of the step's prompts (groups whole; `unigrad.train.plan.mini_batch_prompts`, reshuffled each
+a disjoint mini-batch of the step's prompts (groups whole; `unigrad.train.learning.plan.mini_batch_prompts`,
+reshuffled each
 epoch from a seed) and divides by that mini-batch's own normalisers. For each micro-batch of its plan: the
 learner's log-probs under the sampling temperature, the reference's when the component's objective has beta > 0,
 `policy_loss`, backward with the component's coefficient; per-task gradients are collected at the end of each
@@ -33,10 +34,10 @@ from unigrad.objective import LossInputs, policy_loss
 from unigrad.objective.aggregation import Normalisers
 from unigrad.rollout.episodes import turn_index
 from unigrad.train.batch import Batch, LossComponent, rows_normalisers
-from unigrad.train.distributed import Distributed
-from unigrad.train.learner import Learner
-from unigrad.train.metrics import merge_loss_metrics
-from unigrad.train.plan import aligned_plan, component_rows, micro_batch_plan, mini_batch_prompts
+from unigrad.train.learning.learner import Learner
+from unigrad.train.learning.metrics import merge_loss_metrics
+from unigrad.train.learning.plan import aligned_plan, component_rows, micro_batch_plan, mini_batch_prompts
+from unigrad.train.lifecycle.distributed import Distributed
 
 
 @dataclass
@@ -337,7 +338,7 @@ def _sample_gradients(batch: Batch, learner: Learner, wanted: int, task_names: l
 def _proximal_pass(batch: Batch, learner: Learner, rows: list[torch.Tensor], micro_batch_size: int,
                    proximal: list[RowCache], entropy: list[RowCache | None]) -> None:
     """The learner's log-probs (and entropy) of `rows` of each component under the weights before any update."""
-    from unigrad.train.batching import length_grouped_micro_batches
+    from unigrad.train.learning.batching import length_grouped_micro_batches
 
     for c, (comp, idx) in enumerate(zip(batch.components, rows, strict=True)):
         if not len(idx):

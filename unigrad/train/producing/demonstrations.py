@@ -18,7 +18,7 @@ import torch
 from unigrad.rollout.base import Rollout, widen_routing
 from unigrad.rollout.padding import widen
 from unigrad.tasks.base import Example
-from unigrad.train.batching import SequenceBatch, encode_completion, pad_pairs
+from unigrad.train.learning.batching import SequenceBatch, encode_completion, pad_pairs
 
 
 def check_demonstrations(examples: list[Example], why: str) -> None:

@@ -33,7 +33,8 @@ from unigrad.rollout.prompts import encode_prompt
 from unigrad.rollout.sampling import NonFiniteLogits
 from unigrad.tasks.base import Example, Task
 from unigrad.tools.calls import tool_style
-from unigrad.train.checkpoint import (
+from unigrad.train.learning.learner import Learner
+from unigrad.train.lifecycle.checkpoint import (
     CheckpointParts,
     checkpoint_step,
     list_checkpoints,
@@ -44,22 +45,21 @@ from unigrad.train.checkpoint import (
     save_checkpoint,
     write_failed,
 )
-from unigrad.train.device import resolve_device
-from unigrad.train.distributed import (
+from unigrad.train.lifecycle.device import resolve_device
+from unigrad.train.lifecycle.distributed import (
     SINGLE,
     Distributed,
     accelerate_launch_settings,
     init_distributed,
 )
-from unigrad.train.dynamic_sampling import AllGroupsUniform
-from unigrad.train.engine_selection import resolve_engine
-from unigrad.train.feasibility import check_installed, check_processes, load_tasks_checked, task_weights
-from unigrad.train.learner import Learner
-from unigrad.train.logger import RunLogger, truncate_jsonl
-from unigrad.train.pipeline import RolloutPipeline, thread_split
-from unigrad.train.run_lock import RunDirectoryLock
+from unigrad.train.lifecycle.engine_selection import resolve_engine
+from unigrad.train.lifecycle.feasibility import check_installed, check_processes, load_tasks_checked, task_weights
+from unigrad.train.lifecycle.logger import RunLogger, truncate_jsonl
+from unigrad.train.lifecycle.run_lock import RunDirectoryLock
+from unigrad.train.lifecycle.trackers import check_credentials, open_trackers
+from unigrad.train.producing.dynamic_sampling import AllGroupsUniform
+from unigrad.train.producing.pipeline import RolloutPipeline, thread_split
 from unigrad.train.step import StepContext, train_step
-from unigrad.train.trackers import check_credentials, open_trackers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,7 +173,7 @@ def prepare_output_dir(output_dir: Path, resume: bool, lock: RunDirectoryLock | 
 def train(cfg: TrainConfig, output_dir: Path, *, resume: bool = False, console=None) -> RunResult:
     """Train as `cfg` says into `output_dir` (continuing its last checkpoint with `resume`): evaluate before, loop
     over steps with checkpoints, save final/, evaluate after. The run holds the directory's lock throughout
-    (`unigrad.train.run_lock`): a second run into it is refused."""
+    (`unigrad.train.lifecycle.run_lock`): a second run into it is refused."""
     lock = RunDirectoryLock(Path(output_dir))
     try:
         return _train(cfg, Path(output_dir), resume, console, lock)
@@ -279,7 +279,7 @@ class Run:
 
 def _prepare(cfg: TrainConfig, output_dir: Path, resume: bool, console, lock: RunDirectoryLock | None = None):
     """Everything before the model loads: device, processes, the checks that refuse a run early
-    (`unigrad.train.feasibility`), the run directory, seeds, config.yaml. Returns (cfg, dist, device, tasks,
+    (`unigrad.train.lifecycle.feasibility`), the run directory, seeds, config.yaml. Returns (cfg, dist, device, tasks,
     console)."""
     try:
         device = resolve_device(cfg.model.device)  # this process's GPU (LOCAL_RANK) with model.device=auto

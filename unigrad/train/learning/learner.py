@@ -11,9 +11,9 @@ import torch
 from unigrad.config import OptimSection
 from unigrad.models.lr_schedule import lr_multiplier
 from unigrad.rollout.logprobs import sequence_logprobs
-from unigrad.train import sharding
-from unigrad.train.batching import SequenceBatch
-from unigrad.train.weight_average import WeightAverage
+from unigrad.train.learning import sharding
+from unigrad.train.learning.batching import SequenceBatch
+from unigrad.train.learning.weight_average import WeightAverage
 
 
 def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
@@ -28,7 +28,7 @@ def _adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
 class Learner:
     def __init__(self, model: torch.nn.Module, optim: OptimSection, *, keep_reference: bool = False,
                  shard: bool = False, total_steps: int = 0):
-        """`shard`: shard the model over the process group with FSDP (unigrad.train.sharding); needs one.
+        """`shard`: shard the model over the process group with FSDP (unigrad.train.learning.sharding); needs one.
         `total_steps`: optimizer steps of the run, where a linear or cosine `optim.schedule` reaches its floor."""
         self.model = model
         # The KL reference is the starting policy, frozen (only built when beta > 0), whole on every process.

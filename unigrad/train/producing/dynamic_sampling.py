@@ -22,7 +22,7 @@ import torch
 
 from unigrad.objective.shaping import uniform_groups
 from unigrad.rollout.base import Rollout, merge_rollouts
-from unigrad.train.drawn import Drawn
+from unigrad.train.producing.drawn import Drawn
 
 
 class AllGroupsUniform(RuntimeError):
@@ -32,7 +32,7 @@ class AllGroupsUniform(RuntimeError):
 def refill(ctx, step: int, first: Drawn, picks: list[tuple[int, int]], draw: Callable[..., Drawn]):
     """(the step's kept draws merged, their picks, metrics) from the first draw `first` of `picks`: non-uniform
     groups kept in draw order, dropped ones replaced by new draws, made by `draw(ctx, step, picks, stream_offset=)`
-    (unigrad.train.produce.draw; one process)."""
+    (unigrad.train.producing.produce.draw; one process)."""
     needed, kept, drawn, dropped, offset = len(picks), [], 0, 0, len(picks)
     current, current_picks, rounds, t_rollout, t_reward, errors = first, picks, 0, 0.0, 0.0, {}
     failures: dict[str, float] = {}

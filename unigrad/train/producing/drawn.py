@@ -1,5 +1,6 @@
 """What one draw of a step makes (prompts, their rows, the verifiers' rewards), shared by the step's production
-(unigrad.train.produce) and DAPO's dynamic sampling (unigrad.train.dynamic_sampling), which merges several."""
+(unigrad.train.producing.produce) and DAPO's dynamic sampling (unigrad.train.producing.dynamic_sampling), which
+merges several."""
 
 from __future__ import annotations
 

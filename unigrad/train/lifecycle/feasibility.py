@@ -7,7 +7,7 @@ Two homes for refusals, and only two:
 - this module: what cannot run *here*: with this many processes, with these tasks and their data, with what is
   installed, on this model path.
 
-`unigrad train` calls `check_processes` before it starts any process; `unigrad.train.run.train` calls
+`unigrad train` calls `check_processes` before it starts any process; `unigrad.train.lifecycle.run.train` calls
 `check_before_model_load` (which includes it) before the model loads and before anything is written. Every refusal
 is a `ConfigError` that names the keys and the fix.
 """
@@ -19,9 +19,9 @@ from unigrad.config import ConfigError, TrainConfig, single_process_refusal
 from unigrad.data.samplers import task_weight_list
 from unigrad.environments.base import is_multi_turn
 from unigrad.tasks.base import Task
-from unigrad.train.demonstrations import check_training_demonstrations
-from unigrad.train.distributed import check_prompts_split
-from unigrad.train.routing import TrainingMode
+from unigrad.train.lifecycle.distributed import check_prompts_split
+from unigrad.train.producing.demonstrations import check_training_demonstrations
+from unigrad.train.producing.routing import TrainingMode
 
 
 def check_processes(cfg: TrainConfig, processes: int) -> None:

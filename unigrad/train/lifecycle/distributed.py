@@ -114,7 +114,7 @@ def check_prompts_split(prompts_per_step: int, processes: int) -> None:
 def init_distributed(device: torch.device | str = "cpu") -> Distributed:
     """Join the process group described by the environment (WORLD_SIZE > 1), else a single process.
 
-    `device` is this process's learner device (unigrad.train.device): NCCL on a CUDA device (made the current
+    `device` is this process's learner device (unigrad.train.lifecycle.device): NCCL on a CUDA device (made the current
     one, as NCCL's object collectives expect), gloo on the CPU."""
     device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -18,7 +18,7 @@ def _clean(value: Any) -> Any:
 class RunLogger:
     def __init__(self, root: Path, tensorboard: bool = True, trackers: list | None = None):
         self.root = root
-        self.trackers = trackers or []  # unigrad.train.trackers: W&B, MLflow, trackio
+        self.trackers = trackers or []  # unigrad.train.lifecycle.trackers: W&B, MLflow, trackio
         self.metrics = open(root / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.samples = open(root / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.tb = None

@@ -2,17 +2,18 @@
 
 - Prompts: the sampler picks (task, example) pairs, the same on every process; each process takes its block. For
   per-task gradient accounting, each task's prompts are dealt into two halves on the steps that measure the cross
-  term (`unigrad.train.plan.task_halves`).
+  term (`unigrad.train.learning.plan.task_halves`).
 - Rollouts: G completions per prompt with the engine's own log-probs; each prompt has its own random stream, the
   one it has in a single process. With demonstrations in the group (LUFFY) G - 1 are sampled and the prompt's
   demonstration is the G-th; with demonstrations only (SFT) nothing is sampled.
 - Rewards from the verifiers (NaN = unscorable; counted, advantage 0); demonstration rows are scored too.
-- DAPO's dynamic sampling (`rollout.dynamic_sampling`, `unigrad.train.dynamic_sampling`): groups whose rewards are
+- DAPO's dynamic sampling (`rollout.dynamic_sampling`, `unigrad.train.producing.dynamic_sampling`): groups whose
+rewards are
   all equal are dropped and more prompts drawn until the step has its prompts. DAPO's overlong shaping
   (`rollout.overlong_buffer`, `unigrad.objective.shaping`) adds its length penalty to the rewards the advantages
   see; the metrics report the verifiers' rewards.
 - Advantages over the whole batch (the rewards of every process).
-- Routing (`unigrad.train.routing`) into loss components, whose normalisers are then summed over processes.
+- Routing (`unigrad.train.producing.routing`) into loss components, whose normalisers are then summed over processes.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from unigrad.rollout.base import Rollout, SamplingParams, eos_id_list, prompt_st
 from unigrad.rollout.episodes import EpisodeBatch, Episodes, episode_turns, run_episodes
 from unigrad.tasks.base import Example, Task
 from unigrad.train.batch import Batch, global_normalisers
-from unigrad.train.demonstrations import check_demonstrations, demonstration_batch, no_rollout, with_demonstrations
-from unigrad.train.drawn import Drawn
-from unigrad.train.dynamic_sampling import refill
-from unigrad.train.plan import task_halves
-from unigrad.train.routing import route
+from unigrad.train.learning.plan import task_halves
+from unigrad.train.producing.demonstrations import (
+    check_demonstrations,
+    demonstration_batch,
+    no_rollout,
+    with_demonstrations,
+)
+from unigrad.train.producing.drawn import Drawn
+from unigrad.train.producing.dynamic_sampling import refill
+from unigrad.train.producing.routing import route
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Produced:
 
 def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Produced]:
     """One step's batch from `ctx` (a `unigrad.train.step.StepContext`), and what it reports. `ready`: a batch
-    generated ahead (`unigrad.train.pipeline.Pending`, one process) instead of drawing and sampling here."""
+    generated ahead (`unigrad.train.producing.pipeline.Pending`, one process) instead of drawing and sampling here."""
     dist, mode = ctx.dist, ctx.mode
     if ready is None:
         picks = ctx.sampler.sample(ctx.prompts_per_step)
