@@ -14,6 +14,7 @@ eval_after.json), with an environment that records every call it runs.
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import dataclass
 
 from unigrad.environments.tool_use import ToolUseEnvironment, ToolUseTask
@@ -74,11 +75,13 @@ def outcomes(model_name: str, spec: str, prompts: int, max_new_tokens: int) -> d
     row = evaluate(model, tokenizer, [recording], prompts, max_new_tokens=max_new_tokens)[task.name]
     episodes = max(1, len(recording.played))
     calls = recording.log
+    hits = {c.episode for c in calls if c.on_target}
     return {"pass@1": 100 * row["pass@1"], "episodes": len(recording.played), "calls": len(calls) / episodes,
             "failed calls": sum(not c.ok for c in calls) / episodes,
             "on-target calls": sum(c.on_target for c in calls) / episodes,
-            "episodes with an on-target call": 100 * len({c.episode for c in calls if c.on_target}) / episodes,
-            "calls (evaluate's count)": row.get("tool_calls", float("nan"))}
+            "episodes with an on-target call": 100 * len(hits) / episodes,
+            "calls (evaluate's count)": row.get("tool_calls", float("nan")),
+            "hit": [float(e in hits) for e in sorted(recording.played)]}  # per held-out episode, in order
 
 
 def main() -> None:
@@ -89,11 +92,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     rows = {m: outcomes(m, args.task, args.prompts, args.max_new_tokens) for m in args.models}
+    hits = {m: row.pop("hit") for m, row in rows.items()}
     keys = list(next(iter(rows.values())))
     print("| model | " + " | ".join(keys) + " |")
     print("| --- " * (len(keys) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    first = args.models[0]
+    for name in args.models[1:]:  # the same held-out episodes in the same order: a paired difference
+        diffs = [b - a for a, b in zip(hits[first], hits[name], strict=True)]
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5
+        print(f"episodes with an on-target call, {name} - {first}: {100 * mean:+.1f} points, 95% interval "
+              f"{100 * (mean - 1.96 * se):+.1f} to {100 * (mean + 1.96 * se):+.1f} (paired over the held-out episodes)")
 
 
 if __name__ == "__main__":
