@@ -162,7 +162,7 @@ def unigrad_context(path: Path, s: Settings):
     from unigrad.config import load_config
     from unigrad.models.loading import load_model_and_tokenizer
     from unigrad.tasks import get_tasks
-    from unigrad.train.lifecycle.run import build_step_context
+    from unigrad.train.lifecycle.build import build_step_context
 
     cfg = load_config(None, [f"model.name={path}", "tasks=[arithmetic]", "objective=grpo",
                              f"prompts_per_step={s.prompts}", f"rollout.num_generations={s.samples}",

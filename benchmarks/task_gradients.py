@@ -28,7 +28,7 @@ import torch
 from unigrad.config import load_config
 from unigrad.models.loading import load_model_and_tokenizer
 from unigrad.tasks import get_tasks
-from unigrad.train.lifecycle.run import build_step_context
+from unigrad.train.lifecycle.build import build_step_context
 from unigrad.train.step import train_step
 
 TASKS = ["arithmetic", "countdown", "word_problems", "table_qa"]

@@ -64,7 +64,7 @@ class Clock:
 def run_unigrad(model_dir: Path, task, target: float, args, seed: int, staleness: int = 0) -> Clock:
     from unigrad.config import load_config
     from unigrad.models.loading import load_model_and_tokenizer
-    from unigrad.train.lifecycle.run import build_step_context
+    from unigrad.train.lifecycle.build import build_step_context
     from unigrad.train.producing.pipeline import thread_split
     from unigrad.train.step import train_step
 

@@ -20,22 +20,26 @@ ALLOWED = {
 # Functions that still take more than MAX_PARAMETERS parameters: {"path:qualified name": its count when listed}.
 # The list may only shrink; a function that is gone or fixed fails the test until it is taken off.
 ALLOWED_PARAMETERS = {
+    # Each stays for a reason a typed input object would not serve better:
     # evaluate(model, tokenizer, tasks, prompts_per_task, *, options...) is public and documented, called by keyword
     # from the CLI, the trainer, studies, benchmarks and examples: its options stay explicit keywords (a settings
     # object beside them would need a **kwargs path for the documented calls); _Scorer groups them inside.
     "unigrad/eval.py:evaluate": 12,
+    # verl calls a registered policy loss with its own signature: the adapter must take exactly that.
     "unigrad/integrations/verl.py:make_policy_loss.policy_loss": 7,
+    # Constructors whose parameters are the object's own settings, passed by keyword (a settings object would only
+    # repeat the class): the study, the engines and the engine worker, the math task (its spec's key=value options).
     "unigrad/report/seeded_study.py:Study.__init__": 7,
     "unigrad/rollout/async_worker.py:EngineWorker.__init__": 9,
-    "unigrad/rollout/logprobs.py:sequence_logprobs": 11,
     "unigrad/rollout/ray_pool.py:RayRolloutPool.__init__": 8,
     "unigrad/rollout/transformers_engine.py:TransformersEngine.__init__": 7,
     "unigrad/rollout/vllm_engine.py:VLLMEngine.__init__": 8,
+    # The audit hook binds what it reads as default arguments, so code in the jail cannot swap the globals it uses.
     "unigrad/sandbox/child.py:_make_hook.hook": 18,
-    "unigrad/sandbox/runner.py:run": 8,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
-    "unigrad/train/producing/routing.py:route": 9,
-    "unigrad/train/step.py:step_metrics": 9,
+    # Not yet grouped (a typed input would read better): the log-prob pass's options, and sandbox.run's limits.
+    "unigrad/rollout/logprobs.py:sequence_logprobs": 11,
+    "unigrad/sandbox/runner.py:run": 8,
 }
 
 

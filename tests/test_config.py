@@ -74,7 +74,7 @@ def test_dropping_masked_tokens_from_the_denominator_is_refused_by_the_trainer()
 
 def test_task_weights_map_names_to_the_loaded_tasks():
     from unigrad.tasks import get_task
-    from unigrad.train.lifecycle.run import task_weights
+    from unigrad.train.lifecycle.feasibility import task_weights
 
     tasks = [get_task("arithmetic"), get_task("countdown"), get_task("code")]
     assert task_weights(tasks, {}) is None  # uniform

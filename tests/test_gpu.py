@@ -41,8 +41,8 @@ def gpu_context(model_path: Path, *overrides: str, dist=None):
     from unigrad.config import load_config
     from unigrad.models.loading import load_model_and_tokenizer
     from unigrad.tasks import get_tasks
+    from unigrad.train.lifecycle.build import build_step_context
     from unigrad.train.lifecycle.distributed import SINGLE
-    from unigrad.train.lifecycle.run import build_step_context
 
     cfg = load_config(None, [f"model.name={model_path}", f"tasks=[{','.join(TASKS)}]", "prompts_per_step=4",
                              "rollout.num_generations=4", "rollout.max_new_tokens=12", "micro_batch_size=8",

@@ -159,7 +159,7 @@ def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
     from unigrad.train.learning.learn import LearnSettings, learn
     from unigrad.train.learning.learner import Learner
     from unigrad.train.lifecycle.distributed import SINGLE
-    from unigrad.train.producing.routing import TrainingMode, route
+    from unigrad.train.producing.routing import ScoredRows, TrainingMode, route
 
     cfg = load_config(None, ["objective=hpt", "hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"])
     tok = build_char_tokenizer(model_max_length=256)
@@ -172,8 +172,9 @@ def test_hpt_weighs_its_rl_and_sft_losses_by_their_own_coefficients():
                  torch.zeros(rows.completion_ids.shape), torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.bool))
     examples = [Example("q0", "12", "12", "t"), Example("q1", "7", "7", "t")]
     advantages = torch.tensor([0.0, 0.0, 0.5, -0.5])
-    routed = route(TrainingMode.from_config(cfg), cfg.resolved_objective(), ro, torch.zeros(4, dtype=torch.bool),
-                   advantages, torch.tensor([0.0, 0.0, 1.0, 0.0]), examples, [[3, 7, 9], [5, 4]], tok)
+    scored = ScoredRows(examples, [[3, 7, 9], [5, 4]], ro, torch.zeros(4, dtype=torch.bool),
+                        torch.tensor([0.0, 0.0, 1.0, 0.0]), advantages)
+    routed = route(TrainingMode.from_config(cfg), cfg.resolved_objective(), scored, tok)
     assert routed.sft_prompt.tolist() == [True, False] and [c.name for c in routed.components] == ["rl", "sft"]
     batch = Batch(routed.components, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 10, 1.0, 0)
 

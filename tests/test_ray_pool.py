@@ -84,7 +84,7 @@ def test_training_step_with_a_pool_equals_one_engine(cluster, tmp_path):
     from unigrad.config import load_config
     from unigrad.models.tokenizer import build_char_tokenizer
     from unigrad.tasks import get_tasks
-    from unigrad.train.lifecycle.run import build_step_context
+    from unigrad.train.lifecycle.build import build_step_context
     from unigrad.train.step import train_step
 
     tok = build_char_tokenizer(model_max_length=256)

@@ -32,7 +32,8 @@ def add_train(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from unigrad.config import ConfigError, load_config
     from unigrad.sandbox import JailUnavailable, SandboxError
-    from unigrad.train.lifecycle.run import RunInterrupted, RunStopped, train
+    from unigrad.train.lifecycle.interrupts import RunInterrupted, RunStopped
+    from unigrad.train.lifecycle.run import train
 
     try:
         config_path, overrides = _config_and_settings(args.items)

@@ -98,7 +98,7 @@ def batch_metrics(batch: Any, task_key: str = "data_source") -> dict[str, float]
     `non_tensor_batch[task_key]`.
     """
     from unigrad.diagnostics.mismatch import mismatch_metrics
-    from unigrad.train.step import step_metrics
+    from unigrad.train.step import SampledRows, step_metrics
 
     t = batch.batch
     response_len = t["responses"].shape[-1]
@@ -109,9 +109,9 @@ def batch_metrics(batch: Any, task_key: str = "data_source") -> dict[str, float]
     sources = [str(s) for s in batch.non_tensor_batch.get(task_key, ["all"] * len(rewards))]
     names = sorted(set(sources))
     row_task = torch.tensor([names.index(s) for s in sources])
-    m = step_metrics(names, rewards, row_task, mask.sum(-1), prompt_lengths,
-                     torch.zeros(len(rewards), dtype=torch.bool), torch.zeros(0, dtype=torch.bool),
-                     torch.zeros(0, dtype=torch.long), adv)
+    rows = SampledRows(rewards, row_task, mask.sum(-1), prompt_lengths, torch.zeros(len(rewards), dtype=torch.bool),
+                       adv)
+    m = step_metrics(names, rows, torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
     m = {k: v for k, v in m.items() if not k.startswith("hpt/")}
     if "old_log_probs" in t.keys() and "rollout_log_probs" in t.keys():
         entropy = t["entropys"] if "entropys" in t.keys() else None

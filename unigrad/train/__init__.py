@@ -20,7 +20,9 @@ bottom; then the room of the half you need):
                    weight_average.py  the weights' moving average (optim.weight_ema_decay)
                    schedule.py        the learning-rate schedule (its home: unigrad.models.lr_schedule)
 
-    lifecycle/     run.py             train(): build everything, loop over steps, evaluate, save final/
+    lifecycle/     run.py             train(): prepare, loop over steps, evaluate, save final/
+                   build.py           what a run is made of: pools, engine, gradient accounting, StepContext
+                   interrupts.py      stopping early: RunStopped, RunInterrupted, SIGINT / SIGTERM
                    feasibility.py     whether a configuration can run here (processes, tasks, engines, model path)
                    distributed.py     data-parallel processes (torch.distributed)
                    device.py          model.device resolved to a torch device

@@ -51,7 +51,7 @@ from unigrad.train.producing.routing import TrainingMode
 
 @dataclass
 class StepContext:
-    """Everything a step needs; built once by `unigrad.train.lifecycle.run.build_step_context`.
+    """Everything a step needs; built once by `unigrad.train.lifecycle.build.build_step_context`.
 
     Every setting comes from the run's config (`config`: its sections rollout, optim, diagnostics, monitors and
     its top-level keys), read through the properties below; nothing here has a default of its own."""
@@ -174,10 +174,10 @@ def produced_metrics(names: list[str], p: Produced, dist: Distributed) -> dict[s
     the demonstration rows' own reward and advantage (LUFFY)."""
     ro = p.rollout
     sampled = ~dist.cat(p.off_policy)
-    metrics = step_metrics(names, p.all_rewards[sampled], p.all_row_task[sampled],
-                           dist.cat(ro.completion_mask.sum(-1))[sampled], dist.cat(ro.prompt_mask.sum(-1))[sampled],
-                           dist.cat(ro.truncated)[sampled], dist.cat(p.sft_prompt), dist.cat(p.prompt_task),
-                           p.all_advantages[sampled])
+    rows = SampledRows(p.all_rewards[sampled], p.all_row_task[sampled], dist.cat(ro.completion_mask.sum(-1))[sampled],
+                       dist.cat(ro.prompt_mask.sum(-1))[sampled], dist.cat(ro.truncated)[sampled],
+                       p.all_advantages[sampled])
+    metrics = step_metrics(names, rows, dist.cat(p.sft_prompt), dist.cat(p.prompt_task))
     rewards, row_task = p.all_rewards[sampled], p.all_row_task[sampled]
     for k, name in enumerate(names):  # unscorable rewards per task, logged whenever the task had rows
         rows = row_task == k
@@ -221,10 +221,23 @@ def sample_records(ctx: StepContext, step: int, p: Produced) -> list[dict[str, A
     ]
 
 
-def step_metrics(names, rewards, row_task, lengths, prompt_lengths, truncated, sft_prompt, prompt_task,
-                 adv) -> dict[str, float]:
-    """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task (rows: (N,) tensors;
-    prompts: (P,) tensors)."""
+@dataclass(frozen=True)
+class SampledRows:
+    """The sampled rows a step's metrics describe, each (N,)."""
+
+    rewards: torch.Tensor  # NaN = unscorable
+    row_task: torch.Tensor  # task index of each row
+    lengths: torch.Tensor  # completion tokens
+    prompt_lengths: torch.Tensor
+    truncated: torch.Tensor  # bool: cut by max_new_tokens
+    advantages: torch.Tensor
+
+
+def step_metrics(names, rows: SampledRows, sft_prompt: torch.Tensor, prompt_task: torch.Tensor) -> dict[str, float]:
+    """Reward, accuracy, lengths, |advantage| and HPT fractions, overall and per task (`rows`: (N,) tensors;
+    `sft_prompt`, `prompt_task`: (P,) tensors)."""
+    rewards, row_task, lengths, prompt_lengths = rows.rewards, rows.row_task, rows.lengths, rows.prompt_lengths
+    truncated, adv = rows.truncated, rows.advantages
     m: dict[str, float] = {"hpt/sft_fraction": sft_prompt.float().mean().item()}
     for k, name in enumerate(names):
         if (prompt_task == k).any():

@@ -1,4 +1,5 @@
-"""A training run: build everything from the config, loop over steps, log, checkpoint, resume.
+"""A training run: prepare it from the config (what it is made of: build.py), loop over steps, log, checkpoint,
+resume, stop early (interrupts.py).
 
 The step itself is `unigrad.train.step.train_step`; this file is the plumbing around it.
 """
@@ -9,11 +10,8 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +19,12 @@ import torch
 from rich.markup import escape
 
 from unigrad.config import ConfigError, TrainConfig, config_to_yaml, validate_config
-from unigrad.data.samplers import SamplerChoice, build_sampler
 from unigrad.diagnostics.learning_gain import LearningGainTracker
 from unigrad.diagnostics.monitors import StabilityMonitor
-from unigrad.diagnostics.task_gradients import ProcessReduction, TaskGradients
-from unigrad.environments.base import is_multi_turn
 from unigrad.rollout.async_worker import RolloutWorkerDied
-from unigrad.rollout.engine_instruments import EngineInstruments
-from unigrad.rollout.episodes import episode_prompt_ids
-from unigrad.rollout.prompts import encode_prompt
 from unigrad.rollout.sampling import NonFiniteLogits
-from unigrad.tasks.base import Example, Task
-from unigrad.tools.calls import tool_style
-from unigrad.train.learning.learner import Learner
+from unigrad.tasks.base import Task
+from unigrad.train.lifecycle.build import DTYPES, build_step_context
 from unigrad.train.lifecycle.checkpoint import (
     CheckpointParts,
     checkpoint_step,
@@ -47,69 +38,19 @@ from unigrad.train.lifecycle.checkpoint import (
 )
 from unigrad.train.lifecycle.device import resolve_device
 from unigrad.train.lifecycle.distributed import (
-    SINGLE,
     Distributed,
     accelerate_launch_settings,
     init_distributed,
 )
 from unigrad.train.lifecycle.engine_selection import resolve_engine
-from unigrad.train.lifecycle.feasibility import check_installed, check_processes, load_tasks_checked, task_weights
+from unigrad.train.lifecycle.feasibility import check_installed, check_processes, load_tasks_checked
+from unigrad.train.lifecycle.interrupts import RunInterrupted, RunStopped, _Interrupts
 from unigrad.train.lifecycle.logger import RunLogger, truncate_jsonl
 from unigrad.train.lifecycle.run_lock import RunDirectoryLock
 from unigrad.train.lifecycle.trackers import check_credentials, open_trackers
 from unigrad.train.producing.dynamic_sampling import AllGroupsUniform
-from unigrad.train.producing.pipeline import RolloutPipeline, thread_split
+from unigrad.train.producing.pipeline import thread_split
 from unigrad.train.step import StepContext, train_step
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RunStopped(RuntimeError):
-    """The run stopped itself (an alarm in monitors.stop_on, or too many non-finite steps) after a checkpoint."""
-
-
-class RunInterrupted(RuntimeError):
-    """SIGINT or SIGTERM: the current step was finished and checkpointed; `signal` is the signal's number."""
-
-    def __init__(self, message: str, signal: int) -> None:
-        super().__init__(message)
-        self.signal = signal
-
-
-class _Interrupts:
-    """While a run trains: the first SIGINT or SIGTERM asks it to stop after the current step (with a checkpoint);
-    a second one ends the process at once (SIGINT: KeyboardInterrupt; SIGTERM: the default action). Only in the main
-    thread, where Python delivers signals."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupts:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self.received is not None:  # the second one: no more waiting
-            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-            signal.raise_signal(signum)
-            return
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -118,42 +59,6 @@ class RunResult:
     final_step: int
     eval_before: dict[str, Any] | None
     eval_after: dict[str, Any] | None
-
-
-def build_pools(tasks: list[Task], tokenizer, cfg: TrainConfig, context_length: int | None,
-                tool_style: str = "plain"):
-    """Training examples per task with their prompt ids; over-long prompts are dropped and counted. Each distinct
-    prompt is tokenised once (a small file's examples repeat to fill the pool; a long prompt is costly to encode)."""
-    pools, pool_ids, dropped = [], [], {}
-    encoded: dict[str, list[int]] = {}
-    for k, task in enumerate(tasks):
-        examples = task.examples("train", cfg.train_pool_size, seed=cfg.seed + k)
-        kept: list[Example] = []
-        ids: list[list[int]] = []
-        for ex in examples:
-            if is_multi_turn(task):  # its environment's opening messages (a system message, tools)
-                p = episode_prompt_ids(task, tokenizer, ex, tool_style)
-            else:
-                if ex.prompt not in encoded:
-                    encoded[ex.prompt] = encode_prompt(tokenizer, ex.prompt)
-                p = encoded[ex.prompt]
-            if context_length is not None and len(p) + cfg.rollout.max_new_tokens > context_length:
-                dropped[task.name] = dropped.get(task.name, 0) + 1
-                continue
-            kept.append(ex)
-            ids.append(p)
-        if not kept:
-            raise ValueError(f"task {task.name!r}: every training prompt is longer than the context "
-                             f"({context_length} tokens including max_new_tokens={cfg.rollout.max_new_tokens})")
-        pools.append(kept)
-        pool_ids.append(ids)
-    for name, n in dropped.items():
-        warnings.warn(f"task {name!r}: dropped {n} training prompts longer than the context window", stacklevel=2)
-    return pools, pool_ids, dropped
-
-
-def _context_length(model) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, lock: RunDirectoryLock | None = None) -> None:
@@ -408,95 +313,6 @@ def _finish(run: Run, last: int) -> dict[str, Any] | None:
         publish(tmp, run.output_dir / "final")
     run.ctx.dist.barrier()
     return run.evaluate("eval_after") if cfg.eval.before_after else None
-
-
-def build_step_context(cfg: TrainConfig, model, tokenizer, tasks: list[Task], dist: Distributed = SINGLE):
-    """(StepContext, learning-gain tracker, prompts dropped per task) for a model and its tasks."""
-    style = tool_style(tokenizer)
-    pools, pool_ids, dropped = build_pools(tasks, tokenizer, cfg, _context_length(model), style)
-    objective = cfg.resolved_objective()
-    learner = Learner(model, cfg.optim, keep_reference=objective.beta > 0,
-                      shard=cfg.sharding == "fsdp" and dist.active, total_steps=cfg.optimizer_steps)
-    longest = max(len(ids) for pool in pool_ids for ids in pool) + cfg.rollout.max_new_tokens
-    if any(is_multi_turn(t) for t in tasks):  # an episode's context grows turn by turn, up to the model's
-        longest = max(longest, _context_length(model) or longest)
-    engine = build_engine(cfg, learner, tokenizer, longest)
-    names = [t.name for t in tasks]
-    choice = SamplerChoice(name=cfg.sampler.name, draw=cfg.sampler.draw, ema_decay=cfg.sampler.ema_decay,
-                           exploration=cfg.sampler.exploration)
-    sampler = build_sampler(choice, [len(p) for p in pools], names, seed=cfg.seed,
-                            weights=task_weights(tasks, cfg.task_weights, cfg.sampler.name))
-    gain = LearningGainTracker(names, cfg.diagnostics.gain_window)
-    ctx = StepContext(tokenizer=tokenizer, learner=learner, engine=engine, tasks=tasks, pools=pools,
-                      pool_prompt_ids=pool_ids, sampler=sampler, objective=objective, config=cfg,
-                      task_gradients=task_gradient_accounting(cfg, learner, names, dist), dist=dist,
-                      tool_style=style, context_length=_context_length(model))
-    if cfg.rollout.max_staleness:  # the engine's copy in a worker process, sampling ahead of the learner
-        ctx.pipeline = RolloutPipeline(ctx, cfg.rollout.max_staleness,
-                                       make_worker=partial(_engine_worker, ctx, model, longest))
-    return ctx, gain, dropped
-
-
-def _rollout_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return DTYPES[cfg.rollout.dtype] if cfg.rollout.dtype else None
-
-
-def _vllm_options(cfg: TrainConfig, longest: int) -> dict[str, Any]:
-    return {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "max_model_len": longest, "seed": cfg.seed}
-
-
-def build_engine(cfg: TrainConfig, learner: Learner, tokenizer, longest: int):
-    """The rollout engine the config asks for, on the learner's whole model (`longest`: the longest prompt plus the
-    completion budget, what vLLM reserves a sequence for)."""
-    whole = learner.whole  # the model itself, or (sharded) a whole copy that the engine keeps in step
-    if cfg.rollout.engine == "vllm" and not cfg.rollout.max_staleness:  # one vLLM instance in this process
-        from unigrad.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
-                          **_vllm_options(cfg, longest))
-    if cfg.rollout.num_engines > 1:  # Ray actors, each with its own copy of the model, synced every step
-        from unigrad.rollout.ray_pool import RayRolloutPool
-
-        return RayRolloutPool(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.num_engines,
-                              dtype=_rollout_dtype(cfg), decoder=cfg.rollout.decoder)
-    from unigrad.rollout.transformers_engine import TransformersEngine
-
-    engine = TransformersEngine(whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
-                                decoder=cfg.rollout.decoder, device=learner.device,
-                                instruments=EngineInstruments(cfg.rollout.logit_noise, cfg.rollout.router_noise,
-                                                              True if cfg.rollout.routing_replay else None))
-    learner.replay_routing = cfg.rollout.routing_replay
-    return engine
-
-
-def task_gradient_accounting(cfg: TrainConfig, learner: Learner, names: list[str], dist: Distributed
-                             ) -> TaskGradients | None:
-    """Per-task gradient accounting, or None when it is off. diagnostics.task_gradients=None (auto): on for a
-    multi-task run and for what feeds on it (with one task, balanced to the mean norm and pcgrad leave the gradient
-    as it is; a fixed balance_target rescales it)."""
-    account = cfg.diagnostics.task_gradients
-    if account is None:
-        account = len(names) > 1 or cfg.sampler.name == "gradient" or cfg.gradients.balance_target is not None
-    if not account:
-        return None
-    processes = ProcessReduction(dist.sum_, names, learner.sharded) if dist.active else None
-    return TaskGradients(learner.params, balance=cfg.gradients.combine == "balanced",
-                         balance_target=cfg.gradients.balance_target, project=cfg.gradients.combine == "pcgrad",
-                         cross_every=cfg.diagnostics.cross_every, processes=processes)
-
-
-def _engine_worker(ctx: StepContext, model, longest: int):
-    """The asynchronous rollouts' engine: a copy of the whole model in a worker process (rollout.max_staleness)."""
-    from unigrad.rollout.async_worker import EngineWorker
-
-    cfg, tokenizer = ctx.config, ctx.tokenizer
-    episodes = {"tokenizer": tokenizer, "specs": cfg.tasks, "reward": cfg.reward, "tools": cfg.tools,
-                "tool_style": ctx.tool_style, "max_turns": cfg.rollout.max_turns,
-                "context_length": _context_length(model)} if ctx.multi_turn else None
-    return EngineWorker(ctx.learner.whole, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=_rollout_dtype(cfg),
-                        decoder=cfg.rollout.decoder, timeout=cfg.rollout.worker_timeout,
-                        threads=thread_split(cfg.threads, cfg.rollout.engine_threads, os.cpu_count() or 1)[1],
-                        episodes=episodes, vllm=_vllm_options(cfg, longest) if cfg.rollout.engine == "vllm" else None)
 
 
 def _loop(run: Run, start: int) -> int:

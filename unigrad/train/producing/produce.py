@@ -42,7 +42,7 @@ from unigrad.train.producing.demonstrations import (
 )
 from unigrad.train.producing.drawn import Drawn
 from unigrad.train.producing.dynamic_sampling import refill
-from unigrad.train.producing.routing import route
+from unigrad.train.producing.routing import ScoredRows, route
 
 
 @dataclass
@@ -109,7 +109,7 @@ def produce(ctx, step: int, policy_version: int, ready=None) -> tuple[Batch, Pro
     first_row = lo * ctx.num_generations
     adv = all_adv[first_row:first_row + len(rewards)]  # (N,) this process's rows
 
-    routed = route(mode, obj, ro, off_policy, adv, rewards, examples, prompt_ids, ctx.tokenizer)
+    routed = route(mode, obj, ScoredRows(examples, prompt_ids, ro, off_policy, rewards, adv), ctx.tokenizer)
     for comp in routed.components:  # the whole batch's normalisers, before any loss is formed
         comp.normalisers = global_normalisers(dist, comp.normalisers)
     temperature = ctx.sampling.temperature if ctx.sampling.temperature > 0 else 1.0

@@ -68,10 +68,22 @@ class Routed:
     sft_prompt: torch.Tensor  # (P,) bool
 
 
-def route(mode: TrainingMode, objective: Objective, ro: Rollout, off_policy: torch.Tensor, advantages: torch.Tensor,
-          rewards: torch.Tensor, examples: list[Example], prompt_ids: list[list[int]], tokenizer) -> Routed:
-    """The step's loss components. `ro` holds every row of this process's prompts (demonstration rows included
-    for "in_group"), `off_policy` (N,) marks those rows, `advantages` and `rewards` are (N,)."""
+@dataclass(frozen=True)
+class ScoredRows:
+    """This process's prompts of a step and their rows, scored: what `route` divides into loss components."""
+
+    examples: list[Example]  # (P,)
+    prompt_ids: list[list[int]]  # (P,) chat-templated
+    rollout: Rollout  # (N,) every row of the prompts (demonstration rows included for "in_group")
+    off_policy: torch.Tensor  # (N,) bool: the demonstration rows
+    rewards: torch.Tensor  # (N,) the verifiers' (HPT's switch reads them)
+    advantages: torch.Tensor  # (N,)
+
+
+def route(mode: TrainingMode, objective: Objective, scored: ScoredRows, tokenizer) -> Routed:
+    """The step's loss components from `scored` (this process's prompts and rows)."""
+    ro, off_policy, advantages, rewards = scored.rollout, scored.off_policy, scored.advantages, scored.rewards
+    examples, prompt_ids = scored.examples, scored.prompt_ids
     num_prompts = len(examples)
     if mode.demonstrations == "all":
         sft_prompt = torch.ones(num_prompts, dtype=torch.bool)
