@@ -167,7 +167,7 @@ def test_the_page_says_when_the_rate_was_not_tuned():
     assert provenance(_study(), None).startswith("`optim.lr` not tuned yet")
     hot = _study(tuning=None, train={"optim": {"lr": 3e-4}})
     assert provenance(hot, None).startswith("Learning rate not tuned on validation (optim.lr 0.0003")
-    for f in ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse"):  # the files that compare arms
+    for f in ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse", "gspo_dense"):  # files comparing arms
         spec = load_study(f"examples/studies/{f}.yaml")
         assert spec.tuning is not None and spec.tuning.split == "validation", f
         assert spec.tuning.per == ("study" if f == "kl_beta" else "arm"), f
