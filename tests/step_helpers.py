@@ -40,20 +40,28 @@ def turn_ending_llama(tok, seed: int = 3) -> LlamaForCausalLM:
     return model
 
 
+def teach_texts(model, tok, texts: list[str], steps: int, lr: float = 1e-2):
+    """Train `model` on `texts` (whole strings, special tokens written out) for `steps` passes, one Adam step per
+    text: the way tests teach a small model a fixed reply. Returns the model in eval mode, gradients cleared."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batch = [torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]) for text in texts]
+    for _ in range(steps):
+        for ids in batch:
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
 def teach_turn_ending(model, tok, steps: int = 60) -> None:
     """Train `model` (char tokenizer `tok`) for `steps` Adam passes over three chats whose assistant turns end after
     a few characters, also after an observation."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    texts = ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>seen 1<|assistant|>"
-             "abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2<|assistant|>9<eos>"]
-    for _ in range(steps):
-        for text in texts:
-            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
+    was_training = model.training
+    teach_texts(model, tok, ["<bos><|user|>q0<|assistant|>12<eos>", "<bos><|user|>q1<|assistant|>7<eos><|user|>"
+                             "seen 1<|assistant|>abc<eos>", "<bos><|user|>x<|assistant|>4<eos><|user|>seen 2"
+                             "<|assistant|>9<eos>"], steps)
+    model.train(was_training)
 
 
 # step_context's keyword names for settings, as the config keys they set.

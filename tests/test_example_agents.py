@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_helpers import small_char_llama
+from step_helpers import small_char_llama, teach_texts
 
 from unigrad.agents.runner import AgentBatch, AgentSettings, run_agent_episodes
 from unigrad.models.loading import load_model_and_tokenizer
@@ -105,15 +105,7 @@ def calculator_caller(tok, prompts: list[str], steps: int = 120):
                      + f"<tool_call>{json.dumps(CALL)}</tool_call>")
         follow = [*ask, call_message, {"role": "tool", "name": "calculator", "content": "14"}]
         texts.append(tok.apply_chat_template(follow, tools=tools, tokenize=False, add_generation_prompt=True) + "2+3*4")
-    model = small_char_llama(tok, seed=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batch = [torch.tensor([tok(t + tok.eos_token, add_special_tokens=False)["input_ids"]]) for t in texts]
-    for _ in range(steps):
-        for ids in batch:
-            opt.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-    return model.eval()
+    return teach_texts(small_char_llama(tok, seed=2), tok, [t + tok.eos_token for t in texts], steps)
 
 
 def test_countdown_tools_calls_the_calculator_and_reads_its_result():

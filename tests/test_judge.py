@@ -7,8 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from step_helpers import small_char_llama
+from step_helpers import small_char_llama, teach_texts
 
 from unigrad.models.tokenizer import build_char_tokenizer
 from unigrad.rollout.transformers_engine import TransformersEngine
@@ -36,16 +35,8 @@ class Recorder:
 
 
 def taught_judge(tok, steps: int = 80):
-    model = small_char_llama(tok, seed=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     texts = [f"<bos><|user|>{first}<|assistant|>{reply}<eos>" for first, reply in REPLIES.items()]
-    batch = [torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]) for t in texts]
-    for _ in range(steps):
-        for ids in batch:
-            opt.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-    return model.eval()
+    return teach_texts(small_char_llama(tok, seed=4), tok, texts, steps)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from step_helpers import small_char_llama
+from step_helpers import small_char_llama, teach_texts
 
 from unigrad.models.loading import load_model_and_tokenizer
 from unigrad.models.tokenizer import build_char_tokenizer
@@ -199,7 +199,8 @@ def test_64_concurrent_requests_are_answered_in_few_engine_calls(server, client)
 
 
 @pytest.mark.parametrize(("expected", "sent", "calls"), [
-    (None, 3, 3),  # the window alone: requests 20 ms apart are three calls
+    (None, 3, 2),  # the window alone: requests 50 ms apart are not one call (two or three: a loaded machine's
+                   # engine call may outlast the gap, and the last two then share the next call)
     (3, 3, 1),     # waiting for the three expected requests: one call
     (4, 3, 1),     # one never comes: the call goes out after max_wait_s, not never
 ])
@@ -209,14 +210,14 @@ def test_the_batcher_waits_for_the_expected_requests(tiny, expected, sent, calls
     from unigrad.serve.batcher import Batcher, SamplingKey
 
     _, tok, engine = tiny
-    batcher = Batcher(engine, window_s=0.005, max_wait_s=0.2,
+    batcher = Batcher(engine, window_s=0.005, max_wait_s=0.3,
                       expected=None if expected is None else (lambda: expected))
     prompt = tok("12+7=")["input_ids"]
     key = SamplingKey(1, 1.0, 1.0, 0, 4)
 
     async def send_spread():
         async def one(i):
-            await asyncio.sleep(0.02 * i)
+            await asyncio.sleep(0.05 * i)
             return await batcher.sample([prompt], key, (i,))
         started = time.perf_counter()
         samples = await asyncio.gather(*(one(i) for i in range(sent)))
@@ -225,9 +226,10 @@ def test_the_batcher_waits_for_the_expected_requests(tiny, expected, sent, calls
 
     samples, took = asyncio.run(send_spread())
     assert len(samples) == sent and all(len(s[0][0].token_ids) >= 1 for s in samples)
-    assert batcher.engine_calls == calls and sum(batcher.call_rows) == sent, batcher.call_rows
+    assert sum(batcher.call_rows) == sent, batcher.call_rows
+    assert (batcher.engine_calls >= calls) if expected is None else (batcher.engine_calls == calls), batcher.call_rows
     if expected == 4:
-        assert took >= 0.2  # waited the whole max_wait_s for the request that never came
+        assert took >= 0.3  # waited the whole max_wait_s for the request that never came
 
 
 def test_the_hook_sees_every_call_with_the_exact_ids(server, client, tiny):
@@ -304,19 +306,10 @@ RESULT = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function
 
 def tool_calling_model(tok, steps: int = 150):
     """A small char Llama taught (Adam) to answer ASK with CALL and the tool's result with "the sum is 5"."""
-    model = small_char_llama(tok, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     texts = [tok.apply_chat_template(ASK, tools=[ADD], tokenize=False, add_generation_prompt=True) + CALL,
              tok.apply_chat_template(ASK + RESULT, tools=[ADD], tokenize=False, add_generation_prompt=True)
              + "the sum is 5"]
-    batch = [torch.tensor([tok(t + tok.eos_token, add_special_tokens=False)["input_ids"]]) for t in texts]
-    for _ in range(steps):
-        for ids in batch:
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return teach_texts(small_char_llama(tok, seed=1), tok, [t + tok.eos_token for t in texts], steps)
 
 
 def test_tool_calls_round_trip_through_the_template():
