@@ -37,7 +37,9 @@ ALLOWED_PARAMETERS = {
     # The audit hook binds what it reads as default arguments, so code in the jail cannot swap the globals it uses.
     "unigrad/sandbox/child.py:_make_hook.hook": 18,
     "unigrad/tasks/math_task.py:MathTask.__init__": 9,
-    # Not yet grouped (a typed input would read better): the log-prob pass's options, and sandbox.run's limits.
+    # Public keyword APIs called in many places: sequence_logprobs is the short form of the typed
+    # score_sequences(model, TokenSequences, ScoringOptions) (36 calls); sandbox.run(code, limits, *options) reads as
+    # subprocess.run does, its limits already a SandboxLimits.
     "unigrad/rollout/logprobs.py:sequence_logprobs": 11,
     "unigrad/sandbox/runner.py:run": 8,
 }
