@@ -8,6 +8,7 @@ import textwrap
 import openai
 import test_vllm_cli
 import torch
+from test_agent_training import AGENT  # draft_then_revise: two calls, the second extending the first
 from test_end_to_end import cli
 from test_vllm_cli import require_vllm
 
@@ -18,14 +19,6 @@ from unigrad.serve.service import ServeService
 
 model64 = test_vllm_cli.model64  # the fixture: a small char Llama whose head size vLLM's CPU attention runs
 
-AGENT = '''
-def draft_then_revise(client, example):
-    messages = [{"role": "user", "content": example["prompt"]}]
-    draft = client.chat.completions.create(model=example["model"], messages=messages).choices[0].message.content
-    messages += [{"role": "assistant", "content": draft}, {"role": "user", "content": "Sure? Answer again."}]
-    final = client.chat.completions.create(model=example["model"], messages=messages).choices[0].message.content
-    return float(sum(c in "02468" for c in final) > sum(c in "13579" for c in final))
-'''
 
 
 def recomputed_logprobs(model, prompt: list[int], sampled: list[int], temperature: float) -> list[float]:
