@@ -21,6 +21,8 @@ A study file holds everything the study depends on (nothing is read from another
                                                    # tune FILE` (`tuning_spec`, `tuning`); the study then runs with
                                                    # the picks recorded in tuned/NAME.yaml beside the file
     control: grpo                                  # collapse: a run's reward ending below half of this arm's
+    boundary: {dial: rollout.router_noise, lines: {GRPO: [grpo, grpo_s1]}}   # where along a mismatch dial each
+                                                   # method fails, against the measured KL (`boundary`)
 
 Each (arm, seed) trains with the real CLI (`unigrad train`) into OUT/ARM/seedK, resuming a run a cut-off study
 left behind and skipping a finished one, then is evaluated with `unigrad eval --per-prompt` on every split in
@@ -56,6 +58,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from unigrad.report.boundary import BoundarySpec
 from unigrad.report.run_report import read_metrics
 from unigrad.report.seeds import collapsed, series
 from unigrad.report.study import run_training
@@ -96,6 +99,8 @@ class StudySpec(BaseModel):
     control: str | dict[str, str] | None = Field(
         None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
         "at the same step), or per model name; without one the page gives no collapse verdict")
+    boundary: BoundarySpec | None = Field(None, description="where along a mismatch dial each method fails, against "
+                                          "the measured KL (`boundary`)")
 
     @field_validator("train")
     @classmethod
@@ -149,6 +154,14 @@ class StudySpec(BaseModel):
 
         if self.tuning is not None:
             check_tuning_fits(self.tuning, self.arms)
+        return self
+
+    @model_validator(mode="after")
+    def _boundary_fits(self) -> StudySpec:
+        from unigrad.report.boundary import check_boundary
+
+        if self.boundary is not None:
+            check_boundary(self, self.boundary)
         return self
 
 

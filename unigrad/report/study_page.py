@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from unigrad.report.boundary import boundary_section
 from unigrad.report.preregistration import preregistration_line
 from unigrad.report.seeded_study import Study
 from unigrad.report.seeds import mean_ci, moving_average, paired_difference, series
@@ -157,6 +158,7 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
     lines += _per_task_table(study, summaries, models)
     lines += _comparisons_table(study)
     lines += holm_section(study)
+    lines += boundary_section(study, doc)
     lines += _closing(study, doc)
     return "\n".join(lines)
 
