@@ -265,7 +265,7 @@ def plot_boundary(points: dict[str, list[Point]], path: Path, dial: str) -> Path
         drops = [p.drop[0] for p in line]
         halves = [p.drop[1] if math.isfinite(p.drop[1]) else 0.0 for p in line]
         right.errorbar(xs, drops, yerr=halves, marker="o", capsize=3, label=label)
-    finite = [p.x for line in points.values() for p in line if p.x > 0 and math.isfinite(p.x)]
+    finite = [p.x for line in points.values() for p in line if p.dial > 0 and p.x > 0 and math.isfinite(p.x)]
     for ax, title in ((left, "collapse rate: test pass@1 < half the control's (95% Wilson)"),
                       (right, "accuracy drop vs control, test pass@1 points (95% CI)")):
         ax.set_xscale("symlog", linthresh=min(finite) / 2 if finite else 1e-3)
