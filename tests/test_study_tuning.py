@@ -167,6 +167,9 @@ def test_the_page_says_when_the_rate_was_not_tuned():
     assert provenance(_study(), None).startswith("`optim.lr` not tuned yet")
     hot = _study(tuning=None, train={"optim": {"lr": 3e-4}})
     assert provenance(hot, None).startswith("Learning rate not tuned on validation (optim.lr 0.0003")
+    noted = _study(tuning=None, lr_note="chosen in a pilot where the control is stable.")  # not "inherited"
+    assert provenance(noted, None) == ("Learning rate not tuned on validation (optim.lr 0.0001): chosen in a pilot "
+                                       "where the control is stable.")
     for f in ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse", "gspo_dense"):  # files comparing arms
         spec = load_study(f"examples/studies/{f}.yaml")
         assert spec.tuning is not None and spec.tuning.split == "validation", f

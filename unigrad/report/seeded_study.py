@@ -17,6 +17,7 @@ A study file holds everything the study depends on (nothing is read from another
                                                    # from that arm's final weights, same seed: a staged method)
     columns: {clip fraction: mean(rl/clip/region_fraction), grad-norm spikes: alarms(grad_spike)}
     curves: [reward/mean, grad_norm]               # plotted per arm, mean over seeds
+    lr_note: chosen in a one-seed pilot on training reward (seed 1000)   # when not tuned: how the rate was chosen
     tuning: {key: optim.lr, grid: [3.0e-5, 1.0e-4, 3.0e-4], per: arm}   # chosen on validation first: `unigrad
                                                    # tune FILE` (`tuning_spec`, `tuning`); the study then runs with
                                                    # the picks recorded in tuned/NAME.yaml beside the file
@@ -99,6 +100,8 @@ class StudySpec(BaseModel):
     control: str | dict[str, str] | None = Field(
         None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
         "at the same step), or per model name; without one the page gives no collapse verdict")
+    lr_note: str = Field("", description="how the file's learning rate was chosen when it is not tuned (the page "
+                         "states it instead of assuming the inherited rate)")
     boundary: BoundarySpec | None = Field(None, description="where along a mismatch dial each method fails, against "
                                           "the measured KL (`boundary`)")
 

@@ -105,6 +105,9 @@ def _untuned_rate(spec) -> str:
     from unigrad.report.seeded_study import arm_config
 
     rates = {arm_config(spec, arm).get("optim", {}).get("lr", INHERITED_LR) for arm in spec.arms}
+    if spec.lr_note:
+        return ("Learning rate not tuned on validation (optim.lr " + ", ".join(_g(r) for r in sorted(rates))
+                + f"): {spec.lr_note.strip().rstrip('.')}.")
     if rates == {INHERITED_LR}:
         return "Learning rate not tuned (inherited 1e-4, chosen on test in docs/results.md)."
     return ("Learning rate not tuned on validation (optim.lr " + ", ".join(_g(r) for r in sorted(rates))
