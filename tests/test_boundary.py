@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from unigrad.report.boundary import (Point, accuracy_collapses, boundary_section, failure_point, kl_bracket, wilson)
+from unigrad.report.boundary import Point, accuracy_collapses, boundary_section, failure_point, kl_bracket, wilson
 from unigrad.report.multiplicity import holm
 from unigrad.report.seeded_study import Study, StudySpec
 
@@ -47,7 +47,8 @@ def test_failure_rule_and_bracket():
     assert _point(1, vs_control=lower).fails and not _point(1, vs_control=upper).fails
     noisy, = holm({"x": [-5.0, 3.0, -1.0]})
     assert not noisy.rejected and not _point(1, vs_control=noisy).fails
-    line = [_point(0, runs=0, x=0.0), _point(0.3, x=0.02), _point(1, collapsed=3, x=0.25), _point(3, collapsed=3, x=1.2)]
+    line = [_point(0, runs=0, x=0.0), _point(0.3, x=0.02), _point(1, collapsed=3, x=0.25),
+            _point(3, collapsed=3, x=1.2)]
     failing = failure_point(line)
     assert failing.dial == 1 and kl_bracket(line, failing) == (0.02, 0.25)
     assert kl_bracket(line[1:], line[1]) == (0.0, 0.02)  # failing at the first value: from 0

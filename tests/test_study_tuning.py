@@ -170,7 +170,8 @@ def test_the_page_says_when_the_rate_was_not_tuned():
     noted = _study(tuning=None, lr_note="chosen in a pilot where the control is stable.")  # not "inherited"
     assert provenance(noted, None) == ("Learning rate not tuned on validation (optim.lr 0.0001): chosen in a pilot "
                                        "where the control is stable.")
-    compare_arms = ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse", "gspo_dense", "gradient_imbalance")
+    compare_arms = ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse", "gspo_dense",
+                    "gradient_imbalance")
     for f in compare_arms:
         spec = load_study(f"examples/studies/{f}.yaml")
         assert spec.tuning is not None and spec.tuning.split == "validation", f
