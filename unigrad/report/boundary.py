@@ -142,25 +142,21 @@ def kl_bracket(points: list[Point], failing: Point) -> tuple[float, float]:
     return (before[-1].x if before else 0.0), failing.x
 
 
-def _run_kl(study, arm: str, seed: int, key: str) -> float:
-    return study.column(arm, seed, f"mean({key})")
-
-
-def boundary_points(study, results: dict[str, Adjusted]) -> dict[str, list[Point]]:
-    """Every line's points, from the study's runs and its Holm-adjusted comparisons (named "`arm` − `other`")."""
+def boundary_points(study, results: dict[str, Adjusted], scores: dict[str, list[float]]) -> dict[str, list[Point]]:
+    """Every line's points, from the study's runs, its per-seed test pass@1 (`study_verdicts.study_scores`) and its
+    Holm-adjusted comparisons (named "`arm` − `other`")."""
     from unigrad.report.seeded_study import arm_config
     from unigrad.report.seeds import mean_ci
-    from unigrad.report.study_verdicts import study_scores
-
     spec, boundary = study.spec, study.spec.boundary
     control = spec.control
-    scores = study_scores(study)
     seeds = list(range(spec.seeds))
     ran = {arm: [s for s in seeds if (study.run_dir(arm, s) / "metrics.jsonl").is_file()]
            for arms in boundary.lines.values() for arm in arms}
+    kl = {arm: mean_ci([study.column(arm, s, f"mean({boundary.kl})") for s in seeds_run])
+          for arm, seeds_run in ran.items()}  # each run's metrics read once
     reference_label, reference_arms = next(iter(boundary.lines.items()))
     by_dial = {dial_value(arm_config(spec, a), boundary.dial): a for a in reference_arms}
-    x_of = {d: mean_ci([_run_kl(study, a, s, boundary.kl) for s in ran[a]])[0] for d, a in by_dial.items()}
+    x_of = {d: kl[a][0] for d, a in by_dial.items()}
     out: dict[str, list[Point]] = {}
     for label, arms in boundary.lines.items():
         points = []
@@ -173,7 +169,7 @@ def boundary_points(study, results: dict[str, Adjusted]) -> dict[str, list[Point
                      if math.isfinite(c) and math.isfinite(a)] if arm != control else []
             same = by_dial.get(dial)
             points.append(Point(
-                line=label, arm=arm, dial=dial, kl=mean_ci([_run_kl(study, arm, s, boundary.kl) for s in ran[arm]]),
+                line=label, arm=arm, dial=dial, kl=kl[arm],
                 x=x_of.get(dial, float("nan")), collapsed=sum(judged), runs=len(judged),
                 drop=mean_ci(drops) if drops else (0.0, float("nan")),
                 vs_control=results.get(f"`{arm}` − `{control}`"),
@@ -288,8 +284,9 @@ def boundary_section(study, doc: Path) -> list[str]:
     boundary = study.spec.boundary
     if boundary is None:
         return []
-    results = {r.name: r for r in adjusted_comparisons(comparison_pairs(study), study_scores(study))}
-    points = boundary_points(study, results)
+    scores = study_scores(study)
+    results = {r.name: r for r in adjusted_comparisons(comparison_pairs(study), scores)}
+    points = boundary_points(study, results, scores)
     png = plot_boundary(points, Path(doc).with_name(f"{Path(doc).stem}_boundary.png"), boundary.dial)
     return [*boundary_lines(points, boundary.dial, study.spec.control), "", f"![boundary]({png.name})"]
 
