@@ -51,8 +51,17 @@ def test_the_tuning_section_is_checked():
     for arm in ({"optim.lr": 1e-3}, {"optim": {"lr": 1e-3}}):  # an arm that sets the tuned key itself
         with pytest.raises(ValueError, match="sets it itself"):
             _study(arms={"a": arm})
-    with pytest.raises(ValueError, match="staged arms"):
+    staged = {"a": {}, "b": {"from": "a"}, "c": {"from": "a"}}  # two tuned arms start from tuned a: whose pick?
+    with pytest.raises(ValueError, match="tuned arm 'a' is the start of b and c"):
+        _study(arms=staged, tuning={"grid": [1e-4, 3e-4]})
+    _study(arms=staged, tuning={"grid": [1e-4, 3e-4], "fixed": ["a"]})  # a fixed start: fine
+    _study(arms={"a": {}, "b": {"from": "a"}}, tuning={"grid": [1e-4, 3e-4]})  # one stage: fine
+    with pytest.raises(ValueError, match="tuning.steps with tuned stages"):  # each stage would train 4 steps
         _study(arms={"a": {}, "b": {"from": "a"}})
+    for fixed, message in ((["z"], "'z' is not an arm"), (["b"], "starts from 'a', which is tuned"),
+                           (["a", "b", "c"], "every arm is fixed")):
+        with pytest.raises(ValueError, match=message):
+            _study(arms=staged, tuning={"grid": [1e-4, 3e-4], "fixed": fixed})
     _study(arms={"a": {"optim": {"mini_batches": 4}}})  # another key of the same section is fine
 
 
@@ -141,6 +150,83 @@ def test_table_record_and_the_study_trained_with_the_picks(tmp_path):
     assert Study(tuned, tmp_path, seeds=2).spec._tuned == got  # a --seeds smoke run keeps the record
 
 
+def _staged(**tuning):
+    """A shared start (fixed), two methods from it, and a two-stage method (half, then from half)."""
+    return _study(arms={"start": {"objective": "sft", "steps": 6}, "sft": {"from": "start", "objective": "sft"},
+                        "grpo": {"from": "start", "objective": "grpo"},
+                        "half": {"from": "start", "objective": "sft", "steps": 3},
+                        "then": {"from": "half", "objective": "grpo", "steps": 3}},
+                  tuning={"grid": [1e-4, 3e-4], "fixed": ["start"], **tuning})
+
+
+def test_staged_arms_are_tuned_as_whole_methods(tmp_path):
+    spec = _staged()  # no tuning steps: every arm keeps its budget (the study's 10, or its own)
+    grid = GridStudy(grid_spec(spec), tmp_path / "g")
+    assert [sorted(wave) for wave in grid.jobs()] == [
+        [("start", 1000), ("start", 1001)],
+        sorted((f"{a}+{v:g}", s) for a in ("sft", "grpo", "half") for v in (1e-4, 3e-4) for s in (1000, 1001)),
+        sorted((f"then+{v:g}", s) for v in (1e-4, 3e-4) for s in (1000, 1001))]
+    start, then = grid.run_config("start", 1001), grid.run_config("then+0.0003", 1001)
+    assert start["optim"]["lr"] == 1e-4 and start["max_steps"] == 6 and start["objective"] == "sft"
+    assert then["optim"]["lr"] == 3e-4 and then["max_steps"] == 3
+    assert grid.run_config("sft+0.0001", 1000)["max_steps"] == 10
+    assert then["model"]["name"] == str(tmp_path / "g" / "half+0.0003" / "seed1001" / "final")
+    assert grid.run_config("grpo+0.0001", 1000)["model"]["name"] == str(tmp_path / "g" / "start" / "seed1000" / "final")
+
+    # half alone prefers 1e-4, the method half -> then ends better at 3e-4: half takes then's pick
+    crafted = {"sft": {1e-4: [0.30, 0.30], 3e-4: [0.20, 0.20]}, "grpo": {1e-4: [0.20, 0.20], 3e-4: [0.30, 0.30]},
+               "half": {1e-4: [0.90, 0.90], 3e-4: [0.10, 0.10]}, "then": {1e-4: [0.25, 0.25], 3e-4: [0.35, 0.35]}}
+    for arm, by_value in crafted.items():
+        for value, xs in by_value.items():
+            for seed, x in zip(grid.seeds(), xs, strict=True):
+                run = grid.run_dir(f"{arm}+{value:g}", seed)
+                run.mkdir(parents=True)
+                (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 30.0}) + "\n")
+                (run / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": x}}))
+    for seed, x in zip(grid.seeds(), (0.40, 0.42), strict=True):
+        run = grid.run_dir("start", seed)
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 60.0}) + "\n")
+        (run / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": x}}))
+    (grid.start_dir("unigrad-tiny")).mkdir(parents=True)
+    (grid.start_dir("unigrad-tiny") / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": 0.2}}))
+    scores = grid_scores(spec, grid)
+    assert set(scores) == {"sft", "grpo", "half", "then"}  # the fixed start is not scored for a pick
+    chosen = picks(spec, scores)
+    assert chosen == {"sft": 1e-4, "grpo": 3e-4, "half": 3e-4, "then": 3e-4}
+    # per study: pooled over the methods' last stages only (sft, grpo, then: 0.25 at 1e-4 < 0.3167 at 3e-4); with
+    # half's scores pooled in too, 1e-4 would win (0.4125 against 0.2375)
+    assert set(picks(_staged(per="study"), scores).values()) == {3e-4}
+
+    study_file = tmp_path / "t.yaml"
+    study_file.write_text(yaml.safe_dump(spec.model_dump(exclude_none=True)))
+    spec = load_study(study_file)
+    record = make_record(spec, chosen, "unigrad tune t.yaml", "abc1234")
+    assert record["fixed"] == {"start": 1e-4} and "start" not in record["picks"]
+    lines = table_lines(spec, scores, record)
+    assert lines[4] == "| `half` | 90.0 ± 0.0 | 10.0 ± 0.0 | 0.0003 (stage: then's pick) |"  # nothing bold
+    assert lines[5] == "| `then` | 25.0 ± 0.0 | **35.0 ± 0.0** | 0.0003 |"
+    text = write_tuning_table(spec, grid, scores, record, tmp_path).read_text()
+    assert "- `start` at optim.lr 0.0001: 41.0 ± " in text and "half, sft start from its run" in text
+    assert "for 10 rollout steps (an arm with its own `steps` in the study file: those)" in text
+    assert "18 tuning runs: 10 min" in text  # 16 runs x 30 s + 2 x 60 s, each run counted once (not its chain)
+    write_record(study_file, record)
+    tuned, got = load_tuned_study(study_file)
+    study = Study(tuned, tmp_path / "study")
+    lrs = {arm: study.run_config(arm, 0)["optim"]["lr"] for arm in tuned.arms}
+    assert lrs == {"start": 1e-4, "sft": 1e-4, "grpo": 3e-4, "half": 3e-4, "then": 3e-4}
+    assert "not tuned (fixed, the file's value): start 0.0001" in provenance(tuned, got)
+
+
+def test_records_made_before_staged_tuning_still_read():
+    """The committed tuning records (made before `fixed` existed) keep their digest."""
+    for name in ("presets", "offpolicy_objectives", "gspo_dense", "kl_beta"):
+        path = f"examples/studies/{name}.yaml"
+        if record_path(path).is_file():
+            tuned, record = load_tuned_study(path)
+            assert record is not None and all(arm in record["picks"] for arm in tuned.arms), name
+
+
 def test_records_that_are_refused(tmp_path, capsys):
     study_file = tmp_path / "t.yaml"
     data = _study().model_dump(exclude_none=True)
@@ -171,7 +257,7 @@ def test_the_page_says_when_the_rate_was_not_tuned():
     assert provenance(noted, None) == ("Learning rate not tuned on validation (optim.lr 0.0001): chosen in a pilot "
                                        "where the control is stable.")
     compare_arms = ("presets", "offpolicy_objectives", "kl_beta", "mismatch_collapse", "gspo_dense",
-                    "gradient_imbalance")
+                    "gradient_imbalance", "hpt_flat_start")
     for f in compare_arms:
         spec = load_study(f"examples/studies/{f}.yaml")
         assert spec.tuning is not None and spec.tuning.split == "validation", f
@@ -184,8 +270,8 @@ def test_a_tiny_tuning_end_to_end(tmp_path, small_model):
             "train": {"model": {"name": str(small_model)}, "tasks": ["arithmetic"], "prompts_per_step": 2,
                       "micro_batch_size": 4, "rollout": {"num_generations": 2, "max_new_tokens": 4},
                       "eval": {"before_after": False}, "save_every": 0, "tensorboard": False},
-            "arms": {"grpo": {"objective": "grpo"}},
-            "tuning": {"grid": [1e-4, 1e-2], "seeds": 2, "prompts": 4}}
+            "arms": {"start": {"objective": "sft", "steps": 1}, "grpo": {"from": "start", "objective": "grpo"}},
+            "tuning": {"grid": [1e-4, 1e-2], "seeds": 2, "prompts": 4, "fixed": ["start"]}}  # a staged method
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(spec))
     runs = tmp_path / "tuning"
@@ -197,10 +283,14 @@ def test_a_tiny_tuning_end_to_end(tmp_path, small_model):
     assert not (runs / "grpo+0.0001" / "seed0").exists()
     ran = yaml.safe_load((runs / "grpo+0.01" / "seed1001" / "config.yaml").read_text())
     assert ran["optim"]["lr"] == 1e-2 and ran["seed"] == 1001 and ran["max_steps"] == 2
+    assert ran["model"]["name"] == str(runs / "start" / "seed1001" / "final")  # from the fixed start, same seed
+    start = yaml.safe_load((runs / "start" / "seed1000" / "config.yaml").read_text())
+    assert start["max_steps"] == 1 and start["objective"] == "sft" and start["optim"]["lr"] == 1e-4
     means = {v: sum(xs) / 2 for v, xs in scores.items()}
     expected = 1e-4 if means[1e-4] >= means[1e-2] else 1e-2
     record = yaml.safe_load((tmp_path / "tuned" / "tiny.yaml").read_text())
     assert record["picks"] == {"grpo": expected} and record["split"] == "validation"
+    assert record["fixed"] == {"start": 1e-4}
     table = (tmp_path / "docs" / "tiny_tuning.md").read_text()
     assert f"| {expected:g} |" in table and f"unigrad tune {f}" in table
     subprocess.run([sys.executable, "-m", "unigrad.cli", "study", str(f), "--out", str(tmp_path / "study"),

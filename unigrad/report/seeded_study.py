@@ -265,10 +265,14 @@ class Study:
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.out / arm / f"seed{seed}"
 
+    def seeds(self) -> list[int]:
+        """The seeds every arm runs with: 0 .. seeds-1."""
+        return list(range(self.spec.seeds))
+
     def jobs(self) -> list[list[tuple[str, int]]]:
         """The (arm, seed) runs in waves: an arm trained `from` another runs in a later wave than that arm."""
         levels = sorted({depth(self.spec, arm) for arm in self.spec.arms})
-        return [[(arm, seed) for seed in range(self.spec.seeds) for arm in self.spec.arms
+        return [[(arm, seed) for seed in self.seeds() for arm in self.spec.arms
                  if depth(self.spec, arm) == level] for level in levels]
 
     def run_config(self, arm: str, seed: int) -> dict[str, Any]:

@@ -5,9 +5,14 @@ with the tuned key set to the value, trained for the tuning's steps with the tun
 seed of the study's own runs, `tuning_spec`) and evaluated on the validation split only. `Study` trains and
 evaluates it, resuming a cut-off tuning as it resumes a study.
 
+Staged arms (`tuning_spec`): a `fixed` arm is one grid arm under its own name, at the file's value; a tuned arm
+`from` a fixed arm starts from that arm's run; a tuned arm `from` a tuned arm starts from that arm's run at the same
+value (ARM+VALUE from PARENT+VALUE), so each grid value trains the whole method.
+
 Pick rule (`pick`): per arm (or, with `per: study`, over all arms' runs together) the value with the highest mean
 validation pass@1 over its runs. A value with a run that stopped itself or has no evaluation is not eligible.
-Ties (means equal to 1e-9) go to the smaller value: for a learning rate, the more conservative one.
+Ties (means equal to 1e-9) go to the smaller value: for a learning rate, the more conservative one. A stage another
+tuned arm starts from takes the pick of its last stage (it is judged by where the method ends, not halfway).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from unigrad.report.seeded_study import Study, StudySpec
-from unigrad.report.tuning_spec import tuning_seeds
+from unigrad.report.seeded_study import Study, StudySpec, arm_config
+from unigrad.report.tuning_spec import last_stage, tuning_seeds
 
 TIE = 1e-9
 
@@ -30,14 +35,20 @@ def grid_arm(arm: str, value: float) -> str:
 
 
 def grid_spec(spec: StudySpec) -> StudySpec:
-    """The grid as a study: every (arm, value) an arm with the tuned key set, the tuning's seeds and steps, the
-    validation split only, no comparisons (nothing on it is reported as a result)."""
+    """The grid as a study: every (tuned arm, value) an arm with the tuned key set (a stage starting from its parent
+    at the same value), every fixed arm as it is, the tuning's seeds and steps, the validation split only, no
+    comparisons (nothing on it is reported as a result)."""
     tuning = spec.tuning
     arms = {}
     for arm, overrides in spec.arms.items():
+        if arm in tuning.fixed:
+            arms[arm] = dict(overrides)
+            continue
         kept = {k: v for k, v in overrides.items() if not (k == "steps" and tuning.steps is not None)}
+        parent = overrides.get("from")
         for value in tuning.grid:
-            arms[grid_arm(arm, value)] = {**kept, tuning.key: value}
+            stage = {"from": grid_arm(parent, value)} if parent is not None and parent not in tuning.fixed else {}
+            arms[grid_arm(arm, value)] = {**kept, **stage, tuning.key: value}
     data = {**spec.model_dump(exclude={"tuning", "baseline", "control", "comparisons", "columns", "curves"}),
             "arms": arms, "seeds": tuning.seeds, "steps": tuning.steps or spec.steps,
             "eval": {"prompts": tuning.prompts, "splits": ["validation"]}}
@@ -50,19 +61,26 @@ class GridStudy(Study):
     def seeds(self) -> list[int]:
         return tuning_seeds(self.spec.seeds)
 
-    def jobs(self) -> list[list[tuple[str, int]]]:
-        return [[(arm, seed) for seed in self.seeds() for arm in self.spec.arms]]
-
     def score(self, arm: str, seed: int) -> float:
         """Validation mean pass@1 of one run; NaN when it stopped itself or was not evaluated."""
         result = None if self.status(arm, seed).get("stopped") else self.evaluation(arm, seed, "validation")
         return float("nan") if result is None else float(result["mean"]["pass@1"])
 
 
+def tuned_arms(spec: StudySpec) -> list[str]:
+    """The study's arms the tuning picks a value for (all but the fixed ones)."""
+    return [arm for arm in spec.arms if arm not in spec.tuning.fixed]
+
+
 def grid_scores(spec: StudySpec, grid: GridStudy) -> dict[str, dict[float, list[float]]]:
-    """{study arm: {value: validation pass@1 per tuning seed}}."""
+    """{tuned arm: {value: validation pass@1 per tuning seed}}."""
     return {arm: {value: [grid.score(grid_arm(arm, value), seed) for seed in grid.seeds()]
-                  for value in spec.tuning.grid} for arm in spec.arms}
+                  for value in spec.tuning.grid} for arm in tuned_arms(spec)}
+
+
+def fixed_scores(spec: StudySpec, grid: GridStudy) -> dict[str, list[float]]:
+    """{fixed arm: validation pass@1 per tuning seed}."""
+    return {arm: [grid.score(arm, seed) for seed in grid.seeds()] for arm in spec.tuning.fixed}
 
 
 def pick(scores: dict[float, list[float]]) -> float:
@@ -76,12 +94,15 @@ def pick(scores: dict[float, list[float]]) -> float:
 
 
 def picks(spec: StudySpec, scores: dict[str, dict[float, list[float]]]) -> dict[str, float]:
-    """Per arm its pick; with `per: study` one pick from all arms' runs pooled, given to every arm."""
+    """Per tuned arm its pick; with `per: study` one pick from all last stages' runs pooled, given to every arm. A
+    stage another tuned arm starts from takes its last stage's pick (`tuning_spec.last_stage`)."""
+    ends = [arm for arm in scores if last_stage(spec.tuning, spec.arms, arm) == arm]
     if spec.tuning.per == "arm":
-        return {arm: pick(by_value) for arm, by_value in scores.items()}
-    pooled = {v: [x for arm in scores for x in scores[arm][v]] for v in spec.tuning.grid}
-    chosen = pick(pooled)
-    return {arm: chosen for arm in scores}
+        chosen = {arm: pick(scores[arm]) for arm in ends}
+    else:
+        value = pick({v: [x for arm in ends for x in scores[arm][v]] for v in spec.tuning.grid})
+        chosen = dict.fromkeys(ends, value)
+    return {arm: chosen[last_stage(spec.tuning, spec.arms, arm)] for arm in scores}
 
 
 def make_record(spec: StudySpec, chosen: dict[str, float], command: str, commit: str) -> dict[str, Any]:
@@ -89,10 +110,21 @@ def make_record(spec: StudySpec, chosen: dict[str, float], command: str, commit:
     from unigrad.report.tuning_record import digest, table_path
 
     tuning = spec.tuning
+    fixed = {"fixed": {arm: setting(arm_config(spec, arm), tuning.key) for arm in tuning.fixed}} if tuning.fixed else {}
     return {"key": tuning.key, "split": tuning.split, "per": tuning.per, "metric": tuning.metric,
             "grid": list(tuning.grid), "seeds": tuning_seeds(tuning.seeds), "steps": tuning.steps or spec.steps,
             "prompts": tuning.prompts, "picks": chosen, "table": str(table_path(spec)), "command": command,
-            "commit": commit, "date": datetime.date.today().isoformat(), "digest": digest(spec)}
+            "commit": commit, "date": datetime.date.today().isoformat(), "digest": digest(spec), **fixed}
+
+
+def setting(config: dict[str, Any], key: str) -> Any:
+    """The value of the dotted `key` the training config runs with (its default when the config leaves it out)."""
+    from unigrad.config import validate_config
+
+    node: Any = validate_config(config)
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def tune(spec: StudySpec, study_file: Path, out: Path, doc_root: Path, log=print) -> tuple[Path, Path]:

@@ -1,5 +1,6 @@
 """The tuning table a study's tuning writes (docs/studies/NAME_tuning.md): grid value x arm, mean validation pass@1
-over the tuning seeds with its 95% t interval, the pick in bold, how the runs were made, the command and the commit."""
+over the tuning seeds with its 95% t interval, the pick in bold (a stage: its last stage's pick, not bold), the fixed
+arms' own scores, how the runs were made, the command and the commit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from unigrad.report.preregistration import preregistration_line
 from unigrad.report.seeds import mean_ci
 from unigrad.report.study import write_page
 from unigrad.report.study_page import pm
+from unigrad.report.tuning_spec import last_stage
 
 
 def cell(scores: list[float], chosen: bool) -> str:
@@ -30,27 +32,34 @@ def table_lines(spec, scores: dict[str, dict[float, list[float]]], record: dict[
     head = ["arm", *(f"{record['key']} = {v:g}" for v in grid), "pick"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     per_arm = record["per"] == "arm"
+    ends = []
     for arm, by_value in scores.items():
-        pick = record["picks"][arm]
-        lines.append(f"| `{arm}` | " + " | ".join(cell(by_value[v], per_arm and v == pick) for v in grid)
-                     + f" | {pick:g}" + ("" if per_arm else " (pooled)") + " |")
+        pick, end = record["picks"][arm], last_stage(spec.tuning, spec.arms, arm)
+        ends += [arm] if end == arm else []
+        how = f" (stage: {end}'s pick)" if end != arm else "" if per_arm else " (pooled)"
+        lines.append(f"| `{arm}` | " + " | ".join(cell(by_value[v], per_arm and end == arm and v == pick) for v in grid)
+                     + f" | {pick:g}{how} |")
     if not per_arm:
         pick = next(iter(record["picks"].values()))
-        pooled = {v: [x for arm in scores for x in scores[arm][v]] for v in grid}
-        lines.append("| all arms (pooled) | " + " | ".join(cell(pooled[v], v == pick) for v in grid)
+        pooled = {v: [x for arm in ends for x in scores[arm][v]] for v in grid}
+        label = "all arms" if len(ends) == len(scores) else "last stages"
+        lines.append(f"| {label} (pooled) | " + " | ".join(cell(pooled[v], v == pick) for v in grid)
                      + f" | {pick:g} |")
     return lines
 
 
 def render(spec, grid_study, scores: dict[str, dict[float, list[float]]], record: dict[str, Any]) -> str:
     seeds = record["seeds"]
-    minutes = sum(grid_study.train_minutes(arm, s) for arm in grid_study.spec.arms for s in seeds
+    minutes = sum(grid_study.train_minutes(arm, s, chain=False) for arm in grid_study.spec.arms for s in seeds
                   if (grid_study.run_dir(arm, s) / "metrics.jsonl").is_file())
+    own = (" (an arm with its own `steps` in the study file: those)"
+           if any("steps" in o for o in grid_study.spec.arms.values()) else "")
     lines = [f"# Tuning: {spec.title}", "",
              f"`{record['key']}` chosen on the **validation** split (never test) before the study's runs, "
              + ("per arm" if record["per"] == "arm" else "once for all arms (pooled over arms)") + ". Each arm × grid "
              f"value trained with tuning seeds {seeds[0]}-{seeds[-1]} (the study's own runs use seeds 0 .. "
-             f"{spec.seeds - 1}: no seed is shared) for {record['steps']} rollout steps, then evaluated greedily on "
+             f"{spec.seeds - 1}: no seed is shared) for {record['steps']} rollout steps{own}, then evaluated greedily "
+             "on "
              f"{record['prompts']} validation prompts per task. Cell: mean validation pass@1 (%) over the tuning "
              "seeds ± the half-width of its 95% t interval. Pick (**bold**): the highest mean; ties (within 1e-9) "
              "go to the smaller value; a value with a run that stopped itself or was not evaluated is not eligible.",
@@ -60,12 +69,33 @@ def render(spec, grid_study, scores: dict[str, dict[float, list[float]]], record
              f"cores; training time summed over the {len(grid_study.spec.arms) * len(seeds)} tuning runs: "
              f"{minutes:.0f} min. `unigrad study` reads the picks from the record beside the study file.", ""]
     lines += table_lines(spec, scores, record)
+    lines += fixed_lines(spec, grid_study, record)
     starts = sorted({grid_study.model_of(arm) for arm in grid_study.spec.arms})
     lines += ["", "Start checkpoint(s), validation pass@1: " + ", ".join(
         f"{m} {100 * _start(grid_study, m):.1f}" for m in starts) + "."]
     if spec._source is not None:
         lines += ["", preregistration_line(spec._source)]
     return "\n".join(lines)
+
+
+def fixed_lines(spec, grid_study, record: dict[str, Any]) -> list[str]:
+    """The fixed arms (not tuned): their value and validation score, and which arms start from them."""
+    from unigrad.report.tuning import fixed_scores
+    from unigrad.report.tuning_record import _g
+
+    fixed = record.get("fixed", {})
+    if not fixed:
+        return []
+    lines = ["", "Not tuned (`fixed`: trained once per tuning seed at the file's value; validation pass@1 after it):"]
+    scores = fixed_scores(spec, grid_study)
+    for arm, value in fixed.items():
+        after = [a for a, o in spec.arms.items() if o.get("from") == arm]
+        lines.append(f"- `{arm}` at {record['key']} {_g(value)}: {cell(scores[arm], False)}"
+                     + (f"; {', '.join(after)} start from its run of the same seed" if after else "") + ".")
+    lines.append("")
+    lines.append("A stage (an arm another tuned arm starts from) trains at each grid value with the arm after it and "
+                 "takes that arm's pick: the method is judged where it ends.")
+    return lines
 
 
 def _start(grid_study, model: str) -> float:

@@ -30,6 +30,8 @@ def table_path(spec) -> Path:
 def digest(spec) -> str:
     """What the tuning trained and evaluated: train, arms, the tuning section and its steps (sha256, 16 hex)."""
     tuning = spec.tuning.model_dump()
+    if not tuning["fixed"]:  # records made before `fixed` existed keep their digest
+        del tuning["fixed"]
     what = {"train": spec.train, "arms": spec.arms, "tuning": tuning,
             "steps": tuning["steps"] or spec.steps}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -57,15 +59,18 @@ def read_record(spec, study_file: str | Path) -> dict[str, Any] | None:
     if record.get("digest") != digest(spec):
         raise ValueError(f"{path}: tuned for another version of {Path(study_file).name} (train, arms or tuning "
                          f"changed since); rerun `unigrad tune {study_file}`")
-    missing = [arm for arm in spec.arms if arm not in record.get("picks", {})]
+    missing = [arm for arm in spec.arms if arm not in record.get("picks", {}) and arm not in record.get("fixed", {})]
     if missing:
         raise ValueError(f"{path}: no pick for arm(s) {', '.join(missing)}; rerun `unigrad tune {study_file}`")
     return record
 
 
 def apply_record(spec, record: dict[str, Any]):
-    """The study with each arm's tuned value set (as the arm's last override, so it wins over `train`)."""
-    arms = {arm: {**overrides, record["key"]: record["picks"][arm]} for arm, overrides in spec.arms.items()}
+    """The study with each tuned arm's value set (as the arm's last override, so it wins over `train`); a fixed arm
+    keeps the file's value."""
+    picked = record["picks"]
+    arms = {arm: {**overrides, record["key"]: picked[arm]} if arm in picked else dict(overrides)
+            for arm, overrides in spec.arms.items()}
     tuned = type(spec).model_validate({**spec.model_dump(), "arms": arms, "tuning": None})
     tuned._source, tuned._tuned = spec._source, record
     return tuned
@@ -95,6 +100,9 @@ def _tuned_sentence(record: dict[str, Any]) -> str:
     values = (f"{_g(next(iter(picks.values())))} for every arm" if record["per"] == "study"
               else ", ".join(f"{arm} {_g(v)}" for arm, v in picks.items()))
     table = Path(record["table"]).name
+    fixed = record.get("fixed", {})
+    if fixed:
+        values += "; not tuned (fixed, the file's value): " + ", ".join(f"{arm} {_g(v)}" for arm, v in fixed.items())
     return (f"`{record['key']}` tuned on the **validation** split ({record['per']}-wise pick over grid "
             f"{', '.join(_g(x) for x in record['grid'])}; seeds {record['seeds'][0]}-{record['seeds'][-1]}, disjoint "
             f"from this page's; {record['steps']} steps per run): {values}. Table: [{table}]({table}), written by "
@@ -114,8 +122,8 @@ def _untuned_rate(spec) -> str:
             + " as set in the study file; its comment says how it was chosen).")
 
 
-def _g(x: float) -> str:
-    return f"{x:g}"
+def _g(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else "(the config's default)"
 
 
 def refuse_untuned(spec, study_file: str | Path) -> None:

@@ -9,6 +9,15 @@ order) with a run whose test numbers are reported.
 
 Split rule: only the validation split is evaluated; a tuning section naming the test split is refused, since the
 study's page reports test numbers and a value chosen on them would make those numbers optimistic.
+
+Staged arms (an arm trained `from` another's final weights):
+- an arm listed in `fixed` is not tuned: it trains once per tuning seed at the file's value (a shared start that
+  the methods train from, chosen before the study; its own `steps` kept);
+- a tuned arm `from` a fixed arm trains from that arm's run of the same tuning seed;
+- a tuned arm `from` a tuned arm is a stage of one method (SFT for 100 steps, then GRPO from it): the grid runs
+  the whole chain at each value, the pick is made on the last stage's validation score, and every stage of the
+  chain gets that pick. A tuned arm may therefore have at most one tuned arm starting from it, and `steps` is left
+  out of the tuning section (each stage keeps its own budget).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class TuningSpec(BaseModel):
     prompts: int = Field(100, ge=2, description="validation prompts per task")
     split: str = Field("validation", description="the split the pick is made on: validation only")
     metric: Literal["mean pass@1"] = "mean pass@1"
+    fixed: list[str] = Field([], description="arms not tuned: trained at the file's value once per tuning seed (a "
+                             "shared start that staged arms train `from`)")
 
     @field_validator("split")
     @classmethod
@@ -75,14 +86,43 @@ class TuningSpec(BaseModel):
 
 def check_tuning_fits(tuning: TuningSpec, arms: dict[str, dict]) -> None:
     """ValueError when the study's arms leave the tuning nothing well-defined to do: an arm that sets the tuned key
-    itself (which value would it run?), or an arm trained `from` another (staged arms are not tuned yet)."""
+    itself (which value would it run?), a `fixed` arm that is not an arm or starts from a tuned one, a tuned arm two
+    tuned arms start from (whose pick would it take?), or no tuned arm at all."""
+    fixed = set(tuning.fixed)
+    for arm in tuning.fixed:
+        if arm not in arms:
+            raise ValueError(f"tuning.fixed: {arm!r} is not an arm; arms: {', '.join(arms)}")
+        parent = arms[arm].get("from")
+        if parent is not None and parent not in fixed:
+            raise ValueError(f"tuning.fixed: {arm!r} starts from {parent!r}, which is tuned; a fixed arm starts from "
+                             "a model or from another fixed arm")
+    if not set(arms) - fixed:
+        raise ValueError("tuning: every arm is fixed; nothing is tuned")
     for arm, overrides in arms.items():
-        if sets_key(overrides, tuning.key):
+        if arm not in fixed and sets_key(overrides, tuning.key):
             raise ValueError(f"tuning.key {tuning.key}: arm {arm!r} sets it itself; the tuning sets it per arm "
-                             "(drop it from the arm)")
-        if "from" in overrides:
-            raise ValueError(f"tuning: arm {arm!r} starts from another arm's weights; tuning staged arms is not "
-                             "supported (tune a study without `from`)")
+                             "(drop it from the arm, or list the arm in tuning.fixed)")
+        stages = [a for a in successors(arms, arm) if a not in fixed]
+        if arm not in fixed and stages and tuning.steps is not None:
+            raise ValueError(f"tuning.steps with tuned stages ({arm} then {stages[0]}): every stage would train "
+                             "tuning.steps, changing the method's shape; leave tuning.steps out (each arm keeps its "
+                             "own budget)")
+        if arm not in fixed and len(stages) > 1:
+            raise ValueError(f"tuning: tuned arm {arm!r} is the start of {' and '.join(stages)}; a tuned stage "
+                             "takes its successor's pick, so it may have one (list it in tuning.fixed to train it "
+                             "once at the file's value)")
+
+
+def successors(arms: dict[str, dict], arm: str) -> list[str]:
+    """The arms trained `from` `arm`."""
+    return [a for a, overrides in arms.items() if overrides.get("from") == arm]
+
+
+def last_stage(tuning: TuningSpec, arms: dict[str, dict], arm: str) -> str:
+    """The tuned arm whose validation score picks `arm`'s value: `arm` itself, or, when a tuned arm starts from it,
+    that arm's last stage."""
+    nxt = [a for a in successors(arms, arm) if a not in tuning.fixed]
+    return last_stage(tuning, arms, nxt[0]) if nxt else arm
 
 
 def sets_key(overrides: dict, key: str) -> bool:
