@@ -241,3 +241,19 @@ def test_a_smoke_study_leaves_the_docs_page_alone(capsys, tmp_path, small_model,
     assert code == 0, err
     assert not (tmp_path / "docs").exists()  # the page the file names: only the study itself writes it
     assert (runs / "page" / "docs" / "smoke.md").is_file() and "a smoke run" in out
+
+
+def test_a_retired_study_is_neither_run_nor_tuned_and_its_page_says_so(capsys, tmp_path, small_model):
+    from unigrad.report.seeded_study import Study, load_study
+    from unigrad.report.study_page import _intro
+
+    f = study_file(tmp_path, small_model, retired="2026-12-08: replaced by the boundary study",
+                   tuning={"grid": [1e-4, 3e-4]})
+    code, _, err = run_main(capsys, "study", f, "--out", tmp_path / "o", "--doc-root", tmp_path)
+    assert code == 2 and "is retired (2026-12-08: replaced by the boundary study)" in one_error_line(err)
+    code, _, err = run_main(capsys, "tune", f, "--out", tmp_path / "t", "--doc-root", tmp_path)
+    assert code == 2 and "it is not tuned or run again" in one_error_line(err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists() and not (tmp_path / "docs").exists()
+    intro = _intro(Study(load_study(f), tmp_path / "o"), "unigrad study smoke.yaml", None)
+    assert intro[:3] == ["# smoke", "", "**Retired**, not to be run or tuned again: 2026-12-08: replaced by the "
+                         "boundary study"]

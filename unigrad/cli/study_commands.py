@@ -42,6 +42,10 @@ def _study(args: argparse.Namespace) -> int:
         spec, _ = load_tuned_study(args.file)  # with a tuning record: each arm at its value picked on validation
         other_steps = args.steps is not None and args.steps != spec.steps
         smoke = other_steps or (args.seeds is not None and args.seeds != spec.seeds)  # not the study the file pins
+        if spec.retired and not args.page_only:
+            why = spec.retired.strip().rstrip(".")
+            raise ValueError(f"{args.file} is retired ({why}); it is not run again (--page-only rewrites its page "
+                             "from the runs it left)")
         if not (smoke or args.page_only):
             refuse_untuned(spec, args.file)
         out = Path(args.out or Path("runs") / "studies" / (Path(args.file).stem
@@ -95,6 +99,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     try:
         spec = load_study(args.file)
+        if spec.retired:
+            why = spec.retired.strip().rstrip(".")
+            raise ValueError(f"{args.file} is retired ({why}); it is not tuned or run again")
         if args.parallel is not None:
             spec = type(spec).model_validate({**spec.model_dump(), "parallel": args.parallel})
             spec._source = Path(args.file)

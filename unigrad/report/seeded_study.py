@@ -24,6 +24,8 @@ A study file holds everything the study depends on (nothing is read from another
     control: grpo                                  # collapse: a run's reward ending below half of this arm's
     boundary: {dial: rollout.router_noise, lines: {GRPO: [grpo, grpo_s1]}}   # where along a mismatch dial each
                                                    # method fails, against the measured KL (`boundary`)
+    retired: "2026-12-08: its rate degraded its control; replaced by ..."   # not to be run or tuned again: both
+                                                   # commands refuse it (--page-only still rewrites its page)
 
 Each (arm, seed) trains with the real CLI (`unigrad train`) into OUT/ARM/seedK, resuming a run a cut-off study
 left behind and skipping a finished one, then is evaluated with `unigrad eval --per-prompt` on every split in
@@ -104,6 +106,9 @@ class StudySpec(BaseModel):
                          "states it instead of assuming the inherited rate)")
     boundary: BoundarySpec | None = Field(None, description="where along a mismatch dial each method fails, against "
                                           "the measured KL (`boundary`)")
+    retired: str = Field("", description="when and why the study was retired: `unigrad study` and `unigrad tune` "
+                         "refuse it (its page is kept as the record of its runs; --page-only still rewrites it), and "
+                         "the page says so under its title")
 
     @field_validator("train")
     @classmethod

@@ -166,7 +166,9 @@ def render(study: Study, command: str, doc: Path, wall_minutes: float | None = N
 def _intro(study: Study, command: str, wall_minutes: float | None) -> list[str]:
     """Title, question, how the page was made (machine, commit, runs, time) and how to read its tables."""
     spec = study.spec
-    lines = [f"# {spec.title}", "", spec.question.strip(), ""] if spec.question else [f"# {spec.title}", ""]
+    lines = [f"# {spec.title}", ""]
+    lines += [f"**Retired**, not to be run or tuned again: {spec.retired.strip()}", ""] if spec.retired else []
+    lines += [spec.question.strip(), ""] if spec.question else []
     total = sum(study.train_minutes(arm, seed, chain=False) for arm in spec.arms for seed in range(spec.seeds)
                 if (study.run_dir(arm, seed) / "metrics.jsonl").is_file())
     own_steps = {arm: o["steps"] for arm, o in spec.arms.items() if "steps" in o}
@@ -278,9 +280,9 @@ def _closing(study: Study, doc: Path) -> list[str]:
         for png in plot_curves(study, doc):
             lines += [f"![{png.stem}]({png.name})", ""]
     lines += ["", preregistration_line(study.source)] if study.source is not None else []
+    unset = {"question"} | ({"tuning"} if spec.tuning is None else set()) | (set() if spec.retired else {"retired"})
     lines += ["", "Study file (the training config each arm starts from, then each arm's overrides):", "",
-              "```yaml", yaml.safe_dump(spec.model_dump(exclude={"question", "tuning"} if spec.tuning is None
-                                                     else {"question"}), sort_keys=False).rstrip(), "```"]
+              "```yaml", yaml.safe_dump(spec.model_dump(exclude=unset), sort_keys=False).rstrip(), "```"]
     lines += ["", "Columns: " + "; ".join(f"*{k}* = {v}" for k, v in spec.columns.items()) +
               " (per run: mean/max/min over its steps, last = mean of its last tenth, growth = mean of its last "
               "third / mean of its first third, alarms = steps on which the alarm fired; then mean ± 95% CI over "
