@@ -218,6 +218,31 @@ def test_staged_arms_are_tuned_as_whole_methods(tmp_path):
     assert "not tuned (fixed, the file's value): start 0.0001" in provenance(tuned, got)
 
 
+def test_per_control_tunes_the_control_alone_and_every_arm_takes_its_pick(tmp_path):
+    arms = {"control": {}, "grpo_s1": {"rollout.router_noise": 1.0},
+            "tis_s1": {"objective": "grpo_tis", "rollout.router_noise": 1.0}}
+    spec = _study(arms=arms, control="control", tuning={"grid": [3e-5, 1e-4], "per": "control", "steps": 4})
+    grid = GridStudy(grid_spec(spec), tmp_path)
+    assert sorted(grid.spec.arms) == ["control+0.0001", "control+3e-05"]  # the perturbed arms are not trained
+    assert grid.run_config("control+3e-05", 1001)["optim"]["lr"] == 3e-5
+    # the perturbed arms would pick 1e-4 (pooled, the study-wise pick would too); the control picks 3e-5
+    scores = {"control": {3e-5: [0.30, 0.32], 1e-4: [0.25, 0.27]}}
+    assert picks(spec, scores) == {"control": 3e-5, "grpo_s1": 3e-5, "tis_s1": 3e-5}
+    record = make_record(spec, picks(spec, scores), "unigrad tune t.yaml", "abc1234")
+    assert table_lines(spec, scores, record)[2].endswith("| 3e-05 (every arm of its model) |")
+    assert "3e-05 for every arm" in provenance(apply_record(spec, record), record)
+    assert "pick on the control arm" in provenance(apply_record(spec, record), record)
+    per_model = _study(arms={**arms, "moe": {"model": {"name": "m"}}}, control={"unigrad-tiny": "control", "m": "moe"},
+                       tuning={"grid": [3e-5, 1e-4], "per": "control", "steps": 4})
+    both = {"control": {3e-5: [0.3, 0.3], 1e-4: [0.2, 0.2]}, "moe": {3e-5: [0.2, 0.2], 1e-4: [0.3, 0.3]}}
+    assert picks(per_model, both) == {"control": 3e-5, "grpo_s1": 3e-5, "tis_s1": 3e-5, "moe": 1e-4}
+    with pytest.raises(ValueError, match="needs the study's control arm"):
+        _study(arms=arms, tuning={"grid": [3e-5, 1e-4], "per": "control"})
+    with pytest.raises(ValueError, match="no fixed arms"):
+        _study(arms={**arms, "s": {"from": "control"}}, control="control",
+               tuning={"grid": [3e-5, 1e-4], "per": "control", "fixed": ["control"]})
+
+
 def test_records_made_before_staged_tuning_still_read():
     """The committed tuning records (made before `fixed` existed) keep their digest."""
     for name in ("presets", "offpolicy_objectives", "gspo_dense", "kl_beta"):

@@ -162,6 +162,13 @@ class StudySpec(BaseModel):
 
         if self.tuning is not None:
             check_tuning_fits(self.tuning, self.arms)
+            if self.tuning.per == "control":
+                controls = [self.control] if isinstance(self.control, str) else list((self.control or {}).values())
+                if not controls:
+                    raise ValueError("tuning.per: control needs the study's control arm (control: ARM)")
+                if self.tuning.fixed or any("from" in self.arms[c] for c in controls):
+                    raise ValueError("tuning.per: control tunes the control arm alone: no fixed arms, and a control "
+                                     "that starts from a model, not `from` another arm")
         return self
 
     @model_validator(mode="after")

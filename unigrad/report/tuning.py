@@ -41,6 +41,8 @@ def grid_spec(spec: StudySpec) -> StudySpec:
     tuning = spec.tuning
     arms = {}
     for arm, overrides in spec.arms.items():
+        if arm not in scored_arms(spec) and arm not in tuning.fixed:
+            continue
         if arm in tuning.fixed:
             arms[arm] = dict(overrides)
             continue
@@ -67,15 +69,29 @@ class GridStudy(Study):
         return float("nan") if result is None else float(result["mean"]["pass@1"])
 
 
-def tuned_arms(spec: StudySpec) -> list[str]:
-    """The study's arms the tuning picks a value for (all but the fixed ones)."""
+def scored_arms(spec: StudySpec) -> list[str]:
+    """The study's arms trained on the grid and scored: all but the fixed ones; with `per: control` the control
+    arm(s) alone."""
+    if spec.tuning.per == "control":
+        control = spec.control
+        return [control] if isinstance(control, str) else list(dict.fromkeys(control.values()))
     return [arm for arm in spec.arms if arm not in spec.tuning.fixed]
 
 
+def control_of(spec: StudySpec, arm: str) -> str:
+    """The control arm whose pick `arm` takes under `per: control` (the one for its model)."""
+    control = spec.control
+    return control if isinstance(control, str) else control[model_name(spec, arm)]
+
+
+def model_name(spec: StudySpec, arm: str) -> str:
+    return str(arm_config(spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+
+
 def grid_scores(spec: StudySpec, grid: GridStudy) -> dict[str, dict[float, list[float]]]:
-    """{tuned arm: {value: validation pass@1 per tuning seed}}."""
+    """{scored arm: {value: validation pass@1 per tuning seed}}."""
     return {arm: {value: [grid.score(grid_arm(arm, value), seed) for seed in grid.seeds()]
-                  for value in spec.tuning.grid} for arm in tuned_arms(spec)}
+                  for value in spec.tuning.grid} for arm in scored_arms(spec)}
 
 
 def fixed_scores(spec: StudySpec, grid: GridStudy) -> dict[str, list[float]]:
@@ -94,8 +110,12 @@ def pick(scores: dict[float, list[float]]) -> float:
 
 
 def picks(spec: StudySpec, scores: dict[str, dict[float, list[float]]]) -> dict[str, float]:
-    """Per tuned arm its pick; with `per: study` one pick from all last stages' runs pooled, given to every arm. A
-    stage another tuned arm starts from takes its last stage's pick (`tuning_spec.last_stage`)."""
+    """Per tuned arm its pick; with `per: study` one pick from all last stages' runs pooled, given to every arm; with
+    `per: control` every arm its control's pick. A stage another tuned arm starts from takes its last stage's pick
+    (`tuning_spec.last_stage`)."""
+    if spec.tuning.per == "control":
+        chosen = {arm: pick(scores[arm]) for arm in scores}
+        return {arm: chosen[control_of(spec, arm)] for arm in spec.arms}
     ends = [arm for arm in scores if last_stage(spec.tuning, spec.arms, arm) == arm]
     if spec.tuning.per == "arm":
         chosen = {arm: pick(scores[arm]) for arm in ends}

@@ -31,12 +31,13 @@ def table_lines(spec, scores: dict[str, dict[float, list[float]]], record: dict[
     grid = spec.tuning.grid
     head = ["arm", *(f"{record['key']} = {v:g}" for v in grid), "pick"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    per_arm = record["per"] == "arm"
+    per_arm = record["per"] in ("arm", "control")  # one pick per scored row
     ends = []
     for arm, by_value in scores.items():
         pick, end = record["picks"][arm], last_stage(spec.tuning, spec.arms, arm)
         ends += [arm] if end == arm else []
-        how = f" (stage: {end}'s pick)" if end != arm else "" if per_arm else " (pooled)"
+        how = (f" (stage: {end}'s pick)" if end != arm else " (every arm of its model)" if record["per"] == "control"
+               else "" if per_arm else " (pooled)")
         lines.append(f"| `{arm}` | " + " | ".join(cell(by_value[v], per_arm and end == arm and v == pick) for v in grid)
                      + f" | {pick:g}{how} |")
     if not per_arm:
@@ -56,7 +57,9 @@ def render(spec, grid_study, scores: dict[str, dict[float, list[float]]], record
            if any("steps" in o for o in grid_study.spec.arms.values()) else "")
     lines = [f"# Tuning: {spec.title}", "",
              f"`{record['key']}` chosen on the **validation** split (never test) before the study's runs, "
-             + ("per arm" if record["per"] == "arm" else "once for all arms (pooled over arms)") + ". Each arm × grid "
+             + {"arm": "per arm", "study": "once for all arms (pooled over arms)",
+                "control": "on the control arm alone, its pick given to every arm"}[record["per"]]
+             + ". Each arm × grid "
              f"value trained with tuning seeds {seeds[0]}-{seeds[-1]} (the study's own runs use seeds 0 .. "
              f"{spec.seeds - 1}: no seed is shared) for {record['steps']} rollout steps{own}, then evaluated greedily "
              "on "

@@ -97,13 +97,15 @@ def provenance(spec, record: dict[str, Any] | None) -> str:
 
 def _tuned_sentence(record: dict[str, Any]) -> str:
     picks = record["picks"]
-    values = (f"{_g(next(iter(picks.values())))} for every arm" if record["per"] == "study"
-              else ", ".join(f"{arm} {_g(v)}" for arm, v in picks.items()))
+    one = len(set(picks.values())) == 1
+    values = (f"{_g(next(iter(picks.values())))} for every arm" if record["per"] == "study" or one and
+              record["per"] == "control" else ", ".join(f"{arm} {_g(v)}" for arm, v in picks.items()))
     table = Path(record["table"]).name
+    how = "pick on the control arm" if record["per"] == "control" else f"{record['per']}-wise pick"
     fixed = record.get("fixed", {})
     if fixed:
         values += "; not tuned (fixed, the file's value): " + ", ".join(f"{arm} {_g(v)}" for arm, v in fixed.items())
-    return (f"`{record['key']}` tuned on the **validation** split ({record['per']}-wise pick over grid "
+    return (f"`{record['key']}` tuned on the **validation** split ({how} over grid "
             f"{', '.join(_g(x) for x in record['grid'])}; seeds {record['seeds'][0]}-{record['seeds'][-1]}, disjoint "
             f"from this page's; {record['steps']} steps per run): {values}. Table: [{table}]({table}), written by "
             f"`{record['command']}` at commit {record['commit']} ({record['date']}).")

@@ -10,6 +10,10 @@ order) with a run whose test numbers are reported.
 Split rule: only the validation split is evaluated; a tuning section naming the test split is refused, since the
 study's page reports test numbers and a value chosen on them would make those numbers optimistic.
 
+`per: control` trains only the study's `control` arm (per model, when the control is given per model) on the grid,
+and every arm takes its control's pick: for studies that ask where methods fail under a perturbation, at one rate
+at which the unperturbed run does best on validation. It needs a declared control and takes no `fixed` arms.
+
 Staged arms (an arm trained `from` another's final weights):
 - an arm listed in `fixed` is not tuned: it trains once per tuning seed at the file's value (a shared start that
   the methods train from, chosen before the study; its own `steps` kept);
@@ -39,9 +43,11 @@ class TuningSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str = Field("optim.lr", description="the dotted training-config key tuned (an arm may not set it itself)")
     grid: list[float] = Field(min_length=2, description="the values tried, at least two, distinct")
-    per: Literal["arm", "study"] = Field(
+    per: Literal["arm", "study", "control"] = Field(
         "arm", description="arm: each arm gets its own pick (objectives compared at their own best value); study: "
-        "one pick for every arm (the best mean over all arms' runs)")
+        "one pick for every arm (the best mean over all arms' runs); control: only the study's control arm is "
+        "trained on the grid, and its pick goes to every arm (methods compared at the rate best for the unperturbed "
+        "run)")
     seeds: int = Field(2, ge=1, le=50, description="tuning seeds per (arm, value): 1000, 1001, ...")
     steps: int | None = Field(None, ge=1, description="rollout steps per tuning run (default: the study's)")
     prompts: int = Field(100, ge=2, description="validation prompts per task")
