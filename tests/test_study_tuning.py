@@ -243,6 +243,19 @@ def test_per_control_tunes_the_control_alone_and_every_arm_takes_its_pick(tmp_pa
                tuning={"grid": [3e-5, 1e-4], "per": "control", "fixed": ["control"]})
 
 
+def test_every_shipped_tuning_section_builds_its_grid():
+    from pathlib import Path
+
+    for f in sorted(Path("examples/studies").glob("*.yaml")):
+        spec = load_study(f)
+        if spec.tuning is None:
+            continue
+        grid = GridStudy(grid_spec(spec), Path("unused"))
+        values = {f"{v:g}" for v in spec.tuning.grid}
+        assert all(arm in spec.tuning.fixed or arm.rsplit("+", 1)[1] in values for arm in grid.spec.arms), f
+        assert grid.spec.eval.splits == ["validation"], f
+
+
 def test_records_made_before_staged_tuning_still_read():
     """The committed tuning records (made before `fixed` existed) keep their digest."""
     for name in ("presets", "offpolicy_objectives", "gspo_dense", "kl_beta"):

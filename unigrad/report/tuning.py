@@ -51,7 +51,8 @@ def grid_spec(spec: StudySpec) -> StudySpec:
         for value in tuning.grid:
             stage = {"from": grid_arm(parent, value)} if parent is not None and parent not in tuning.fixed else {}
             arms[grid_arm(arm, value)] = {**kept, **stage, tuning.key: value}
-    data = {**spec.model_dump(exclude={"tuning", "baseline", "control", "comparisons", "columns", "curves"}),
+    data = {**spec.model_dump(exclude={"tuning", "baseline", "control", "comparisons", "columns", "curves",
+                                               "boundary"}),
             "arms": arms, "seeds": tuning.seeds, "steps": tuning.steps or spec.steps,
             "eval": {"prompts": tuning.prompts, "splits": ["validation"]}}
     return StudySpec.model_validate(data)
