@@ -128,10 +128,30 @@ def test_from_config_gives_each_component_its_own_coefficient():
     coefs = ["hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"]
     hpt = TrainingMode.from_config(load_config(None, ["objective=hpt", "hybrid.gamma=0.25", *coefs]))
     assert (hpt.demonstrations, hpt.hpt_gamma, hpt.rl_coef, hpt.sft_coef) == ("failed", 0.25, 0.3, 0.7)
-    luffy = TrainingMode.from_config(load_config(None, ["objective=luffy", *coefs]))
+    luffy = TrainingMode.from_config(load_config(None, ["objective=luffy"]))
     assert (luffy.demonstrations, luffy.rl_coef) == ("in_group", 1.0)
-    sft = TrainingMode.from_config(load_config(None, ["objective=sft", *coefs]))
+    sft = TrainingMode.from_config(load_config(None, ["objective=sft", "hybrid.sft_coef=0.7"]))
     assert (sft.demonstrations, sft.sft_coef) == ("all", 0.7)
+
+
+@pytest.mark.parametrize("objective, keys, refused", [
+    ("luffy", ["hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7"], "hybrid.rl_coef, hybrid.sft_coef: objective='luffy'"),
+    ("sft", ["hybrid.gamma=0.25"], "hybrid.gamma: objective='sft' ignores it"),
+    ("grpo", ["hybrid.sft_coef=0.5"], "hybrid.sft_coef: objective='grpo' ignores it"),
+    ("grpo", ["hybrid.rl_objective=grpo"], "hybrid.rl_objective: objective='grpo'"),
+    ("hpt", ["hybrid.gamma=0.25", "hybrid.rl_coef=0.3", "hybrid.sft_coef=0.7", "hybrid.rl_objective=grpo"], None),
+    ("sft", ["hybrid.sft_coef=0.7"], None),
+    ("grpo", ["hybrid.gamma=0.0", "hybrid.rl_coef=1.0"], None)])  # the defaults, as a saved config writes them
+def test_hybrid_keys_an_objective_would_ignore_are_refused(objective, keys, refused):
+    """HPT's switch (gamma), its RL part and weights act with objective=hpt; sft_coef also weighs objective=sft's
+    loss. Any other hybrid.* key would be ignored without a word."""
+    from unigrad.config import ConfigError, load_config
+
+    if refused is None:
+        load_config(None, [f"objective={objective}", *keys])
+        return
+    with pytest.raises(ConfigError, match=refused.replace("(", r"\(")):
+        load_config(None, [f"objective={objective}", *keys])
 
 
 def tempered_row_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:

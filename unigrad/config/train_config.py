@@ -245,6 +245,23 @@ class TrainConfig(_Section):
                          "(objective_args.advantage=reinforce or whiten) with rollout.num_generations=1")
 
     @model_validator(mode="after")
+    def _hybrid_keys_act(self) -> TrainConfig:
+        """hybrid.* acts with objective=hpt (all four keys) and objective=sft (sft_coef, its only loss's weight); a key
+        set to another value than its default for another objective would be ignored without a word, so it is refused
+        (a saved config, which writes every key at its value, still loads)."""
+        acting = set(HybridSection.model_fields) if self.is_hybrid else {"sft_coef"} if self.objective == "sft" \
+            else set()
+        fields = HybridSection.model_fields
+        ignored = sorted(k for k in self.hybrid.model_fields_set - acting
+                         if getattr(self.hybrid, k) != fields[k].get_default(call_default_factory=True))
+        if ignored:
+            keys = ", ".join(f"hybrid.{k}" for k in ignored)
+            raise ValueError(f"{keys}: objective={self.objective!r} ignores {'it' if len(ignored) == 1 else 'them'} "
+                             "(hybrid.gamma, rl_objective and rl_coef act with objective=hpt only, hybrid.sft_coef "
+                             "with hpt and sft); drop the key or set objective=hpt")
+        return self
+
+    @model_validator(mode="after")
     def _demonstration_modes_consistent(self) -> TrainConfig:
         if self.is_hybrid and resolve_objective(self.hybrid.rl_objective).off_policy_ratio is not None:
             raise ValueError(f"hybrid.rl_objective={self.hybrid.rl_objective!r} takes demonstrations itself; "
