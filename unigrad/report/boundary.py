@@ -262,9 +262,13 @@ def plot_boundary(points: dict[str, list[Point]], path: Path, dial: str) -> Path
         halves = [p.drop[1] if math.isfinite(p.drop[1]) else 0.0 for p in line]
         right.errorbar(xs, drops, yerr=halves, marker="o", capsize=3, label=label)
     finite = [p.x for line in points.values() for p in line if p.dial > 0 and p.x > 0 and math.isfinite(p.x)]
+    linthresh = 10.0 ** math.floor(math.log10(min(finite))) if finite else 1e-3  # the decade below the least KL
+    decades = range(math.ceil(math.log10(linthresh)), math.floor(math.log10(max(finite, default=1.0))) + 1)
+    ticks, labels = [0.0, *(10.0 ** k for k in decades)], ["0", *(f"$10^{{{k}}}$" for k in decades)]
     for ax, title in ((left, "collapse rate: test pass@1 < half the control's (95% Wilson)"),
                       (right, "accuracy drop vs control, test pass@1 points (95% CI)")):
-        ax.set_xscale("symlog", linthresh=min(finite) / 2 if finite else 1e-3)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xticks(ticks, labels)  # 0 and the decades past the linear part (matplotlib's own put 10^-3 on 0)
         ax.set_xlabel(f"measured mismatch KL ({dial} dial, reference line)")
         ax.set_title(title, fontsize=10)
         ax.axhline(0, color="grey", lw=0.5)
