@@ -130,6 +130,30 @@ def test_the_study_tests_its_comparisons_together_and_judges_collapses_against_i
         StudySpec.model_validate({**spec.model_dump(), "control": "z"})
 
 
+def test_collapse_on_held_out_accuracy_ignores_a_reward_low_from_step_1(tmp_path):
+    """collapse_metric 'test pass@1': a run whose perturbed sampler earns little reward from step 1 is not collapsed
+    when its held-out accuracy holds; one below half of the control's mean test pass@1 (0.31 / 2) is."""
+    from unigrad.report.study_page import _collapse_rule
+
+    spec = StudySpec.model_validate({
+        "title": "t", "doc": "d.md", "steps": 2, "seeds": 3, "train": {"tasks": ["arithmetic"]},
+        "arms": {"base": {}, "noisy": {"rollout.temperature": 2.0}}, "control": "base",
+        "collapse_metric": "test pass@1"})
+    study = Study(spec, tmp_path)
+    for arm, values, reward in (("base", [0.30, 0.32, 0.31], 0.3), ("noisy", [0.29, 0.15, 0.16], 0.05)):
+        for seed, v in enumerate(values):
+            _write(study.run_dir(arm, seed), "study_eval_test.json", json.dumps({"mean": {"pass@1": v}}))
+            _write(study.run_dir(arm, seed), "metrics.jsonl", "".join(json.dumps({"reward/mean": reward}) + "\n"
+                                                                      for _ in range(20)))
+    assert [study.is_collapsed("noisy", s) for s in range(3)] == [False, True, False]  # 0.15 < 0.155 <= 0.16
+    by_reward = Study(StudySpec.model_validate({**spec.model_dump(), "collapse_metric": "reward/mean"}), tmp_path)
+    assert [by_reward.is_collapsed("noisy", s) for s in range(3)] == [True, True, True]  # what the reward rule says
+    assert "its test pass@1 ended below half of the control arm's mean" in _collapse_rule(spec)
+    assert "its training reward (10-step trailing mean" in _collapse_rule(by_reward.spec)
+    with pytest.raises(ValueError, match="add test to eval.splits"):
+        StudySpec.model_validate({**spec.model_dump(), "eval": {"splits": ["validation"]}})
+
+
 def test_scores_are_read_back_from_a_committed_page():
     text = "Start 24.2. Per seed (test pass@1): grpo 32.6, 30.6; gspo-moe 31.0, 26.3.\n\nPer task"
     assert scores_from_page(text) == {"grpo": [32.6, 30.6], "gspo-moe": [31.0, 26.3]}

@@ -67,6 +67,7 @@ from unigrad.report.seeds import collapsed, series
 from unigrad.report.study import run_training
 from unigrad.report.tuning_spec import TUNING_SEED_BASE, TuningSpec
 
+HELD_OUT = "test pass@1"  # collapse_metric: judge collapse on held-out accuracy, not on a training curve
 STATS = ("mean", "median", "sum", "max", "min", "last", "growth", "alarms", "count")
 COLUMN = re.compile(r"^(\w+)\(([^()]+)\)$")
 
@@ -94,7 +95,10 @@ class StudySpec(BaseModel):
     comparisons: list[list[str]] = Field(
         [], description="further seed-paired differences to report, each [arm, other arm]: arm minus other")
     curves: list[str] = []
-    collapse_metric: str = "reward/mean"
+    collapse_metric: str = Field(
+        "reward/mean", description="the per-step metric the collapse rule reads (10-step trailing mean against the "
+        f"control's), or {HELD_OUT!r}: a run collapsed when its held-out test pass@1 is below half of the control's "
+        "mean (for studies whose arms perturb the sampler, so their training reward is low before any update)")
     tuning: TuningSpec | None = Field(None, description="a value chosen on the validation split before the study "
                                       "runs (`unigrad tune`; `tuning_spec`)")
     _source: Path | None = PrivateAttr(None)  # the file it was loaded from (`load_study`), for the page's git record
@@ -154,6 +158,12 @@ class StudySpec(BaseModel):
                 if parent in chain:
                     raise ValueError(f"arms {' -> '.join([*chain, parent])}: a cycle of from")
                 chain.append(parent)
+        return self
+
+    @model_validator(mode="after")
+    def _held_out_collapse_is_evaluated(self) -> StudySpec:
+        if self.collapse_metric == HELD_OUT and "test" not in self.eval.splits:
+            raise ValueError(f"collapse_metric {HELD_OUT!r} reads each run's test evaluation: add test to eval.splits")
         return self
 
     @model_validator(mode="after")
@@ -413,6 +423,15 @@ class Study:
         if self.status(arm, seed).get("stopped"):
             return True
         key = self.spec.collapse_metric
+        if key == HELD_OUT:
+            from unigrad.report.boundary import accuracy_collapses
+
+            def score(a: str, s: int) -> float:
+                result = self.evaluation(a, s, "test")
+                return float(result["mean"]["pass@1"]) if result is not None else math.nan
+
+            control_scores = [x for s in self.seeds() if math.isfinite(x := score(control, s))]
+            return accuracy_collapses([score(arm, seed)], control_scores, [False])[0] if control_scores else None
         runs = [series(self.metrics(control, s), key) for s in range(self.spec.seeds)
                 if (self.run_dir(control, s) / "metrics.jsonl").is_file()]
         return collapsed(series(self.metrics(arm, seed), key), runs) if runs else None

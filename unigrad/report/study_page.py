@@ -190,12 +190,25 @@ def _intro(study: Study, command: str, wall_minutes: float | None) -> list[str]:
         f"Held-out **test** greedy pass@1 (%) on {spec.eval.prompts} prompts per task (the same prompts for every "
         "run), mean over seeds ± the half-width of its 95% t interval; *prompt SE*: the paired per-prompt "
         "standard error of the same difference (each prompt's correctness averaged over seeds), the uncertainty "
-        "from which prompts were drawn. A run *collapsed* when its training reward (10-step trailing mean, from "
-        "step 1) ended below half of the control arm's at the same step (mean over the control's seeds), or it stopped "
-        "itself; without a declared control there is no collapse verdict (–).",
+        "from which prompts were drawn. " + _collapse_rule(spec),
         "",
     ]
     return lines
+
+
+def _collapse_rule(spec) -> str:
+    """The page's sentence on what a collapse is, for the study's collapse_metric."""
+    from unigrad.report.seeded_study import HELD_OUT
+
+    if spec.collapse_metric == HELD_OUT:
+        rule = ("its test pass@1 ended below half of the control arm's mean over seeds, or it stopped itself (held-out "
+                "accuracy, not training reward: this study's arms change the sampler, so their reward is low from "
+                "step 1)")
+    else:
+        metric = "training reward" if spec.collapse_metric == "reward/mean" else f"`{spec.collapse_metric}`"
+        rule = (f"its {metric} (10-step trailing mean, from step 1) ended below half of the control arm's at the same "
+                "step (mean over the control's seeds), or it stopped itself")
+    return f"A run *collapsed* when {rule}; without a declared control there is no collapse verdict (–)."
 
 
 def _arm_table(study: Study, summaries: dict[str, dict], models: dict[str, str]) -> list[str]:
