@@ -209,6 +209,7 @@ def test_staged_arms_are_tuned_as_whole_methods(tmp_path):
     text = write_tuning_table(spec, grid, scores, record, tmp_path).read_text()
     assert "- `start` at optim.lr 0.0001: 41.0 ± " in text and "half, sft start from its run" in text
     assert "for 10 rollout steps (an arm with its own `steps` in the study file: those)" in text
+    assert "A stage (an arm another tuned arm starts from)" in text
     assert "18 tuning runs: 10 min" in text  # 16 runs x 30 s + 2 x 60 s, each run counted once (not its chain)
     write_record(study_file, record)
     tuned, got = load_tuned_study(study_file)
@@ -238,6 +239,15 @@ def test_per_control_tunes_the_control_alone_and_every_arm_takes_its_pick(tmp_pa
     assert picks(per_model, both) == {"control": 3e-5, "grpo_s1": 3e-5, "tis_s1": 3e-5, "moe": 1e-4}
     with pytest.raises(ValueError, match="needs the study's control arm"):
         _study(arms=arms, tuning={"grid": [3e-5, 1e-4], "per": "control"})
+    with pytest.raises(ValueError, match="no control arm for model"):  # moe's model has no control: whose pick?
+        _study(arms={**arms, "moe": {"model": {"name": "m"}}}, control={"unigrad-tiny": "control"},
+               tuning={"grid": [3e-5, 1e-4], "per": "control"})
+    # arms trained from the control are not stages here (only the control is on the grid): no stage refusals
+    after = _study(arms={**arms, "s1": {"from": "control"}, "s2": {"from": "control"}}, control="control",
+                   tuning={"grid": [3e-5, 1e-4], "per": "control", "steps": 4})
+    assert picks(after, scores)["s2"] == 3e-5
+    rec = make_record(after, picks(after, scores), "unigrad tune t.yaml", "abc1234")
+    assert table_lines(after, scores, rec)[2].endswith("| 3e-05 (every arm of its model) |")
     with pytest.raises(ValueError, match="no fixed arms"):
         _study(arms={**arms, "s": {"from": "control"}}, control="control",
                tuning={"grid": [3e-5, 1e-4], "per": "control", "fixed": ["control"]})
@@ -256,13 +266,21 @@ def test_every_shipped_tuning_section_builds_its_grid():
         assert grid.spec.eval.splits == ["validation"], f
 
 
+def test_a_fixed_start_trains_the_study_budget_not_the_tuning_steps():
+    spec = _study(arms={"start": {"objective": "sft"}, "a": {"from": "start"}},
+                  tuning={"grid": [1e-4, 3e-4], "fixed": ["start"], "steps": 4})
+    grid = GridStudy(grid_spec(spec), "unused")
+    assert grid.run_config("start", 1000)["max_steps"] == 10  # the study's 10: the start the study itself runs from
+    assert grid.run_config("a+0.0001", 1000)["max_steps"] == 4
+
+
 def test_records_made_before_staged_tuning_still_read():
     """The committed tuning records (made before `fixed` existed) keep their digest."""
     for name in ("presets", "offpolicy_objectives", "gspo_dense", "kl_beta"):
         path = f"examples/studies/{name}.yaml"
-        if record_path(path).is_file():
-            tuned, record = load_tuned_study(path)
-            assert record is not None and all(arm in record["picks"] for arm in tuned.arms), name
+        assert record_path(path).is_file(), name
+        tuned, record = load_tuned_study(path)
+        assert record is not None and all(arm in record["picks"] for arm in tuned.arms), name
 
 
 def test_records_that_are_refused(tmp_path, capsys):

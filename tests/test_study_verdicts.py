@@ -146,6 +146,8 @@ def test_collapse_on_held_out_accuracy_ignores_a_reward_low_from_step_1(tmp_path
             _write(study.run_dir(arm, seed), "metrics.jsonl", "".join(json.dumps({"reward/mean": reward}) + "\n"
                                                                       for _ in range(20)))
     assert [study.is_collapsed("noisy", s) for s in range(3)] == [False, True, False]  # 0.15 < 0.155 <= 0.16
+    (study.run_dir("noisy", 2) / "study_eval_test.json").unlink()
+    assert study.is_collapsed("noisy", 2) is None  # not evaluated: no verdict (not "held up")
     by_reward = Study(StudySpec.model_validate({**spec.model_dump(), "collapse_metric": "reward/mean"}), tmp_path)
     assert [by_reward.is_collapsed("noisy", s) for s in range(3)] == [True, True, True]  # what the reward rule says
     assert "its test pass@1 ended below half of the control arm's mean" in _collapse_rule(spec)

@@ -21,7 +21,7 @@ A study file holds everything the study depends on (nothing is read from another
     tuning: {key: optim.lr, grid: [3.0e-5, 1.0e-4, 3.0e-4], per: arm}   # chosen on validation first: `unigrad
                                                    # tune FILE` (`tuning_spec`, `tuning`); the study then runs with
                                                    # the picks recorded in tuned/NAME.yaml beside the file
-    control: grpo                                  # collapse: a run's reward ending below half of this arm's
+    control: grpo                                  # collapse: a run's reward (or collapse_metric) below half this arm's
     boundary: {dial: rollout.router_noise, lines: {GRPO: [grpo, grpo_s1]}}   # where along a mismatch dial each
                                                    # method fails, against the measured KL (`boundary`)
     retired: "2026-12-08: its rate degraded its control; replaced by ..."   # not to be run or tuned again: both
@@ -34,8 +34,9 @@ reports test numbers (validation numbers are there to choose on): the mean over 
 the change against the start checkpoint and the difference against the baseline arm, each with its interval over
 seeds and its paired per-prompt standard error (`unigrad.report.seeds`). A run that stops itself (exit code 3:
 an alarm in `monitors.stop_on`, non-finite steps) is recorded as stopped and counted as a collapse. A run collapsed
-when its training reward (10-step trailing mean from step 1) ends below half of the `control` arm's at the same step;
-a study without a declared `control` gets no collapse verdict. Each comparison is also tested with Holm's adjustment
+when its training reward (10-step trailing mean from step 1) ends below half of the `control` arm's at the same step,
+or, with `collapse_metric: test pass@1`, when its test pass@1 is below half of the control's mean over seeds; a study
+without a declared `control` gets no collapse verdict. Each comparison is also tested with Holm's adjustment
 over all the comparisons the study makes (`study_verdicts`).
 
 Column statistics (`stat(metric)`): mean (over the run's steps), median (for heavy-tailed ones such as
@@ -104,8 +105,8 @@ class StudySpec(BaseModel):
     _source: Path | None = PrivateAttr(None)  # the file it was loaded from (`load_study`), for the page's git record
     _tuned: dict[str, Any] | None = PrivateAttr(None)  # the tuning record applied to the arms (`tuning_record`)
     control: str | dict[str, str] | None = Field(
-        None, description="the arm a run's collapse is judged against (its reward ending below half the control's "
-        "at the same step), or per model name; without one the page gives no collapse verdict")
+        None, description="the arm a run's collapse is judged against (its `collapse_metric` ending below half the "
+        "control's), or per model name; without one the page gives no collapse verdict")
     lr_note: str = Field("", description="how the file's learning rate was chosen when it is not tuned (the page "
                          "states it instead of assuming the inherited rate)")
     boundary: BoundarySpec | None = Field(None, description="where along a mismatch dial each method fails, against "
@@ -176,6 +177,11 @@ class StudySpec(BaseModel):
                 controls = [self.control] if isinstance(self.control, str) else list((self.control or {}).values())
                 if not controls:
                     raise ValueError("tuning.per: control needs the study's control arm (control: ARM)")
+                if isinstance(self.control, dict):
+                    models = {str(arm_config(self, a).get("model", {}).get("name", "unigrad-tiny")) for a in self.arms}
+                    if missing := sorted(models - set(self.control)):
+                        raise ValueError(f"tuning.per: control: no control arm for model(s) {', '.join(missing)}; "
+                                         "every arm takes its model's control's pick")
                 if self.tuning.fixed or any("from" in self.arms[c] for c in controls):
                     raise ValueError("tuning.per: control tunes the control arm alone: no fixed arms, and a control "
                                      "that starts from a model, not `from` another arm")
@@ -431,7 +437,10 @@ class Study:
                 return float(result["mean"]["pass@1"]) if result is not None else math.nan
 
             control_scores = [x for s in self.seeds() if math.isfinite(x := score(control, s))]
-            return accuracy_collapses([score(arm, seed)], control_scores, [False])[0] if control_scores else None
+            own = score(arm, seed)
+            if not control_scores or not math.isfinite(own):  # nothing to judge on: no verdict, not "held up"
+                return None
+            return accuracy_collapses([own], control_scores, [False])[0]
         runs = [series(self.metrics(control, s), key) for s in range(self.spec.seeds)
                 if (self.run_dir(control, s) / "metrics.jsonl").is_file()]
         return collapsed(series(self.metrics(arm, seed), key), runs) if runs else None

@@ -43,8 +43,8 @@ def grid_spec(spec: StudySpec) -> StudySpec:
     for arm, overrides in spec.arms.items():
         if arm not in scored_arms(spec) and arm not in tuning.fixed:
             continue
-        if arm in tuning.fixed:
-            arms[arm] = dict(overrides)
+        if arm in tuning.fixed:  # trained as in the study: its own steps, else the study's (not tuning.steps)
+            arms[arm] = {"steps": spec.steps, **overrides}
             continue
         kept = {k: v for k, v in overrides.items() if not (k == "steps" and tuning.steps is not None)}
         parent = overrides.get("from")
@@ -52,7 +52,7 @@ def grid_spec(spec: StudySpec) -> StudySpec:
             stage = {"from": grid_arm(parent, value)} if parent is not None and parent not in tuning.fixed else {}
             arms[grid_arm(arm, value)] = {**kept, **stage, tuning.key: value}
     data = {**spec.model_dump(exclude={"tuning", "baseline", "control", "comparisons", "columns", "curves",
-                                               "boundary"}),
+                                               "boundary", "collapse_metric"}),
             "arms": arms, "seeds": tuning.seeds, "steps": tuning.steps or spec.steps,
             "eval": {"prompts": tuning.prompts, "splits": ["validation"]}}
     return StudySpec.model_validate(data)

@@ -73,6 +73,9 @@ def render(spec, grid_study, scores: dict[str, dict[float, list[float]]], record
              f"{minutes:.0f} min. `unigrad study` reads the picks from the record beside the study file.", ""]
     lines += table_lines(spec, scores, record)
     lines += fixed_lines(spec, grid_study, record)
+    if any(last_stage(spec.tuning, spec.arms, arm) != arm for arm in scores):
+        lines += ["", "A stage (an arm another tuned arm starts from) trains at each grid value with the arm after it "
+                  "and takes that arm's pick: the method is judged where it ends."]
     starts = sorted({grid_study.model_of(arm) for arm in grid_study.spec.arms})
     lines += ["", "Start checkpoint(s), validation pass@1: " + ", ".join(
         f"{m} {100 * _start(grid_study, m):.1f}" for m in starts) + "."]
@@ -95,9 +98,6 @@ def fixed_lines(spec, grid_study, record: dict[str, Any]) -> list[str]:
         after = [a for a, o in spec.arms.items() if o.get("from") == arm]
         lines.append(f"- `{arm}` at {record['key']} {_g(value)}: {cell(scores[arm], False)}"
                      + (f"; {', '.join(after)} start from its run of the same seed" if after else "") + ".")
-    lines.append("")
-    lines.append("A stage (an arm another tuned arm starts from) trains at each grid value with the arm after it and "
-                 "takes that arm's pick: the method is judged where it ends.")
     return lines
 
 

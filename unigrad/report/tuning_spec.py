@@ -107,7 +107,10 @@ def check_tuning_fits(tuning: TuningSpec, arms: dict[str, dict]) -> None:
     for arm, overrides in arms.items():
         if arm not in fixed and sets_key(overrides, tuning.key):
             raise ValueError(f"tuning.key {tuning.key}: arm {arm!r} sets it itself; the tuning sets it per arm "
-                             "(drop it from the arm, or list the arm in tuning.fixed)")
+                             "(drop it from the arm" + (")" if tuning.per == "control" else
+                                                         ", or list the arm in tuning.fixed)"))
+        if tuning.per == "control":  # only the control is trained on the grid: no stages to tune
+            continue
         stages = [a for a in successors(arms, arm) if a not in fixed]
         if arm not in fixed and stages and tuning.steps is not None:
             raise ValueError(f"tuning.steps with tuned stages ({arm} then {stages[0]}): every stage would train "
@@ -126,7 +129,9 @@ def successors(arms: dict[str, dict], arm: str) -> list[str]:
 
 def last_stage(tuning: TuningSpec, arms: dict[str, dict], arm: str) -> str:
     """The tuned arm whose validation score picks `arm`'s value: `arm` itself, or, when a tuned arm starts from it,
-    that arm's last stage."""
+    that arm's last stage. With `per: control` there are no stages (only the control is trained on the grid)."""
+    if tuning.per == "control":
+        return arm
     nxt = [a for a in successors(arms, arm) if a not in tuning.fixed]
     return last_stage(tuning, arms, nxt[0]) if nxt else arm
 
