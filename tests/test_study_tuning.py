@@ -176,20 +176,12 @@ def test_staged_arms_are_tuned_as_whole_methods(tmp_path):
     # half alone prefers 1e-4, the method half -> then ends better at 3e-4: half takes then's pick
     crafted = {"sft": {1e-4: [0.30, 0.30], 3e-4: [0.20, 0.20]}, "grpo": {1e-4: [0.20, 0.20], 3e-4: [0.30, 0.30]},
                "half": {1e-4: [0.90, 0.90], 3e-4: [0.10, 0.10]}, "then": {1e-4: [0.25, 0.25], 3e-4: [0.35, 0.35]}}
-    for arm, by_value in crafted.items():
-        for value, xs in by_value.items():
-            for seed, x in zip(grid.seeds(), xs, strict=True):
-                run = grid.run_dir(f"{arm}+{value:g}", seed)
-                run.mkdir(parents=True)
-                (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 30.0}) + "\n")
-                (run / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": x}}))
+    _fake_grid_runs(grid, crafted)
     for seed, x in zip(grid.seeds(), (0.40, 0.42), strict=True):
         run = grid.run_dir("start", seed)
         run.mkdir(parents=True)
         (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 60.0}) + "\n")
         (run / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": x}}))
-    (grid.start_dir("unigrad-tiny")).mkdir(parents=True)
-    (grid.start_dir("unigrad-tiny") / "study_eval_validation.json").write_text(json.dumps({"mean": {"pass@1": 0.2}}))
     scores = grid_scores(spec, grid)
     assert set(scores) == {"sft", "grpo", "half", "then"}  # the fixed start is not scored for a pick
     chosen = picks(spec, scores)

@@ -178,7 +178,7 @@ class StudySpec(BaseModel):
                 if not controls:
                     raise ValueError("tuning.per: control needs the study's control arm (control: ARM)")
                 if isinstance(self.control, dict):
-                    models = {str(arm_config(self, a).get("model", {}).get("name", "unigrad-tiny")) for a in self.arms}
+                    models = {model_of(self, a) for a in self.arms}
                     if missing := sorted(models - set(self.control)):
                         raise ValueError(f"tuning.per: control: no control arm for model(s) {', '.join(missing)}; "
                                          "every arm takes its model's control's pick")
@@ -258,6 +258,11 @@ def arm_config(spec: StudySpec, arm: str) -> dict[str, Any]:
     return {**config, "max_steps": spec.arms[arm].get("steps", spec.steps)}
 
 
+def model_of(spec: StudySpec, arm: str) -> str:
+    """The model `arm`'s chain of `from` starts from (its config's model.name)."""
+    return str(arm_config(spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+
+
 def chain(spec: StudySpec, arm: str) -> list[str]:
     """`arm`, the arm it starts `from`, that arm's, ... (just `arm` when it starts from a model)."""
     out = [arm]
@@ -333,7 +338,7 @@ class Study:
 
     def model_of(self, arm: str) -> str:
         """The model the arm's chain starts from (for an arm `from` another: the first arm's)."""
-        return str(arm_config(self.spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+        return model_of(self.spec, arm)
 
     def baseline_of(self, arm: str) -> str | None:
         """The arm `arm` is compared with (None: no baseline for its model)."""

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from unigrad.report.seeded_study import Study, StudySpec, arm_config
+from unigrad.report.seeded_study import Study, StudySpec, arm_config, model_of
 from unigrad.report.tuning_spec import last_stage, tuning_seeds
 
 TIE = 1e-9
@@ -82,11 +82,7 @@ def scored_arms(spec: StudySpec) -> list[str]:
 def control_of(spec: StudySpec, arm: str) -> str:
     """The control arm whose pick `arm` takes under `per: control` (the one for its model)."""
     control = spec.control
-    return control if isinstance(control, str) else control[model_name(spec, arm)]
-
-
-def model_name(spec: StudySpec, arm: str) -> str:
-    return str(arm_config(spec, arm).get("model", {}).get("name", "unigrad-tiny"))
+    return control if isinstance(control, str) else control[model_of(spec, arm)]
 
 
 def grid_scores(spec: StudySpec, grid: GridStudy) -> dict[str, dict[float, list[float]]]:
